@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 @dataclass
 class MiniWanConfig:
-    patch: tuple = (2, 4, 4)      # (frames, height, width) per token
+    patch: tuple = (4, 4, 4)      # (frames, height, width) per token (Wan: 4x8x8 VAE, then 1x2x2)
     in_dim: int = 3               # RGB pixels (no VAE in this small domain)
     out_dim: int = 3
     dim: int = 256

@@ -9,7 +9,7 @@ the script measures its speed for 30 steps and picks the number of steps that fi
 ``--minutes``. Same seed -> same initialisation and the same stream of training clips; GPU
 kernels are not bit-deterministic, so a re-made model matches closely, not bit for bit.
 
-Hyperparameters (defaults): batch 128 clips of 16x32x32, AdamW lr 5e-4, betas (0.9, 0.99),
+Hyperparameters (defaults): batch 256 clips of 16x32x32, AdamW lr 5e-4, betas (0.9, 0.99),
 weight decay 0.01, 300 warm-up steps then cosine decay to 10%, gradient clipping 1.0, bf16
 autocast, EMA 0.999 of the weights (the EMA is what ships), prompt dropped to empty for 10% of
 clips (for classifier-free guidance), t = shift(u) with u uniform and shift 3 (Wan's shifted
@@ -34,13 +34,23 @@ from .model import MiniWan, MiniWanConfig, save_mini_wan
 from .sampling import sample, shift_time
 
 
+def save_weights(model, path, **meta):
+    """fp16 safetensors; a numpy .npz beside it if safetensors is missing on this machine."""
+    try:
+        save_mini_wan(model, path, extra_meta=meta)
+    except ImportError:
+        import numpy as np
+        np.savez(str(path) + ".npz", __config__=np.frombuffer(model.cfg.to_json().encode(), np.uint8),
+                 **{k: v.detach().cpu().half().numpy() for k, v in model.state_dict().items()})
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m dvdq_core.demo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=0, help="training steps (0: fit --minutes)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget when --steps is 0, and a hard stop")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--ema", type=float, default=0.999)
@@ -167,15 +177,15 @@ def main(argv=None):
             log(f"step {step}/{total} loss {ema_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{elapsed:.0f}s")
         if time.time() - last_save > args.save_every or step == total:
-            save_mini_wan(ema, os.path.join(args.out, "mini_wan.safetensors"),
-                          extra_meta={"train.steps": step, "train.seed": args.seed, "train.batch": args.batch})
+            save_weights(ema, os.path.join(args.out, "mini_wan.safetensors"),
+                         **{"train.steps": step, "train.seed": args.seed, "train.batch": args.batch})
             last_save = time.time()
         if elapsed > args.minutes * 60:
             log(f"time budget reached at step {step}")
             break
-    save_mini_wan(ema, os.path.join(args.out, "mini_wan.safetensors"),
-                  extra_meta={"train.steps": step, "train.seed": args.seed, "train.batch": args.batch,
-                              "train.planned_steps": total, "train.lr": args.lr})
+    save_weights(ema, os.path.join(args.out, "mini_wan.safetensors"),
+                 **{"train.steps": step, "train.seed": args.seed, "train.batch": args.batch,
+                    "train.planned_steps": total, "train.lr": args.lr})
     log(f"trained {step} steps in {time.time() - t_start:.0f}s; evaluating {NUM_PROMPTS} prompts x 2")
     eval_steps = 4 if args.tiny else 20
     acc = evaluate(ema, device, steps=eval_steps, per_prompt=1 if args.tiny else 2)
