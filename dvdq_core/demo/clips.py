@@ -7,8 +7,8 @@ speed and start position vary per clip. Pixels are in [-1, 1] (black = -1).
 
 The detector reads colour, shape and motion back from any clip (real or generated): foreground =
 pixels whose brightest channel is above half; colour = nearest palette entry to the mean
-foreground colour; shape = how much of its bounding box the mask fills (square ~1, circle ~0.79,
-triangle ~0.5), by majority over frames; motion = sign of the dominant axis of the centroid's
+foreground colour; shape = which of a square, a circle and a triangle of the same area at the same
+centroid overlaps the mask best (IoU), by majority over frames; motion = sign of the dominant axis of the centroid's
 displacement from the first to the last frame.
 """
 from __future__ import annotations
@@ -121,23 +121,29 @@ def detect(video: torch.Tensor) -> dict:
     mean_rgb = (v * m).flatten(2).sum(-1) / m.flatten(2).sum(-1).clamp(min=1)
     colour = torch.cdist(mean_rgb, PALETTE).argmin(1)
 
-    # Shape: fill ratio of the bounding box per frame, majority vote.
-    ys = torch.arange(h).view(1, 1, h, 1)
-    xs = torch.arange(w).view(1, 1, 1, w)
-    big = torch.tensor(10_000)
-    x0 = torch.where(mask, xs, big).flatten(2).amin(-1)
-    x1 = torch.where(mask, xs, -big).flatten(2).amax(-1)
-    y0 = torch.where(mask, ys, big).flatten(2).amin(-1)
-    y1 = torch.where(mask, ys, -big).flatten(2).amax(-1)
-    box = ((x1 - x0 + 1) * (y1 - y0 + 1)).clamp(min=1).float()
-    fill = area / box
-    per_frame = torch.where(fill > 0.89, 0, torch.where(fill > 0.66, 1, 2))
+    # Shape: per frame, IoU of the mask with a square, a circle and an apex-up triangle of the
+    # same area placed at the mask's centroid; majority vote over frames. (Robust to ragged edges.)
+    ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1) + 0.5
+    xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w) + 0.5
+    a = area.clamp(min=1)[..., None, None]
+    cxm = ((mask * xs).flatten(2).sum(-1) / area.clamp(min=1))[..., None, None]
+    cym = ((mask * ys).flatten(2).sum(-1) / area.clamp(min=1))[..., None, None]
+    dx, dy = xs - cxm, ys - cym
+    half = a.sqrt() / 2
+    r_circle = (a / torch.pi).sqrt()
+    r_tri = (a / 2).sqrt()
+    dyt = dy + r_tri / 3                       # the triangle's centroid lies r/3 below its centre
+    templates = [(dx.abs() <= half) & (dy.abs() <= half),
+                 dx * dx + dy * dy <= r_circle * r_circle,
+                 (dyt.abs() <= r_tri) & (dx.abs() <= (dyt + r_tri) / 2)]
+    iou = torch.stack([(t & mask).flatten(2).sum(-1) / (t | mask).flatten(2).sum(-1).clamp(min=1)
+                       for t in templates], dim=-1)                         # [n, F, 3]
+    per_frame = iou.argmax(-1)
     votes = torch.stack([((per_frame == k) & present).sum(1) for k in range(len(SHAPES))], dim=1)
     shape = votes.argmax(1)
 
     # Motion: centroid track; dominant axis of the displacement between first and last quarter.
-    cx = (mask * xs).flatten(2).sum(-1) / area.clamp(min=1)
-    cy = (mask * ys).flatten(2).sum(-1) / area.clamp(min=1)
+    cx, cy = cxm[..., 0, 0], cym[..., 0, 0]
     q = max(nf // 4, 1)
     w_first, w_last = present[:, :q].float(), present[:, -q:].float()
 

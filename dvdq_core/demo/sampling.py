@@ -35,11 +35,13 @@ class SampleResult:
     velocities: list = field(default_factory=list)        # guided velocity per step (float32, CPU)
     latents: list = field(default_factory=list)           # x after each step (float32, CPU)
     bits: list = field(default_factory=list)              # activation bits per step (None: not set)
+    outputs: list = field(default_factory=list)           # raw model output per step (what BitSwitch sees)
 
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, prompt_ids: torch.Tensor, steps: int = 20, cfg: float = 5.0,
-           shift: float = 3.0, bitswitch=None, record: bool = True) -> SampleResult:
+           shift: float = 3.0, bitswitch=None, record: bool = True,
+           record_outputs: bool = False) -> SampleResult:
     """Sample clips from ``noise`` [B, C, F, H, W] for ``prompt_ids`` [B, text_len].
 
     Deterministic: the same model, noise and prompts give the same result."""
@@ -75,6 +77,8 @@ def sample(model, noise: torch.Tensor, prompt_ids: torch.Tensor, steps: int = 20
         if record:
             result.velocities.append(v.cpu())
             result.latents.append(x.cpu())
+        if record_outputs:
+            result.outputs.append(out.cpu())
         result.bits.append(bits)
     result.video = x
     return result

@@ -4,7 +4,12 @@ Re-make the shipped weights on one CUDA GPU (about 8 minutes on an H100)::
 
     python -m dvdq_core.demo.train --out OUTDIR --steps STEPS
 
-with STEPS as recorded in the weights file's metadata (``train.steps``); without ``--steps``
+then, for the second stage the shipped weights had (see docs/demo.md for the exact numbers)::
+
+    python -m dvdq_core.demo.train --out OUTDIR2 --init OUTDIR/mini_wan.safetensors --seed 1 \
+        --lr 2.5e-4 --warmup 100 --steps STEPS2
+
+with the steps as recorded in the weights file's metadata (``train.steps``); without ``--steps``
 the script measures its speed for 30 steps and picks the number of steps that fits
 ``--minutes``. Same seed -> same initialisation and the same stream of training clips; GPU
 kernels are not bit-deterministic, so a re-made model matches closely, not bit for bit.
@@ -49,6 +54,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=0, help="training steps (0: fit --minutes)")
+    p.add_argument("--stop-at", type=int, default=0, help="stop after this many steps (the LR schedule "
+                   "still plans --steps); re-makes a run that its time budget cut short")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget when --steps is 0, and a hard stop")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -58,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=float, default=90.0, help="seconds between checkpoints")
+    p.add_argument("--init", default=None, help="start from these mini-Wan weights (a second stage)")
     p.add_argument("--tiny", action="store_true", help="a tiny model for a CPU smoke test")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +99,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     cfg = MiniWanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, freq_dim=64, text_dim=32) \
         if args.tiny else MiniWanConfig()
-    model = MiniWan(cfg).to(device)
+    model = MiniWan(cfg)
+    if args.init:
+        from .model import load_mini_wan
+        model = load_mini_wan(args.init)
+        cfg = model.cfg
+    model = model.to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -118,10 +131,10 @@ def main(argv=None):
         tb = t.view(b, 1, 1, 1, 1)
         xt = (1 - tb) * x0 + tb * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(xt, t, ids)
+            pred = forward(xt, t, ids)
         return F.mse_loss(pred.float(), noise - x0)
 
-    step_fn = torch.compile(loss_fn) if args.compile else loss_fn
+    forward = torch.compile(model) if args.compile else model
     log(f"mini-Wan: {n_params / 1e6:.2f} M parameters, config {cfg.to_json()}, device {device}, "
         f"batch {args.batch}, seed {args.seed}")
 
@@ -135,13 +148,13 @@ def main(argv=None):
             group["lr"] = lr_at(step, total if args.steps or step >= 30 else 10 ** 9, args.lr, args.warmup)
         x0, labels = make_clips(args.batch, data_gen, device)
         try:
-            loss = step_fn(x0, labels)
+            loss = loss_fn(x0, labels)
         except Exception as exc:  # a torch.compile failure must not cost the run
-            if step_fn is loss_fn:
+            if forward is model:
                 raise
             log(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
-            step_fn = loss_fn
-            loss = step_fn(x0, labels)
+            forward = model
+            loss = loss_fn(x0, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,7 +174,7 @@ def main(argv=None):
             t_a = time.time()
             for _ in range(10):
                 x0, labels = make_clips(args.batch, data_gen, device)
-                loss = step_fn(x0, labels)
+                loss = loss_fn(x0, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -180,12 +193,15 @@ def main(argv=None):
             save_weights(ema, os.path.join(args.out, "mini_wan.safetensors"),
                          **{"train.steps": step, "train.seed": args.seed, "train.batch": args.batch})
             last_save = time.time()
+        if args.stop_at and step >= args.stop_at:
+            log(f"stopping at step {step} (--stop-at)")
+            break
         if elapsed > args.minutes * 60:
             log(f"time budget reached at step {step}")
             break
     save_weights(ema, os.path.join(args.out, "mini_wan.safetensors"),
                  **{"train.steps": step, "train.seed": args.seed, "train.batch": args.batch,
-                    "train.planned_steps": total, "train.lr": args.lr})
+                    "train.planned_steps": total, "train.lr": args.lr, "train.init": args.init or ""})
     log(f"trained {step} steps in {time.time() - t_start:.0f}s; evaluating {NUM_PROMPTS} prompts x 2")
     eval_steps = 4 if args.tiny else 20
     acc = evaluate(ema, device, steps=eval_steps, per_prompt=1 if args.tiny else 2)

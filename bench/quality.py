@@ -1,0 +1,297 @@
+"""Quality harness: full precision vs each quantization method on the mini-Wan video DiT.
+
+    python bench/quality.py [--device cuda] [--models random,outliers,trained] [--steps 20]
+
+For each model variant:
+  (a) "random": random weights (no trained activation structure),
+  (b) "random+outliers": the same random model with a few outlier channels injected in the
+      residual stream (patch embedding), the AdaLN modulation (scale of the attention and FFN
+      inputs), the cross-attention input norm and the FFN hidden layer,
+  (c) "trained": the shipped trained mini-Wan (dvdq_core/demo/weights),
+it samples the same prompts from the same noise in full precision and with each method
+(minmax, smoothquant, quarot, dvdq) at W4A8, W4A4 and W4 with delta-GBS 4/8, and reports per run:
+relative error and PSNR of the final clip against full precision, the per-step error curve of the
+latent x_t, the average activation bits; on trained weights also SSIM, the detector's task
+accuracy (colour/shape/motion) and temporal consistency (centroid-track straightness, area
+variation). Ablations (on each variant): BGR only / ARQ only / both at W4A4, delta-GBS against
+fixed schedules with the same number of 4-bit steps, and BGR's weight-error reduction per layer
+type. Markdown to stdout; all numbers (curves included) to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dvdq_core  # noqa: E402
+from dvdq_core.demo import clips  # noqa: E402
+from dvdq_core.demo.metrics import psnr, rel_error, ssim  # noqa: E402
+from dvdq_core.demo.model import MiniWan, MiniWanConfig, load_mini_wan  # noqa: E402
+from dvdq_core.demo.run import TINY, WEIGHTS, random_model  # noqa: E402
+from dvdq_core.demo.sampling import sample  # noqa: E402
+from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
+from dvdq_core.linear import quantize_weight  # noqa: E402
+
+METHODS = ("minmax", "smoothquant", "quarot", "dvdq")
+
+
+def inject_outliers(model: MiniWan, seed: int = 0, n_channels: int = 4) -> MiniWan:
+    """A few large channels where trained DiTs have them (in place; returns the model)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = model.cfg.dim
+    ch = torch.randperm(dim, generator=g)[:n_channels]
+    with torch.no_grad():
+        model.patch_embedding.weight[ch] *= 20.0                 # residual stream
+        model.patch_embedding.bias[ch] *= 20.0
+        for blk in model.blocks:
+            blk.modulation[0, 1, ch] += 15.0                     # scale of the self-attention input
+            blk.modulation[0, 4, ch] += 15.0                     # scale of the FFN input
+            blk.norm3.weight[ch] *= 15.0                         # cross-attention input
+            hid = torch.randperm(model.cfg.ffn_dim, generator=g)[:2 * n_channels]
+            blk.ffn[0].weight[hid] *= 8.0                        # FFN hidden (input of ffn.2)
+            blk.ffn[0].bias[hid] += 2.0
+    return model
+
+
+def run_sampler(model, noise, ids, args, bitswitch=None):
+    return sample(model, noise, ids, steps=args.steps, cfg=args.cfg, shift=args.shift,
+                  bitswitch=bitswitch, record_outputs=bitswitch is None)
+
+
+def quantized_copy(base, config, weights_from=None):
+    """Quantize a copy of ``base``; ``weights_from="minmax"`` replaces the weights by min-max ones
+    in the same (rotated) basis, for the "ARQ only" ablation."""
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dvdq_core.quantize_model(model, config)
+    if weights_from == "minmax":
+        for name, layer in dvdq_core.quantized_layers(model):
+            spec = dataclasses.replace(layer.spec, method="minmax")
+            qw, _ = quantize_weight(base.get_submodule(name).weight, spec)
+            layer.load_quantized_weight(qw)
+    return model
+
+
+def evaluate(name, res, ref, labels, trained, extra=None):
+    v = res.video.cpu()
+    row = {"run": name, "bits": [b if b is not None else 16 for b in res.bits],
+           "rel_error": rel_error(v, ref.video), "psnr_db": psnr(v, ref.video),
+           "step_rel_error": [rel_error(a, b) for a, b in zip(res.latents, ref.latents)]}
+    row["avg_bits"] = sum(row["bits"]) / len(row["bits"])
+    if trained:
+        row["ssim"] = ssim(v, ref.video)
+        row.update({f"task_{k}": val for k, val in clips.task_accuracy(v, labels).items()})
+    row.update(extra or {})
+    return row
+
+
+def fp_row(ref, labels, trained):
+    row = {"run": "full precision", "bits": [16] * len(ref.latents), "avg_bits": 16.0, "rel_error": 0.0,
+           "psnr_db": float("inf"), "step_rel_error": [0.0] * len(ref.latents)}
+    if trained:
+        row["ssim"] = 1.0
+        row.update({f"task_{k}": val for k, val in clips.task_accuracy(ref.video.cpu(), labels).items()})
+    return row
+
+
+def simulate_gbs(outputs, delta, low=4, high=8):
+    """The delta-GBS schedule a BitSwitch would pick on a fixed sequence of model outputs."""
+    bs = dvdq_core.BitSwitch(delta=delta, low=low, high=high)
+    bits = []
+    for out in outputs:
+        bits.append(bs.next_bits())
+        bs.observe(out)
+    return bits
+
+
+def fixed_schedules(n, n_low, seed=0):
+    lo, hi = 4, 8
+    alt = [hi] * n
+    if n_low:
+        for i in range(n_low):  # spread the low steps evenly
+            alt[min(n - 1, int(round((i + 0.5) * n / n_low - 0.5)))] = lo
+    rnd = [lo] * n_low + [hi] * (n - n_low)
+    random.Random(seed).shuffle(rnd)
+    return {"low-first": [lo] * n_low + [hi] * (n - n_low), "high-first": [hi] * (n - n_low) + [lo] * n_low,
+            "alternate": alt, "random": rnd}
+
+
+def layer_type(name):
+    parts = name.split(".")
+    return ".".join(parts[2:]) if parts[0] == "blocks" else name
+
+
+def bgr_weight_table(base):
+    """Per layer type: mean squared-error reduction of BGR over min-max at 4 bits, in the plain
+    basis and in the Hadamard-rotated basis DVD-Quant quantizes in."""
+    acc = {}
+    for name, m in base.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("blocks."):
+            w = m.weight.detach().float()
+            for basis, ww in (("plain", w), ("rotated", rotate(w, effective_block(128, w.shape[1])))):
+                e_mm = (dvdq_core.minmax_quantize(ww, 4).dequantize() - ww).pow(2).sum().item()
+                e_bgr = (dvdq_core.bgr_quantize(ww, 4).dequantize() - ww).pow(2).sum().item()
+                acc.setdefault((layer_type(name), basis), []).append(1 - e_bgr / e_mm)
+    return {f"{t}|{b}": sum(v) / len(v) for (t, b), v in acc.items()}
+
+
+def run_variant(label, base, args, trained):
+    device = torch.device(args.device)
+    base = base.to(device).eval()
+    n_prompts = args.prompts if args.prompts else (clips.NUM_PROMPTS if trained else 8)
+    all_l = clips.all_labels()
+    labels = all_l[torch.linspace(0, len(all_l) - 1, n_prompts).round().long()]
+    ids = clips.labels_to_prompt_ids(labels).to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(n_prompts, base.cfg.in_dim, 16, 32, 32, generator=g).to(device)
+    t0 = time.time()
+    ref = run_sampler(base, noise, ids, args)
+    rows = [fp_row(ref, labels, trained)]
+    gbs_bits = None
+    for method in METHODS:
+        cfg = dvdq_core.QuantConfig(method=method, backend=args.backend)
+        model = quantized_copy(base, cfg)
+        for setting in ("W4A8", "W4A4", "W4 dGBS"):
+            bs = None
+            if setting == "W4 dGBS":
+                bs = dvdq_core.BitSwitch(delta=args.delta)
+            else:
+                bs = dvdq_core.BitSwitch(mode="fixed", fixed_bits=int(setting[-1]))
+            res = run_sampler(model, noise, ids, args, bitswitch=bs)
+            rows.append(evaluate(f"{method} {setting}", res, ref, labels, trained))
+            if method == "dvdq" and setting == "W4 dGBS":
+                gbs_bits = rows[-1]["bits"]
+        del model
+    # Ablations at W4A4: neither = minmax; BGR only; ARQ only (min-max weights); both = dvdq.
+    abl = []
+    for name, cfg, wf in (
+            ("BGR only (no rotation, no auto-scale)", dvdq_core.QuantConfig(rotate=False, auto_scale=False, backend=args.backend), None),
+            ("ARQ only (rotation + auto-scale, min-max weights)", dvdq_core.QuantConfig(backend=args.backend), "minmax"),
+            ("rotation only (QuaRot, min-max weights)", dvdq_core.QuantConfig(method="quarot", backend=args.backend), None),
+            ("BGR + rotation, no auto-scale", dvdq_core.QuantConfig(auto_scale=False, backend=args.backend), None)):
+        model = quantized_copy(base, cfg, weights_from=wf)
+        bs = dvdq_core.BitSwitch(mode="fixed", fixed_bits=4)
+        abl.append(evaluate(name, run_sampler(model, noise, ids, args, bs), ref, labels, trained))
+        del model
+    # delta-GBS vs fixed schedules with the same number of 4-bit steps. Two deltas: the default,
+    # and one picked on the full-precision trajectory to give about half the steps at 4 bits.
+    deltas = [("default", args.delta, gbs_bits)]
+    cands = [d / 1000 for d in range(1, 2000)]
+    half = min(cands, key=lambda d: abs(simulate_gbs(ref.outputs, d).count(4) - args.steps // 2))
+    deltas.append(("~half low", half, None))
+    sched_rows = []
+    model = quantized_copy(base, dvdq_core.QuantConfig(backend=args.backend))
+    for tag, delta, bits in deltas:
+        if bits is None:
+            res = run_sampler(model, noise, ids, args, bitswitch=dvdq_core.BitSwitch(delta=delta))
+            row = evaluate(f"delta-GBS ({tag}, delta={delta:g})", res, ref, labels, trained)
+            bits = row["bits"]
+        else:
+            row = dict(next(r for r in rows if r["run"] == "dvdq W4 dGBS"))
+            row["run"] = f"delta-GBS ({tag}, delta={delta:g})"
+        sched_rows.append(row)
+        n_low = bits.count(4)
+        for sname, sched in fixed_schedules(args.steps, n_low).items():
+            bs = dvdq_core.BitSwitch(mode="manual", schedule=",".join(map(str, sched)))
+            sched_rows.append(evaluate(f"  {sname} ({n_low} x 4-bit)", run_sampler(model, noise, ids, args, bs),
+                                       ref, labels, trained))
+    del model
+    bgr = bgr_weight_table(base.float().cpu())
+    print(f"[{label}] {time.time() - t0:.0f} s", file=sys.stderr)
+    return {"variant": label, "prompts": n_prompts, "runs": rows, "ablations": abl, "schedules": sched_rows,
+            "bgr_weight_error_reduction": bgr}
+
+
+def fmt(v, spec=".3f"):
+    if v is None:
+        return "-"
+    if v == float("inf"):
+        return "inf"
+    return format(v, spec)
+
+
+def markdown(result, trained):
+    out = [f"### {result['variant']} ({result['prompts']} prompts)", ""]
+    head = "| run | avg A bits | rel. err | PSNR dB | err@25% | err@50% | err@75% | err@100% |"
+    sep = "|---|---|---|---|---|---|---|---|"
+    if trained:
+        head += " SSIM | task all | colour | shape | motion | track RMSE px | area CV |"
+        sep += "---|---|---|---|---|---|---|"
+
+    def line(r):
+        c = r["step_rel_error"]
+        n = len(c)
+        pts = [c[max(0, int(round(f * n)) - 1)] for f in (0.25, 0.5, 0.75, 1.0)]
+        s = (f"| {r['run']} | {r['avg_bits']:.2f} | {fmt(r['rel_error'], '.4f')} | {fmt(r['psnr_db'], '.2f')} | "
+             + " | ".join(fmt(p, ".4f") for p in pts) + " |")
+        if trained:
+            s += (f" {fmt(r['ssim'])} | {fmt(r['task_all'], '.2f')} | {fmt(r['task_colour'], '.2f')} | "
+                  f"{fmt(r['task_shape'], '.2f')} | {fmt(r['task_motion'], '.2f')} | "
+                  f"{fmt(r['task_traj_rmse_px'], '.2f')} | {fmt(r['task_area_cv'], '.3f')} |")
+        return s
+    out += [head, sep] + [line(r) for r in result["runs"]]
+    out += ["", "Ablations at W4A4:", "", head, sep] + [line(r) for r in result["ablations"]]
+    out += ["", "delta-GBS against fixed schedules with the same number of 4-bit steps (same weights):", "",
+            head + " schedule |", sep + "---|"]
+    out += [line(r) + " " + "".join("L" if b == 4 else "H" for b in r["bits"]) + " |" for r in result["schedules"]]
+    out += ["", "BGR squared weight-error reduction vs min-max, W4, mean over blocks:", "",
+            "| layer type | plain basis | Hadamard-rotated basis |", "|---|---|---|"]
+    bgr = result["bgr_weight_error_reduction"]
+    for t in sorted({k.split("|")[0] for k in bgr}):
+        out.append(f"| {t} | {100 * bgr[t + '|plain']:.1f}% | {100 * bgr[t + '|rotated']:.1f}% |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="random,outliers,trained")
+    p.add_argument("--weights", default=WEIGHTS)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--delta", type=float, default=0.09)
+    p.add_argument("--prompts", type=int, default=0, help="prompts per variant (0: 72 trained, 8 random)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
+    p.add_argument("--json", default=None, help="write all numbers here")
+    args = p.parse_args(argv)
+    results = []
+    for which in args.models.split(","):
+        if which == "trained":
+            if args.tiny or not os.path.exists(args.weights):
+                print(f"(skipping the trained model: {args.weights} not found)", file=sys.stderr)
+                continue
+            base, label, trained = load_mini_wan(args.weights), "trained mini-Wan", True
+        elif which in ("random", "outliers"):
+            base = random_model(TINY if args.tiny else MiniWanConfig(), args.seed)
+            label, trained = "random weights", False
+            if which == "outliers":
+                base, label = inject_outliers(base, args.seed), "random weights + injected outlier channels"
+        else:
+            raise SystemExit(f"unknown model variant {which!r}: use random, outliers, trained")
+        results.append((run_variant(label, base, args, trained), trained))
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"## Quality (mini-Wan, {args.steps} Euler steps, CFG {args.cfg}, shift {args.shift}, "
+          f"delta {args.delta}, device {dev})\n")
+    for r, trained in results:
+        print(markdown(r, trained) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r for r, _ in results], f)
+
+
+if __name__ == "__main__":
+    main()
