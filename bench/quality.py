@@ -179,7 +179,11 @@ def run_variant(label, base, args, trained):
             ("BGR only (no rotation, no auto-scale)", dvdq_core.QuantConfig(rotate=False, auto_scale=False, backend=args.backend), None),
             ("ARQ only (rotation + auto-scale, min-max weights)", dvdq_core.QuantConfig(backend=args.backend), "minmax"),
             ("rotation only (QuaRot, min-max weights)", dvdq_core.QuantConfig(method="quarot", backend=args.backend), None),
-            ("BGR + rotation, no auto-scale", dvdq_core.QuantConfig(auto_scale=False, backend=args.backend), None)):
+            ("BGR + rotation, no auto-scale", dvdq_core.QuantConfig(auto_scale=False, backend=args.backend), None),
+            ("ARQ only, per-channel auto-scale (paper form), min-max weights",
+             dvdq_core.QuantConfig(granularity="channel", backend="reference"), "minmax"),
+            ("BGR + ARQ, per-channel auto-scale (paper form)",
+             dvdq_core.QuantConfig(granularity="channel", backend="reference"), None)):
         model = quantized_copy(base, cfg, weights_from=wf)
         bs = dvdq_core.BitSwitch(mode="fixed", fixed_bits=4)
         abl.append(evaluate(name, run_sampler(model, noise, ids, args, bs), ref, labels, trained))
