@@ -195,6 +195,7 @@ def test_memory_accounting_and_lowvram_path(server):
     assert info["quant_layers"] > 0 and info["quant_in_load_list"], info
     assert info["model_size"] == info["state_dict_bytes"], "ModelPatcher.size must be re-measured after quantizing"
     assert info["lowvram_cast_flags"] == info["quant_layers"], info
+    assert info["lowvram_forward_finite"], info
 
 
 def test_clear_errors(server):
@@ -228,9 +229,12 @@ def test_failed_run_leaves_next_run_correct(server):
     assert torch.isfinite(latent(server, hist)).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: ComfyUI refuses --lowvram together with --cpu; the low-VRAM load "
+                           "path itself runs in test_memory_accounting_and_lowvram_path")
 def test_lowvram_server(host_dir):
     from comfy_server import ComfyServer
-    s = ComfyServer(os.environ["COMFYUI_PATH"], host_dir, extra_args=["--lowvram"])
+    s = ComfyServer(os.environ["COMFYUI_PATH"], host_dir, extra_args=["--lowvram"], cpu=False)
     try:
         hist, msgs = run_ok(s, quant_graph("lowvram", seed=9))
         assert torch.isfinite(latent(s, hist)).all() and len(events(msgs, "dvdq.bits")) == 4
