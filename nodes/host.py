@@ -128,28 +128,46 @@ def quant_device():
     return dev
 
 
+ALLOW_SLOW_ENV = "DVDQ_ALLOW_SLOW"
+
+
+def gpu_bits_problem(config, reason_fn):
+    """The error text if the GPU kernels cannot run `config`'s bit-widths, else None.
+
+    reason_fn(spec, a_bits) -> None or why not (the kernels' unsupported_reason on a probe layer).
+    Only bit-widths are refused; reference-only methods and options (the baselines) stay allowed.
+    """
+    from dvdq_core import LayerSpec
+    spec = LayerSpec(w_bits=config.w_bits, a_bits=None, method="dvdq", had_block=128, scale_block=128,
+                     rotate=True, auto_scale=True, granularity="block")
+    for bits in sorted({config.a_low, config.a_high}):
+        reason = reason_fn(spec, bits)
+        if reason:
+            return (f"the GPU kernels cannot run W{config.w_bits}A{bits}: {reason}. Use w_bits 4 with activation "
+                    f"bits 4..8 (or 16). To run these bits on the slow PyTorch reference backend anyway, start "
+                    f"ComfyUI with the environment variable {ALLOW_SLOW_ENV}=1.")
+    return None
+
+
 def check_gpu_bits(config):
-    """On a CUDA GPU, refuse bit-widths the Triton kernels cannot run (they would fall back to the slow
-    reference backend without it being obvious)."""
-    if not torch.cuda.is_available():
+    """On a CUDA GPU, refuse bit-widths the Triton kernels cannot run, which would otherwise fall back to
+    the slow reference backend without it being obvious."""
+    if os.environ.get(ALLOW_SLOW_ENV) == "1" or not torch.cuda.is_available():
         return
     import comfy.model_management as mm
     if mm.get_torch_device().type != "cuda":
         return
     from dvdq_core.backends import load_kernels, triton_unsupported_reason
-    from dvdq_core.spec import LayerSpec
     if isinstance(load_kernels(), str):
         return  # kernels missing: the core warns once and uses the reference backend
-    spec = layer_spec(config, "blocks.0.probe", 256) or layer_spec(type(config)(), "blocks.0.probe", 256)
-    probe = QuantLinear(256, 64, spec, bias=False, device="cuda")
     x = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
-    for bits in sorted({config.a_low, config.a_high}):
-        if bits == 16:
-            continue
-        reason = triton_unsupported_reason(probe, x, bits)
-        if reason:
-            raise DVDQuantError(f"the GPU kernels cannot run W{config.w_bits}A{bits} ({reason}). "
-                                "Use w_bits 4 or 8 and activation bits the kernels support, or method 'dvdq'.")
+
+    def reason(spec, bits):
+        return triton_unsupported_reason(QuantLinear(256, 64, spec, bias=False, device="cuda"), x, bits)
+
+    problem = gpu_bits_problem(config, reason)
+    if problem:
+        raise DVDQuantError(problem)
 
 
 def quantized_keys(base_model) -> set:
@@ -440,6 +458,7 @@ def load_prequantized(path, a_bits, node_id):
     except (ValueError, FileNotFoundError) as e:
         raise DVDQuantError(f"{e}") from None
     layers = meta["layers"]
+    check_gpu_bits(meta["config"])
     try:
         with safe_open(path, framework="pt") as f:
             shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}

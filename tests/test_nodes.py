@@ -358,3 +358,14 @@ def test_not_a_video_dit_message():
             self.diffusion_model = Tiny()
     with pytest.raises(host.DVDQuantError, match="Wan 2.1/2.2, HunyuanVideo"):
         host.video_dit_arch(Base())
+
+
+def test_gpu_bits_problem_names_the_fix():
+    host = sub("host")
+    settings = sub("settings")
+
+    def kernels(spec, bits):  # what the kernels answer: 4-bit weights only
+        return None if spec.w_bits == 4 else "the kernels take 4-bit weights"
+    assert host.gpu_bits_problem(settings.build_config(4, 4, 8, "dvdq"), kernels) is None
+    msg = host.gpu_bits_problem(settings.build_config(8, 8, 8, "dvdq"), kernels)
+    assert "W8A8" in msg and "w_bits 4" in msg and host.ALLOW_SLOW_ENV in msg
