@@ -340,6 +340,9 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
 def load_and_quantize(path, config, node_id):
     """A diffusion model file through ComfyUI's own loader (detection, dtype, memory), then BGR."""
     import comfy.sd
+    if "dvdq.format_version" in _file_metadata(path):
+        raise DVDQuantError(f"{os.path.basename(path)} is already DVD-Quant quantized: move it to models/{FOLDER} "
+                            f"and pick it as '{FOLDER}/<file>'")
     try:
         patcher = comfy.sd.load_diffusion_model(path)
     except RuntimeError as e:
@@ -350,9 +353,6 @@ def load_and_quantize(path, config, node_id):
     except Exception as e:
         raise DVDQuantError(f"could not read {os.path.basename(path)} ({type(e).__name__}: {e}); "
                             "is the file complete? Download it again.") from None
-    if "dvdq.format_version" in _file_metadata(path):
-        raise DVDQuantError(f"{os.path.basename(path)} is already DVD-Quant quantized: move it to models/{FOLDER} "
-                            f"and pick it as '{FOLDER}/<file>'")
     quantize_base_model(patcher.model, config, node_id, source_name=os.path.basename(path))
     return finish_patcher(patcher)
 

@@ -207,11 +207,17 @@ def test_clear_errors(server):
     assert "corrupt.safetensors" in run_error(server, quant_graph("bad2", name="dvdq/corrupt.safetensors"))
     shutil.copy(src, os.path.join(dvdq_dir, "plain.safetensors"))
     assert "not a DVD-Quant file" in run_error(server, quant_graph("bad3", name="dvdq/plain.safetensors"))
+    run_ok(server, {"load": loader(T2V), "s": node("DVDQuantSave", model=["load", 0], filename_prefix="dvdq/for_errors")})
+    saved = next(f for f in os.listdir(dvdq_dir) if f.startswith("for_errors"))
+    shutil.copy(os.path.join(dvdq_dir, saved), os.path.join(server.base_dir, "models", "diffusion_models", "q.safetensors"))
+    assert "already DVD-Quant quantized" in run_error(server, quant_graph("bad7", name="q.safetensors"))
     g = quant_graph("bad4")
     g["arq"] = node("DVDQuantARQSettings", rotate=True, had_block="128", auto_scale=True, granularity="block",
                     scale_block="128", layer_overrides="blocks.0.*=banana")
     g["load"]["inputs"]["arq_settings"] = ["arq", 0]
     assert "layer_overrides" in run_error(server, g)
+    g["arq"]["inputs"]["layer_overrides"] = "transformer_blocks.*=8"
+    assert "matches no layer" in run_error(server, g)
     g = quant_graph("bad5", a_high=12)
     assert "activation bits must be 4, 5, 6, 7, 8 or 16" in run_error(server, g)
     g = sample_graph({"unet": node("UNETLoader", unet_name=T2V, weight_dtype="default"),
