@@ -117,11 +117,17 @@ def video_dit_arch(base_model) -> str:
                         "(models/diffusion_models), or use ComfyUI's own loader for this one.")
 
 
+_WARNED_CPU = []
+
+
 def quant_device():
     """Where BGR runs: the GPU when ComfyUI uses one, else the CPU (slow but correct)."""
     import comfy.model_management as mm
     dev = mm.get_torch_device()
     if dev.type == "cpu":
+        if _WARNED_CPU:
+            return None
+        _WARNED_CPU.append(True)
         log.warning("DVD-Quant: no GPU in use: quantizing and running with the PyTorch reference backend on the CPU. "
                     "That is correct but slow; it is meant for small models and tests.")
         return None

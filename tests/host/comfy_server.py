@@ -90,7 +90,8 @@ class ComfyServer:
         cmd = [python, os.path.join(comfy_path, "main.py"), *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--extra-model-paths-config", yaml,
                "--output-directory", os.path.join(base_dir, "output"), "--input-directory", os.path.join(base_dir, "input"),
-               "--user-directory", os.path.join(base_dir, "user"), "--database-url", "sqlite:///:memory:",
+               "--user-directory", os.path.join(base_dir, "user"), "--database-url",
+               "sqlite:///" + os.path.join(base_dir, "user", f"comfyui_{self.port}.db"),
                *extra_args]
         self._log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
