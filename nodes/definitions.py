@@ -24,6 +24,11 @@ def _host():
     return host
 
 
+def _models():
+    from . import models
+    return models
+
+
 def _user_error(e: Exception):
     host = _host()
     return host.DVDQuantError(str(e))
@@ -67,11 +72,11 @@ class DVDQuantLoader:
             raise _user_error(e) from None
         path, prequantized = host.resolve_model(model_name)
         if prequantized:
-            return (host.load_prequantized(path, a_high, unique_id),)
-        model = host.load_and_quantize(path, config, unique_id)
+            return (_models().load_prequantized(path, a_high, unique_id),)
+        model = _models().load_and_quantize(path, config, unique_id)
         if save_quantized_copy:
             dst = host.unique_path(host.save_folder(), host.default_copy_stem(path, config))
-            host.save_model(model, dst)
+            _models().save_model(model, dst)
             host.log.info("DVD-Quant: saved quantized copy to %s", dst)
         return (model,)
 
@@ -103,7 +108,7 @@ class DVDQuantApply:
             config = build_config(w_bits, a_low, a_high, method, arq_settings)
         except SettingsError as e:
             raise _user_error(e) from None
-        return (_host().apply_to_model(model, config, unique_id),)
+        return (_models().apply_to_model(model, config, unique_id),)
 
 
 class DVDQuantARQSettings:
@@ -221,7 +226,7 @@ class DVDQuantSave:
         target_dir = os.path.join(folder, sub) if sub else folder
         os.makedirs(target_dir, exist_ok=True)
         path = host.unique_path(target_dir, stem)
-        host.save_model(model, path)
+        _models().save_model(model, path)
         host.log.info("DVD-Quant: saved %s", path)
         return {"ui": {"text": [os.path.relpath(path, folder)]}}
 

@@ -4,7 +4,6 @@ Tiny random-weight Wan 2.1 T2V/I2V, Wan 2.2 5B, an A14B-style expert pair and Hu
 from ComfyUI's own classes (make_models.py). Each prompt runs a few denoising steps on the CPU.
 """
 import json
-import math
 import os
 import shutil
 
