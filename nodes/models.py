@@ -171,7 +171,7 @@ def apply_to_model(model, config, node_id):
         sd[key] = t if t.device == offload else t.to(offload)
     fake = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items() if k.startswith("diffusion_model.")}
     new = base.model_config.get_model({k[len("diffusion_model."):]: v for k, v in fake.items()}, "", device="meta")
-    missing, unexpected = new.load_state_dict(sd, strict=False, assign=True)
+    new.load_state_dict(sd, strict=True, assign=True)
     _check_materialized(new, "DVD-Quant Apply")
     n = src.clone()
     n.model = new
@@ -269,6 +269,7 @@ def load_prequantized(path, a_bits, node_id):
     set_activation_bits(base.diffusion_model, a_bits)
     config.a_bits = a_bits
     prepare_for_comfy(base, config, arch, "loaded")
+    base.device = None  # built on "meta"; ModelPatcher sets its offload device, as for ComfyUI's own loader
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload)
     qbytes = sum(t.numel() * t.element_size() for _, m in quantized_layers(base.diffusion_model)
                  for t in m.state_dict().values())
