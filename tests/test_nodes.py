@@ -230,6 +230,18 @@ def test_split_schedule_continues_across_nodes():
     assert [e["node"] for e in rec.of("dvdq.bits_reset")] == ["hi", "lo"]
 
 
+def test_split_schedule_on_one_node_keeps_its_strip():
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    hook = steps.BitScheduleHook("one", mode="fixed", fixed_bits=8, emit=rec)
+    x = torch.ones(1, 4)
+    run_steps(hook, [1.0, 0.75, 0.5], [x, x], shape=(1, 4))
+    run_steps(hook, [0.5, 0.25, 0.0], [x, x], shape=(1, 4))
+    assert [e["step"] for e in rec.of("dvdq.bits")] == [0, 1, 2, 3]
+    assert len(rec.of("dvdq.bits_reset")) == 1  # the continuation does not clear the node's bit strip
+
+
 def test_interrupted_or_unrelated_runs_are_not_continued():
     steps = sub("steps")
     steps.record_run_end(None)
