@@ -23,6 +23,9 @@ class DVDQuantError(RuntimeError):
     """An error shown in the ComfyUI front end; its message says what to do."""
 
 
+DVDQuantError.__module__ = "dvdq"  # the UI shows "dvdq.DVDQuantError: ...", not the pack's file path
+
+
 # ---------------------------------------------------------------- events and folders
 
 def emit(event: str, data: dict):

@@ -19,6 +19,7 @@ from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_pa
                    quant_device, video_dit_arch)
 
 log = logging.getLogger("dvdq")
+VIDEO_IMAGE_MODELS = ("wan2.1", "hunyuan_video")  # unet_config["image_model"] of the accepted families
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -105,9 +106,40 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
     return report
 
 
+def _header_state_dict(path) -> dict:
+    """The file's tensors as empty meta tensors (names, shapes, dtypes from the safetensors header)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        out = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            out[k] = torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32),
+                                 device="meta")
+        return out
+
+
+def peek_model_config(path):
+    """ComfyUI's model detection run on a safetensors header only (nothing loaded); None if unknown."""
+    import comfy.model_detection
+    import comfy.utils
+    if not path.endswith(".safetensors"):
+        return None
+    try:
+        sd = _header_state_dict(path)
+        prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+        sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
+        return comfy.model_detection.model_config_from_unet(sd, "")
+    except Exception:  # detection needing real values, odd headers: the full load decides
+        return None
+
+
 def load_and_quantize(path, config, node_id):
     """A diffusion model file through ComfyUI's own loader (detection, dtype, memory), then BGR."""
     import comfy.sd
+    peek = peek_model_config(path)
+    if peek is not None and peek.unet_config.get("image_model") not in VIDEO_IMAGE_MODELS:
+        raise DVDQuantError(f"{os.path.basename(path)} is a {type(peek).__name__} model, not a video diffusion transformer; "
+                            "DVD-Quant quantizes Wan 2.1/2.2 and HunyuanVideo. Use ComfyUI's own loader for this one.")
     if "dvdq.format_version" in _file_metadata(path):
         raise DVDQuantError(f"{os.path.basename(path)} is already DVD-Quant quantized: move it to models/{FOLDER} "
                             f"and pick it as '{FOLDER}/<file>'")

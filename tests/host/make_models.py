@@ -18,6 +18,7 @@ import comfy.ops  # noqa: E402
 import comfy.model_detection  # noqa: E402
 from comfy.ldm.wan.model import WanModel
 from comfy.ldm.hunyuan_video.model import HunyuanVideo
+from comfy.ldm.flux.model import Flux
 
 OPS = comfy.ops.disable_weight_init
 WAN = dict(patch_size=(1, 2, 2), text_len=512, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096, num_heads=2,
@@ -51,6 +52,10 @@ def build(kind: str, seed: int) -> dict:
                          context_in_dim=4096, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1,
                          depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
                          qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=OPS)
+    elif kind == "flux":  # an image DiT ComfyUI knows: the Loader must refuse it before loading
+        m = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=256, mlp_ratio=4.0,
+                 num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                 qkv_bias=True, guidance_embed=False, operations=OPS)
     else:
         raise ValueError(kind)
     sd = randomize(m.state_dict(), seed)
@@ -66,6 +71,7 @@ MODELS = {  # file name -> (kind, seed)
     "tiny_wan2.2_t2v_high_noise.safetensors": ("wan21_t2v", 4),
     "tiny_wan2.2_t2v_low_noise.safetensors": ("wan21_t2v", 5),
     "tiny_hunyuan_video_t2v.safetensors": ("hunyuan_video", 6),
+    "tiny_flux_image.safetensors": ("flux", 8),
 }
 
 

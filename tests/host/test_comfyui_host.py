@@ -199,6 +199,9 @@ def test_memory_accounting_and_lowvram_path(server):
 
 def test_clear_errors(server):
     assert "not a diffusion model ComfyUI recognizes" in run_error(server, quant_graph("bad1", name="not_a_dit.safetensors"))
+    err = run_error(server, quant_graph("bad8", name="tiny_flux_image.safetensors"))
+    assert "is a FluxSchnell model, not a video diffusion transformer" in err, err
+    assert err.startswith("dvdq.DVDQuantError: "), err
     dvdq_dir = os.path.join(server.base_dir, "models", "dvdq")
     src = os.path.join(server.base_dir, "models", "diffusion_models", T2V)
     with open(src, "rb") as f, open(os.path.join(dvdq_dir, "corrupt.safetensors"), "wb") as g:
