@@ -159,6 +159,28 @@ def test_saved_copy_loads_to_identical_results(server):
     assert sum(f.startswith("tiny_saved") for f in os.listdir(dvdq_dir)) == 2
 
 
+def test_hunyuan_saved_copy_and_arq_overrides(server):
+    name = "tiny_hunyuan_video_t2v.safetensors"
+    dvdq_dir = os.path.join(server.base_dir, "models", "dvdq")
+    before = set(os.listdir(dvdq_dir))
+    g = quant_graph("hy_a", name=name, mode="fixed", fixed_bits=8, cond=HY_COND, cfg=1.0)
+    g["arq"] = node("DVDQuantARQSettings", rotate=True, had_block="64", auto_scale=True, granularity="block",
+                    scale_block="64", layer_overrides="double_blocks.0.*=8\n*.img_mlp.*=skip")
+    g["load"]["inputs"].update(arq_settings=["arq", 0], save_quantized_copy=True)
+    hist_a, msgs = run_ok(server, g)
+    (summary,) = events(msgs, "dvdq.quant_summary")
+    new = sorted(set(os.listdir(dvdq_dir)) - before)
+    assert len(new) == 1
+    g2 = quant_graph("hy_b", name="dvdq/" + new[0], mode="fixed", fixed_bits=8, cond=HY_COND, cfg=1.0)
+    hist_b, msgs_b = run_ok(server, g2)
+    assert torch.equal(latent(server, hist_a), latent(server, hist_b))
+    (loaded,) = events(msgs_b, "dvdq.quant_summary")
+    assert loaded["layers"] == summary["layers"] and loaded["bytes_after"] == summary["bytes_after"]
+    # *.img_mlp.* skipped: its two Linear layers of the one double block stay float
+    full = run_ok(server, quant_graph("hy_c", name=name, cond=HY_COND, cfg=1.0))[1]
+    assert summary["layers"] == events(full, "dvdq.quant_summary")[0]["layers"] - 2
+
+
 def test_apply_merges_lora_and_leaves_input_untouched(server):
     lora = node("LoraLoaderModelOnly", model=["unet", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
     unet = node("UNETLoader", unet_name=T2V, weight_dtype="default")
