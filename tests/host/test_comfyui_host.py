@@ -181,6 +181,24 @@ def test_hunyuan_saved_copy_and_arq_overrides(server):
     assert summary["layers"] == events(full, "dvdq.quant_summary")[0]["layers"] - 2
 
 
+@pytest.mark.parametrize("name,cond,cfg", [(T2V, None, 5.0), ("tiny_hunyuan_video_t2v.safetensors", HY_COND, 1.0)])
+def test_cli_quantized_file_loads_in_comfyui(server, name, cond, cfg):
+    """A file from `python -m dvdq_core quantize` (no ComfyUI involved) loads as dvdq/<file> and gives the
+    Loader's own result."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = os.path.join(server.base_dir, "models", "dvdq", "cli_" + name)
+    src = os.path.join(server.base_dir, "models", "diffusion_models", name)
+    subprocess.run([sys.executable, "-m", "dvdq_core", "quantize", src, out], check=True, cwd=repo,
+                   capture_output=True)
+    kw = {"cond": cond} if cond else {}
+    own = latent(server, run_ok(server, quant_graph("cli_own_" + name[:-12], name=name, mode="fixed", cfg=cfg, **kw))[0])
+    cli = latent(server, run_ok(server, quant_graph("cli_" + name[:-12], name="dvdq/cli_" + name, mode="fixed",
+                                                    cfg=cfg, **kw))[0])
+    assert rel(cli, own) < 1e-3
+
+
 def test_apply_merges_lora_and_leaves_input_untouched(server):
     lora = node("LoraLoaderModelOnly", model=["unet", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
     unet = node("UNETLoader", unet_name=T2V, weight_dtype="default")
