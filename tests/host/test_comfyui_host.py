@@ -235,6 +235,8 @@ def test_memory_accounting_and_lowvram_path(server):
     assert info["model_size"] == info["state_dict_bytes"], "ModelPatcher.size must be re-measured after quantizing"
     assert info["lowvram_cast_flags"] == info["quant_layers"], info
     assert info["lowvram_forward_finite"], info
+    assert info["lowvram_loaded_bytes"] < info["packed_bytes"], info  # packed layers were left offloaded
+    assert info["reloaded_bytes"] == info["model_size"] and info["reloaded_cast_flags"] == 0, info
 
 
 def test_clear_errors(server):
