@@ -123,7 +123,7 @@ def check_ui(wf):
             for w in node_specs.widgets(spec):
                 problems += check_widget_value(f"{where}.{w['name']}", w, values[k])
                 k += 1
-                if w.get("control_after_generate"):
+                if node_specs.has_control(w):
                     if values[k] not in CONTROL_VALUES:
                         problems.append(f"{where}.{w['name']}: control {values[k]!r} not in {sorted(CONTROL_VALUES)}")
                     k += 1
@@ -205,7 +205,7 @@ def check_api(api, ui):
             api_values = []
             for w in node_specs.widgets(spec):
                 api_values.append(inputs.get(w["name"]))
-                if w.get("control_after_generate"):
+                if node_specs.has_control(w):
                     api_values.append(ui_values[len(api_values)] if len(api_values) < len(ui_values) else None)
             if api_values != ui_values:
                 problems.append(f"{where}: widget values {api_values} differ from the UI's {ui_values}")
@@ -271,7 +271,7 @@ def test_wan22_experts_split_one_schedule():
     names = []
     for w in node_specs.widgets(spec):
         names.append(w["name"])
-        if w.get("control_after_generate"):
+        if node_specs.has_control(w):
             names.append(w["name"] + ".control")
     ks = sorted((dict(zip(names, n["widgets_values"])) | {"id": n["id"]} for n in wf["nodes"]
                  if n["type"] == "KSamplerAdvanced"), key=lambda d: d["start_at_step"])

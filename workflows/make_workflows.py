@@ -137,7 +137,7 @@ class Graph:
             values = []
             for w in node_specs.widgets(n.spec):
                 values.append(n.values[w["name"]])
-                if w.get("control_after_generate"):
+                if node_specs.has_control(w):
                     values.append(n.controls.get(w["name"], "fixed"))
             d = {
                 "id": n.id,
@@ -220,9 +220,9 @@ def _wan_text(g, pos):
     return pos_enc, neg_enc
 
 
-def _decode_save(g, latent, vae_file, pos, fps, prefix, tiled=False):
+def _decode_save(g, latent, vae_file, pos, fps, prefix, tiled=False, vae_pos=None):
     x, y = pos
-    vae = g.add("VAELoader", (x, y + 260), vae_name=vae_file)
+    vae = g.add("VAELoader", vae_pos or (x - 360, y + 480), vae_name=vae_file)
     if tiled:
         dec = g.add("VAEDecodeTiled", (x, y), tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8)
     else:
@@ -286,7 +286,8 @@ def wan22_a14b_t2v(specs):
         g.link(neg_enc["CONDITIONING"], ks, "negative")
     g.link(latent["LATENT"], high, "latent_image")
     g.link(high["LATENT"], low, "latent_image")
-    _decode_save(g, low["LATENT"], "wan_2.1_vae.safetensors", (1900, 0), fps=16.0, prefix="video/wan2.2_dvdq")
+    _decode_save(g, low["LATENT"], "wan_2.1_vae.safetensors", (1900, 0), fps=16.0, prefix="video/wan2.2_dvdq",
+                 vae_pos=(1900, 200))
     return g
 
 

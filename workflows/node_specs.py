@@ -166,6 +166,12 @@ def widgets(spec):
     return [i for i in spec["inputs"] if i["widget"]]
 
 
+def has_control(w):
+    """Whether the front end adds a "control after generate" widget (and value) after this one:
+    INTs flagged so, and, as ComfyUI's front end still does for old nodes, INTs named seed/noise_seed."""
+    return w.get("type") == "INT" and bool(w.get("control_after_generate") or w["name"] in ("seed", "noise_seed"))
+
+
 def widget_value_count(spec):
     """Length of a node's `widgets_values`: one per widget, plus one after each seed-like INT."""
-    return sum(2 if w.get("control_after_generate") else 1 for w in widgets(spec))
+    return sum(2 if has_control(w) else 1 for w in widgets(spec))
