@@ -12,6 +12,7 @@ the files), runs Loader -> Bit Switch Scheduler -> ModelSamplingSD3 -> KSampler 
 records the dvdq.* events the page receives and takes screenshots. Exit status 0 when all holds.
 """
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,6 +114,33 @@ def post(url, value):
     urllib.request.urlopen(req, timeout=10).read()
 
 
+def validate_api_workflows(url):
+    """POST each API workflow to /prompt. The model files are not installed here, so the only
+    errors allowed are file names missing from the model folders; anything else (an unknown node,
+    a wrong input name or type, a bad link) is a problem."""
+    problems = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            prompt = json.load(f)
+        req = urllib.request.Request(url + "prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=30).read()
+            bad = []  # accepted (it will fail later for lack of model files, harmlessly)
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read() or b"{}")
+            bad = []
+            for nid, ne in body.get("node_errors", {}).items():
+                for err in ne.get("errors", []):
+                    name = err.get("extra_info", {}).get("input_name")
+                    if not (err.get("type") == "value_not_in_list" and name in node_specs.FILE_INPUTS):
+                        bad.append(f"node {nid} {ne.get('class_type')}: {err.get('type')} {err.get('details')}")
+            if not body.get("node_errors"):
+                bad.append(f"rejected: {body.get('error')}")
+        problems[os.path.basename(path)] = bad
+    return problems
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI source tree (COMFYUI_PATH)")
@@ -172,6 +201,7 @@ def main():
         if proc.returncode != 0 or line is None:
             sys.exit(f"browser check failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         result = json.loads(line[len("RESULT "):])
+        result["server_validation"] = validate_api_workflows(url)
     finally:
         server.terminate()
         try:
@@ -201,10 +231,13 @@ def report(result):
         problems.append(f"dvdq.bits steps {[b['step'] for b in bits]}, expected 0..{STEPS - 1}")
     if len(summaries) != 1 or summaries[0].get("layers") != ev.get("progress"):
         problems.append(f"quant events: {ev.get('progress')} progress, summaries {summaries}")
+    for name, bad in result.get("server_validation", {}).items():
+        problems += [f"/prompt {name}: {b}" for b in bad]
     ours = [e for e in result.get("pageErrors", []) if "/extensions/dvdq/" in e]
     if ours:
         problems.append(f"errors in the pack's scripts: {ours}")
-    print(f"workflows checked in the front end: {len(result.get('workflows', {}))}")
+    print(f"workflows checked in the front end: {len(result.get('workflows', {}))}, "
+          f"by the server's /prompt validation: {len(result.get('server_validation', {}))}")
     print(f"events: {ev.get('resets')} reset, {len(bits)} bits, {ev.get('progress')} progress, {len(summaries)} summary")
     if bits:
         print("bits per step:", ",".join(str(b["bits"]) for b in sorted(bits, key=lambda b: b["step"])))
