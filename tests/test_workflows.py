@@ -4,7 +4,7 @@ from ComfyUI's /object_info). No ComfyUI needed.
 """
 import copy
 import glob
-import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -392,18 +392,25 @@ def test_checker_catches_bad_api_references():
 
 # ---------------------------------------------------------------------- against the real nodes
 
-def _import_our_nodes():
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    try:
-        return importlib.import_module("nodes")
-    except ImportError as exc:
-        pytest.skip(f"our nodes package does not import without ComfyUI here ({exc})")
+def _load_pack():
+    """Import the repository root the way ComfyUI imports a custom-node folder (as a package named
+    after its folder), so `nodes` can never be ComfyUI's own nodes.py."""
+    name = "ComfyUI-DVD-Quant"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except ImportError as exc:
+            del sys.modules[name]
+            pytest.skip(f"the pack does not import without ComfyUI here ({exc})")
+    return sys.modules[name]
 
 
 def test_our_specs_match_the_nodes_package():
-    mod = _import_our_nodes()
-    mappings = getattr(mod, "NODE_CLASS_MAPPINGS", None)
+    mappings = getattr(_load_pack(), "NODE_CLASS_MAPPINGS", None)
     if not mappings:
         pytest.skip("the nodes package defines no NODE_CLASS_MAPPINGS yet")
     for type_, spec in node_specs.OUR_NODES.items():
