@@ -2,7 +2,7 @@
 // Loads every example workflow in ComfyUI's real front end and compares what the front end makes
 // of it (widget values, saved graph, API prompt) with the files; then runs the tiny workflow and
 // records the DVD-Quant events and screenshots of the panels.
-// Env: COMFY_URL, WF_DIR, TINY (UI workflow file), OUT_DIR, CHROMIUM, PLAYWRIGHT_CORE_DIR, PROFILE_DIR.
+// Env: COMFY_URL, WF_DIR, TINY and TINY_SPLIT (UI workflow files), OUT_DIR, CHROMIUM, PLAYWRIGHT_CORE_DIR, PROFILE_DIR.
 import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
@@ -103,6 +103,19 @@ try {
   await page.screenshot({ path: path.join(OUT, "web-panel.png"), clip: { x: 40, y: 80, width: 1130, height: 680 } });
   result.hoverText = await page.evaluate(() => window.app.graph._nodes.find((n) => n.type === "DVDQuantBitSwitch")._dvdqHover);
   result.events = await page.evaluate(() => window.__dvdq);
+
+  // Two experts, two Bit Switch Schedulers, two KSamplerAdvanced splitting one schedule (Wan 2.2).
+  await page.evaluate(async (wf) => {
+    const { app } = window;
+    Object.assign(window.__dvdq, { bits: [], resets: 0, progress: 0, summaries: [], done: false, errors: [] });
+    await app.loadGraphData(structuredClone(wf));
+    app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [60, 120]; app.graph.setDirtyCanvas(true, true);
+    await app.queuePrompt(0, 1);
+  }, readJson(process.env.TINY_SPLIT));
+  await page.waitForFunction(() => window.__dvdq.done, null, { timeout: 300000 });
+  await page.waitForTimeout(500);
+  await page.screenshot({ path: path.join(OUT, "split_schedule.png") });
+  result.splitEvents = await page.evaluate(() => window.__dvdq);
 } finally {
   await context.close();
 }

@@ -32,18 +32,19 @@ import make_workflows  # noqa: E402
 import node_specs  # noqa: E402
 
 TINY_MODEL = "tiny_wan_t2v_random.safetensors"
+TINY_MODEL_2 = "tiny_wan_t2v_random_2.safetensors"
 STEPS = 20
 
 BUILD_TINY = r"""
 import sys, torch
 import comfy.options
 comfy.options.enable_args_parsing()
-out = sys.argv[1]
+out, seed = sys.argv[1], sys.argv[2]
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.cli_args, comfy.ops
 from comfy.ldm.wan.model import WanModel
 from safetensors.torch import save_file
-torch.manual_seed(0)
+torch.manual_seed(int(seed))
 m = WanModel(dim=256, ffn_dim=512, num_heads=2, num_layers=4, text_dim=4096, in_dim=16, out_dim=16,
              operations=comfy.ops.disable_weight_init)
 sd = {}
@@ -100,6 +101,42 @@ def tiny_workflow(delta):
     g.link(latent["LATENT"], ks, "latent_image")
     save = g.add("SaveLatent", (1080, 0), filename_prefix="latents/dvdq_web_check")
     g.link(ks["LATENT"], save, "samples")
+    return g.ui()
+
+
+def tiny_split_workflow(delta):
+    """Wan 2.2's pattern on tiny models: two experts (two random checkpoints), each Loader -> Bit
+    Switch -> ModelSamplingSD3, two KSamplerAdvanced splitting one STEPS-step schedule in half."""
+    specs = node_specs.all_specs()
+    specs["DVDQWebCheckCond"] = {"inputs": [{"name": "seed", "type": "INT", "widget": True, "default": 0}],
+                                 "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING"}], "output_node": False}
+    g = make_workflows.Graph(specs)
+    cond = g.add("DVDQWebCheckCond", (760, 0), seed=1)
+    neg = g.add("ConditioningZeroOut", (760, 120))
+    g.link(cond["CONDITIONING"], neg, "conditioning")
+    latent = g.add("EmptyHunyuanLatentVideo", (760, 230), width=64, height=64, length=5, batch_size=1)
+    half = STEPS // 2
+    prev = latent["LATENT"]
+    for k, (model, title) in enumerate([(TINY_MODEL, "high noise expert"), (TINY_MODEL_2, "low noise expert")]):
+        x = 380 * k
+        loader = g.add("DVDQuantLoader", (x, 0), title=f"DVD-Quant Loader ({title})", model_name=model, w_bits=4,
+                       a_low=4, a_high=8, method="dvdq", save_quantized_copy=False)
+        bits = g.add("DVDQuantBitSwitch", (x, 290), mode="delta", delta=delta, low=4, high=8, fixed_bits=8, schedule="")
+        g.link(loader["MODEL"], bits, "model")
+        shift = g.add("ModelSamplingSD3", (x, 600), shift=8.0)
+        g.link(bits["MODEL"], shift, "model")
+        ks = g.add("KSamplerAdvanced", (1120, 420 * k), title=f"KSampler ({title})", controls={"noise_seed": "fixed"},
+                   add_noise="enable" if k == 0 else "disable", noise_seed=7, steps=STEPS, cfg=5.0,
+                   sampler_name="euler", scheduler="simple", start_at_step=half * k,
+                   end_at_step=half if k == 0 else 10000,
+                   return_with_leftover_noise="enable" if k == 0 else "disable")
+        g.link(shift["MODEL"], ks, "model")
+        g.link(cond["CONDITIONING"], ks, "positive")
+        g.link(neg["CONDITIONING"], ks, "negative")
+        g.link(prev, ks, "latent_image")
+        prev = ks["LATENT"]
+    save = g.add("SaveLatent", (1480, 0), filename_prefix="latents/dvdq_web_check_split")
+    g.link(prev, save, "samples")
     return g.ui()
 
 
@@ -164,10 +201,14 @@ def main():
         f.write(COND_NODE)
     models = os.path.join(base, "models", "diffusion_models")
     os.makedirs(models)
-    subprocess.run([args.python, "-c", BUILD_TINY, os.path.join(models, TINY_MODEL)], cwd=args.comfyui, check=True)
-    tiny = os.path.join(tmp, "tiny_ui.json")
+    for seed, name in enumerate((TINY_MODEL, TINY_MODEL_2)):
+        subprocess.run([args.python, "-c", BUILD_TINY, os.path.join(models, name), str(seed)], cwd=args.comfyui,
+                       check=True)
+    tiny, tiny_split = os.path.join(tmp, "tiny_ui.json"), os.path.join(tmp, "tiny_split_ui.json")
     with open(tiny, "w") as f:
         json.dump(tiny_workflow(args.delta), f)
+    with open(tiny_split, "w") as f:
+        json.dump(tiny_split_workflow(args.delta), f)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -192,7 +233,7 @@ def main():
             sys.exit("the pack failed to import:\n" + "".join(failed))
         post(url + "settings/Comfy.TutorialCompleted", True)  # no template gallery over the canvas
         post(url + "settings/Comfy.Minimap.Visible", False)
-        env = dict(os.environ, COMFY_URL=url, WF_DIR=os.path.join(ROOT, "workflows"), TINY=tiny, OUT_DIR=out,
+        env = dict(os.environ, COMFY_URL=url, WF_DIR=os.path.join(ROOT, "workflows"), TINY=tiny, TINY_SPLIT=tiny_split, OUT_DIR=out,
                    CHROMIUM=args.chromium, PLAYWRIGHT_CORE_DIR=os.path.join(os.path.abspath(args.playwright_dir), "node_modules"),
                    PROFILE_DIR=os.path.join(tmp, "chromium-profile"))
         proc = subprocess.run(["node", os.path.join(HERE, "web_panel_check.mjs")], env=env, capture_output=True,
@@ -233,6 +274,18 @@ def report(result):
         problems.append(f"quant events: {ev.get('progress')} progress, summaries {summaries}")
     for name, bad in result.get("server_validation", {}).items():
         problems += [f"/prompt {name}: {b}" for b in bad]
+    split = result.get("splitEvents", {})
+    if split.get("errors") or not split.get("done"):
+        problems.append(f"the split-schedule run failed: {split.get('errors')}")
+    by_node = {}
+    for b in split.get("bits", []):
+        by_node.setdefault(b["node"], []).append(b)
+    half = STEPS // 2
+    got = sorted(sorted(b["step"] for b in v) for v in by_node.values())
+    if got != [list(range(half)), list(range(half, STEPS))]:
+        problems.append(f"split schedule: steps per Bit Switch node {got}, expected 0..{half - 1} and {half}..{STEPS - 1}")
+    if any(b["total"] != STEPS for b in split.get("bits", [])):
+        problems.append(f"split schedule: totals {sorted({b['total'] for b in split.get('bits', [])})}, expected {STEPS}")
     ours = [e for e in result.get("pageErrors", []) if "/extensions/dvdq/" in e]
     if ours:
         problems.append(f"errors in the pack's scripts: {ours}")
@@ -245,6 +298,10 @@ def report(result):
         s = summaries[0]
         print(f"summary: {s['layers']} layers, {s['bytes_before']} -> {s['bytes_after']} bytes, "
               f"mean rel. error {s['mean_rel_error']:.4f}, {s['seconds']:.2f} s, {s['source']}")
+    for node, v in sorted(by_node.items()):
+        v = sorted(v, key=lambda b: b["step"])
+        print(f"split schedule, Bit Switch node {node}: steps {v[0]['step']}..{v[-1]['step']} of {v[0]['total']}, "
+              f"bits {','.join(str(b['bits']) for b in v)}")
     other = [e.splitlines()[0] for e in result.get("pageErrors", []) if "/extensions/dvdq/" not in e]
     if other:
         print("page errors not from this pack (ComfyUI's front end):", other)
