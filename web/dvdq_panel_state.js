@@ -94,7 +94,9 @@ export function trimNumber(x, digits) {
 export function describeStep(strip, i) {
   const s = strip.steps[i];
   const total = cellCount(strip);
-  if (!s) return `step ${i + 1}/${total}: not run yet`;
+  // A hole before the newest step was run elsewhere: by the other expert's scheduler when two
+  // samplers split one schedule (Wan 2.2), which carries the step count over.
+  if (!s) return `step ${i + 1}/${total}: ${i < lastStepIndex(strip) ? "not run by this node" : "not run yet"}`;
   const parts = [`step ${i + 1}/${total}: ${s.bits} bits`];
   if (s.indicator != null && Number.isFinite(s.indicator)) parts.push(`ind ${formatSmall(s.indicator)}`);
   if (s.accumulated != null && Number.isFinite(s.accumulated)) parts.push(`acc ${formatSmall(s.accumulated)}`);

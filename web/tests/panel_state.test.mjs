@@ -34,7 +34,8 @@ test("unknown total falls back to the steps seen; bad step index is ignored", ()
   let st = run([bitsEv(0, 8, { total: null }), bitsEv(2, 4, { total: null })]);
   assert.equal(S.cellCount(st), 3);
   assert.equal(S.averageBits(st), 6); // the hole at step 1 is not counted
-  assert.equal(S.describeStep(st, 1), "step 2/3: not run yet");
+  assert.equal(S.describeStep(st, 1), "step 2/3: not run by this node");
+  assert.equal(S.describeStep(S.applyBitsEvent(st, bitsEv(3, 4, { total: 6 })), 4), "step 5/6: not run yet");
   const same = S.applyBitsEvent(st, { step: -1, bits: 4 });
   assert.equal(same, st);
 });
