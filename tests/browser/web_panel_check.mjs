@@ -109,13 +109,14 @@ try {
     const { app } = window;
     Object.assign(window.__dvdq, { bits: [], resets: 0, progress: 0, summaries: [], done: false, errors: [] });
     await app.loadGraphData(structuredClone(wf));
-    app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [60, 120]; app.graph.setDirtyCanvas(true, true);
+    app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [60, 230]; app.graph.setDirtyCanvas(true, true);
     await app.queuePrompt(0, 1);
   }, readJson(process.env.TINY_SPLIT));
   await page.waitForFunction(() => window.__dvdq.done, null, { timeout: 300000 });
   await page.waitForTimeout(500);
   await page.screenshot({ path: path.join(OUT, "split_schedule.png") });
   result.splitEvents = await page.evaluate(() => window.__dvdq);
+  result.splitNodeTypes = await page.evaluate(() => Object.fromEntries(window.app.graph._nodes.map((n) => [String(n.id), n.type])));
 } finally {
   await context.close();
 }

@@ -105,8 +105,9 @@ def tiny_workflow(delta):
 
 
 def tiny_split_workflow(delta):
-    """Wan 2.2's pattern on tiny models: two experts (two random checkpoints), each Loader -> Bit
-    Switch -> ModelSamplingSD3, two KSamplerAdvanced splitting one STEPS-step schedule in half."""
+    """Wan 2.2's pattern on tiny models: two experts (two random checkpoints), one through the
+    DVD-Quant Loader, the other through UNETLoader -> DVD-Quant Apply, each -> Bit Switch ->
+    ModelSamplingSD3, and two KSamplerAdvanced splitting one STEPS-step schedule in half."""
     specs = node_specs.all_specs()
     specs["DVDQWebCheckCond"] = {"inputs": [{"name": "seed", "type": "INT", "widget": True, "default": 0}],
                                  "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING"}], "output_node": False}
@@ -119,8 +120,14 @@ def tiny_split_workflow(delta):
     prev = latent["LATENT"]
     for k, (model, title) in enumerate([(TINY_MODEL, "high noise expert"), (TINY_MODEL_2, "low noise expert")]):
         x = 380 * k
-        loader = g.add("DVDQuantLoader", (x, 0), title=f"DVD-Quant Loader ({title})", model_name=model, w_bits=4,
-                       a_low=4, a_high=8, method="dvdq", save_quantized_copy=False)
+        if k == 0:
+            loader = g.add("DVDQuantLoader", (x, 0), title=f"DVD-Quant Loader ({title})", model_name=model,
+                           w_bits=4, a_low=4, a_high=8, method="dvdq", save_quantized_copy=False)
+        else:  # the other way in: any loader, then DVD-Quant Apply
+            unet = g.add("UNETLoader", (x, -130), unet_name=model, weight_dtype="default")
+            loader = g.add("DVDQuantApply", (x, 0), title=f"DVD-Quant Apply ({title})", w_bits=4, a_low=4,
+                           a_high=8, method="dvdq")
+            g.link(unet["MODEL"], loader, "model")
         bits = g.add("DVDQuantBitSwitch", (x, 290), mode="delta", delta=delta, low=4, high=8, fixed_bits=8, schedule="")
         g.link(loader["MODEL"], bits, "model")
         shift = g.add("ModelSamplingSD3", (x, 600), shift=8.0)
@@ -277,6 +284,9 @@ def report(result):
     split = result.get("splitEvents", {})
     if split.get("errors") or not split.get("done"):
         problems.append(f"the split-schedule run failed: {split.get('errors')}")
+    kinds = sorted(result.get("splitNodeTypes", {}).get(str(x["node"]), "?") for x in split.get("summaries", []))
+    if kinds != ["DVDQuantApply", "DVDQuantLoader"]:
+        problems.append(f"split schedule run: quantization summaries from {kinds}, expected the Loader and Apply")
     by_node = {}
     for b in split.get("bits", []):
         by_node.setdefault(b["node"], []).append(b)
