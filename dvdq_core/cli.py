@@ -96,7 +96,13 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"] and len(argv) > 1:
+        # argparse's REMAINDER drops options that follow a sub-command; the demo parses its own.
+        argv = ["demo", "--", *argv[1:]] if argv[1] != "--" else argv
     a = build_parser().parse_args(argv)
+    if a.cmd == "demo" and a.rest[:1] == ["--"]:
+        a.rest = a.rest[1:]
     if getattr(a, "include", None) is None and a.cmd == "quantize":
         a.include = ["*blocks.*"]
     try:
