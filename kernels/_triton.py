@@ -1,0 +1,217 @@
+"""The Triton kernels (imported lazily: this module needs triton).
+
+K (the width) is a compile-time constant everywhere: a model has only a few widths, and loops
+with run-time bounds break Triton 3.6's interpreter under numpy >= 2.4.
+
+Layout shared by the activation kernels and the GEMM (internal to this package): the int8 codes
+of X are written with the columns of every group of 64 permuted to "the 32 even columns, then the
+32 odd columns". A byte of the packed weight holds an even column in its low nibble and the next
+odd column in its high nibble, so the GEMM multiplies the first half of each group with the low
+nibbles and the second half with the high nibbles: two plain int8 dots, no interleaving.
+The permutation is folded into the rotation matrix (`R = blockdiag(H)[:, perm]`, or `P` when
+rotation is off), so it costs nothing.
+"""
+import triton
+import triton.language as tl
+
+GROUP = 64  # permutation group (columns): even half then odd half
+EPS = 1e-8
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """float32 -> dtype, round to nearest even. The interpreter truncates float32 -> bf16, so there
+    the rounding is done on the bits first (the final cast is then exact)."""
+    if INTERPRET and dtype == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        v = b.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _rotate_tile(x, r_ptr, BM: tl.constexpr, C: tl.constexpr, R: tl.constexpr, ROUND_XR: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """x [BM, C] (input dtype) @ blockdiag(Rmat [R, R]) -> float32 [BM, C], columns permuted.
+
+    Rmat holds the Hadamard entries in the input dtype (as the reference's rotation does), the
+    dot accumulates in float32; ROUND_XR rounds the result to the input dtype like the reference.
+    """
+    offs = tl.arange(0, R)
+    rmat = tl.load(r_ptr + offs[:, None] * R + offs[None, :])
+    xt = tl.reshape(x, (BM * C // R, R))
+    if INTERPRET:
+        xt = xt.to(tl.float32)
+        rmat = rmat.to(tl.float32)
+    xr = tl.dot(xt, rmat, out_dtype=tl.float32)
+    if ROUND_XR:
+        xr = _round_to(xr, x.dtype, INTERPRET).to(tl.float32)
+    return tl.reshape(xr, (BM, C))
+
+
+@triton.jit
+def _absmax_kernel(
+    x_ptr, r_ptr, rowmax_ptr, l_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm,
+    SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+    AUTO_SCALE: tl.constexpr, ROUND_XR: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Pass 1: per (row, TG-column group) absmax of Xr into rowmax [M, K // TG]; per scale block
+    absmax over all rows into l [K // SB] (atomic max; l is zeroed by the caller)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_c = pid_c * C + tl.arange(0, C)
+    m_mask = offs_m < M
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+    xa = tl.abs(_rotate_tile(x, r_ptr, BM, C, R, ROUND_XR, INTERPRET))
+    rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
+    offs_t = pid_c * (C // TG) + tl.arange(0, C // TG)
+    tl.store(rowmax_ptr + offs_m[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
+    if AUTO_SCALE:
+        cmax = tl.max(rmax, axis=0)  # [C // TG]; padded rows loaded as 0 never win
+        tl.atomic_max(l_ptr + (offs_t * TG) // SB, cmax)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, r_ptr, rowmax_ptr, l_ptr, q_ptr, s_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm, qmax,
+    SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+    TB: tl.constexpr, AUTO_SCALE: tl.constexpr, ROUND_XR: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Pass 2: s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table, then
+    q = clamp(rint(Xr / l / s_i), -qmax - 1, qmax) as int8 (permuted layout), and s [M]."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    smax = tl.zeros((BM,), dtype=tl.float32)
+    for t0 in range(0, NT, TB):
+        offs_t = t0 + tl.arange(0, TB)
+        t_mask = offs_t < NT
+        rm = tl.load(rowmax_ptr + offs_m[:, None] * NT + offs_t[None, :], mask=m_mask[:, None] & t_mask[None, :], other=0.0)
+        if AUTO_SCALE:
+            lt = tl.maximum(tl.load(l_ptr + (offs_t * TG) // SB, mask=t_mask, other=1.0), EPS)
+            rm = rm / lt[None, :]
+        smax = tl.maximum(smax, tl.max(rm, axis=1))
+    s = tl.maximum(smax, EPS) / qmax
+    tl.store(s_ptr + offs_m, s, mask=m_mask)
+    for c0 in range(0, K, C):
+        offs_c = c0 + tl.arange(0, C)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        xs = _rotate_tile(x, r_ptr, BM, C, R, ROUND_XR, INTERPRET)
+        if AUTO_SCALE:
+            lc = tl.maximum(tl.load(l_ptr + offs_c // SB), EPS)
+            xs = xs / lc[None, :]
+        v = xs / s[:, None]
+        if INTERPRET:  # same result for |v| < 2**22: adding 1.5 * 2**23 rounds half to even
+            v = (v + 12582912.0) - 12582912.0
+        else:
+            v = tl.extra.cuda.libdevice.rint(v)  # round half to even, as torch.round
+        v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax * 1.0)
+        tl.store(q_ptr + offs_m[:, None] * K + offs_c[None, :], v.to(tl.int8), mask=m_mask[:, None])
+
+
+@triton.jit
+def _rotate_kernel(x_ptr, r_ptr, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """16-bit activations: Xr (permuted layout) in the input dtype, for the dequantizing GEMM."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_c = pid_c * C + tl.arange(0, C)
+    m_mask = offs_m < M
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+    xr = _rotate_tile(x, r_ptr, BM, C, R, True, INTERPRET)
+    tl.store(y_ptr + offs_m[:, None] * K + offs_c[None, :], _round_to(xr, x.dtype, INTERPRET), mask=m_mask[:, None])
+
+
+@triton.jit
+def _w4_gemm_kernel(
+    a_ptr, w_ptr, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
+    SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    A_FLOAT: tl.constexpr, AUTO_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Y = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n].
+
+    a: int8 codes [M, K] (permuted layout; A_FLOAT: rotated activations in bf16/fp16, s = l = 1).
+    w: packed 4-bit codes [N, K // 2] (low nibble = even column). Each BK tile lies inside one
+    scale block (BK divides SB): its int32 dot is scaled by l_b into a float32 accumulator.
+    SWAP computes the transposed tile (weights as the MMA's M side, taken from registers).
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_h = tl.arange(0, BK // 2)
+    a_cols = (offs_h // 32) * 64 + offs_h % 32  # even half of each permuted group of 64
+    a_ptrs = a_ptr + offs_m[:, None] * K + a_cols[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * (K // 2) + offs_h[None, :]
+    z = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.int8)
+
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a_e = tl.load(a_ptrs, mask=m_mask[:, None], other=0)
+            a_o = tl.load(a_ptrs + 32, mask=m_mask[:, None], other=0)
+            wp = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        else:
+            k_ok = (k0 + 2 * offs_h) < K
+            a_e = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0)
+            a_o = tl.load(a_ptrs + 32, mask=m_mask[:, None] & k_ok[None, :], other=0)
+            wp = tl.load(w_ptrs, mask=n_mask[:, None] & k_ok[None, :], other=0)
+        w_lo = (wp & 15).to(tl.int8) - z[:, None]
+        w_hi = (wp >> 4).to(tl.int8) - z[:, None]
+        if A_FLOAT:
+            if INTERPRET:  # the interpreter's dot mishandles 16-bit floats; float32 is exact here
+                a_e = a_e.to(tl.float32)
+                a_o = a_o.to(tl.float32)
+            w_lo = w_lo.to(a_e.dtype)
+            w_hi = w_hi.to(a_e.dtype)
+            if SWAP:
+                acc += tl.dot(w_lo, tl.trans(a_e)) + tl.dot(w_hi, tl.trans(a_o))
+            else:
+                acc += tl.dot(a_e, tl.trans(w_lo)) + tl.dot(a_o, tl.trans(w_hi))
+        else:
+            if SWAP:
+                part = tl.dot(w_lo, tl.trans(a_e), out_dtype=tl.int32)
+                part += tl.dot(w_hi, tl.trans(a_o), out_dtype=tl.int32)
+            else:
+                part = tl.dot(a_e, tl.trans(w_lo), out_dtype=tl.int32)
+                part += tl.dot(a_o, tl.trans(w_hi), out_dtype=tl.int32)
+            if AUTO_SCALE:
+                lb = tl.maximum(tl.load(l_ptr + k0 // SB), EPS)
+                acc += part.to(tl.float32) * lb
+            else:
+                acc += part.to(tl.float32)
+        a_ptrs += BK
+        w_ptrs += BK // 2
+
+    d = tl.load(d_ptr + offs_n, mask=n_mask, other=0.0)
+    y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+    if SWAP:
+        acc = acc * d[:, None]
+        if not A_FLOAT:
+            acc = acc * tl.load(s_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        out = tl.trans(_round_to(acc, y_ptr.dtype.element_ty, INTERPRET))
+    else:
+        acc = acc * d[None, :]
+        if not A_FLOAT:
+            acc = acc * tl.load(s_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = _round_to(acc, y_ptr.dtype.element_ty, INTERPRET)
+    tl.store(y_ptrs, out, mask=m_mask[:, None] & n_mask[None, :])
