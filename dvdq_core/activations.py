@@ -1,0 +1,35 @@
+"""ARQ's online activation math: auto-scaling and dynamic per-token quantization (reference)."""
+import torch
+
+EPS = 1e-8
+ACT_BITS = (4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
+
+
+def check_act_bits(bits: int) -> int:
+    if bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be one of 4..8 or 16 (unquantized), got {bits!r}")
+    return bits
+
+
+def auto_scale(xr: torch.Tensor, granularity: str, block: int) -> torch.Tensor:
+    """Per-input-channel scale vector l (length K) from the live activations xr [M, K].
+
+    "channel": l_j = max_i |xr_ij|.  "block": l is constant within K-blocks of `block` channels,
+    the max over all tokens and channels of the block (what an integer GEMM can apply per K-block).
+    """
+    amax = xr.abs().amax(dim=0).float()
+    if granularity == "block":
+        k = amax.shape[0]
+        amax = amax.reshape(k // block, block).amax(dim=1, keepdim=True).expand(k // block, block).reshape(k)
+    elif granularity != "channel":
+        raise ValueError(f"scale granularity must be 'block' or 'channel', got {granularity!r}")
+    return amax.clamp_min(EPS)
+
+
+def quantize_per_token(xs: torch.Tensor, bits: int):
+    """Symmetric dynamic per-token (row) quantization. Returns int8 codes and float32 row scales."""
+    qmax = 2 ** (bits - 1) - 1
+    xs = xs.float()
+    s = xs.abs().amax(dim=-1).clamp_min(EPS) / qmax
+    q = torch.round(xs / s.unsqueeze(-1)).clamp(-qmax - 1, qmax).to(torch.int8)
+    return q, s

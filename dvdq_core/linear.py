@@ -1,0 +1,115 @@
+"""QuantLinear: packed low-bit weights (rotated offline) and ARQ activations quantized per call."""
+import torch
+from torch import nn
+
+from .hadamard import rotate
+from .spec import LayerSpec
+from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, unpack_codes
+
+
+class BitState:
+    """The activation bit-width of one model's current step, shared by that model's layers."""
+
+    def __init__(self, bits: int = 8):
+        self.bits = bits
+
+    def __repr__(self):
+        return f"BitState(bits={self.bits})"
+
+
+def quantize_weight(weight: torch.Tensor, spec: LayerSpec, device=None):
+    """Rotate (if the spec says so) and quantize one weight. Returns (QuantizedWeight, rel. error)."""
+    w = weight.detach().to(device=device or weight.device, dtype=torch.float32)
+    if spec.rotate:
+        w = rotate(w, spec.had_block)
+    qw = (bgr_quantize if spec.method == "dvdq" else minmax_quantize)(w, spec.w_bits)
+    rel = ((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-30)).item()
+    return qw, rel
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for nn.Linear; see docs/design.md for the buffers and the math."""
+
+    def __init__(self, in_features, out_features, spec: LayerSpec, *, bias=True, bias_dtype=torch.float32,
+                 weight_dtype=torch.float32, state: BitState | None = None, backend="auto", device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.state = state if state is not None else BitState()
+        self.backend = backend
+        packed_k = (in_features + 1) // 2 if spec.w_bits <= 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("w_zero", torch.zeros(out_features, dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        if spec.method == "smoothquant":  # the baseline re-quantizes W * s every call
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
+
+    # attributes the backends read (design.md)
+    w_bits = property(lambda self: self.spec.w_bits)
+    a_bits = property(lambda self: self.spec.a_bits)
+    method = property(lambda self: self.spec.method)
+    had_block = property(lambda self: self.spec.had_block)
+    scale_block = property(lambda self: self.spec.scale_block)
+    rotate = property(lambda self: self.spec.rotate)
+    auto_scale = property(lambda self: self.spec.auto_scale)
+    granularity = property(lambda self: self.spec.granularity)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LayerSpec, state: BitState, backend="auto", device=None):
+        """Quantize an nn.Linear (on `device` if given); the result lives on the linear's device."""
+        home = linear.weight.device
+        m = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
+                bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+                weight_dtype=linear.weight.dtype, state=state, backend=backend, device=home)
+        qw, rel = quantize_weight(linear.weight, spec, device)
+        m.load_quantized_weight(qw)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        if spec.method == "smoothquant":
+            m.weight.copy_(linear.weight.detach())
+        return m, rel
+
+    @torch.no_grad()
+    def load_quantized_weight(self, qw: QuantizedWeight):
+        self.qweight.copy_(qw.codes)
+        self.w_scale.copy_(qw.scale)
+        self.w_zero.copy_(qw.zero)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.w_scale.float(), self.w_zero, self.spec.w_bits,
+                               (self.out_features, self.in_features))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """D * (u - z): the rotated weight this layer multiplies with (float32)."""
+        u = unpack_codes(self.qweight, self.spec.w_bits, self.in_features).float()
+        return self.w_scale.float().unsqueeze(1) * (u - self.w_zero.float().unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .backends import get_backend
+
+        bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
+        layer = self if self.qweight.device == x.device else _Moved(self, x.device)  # offloaded weights
+        x2d = x.reshape(-1, self.in_features)
+        y = get_backend(self.backend, layer, x2d, bits)(layer, x2d, bits)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        a = self.spec.a_bits if self.spec.a_bits is not None else "switched"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.spec.method}, "
+                f"w_bits={self.spec.w_bits}, a_bits={a}, had_block={self.spec.had_block}")
+
+
+class _Moved:
+    """A view of a QuantLinear with its buffers copied to another device for one call."""
+
+    def __init__(self, layer: QuantLinear, device):
+        self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state")})
+        for name, buf in layer.named_buffers(recurse=False):
+            setattr(self, name, buf.to(device, non_blocking=True))
+        if "bias" not in self.__dict__:
+            self.bias = None
+
+    w_bits, a_bits, method, had_block, scale_block, rotate, auto_scale, granularity = (
+        QuantLinear.w_bits, QuantLinear.a_bits, QuantLinear.method, QuantLinear.had_block,
+        QuantLinear.scale_block, QuantLinear.rotate, QuantLinear.auto_scale, QuantLinear.granularity)
+    dequantized_weight = QuantLinear.dequantized_weight

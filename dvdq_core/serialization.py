@@ -1,0 +1,167 @@
+"""Save and load quantized models as safetensors (docs/format.md). Never pickles."""
+import json
+import os
+import struct
+
+import torch
+from torch import nn
+from safetensors import safe_open
+
+from .config import QuantConfig
+from .linear import BitState, QuantLinear
+from .model import quantized_layers
+from .spec import LayerSpec
+
+FORMAT_VERSION = "1"
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor, so a large model never sits in memory at once.
+
+    The header needs every key's dtype and shape up front: pass them as `plan` {key: (dtype, shape)}.
+    """
+
+    def __init__(self, path, plan: dict, metadata: dict):
+        self.path, self.plan, self._next = path, plan, iter(plan)
+        header, offset = {}, 0
+        for key, (dtype, shape) in plan.items():
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._tmp = str(path) + ".partial"
+        self._f = open(self._tmp, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, key: str, tensor: torch.Tensor):
+        expected = next(self._next)
+        dtype, shape = self.plan[key]
+        if key != expected or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"writer got {key} {tensor.dtype} {tuple(tensor.shape)}, planned {expected} {dtype} {shape}")
+        self._f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def close(self):
+        if next(self._next, None) is not None:
+            self._f.close()
+            os.remove(self._tmp)
+            raise RuntimeError("not every planned tensor was written")
+        self._f.close()
+        os.replace(self._tmp, self.path)  # the output appears only when complete
+
+    def abort(self):
+        self._f.close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+
+def build_metadata(config: QuantConfig, layers: dict, arch: str = "") -> dict:
+    """layers: {name: {"in", "out", "bias", **LayerSpec}}"""
+    return {"dvdq.format_version": FORMAT_VERSION, "dvdq.config": config.to_json(),
+            "dvdq.layers": json.dumps(layers, sort_keys=True), "dvdq.arch": arch}
+
+
+def layer_entry(layer: QuantLinear) -> dict:
+    return {"in": layer.in_features, "out": layer.out_features, "bias": layer.bias is not None, **layer.spec.to_dict()}
+
+
+def save_quantized(model: nn.Module, path, config: QuantConfig, arch: str = ""):
+    """Write the whole quantized model (quantized layers and every other tensor) to `path`."""
+    layers = {n: layer_entry(m) for n, m in quantized_layers(model)}
+    if not layers:
+        raise ValueError("the model has no DVD-Quant layers: quantize it before saving")
+    sd = model.state_dict()
+    w = SafetensorsWriter(path, {k: (t.dtype, tuple(t.shape)) for k, t in sd.items()}, build_metadata(config, layers, arch))
+    try:
+        for k, t in sd.items():
+            w.write(k, t)
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
+
+
+def read_metadata(path) -> dict:
+    """The DVD-Quant metadata of a file: {"format_version", "config" (QuantConfig), "layers", "arch"}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{os.path.basename(str(path))} is not a readable safetensors file ({e})") from None
+    if "dvdq.format_version" not in meta:
+        raise ValueError(f"{os.path.basename(str(path))} is not a DVD-Quant file (no dvdq.format_version metadata); "
+                         "quantize it with the DVD-Quant Loader or `python -m dvdq_core quantize` first")
+    if meta["dvdq.format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{os.path.basename(str(path))} has DVD-Quant format version {meta['dvdq.format_version']}, "
+                         f"this version reads {FORMAT_VERSION}: update DVD-Quant or re-quantize the model")
+    return {"format_version": meta["dvdq.format_version"], "config": QuantConfig.from_json(meta["dvdq.config"]),
+            "layers": json.loads(meta["dvdq.layers"]), "arch": meta.get("dvdq.arch", "")}
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, path, backend: str | None = None) -> QuantConfig:
+    """Load a file written by save_quantized (or the CLI) into a float model of the same architecture.
+
+    The listed Linear layers are replaced by QuantLinear shells and filled from the file, without
+    running BGR. The model may live on the meta device (weights are then assigned from the file).
+    Refuses a file that does not match the model, naming the first mismatching layer.
+    """
+    meta = read_metadata(path)
+    config = meta["config"]
+    state = BitState(config.a_bits)
+    modules = dict(model.named_modules())
+    for name, entry in meta["layers"].items():
+        m = modules.get(name)
+        if isinstance(m, QuantLinear):
+            raise ValueError("the model is already quantized; load the file into an unquantized model")
+        if not isinstance(m, nn.Linear):
+            what = "does not exist in the model" if m is None else f"is a {type(m).__name__} in the model, not a Linear layer"
+            raise ValueError(f"file does not match the model: layer {name!r} {what}")
+        if (m.out_features, m.in_features) != (entry["out"], entry["in"]):
+            raise ValueError(f"file does not match the model: layer {name!r} is {entry['out']}x{entry['in']} in the file "
+                             f"but {m.out_features}x{m.in_features} in the model")
+    with safe_open(str(path), framework="pt") as f:
+        file_keys = list(f.keys())
+    originals = {name: modules[name] for name in meta["layers"]}
+    try:
+        _fill(model, path, meta, file_keys, state, backend or config.backend)
+    except BaseException:  # leave the model as it was
+        for name, m in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m)
+        raise
+    return config
+
+
+def _fill(model, path, meta, file_keys, state, backend):
+    modules = dict(model.named_modules())
+    for name, entry in meta["layers"].items():
+        m = modules[name]
+        q = QuantLinear(m.in_features, m.out_features, LayerSpec.from_dict(entry), bias=entry["bias"],
+                        bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, weight_dtype=m.weight.dtype,
+                        state=state, backend=backend, device=m.weight.device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in set(file_keys)]
+    extra = [k for k in file_keys if k not in expected]
+    if missing or extra:
+        first = missing[0] if missing else extra[0]
+        raise ValueError(f"file does not match the model: tensor {first!r} is "
+                         f"{'missing from the file' if missing else 'in the file but not in the model'}")
+    assign = any(t.is_meta for t in expected.values())
+    sd = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in file_keys:
+            t = f.get_tensor(k)
+            if tuple(t.shape) != tuple(expected[k].shape):
+                raise ValueError(f"file does not match the model: tensor {k!r} has shape {tuple(t.shape)} in the file "
+                                 f"but {tuple(expected[k].shape)} in the model")
+            sd[k] = t
+    model.load_state_dict(sd, strict=True, assign=assign)

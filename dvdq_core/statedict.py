@@ -1,0 +1,115 @@
+"""Quantize a diffusion-model state dict file layer by layer (the CLI's `quantize`).
+
+The input is read memory-mapped and the output is written tensor by tensor, so a 14B model never
+needs its full size in RAM; only the quantized output's header is planned up front.
+"""
+import time
+
+import torch
+from safetensors import safe_open
+
+from .config import QuantConfig
+from .linear import quantize_weight
+from .serialization import SafetensorsWriter, build_metadata
+from .spec import layer_spec
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_DT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def detect_arch(keys) -> str:
+    keys = set(keys)
+    if "head.modulation" in keys:
+        return "wan"
+    if "txt_in.individual_token_refiner.blocks.0.norm1.weight" in keys and any(k.startswith("vector_in.") for k in keys):
+        return "hunyuan_video"
+    return ""
+
+
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, allow_unknown_arch=False) -> dict:
+    """Returns a summary dict (arch, layers, bytes in/out, seconds, mean rel. error)."""
+    t0 = time.perf_counter()
+    try:
+        f = safe_open(str(src), framework="pt", device="cpu")
+    except Exception as e:
+        raise ValueError(f"{src} is not a readable safetensors file ({e})") from None
+    with f:
+        if "dvdq.format_version" in (f.metadata() or {}):
+            raise ValueError(f"{src} is already a DVD-Quant file; quantize the original model instead")
+        keys = list(f.keys())
+        names = {k: _strip(k) for k in keys}
+        arch = detect_arch(names.values())
+        if not arch and not allow_unknown_arch:
+            raise ValueError(f"{src} does not look like a Wan 2.1/2.2 or HunyuanVideo diffusion model in ComfyUI's key "
+                             "names (no 'head.modulation' or 'txt_in.individual_token_refiner' keys); pass "
+                             "--any-arch to quantize its matching 2-D '*.weight' tensors anyway")
+        plan, specs, layers = {}, {}, {}
+        for k in keys:
+            sl = f.get_slice(k)
+            shape, dtype = tuple(sl.get_shape()), _DT[sl.get_dtype()]
+            n = names[k]
+            spec = None
+            if n.endswith(".weight") and len(shape) == 2:
+                spec = layer_spec(config, n[: -len(".weight")], shape[1])
+            if spec is None:
+                plan[n] = (dtype, shape)
+                continue
+            layer = n[: -len(".weight")]
+            specs[k] = (layer, spec)
+            out_f, in_f = shape
+            packed_k = (in_f + 1) // 2 if spec.w_bits <= 4 else in_f
+            plan[layer + ".qweight"] = (torch.uint8, (out_f, packed_k))
+            plan[layer + ".w_scale"] = (torch.float32, (out_f,))
+            plan[layer + ".w_zero"] = (torch.uint8, (out_f,))
+            if spec.method == "smoothquant":
+                plan[n] = (dtype, shape)
+            has_bias = any(names[b] == layer + ".bias" for b in keys)
+            layers[layer] = {"in": in_f, "out": out_f, "bias": has_bias, **spec.to_dict()}
+        if not layers:
+            raise ValueError(f"no layer of {src} matches include={list(config.include)}")
+        # the plan must list keys in the order they are written: quantized layers' keys where their weight was
+        ordered = {}
+        for k in keys:
+            n = names[k]
+            if k in specs:
+                layer = specs[k][0]
+                for suffix in (".qweight", ".w_scale", ".w_zero") + ((".weight",) if specs[k][1].method == "smoothquant" else ()):
+                    ordered[layer + suffix] = plan[layer + suffix]
+            else:
+                ordered[n] = plan[n]
+        writer = SafetensorsWriter(dst, ordered, build_metadata(config, layers, arch))
+        errs, bytes_in, bytes_out, done = [], 0, 0, 0
+        try:
+            for k in keys:
+                t = f.get_tensor(k)
+                bytes_in += t.numel() * t.element_size()
+                if k not in specs:
+                    writer.write(names[k], t)
+                    bytes_out += t.numel() * t.element_size()
+                    continue
+                layer, spec = specs[k]
+                qw, rel = quantize_weight(t, spec, device)
+                errs.append(rel)
+                for suffix, v in ((".qweight", qw.codes), (".w_scale", qw.scale), (".w_zero", qw.zero)):
+                    writer.write(layer + suffix, v.cpu())
+                    bytes_out += v.numel() * v.element_size()
+                if spec.method == "smoothquant":
+                    writer.write(names[k], t)
+                done += 1
+                if progress is not None:
+                    progress(done, len(specs), layer)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    return {"arch": arch or "unknown", "layers": len(specs), "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "mean_rel_error": sum(errs) / max(len(errs), 1), "seconds": time.perf_counter() - t0}

@@ -1,0 +1,169 @@
+"""Weight quantization: per-row asymmetric codes with integer zero point (min-max and BGR).
+
+BGR (Bounded-init Grid Refinement, called PBQ in the paper's first version) searches clipping
+bounds, then refines step size and zero point by least squares; see docs/design.md.
+"""
+from dataclasses import dataclass
+
+import torch
+
+W_BITS = range(2, 9)
+
+# BGR's search constants (the paper publishes neither n nor eps). The clipping range shrinks
+# symmetrically by i * (max - min) / BGR_GRID for i = 0..BGR_MAX_SHRINK, i.e. down to 20% of the
+# min-max range: heavy-tailed rows want that much. The BGR_TOP_K best starting grids per row are
+# refined; refinement stops when the total error falls by less than BGR_EPS (relative).
+BGR_GRID = 100
+BGR_MAX_SHRINK = 40
+BGR_TOP_K = 4
+BGR_MAX_ITER = 50
+BGR_EPS = 1e-4
+_BATCH_ELEMENTS = 1 << 24  # rows are processed in batches of about this many weights
+
+
+def check_w_bits(bits) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in W_BITS:
+        raise ValueError(f"weight bits must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K] -> storage: two codes per byte for bits <= 4 (even column in the low nibble)."""
+    u = u.to(torch.uint8)
+    if bits > 4:
+        return u.contiguous()
+    if u.shape[1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1))
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 codes [N, k]."""
+    if bits > 4:
+        return packed[:, :k]
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # uint8, packed (see pack_codes)
+    scale: torch.Tensor  # float32 [N], step size D
+    zero: torch.Tensor  # uint8 [N], integer zero point z
+    bits: int
+    shape: tuple
+
+    def unpacked(self) -> torch.Tensor:
+        return unpack_codes(self.codes, self.bits, self.shape[1])
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        u = self.unpacked().float()
+        return (self.scale.unsqueeze(1) * (u - self.zero.float().unsqueeze(1))).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+
+def _check_weight(weight: torch.Tensor):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"expected a 2-D weight [out_features, in_features], got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {weight.dtype}")
+
+
+def _grid(lo, hi, qmax):
+    """Min-max grid (D, z) covering [lo, hi] per row; z is an integer in [0, qmax] (kept as float)."""
+    flat = (hi - lo) <= 1e-12
+    # a constant row: widen the range to include 0 so the value is represented exactly
+    lo = torch.where(flat, torch.minimum(lo, torch.zeros_like(lo)), lo)
+    hi = torch.where(flat, torch.maximum(hi, torch.zeros_like(hi)), hi)
+    d = ((hi - lo) / qmax).clamp_min(1e-12)
+    d = torch.where((hi - lo) <= 1e-12, torch.ones_like(d), d)
+    z = torch.round(-lo / d).clamp(0, qmax)
+    return d, z
+
+
+def _codes(w, d, z, qmax):
+    return torch.clamp(torch.round(w / d.unsqueeze(1)) + z.unsqueeze(1), 0, qmax)
+
+
+def _sse(w, d, z, u):
+    return ((d.unsqueeze(1) * (u - z.unsqueeze(1)) - w) ** 2).sum(1)
+
+
+def _finish(w_full, d, z, bits):
+    u = _codes(w_full, d, z, 2**bits - 1)
+    return u.to(torch.uint8), d.float(), z.to(torch.uint8)
+
+
+def _quantize_rows(weight, bits, row_fn):
+    _check_weight(weight)
+    check_w_bits(bits)
+    n, k = weight.shape
+    rows = max(1, _BATCH_ELEMENTS // max(k, 1))
+    codes, scales, zeros = [], [], []
+    for start in range(0, n, rows):
+        w = weight[start:start + rows].float()
+        d, z = row_fn(w, 2**bits - 1)
+        u, d, z = _finish(w, d, z, bits)
+        codes.append(pack_codes(u, bits))
+        scales.append(d)
+        zeros.append(z)
+    return QuantizedWeight(torch.cat(codes), torch.cat(scales), torch.cat(zeros), bits, (n, k))
+
+
+def _minmax_rows(w, qmax):
+    return _grid(w.amin(1), w.amax(1), qmax)
+
+
+def _bgr_rows(w, qmax):
+    wmin, wmax = w.amin(1), w.amax(1)
+    step = (wmax - wmin) / BGR_GRID
+    # bounded init: error of the min-max grid of each symmetrically shrunk range
+    errs, grids = [], []
+    for i in range(BGR_MAX_SHRINK + 1):
+        d, z = _grid(wmin + i * step, wmax - i * step, qmax)
+        errs.append(_sse(w, d, z, _codes(w, d, z, qmax)))
+        grids.append((d, z))
+    errs = torch.stack(errs, 1)  # [R, candidates]
+    all_d = torch.stack([g[0] for g in grids], 1)
+    all_z = torch.stack([g[1] for g in grids], 1)
+    best_err = errs[:, 0].clone()  # min-max itself: BGR is never worse on any row
+    best_d, best_z = all_d[:, 0].clone(), all_z[:, 0].clone()
+    rows = torch.arange(w.shape[0], device=w.device)
+    mean_w = w.mean(1)
+    for pick in errs.topk(min(BGR_TOP_K, errs.shape[1]), dim=1, largest=False).indices.T:
+        d, z = all_d[rows, pick], all_z[rows, pick]
+        u = _codes(w, d, z, qmax)
+        prev = _sse(w, d, z, u)
+        for _ in range(BGR_MAX_ITER):
+            better = prev < best_err
+            best_err = torch.where(better, prev, best_err)
+            best_d, best_z = torch.where(better, d, best_d), torch.where(better, z, best_z)
+            c = u - z.unsqueeze(1)
+            num, den = (c * w).sum(1), (c * c).sum(1)
+            d_ls = torch.where(den > 0, num / den.clamp_min(1e-30), d)  # least-squares step size
+            d = torch.where(d_ls > 0, d_ls, d)
+            z = torch.round((u.mean(1) - mean_w / d).clamp(0, qmax))
+            u = _codes(w, d, z, qmax)
+            err = _sse(w, d, z, u)
+            if (prev - err).sum() < BGR_EPS * prev.sum():
+                prev = err
+                break
+            prev = err
+        better = prev < best_err
+        best_err = torch.where(better, prev, best_err)
+        best_d, best_z = torch.where(better, d, best_d), torch.where(better, z, best_z)
+    return best_d, best_z
+
+
+def minmax_quantize(weight: torch.Tensor, bits: int = 4) -> QuantizedWeight:
+    """Per-row asymmetric min-max quantization (the baseline)."""
+    return _quantize_rows(weight, bits, _minmax_rows)
+
+
+def bgr_quantize(weight: torch.Tensor, bits: int = 4) -> QuantizedWeight:
+    """BGR: bounded-init clipping search, then least-squares grid refinement, per row, batched."""
+    return _quantize_rows(weight, bits, _bgr_rows)
