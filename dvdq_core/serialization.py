@@ -116,6 +116,9 @@ def load_quantized(model: nn.Module, path, backend: str | None = None) -> QuantC
     config = meta["config"]
     state = BitState(config.a_bits)
     modules = dict(model.named_modules())
+    # check in the model's layer order, so the first mismatch reported is the first in the model
+    order = {n: i for i, n in enumerate(modules)}
+    meta["layers"] = dict(sorted(meta["layers"].items(), key=lambda kv: order.get(kv[0], len(order))))
     for name, entry in meta["layers"].items():
         m = modules.get(name)
         if isinstance(m, QuantLinear):
@@ -158,7 +161,7 @@ def _fill(model, path, meta, file_keys, state, backend):
     assign = any(t.is_meta for t in expected.values())
     sd = {}
     with safe_open(str(path), framework="pt") as f:
-        for k in file_keys:
+        for k in expected:  # the model's order: the first mismatch reported is the first in the model
             t = f.get_tensor(k)
             if tuple(t.shape) != tuple(expected[k].shape):
                 raise ValueError(f"file does not match the model: tensor {k!r} has shape {tuple(t.shape)} in the file "

@@ -1,0 +1,145 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dvdq_core as dq
+from dvdq_core.cli import main as cli_main
+from test_linear import TinyModel
+
+
+def _quantized(config=None, seed=0):
+    torch.manual_seed(seed)
+    m = TinyModel()
+    dq.quantize_model(m, config or dq.QuantConfig(overrides="blocks.0.up=w8a8", backend="reference"))
+    return m
+
+
+def test_roundtrip_is_bit_exact(tmp_path):
+    cfg = dq.QuantConfig(overrides="blocks.0.up=w8a8", backend="reference")
+    m = _quantized(cfg)
+    p = tmp_path / "m.safetensors"
+    dq.save_quantized(m, p, cfg, arch="test")
+    fresh = TinyModel()
+    got = dq.load_quantized(fresh, p)
+    assert got == cfg
+    a, b = m.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh.blocks[0].up.w_bits == 8 and fresh.blocks[0].up.a_bits == 8
+    x = torch.randn(2, 5, 16)
+    for bits in (4, 8):
+        dq.set_activation_bits(m, bits)
+        dq.set_activation_bits(fresh, bits)
+        assert torch.equal(m(x), fresh(x))
+    meta = dq.read_metadata(p)
+    assert meta["arch"] == "test" and set(meta["layers"]) == {n for n, _ in dq.quantized_layers(m)}
+
+
+def test_load_into_meta_model(tmp_path):
+    cfg = dq.QuantConfig(backend="reference")
+    m = _quantized(cfg)
+    dq.save_quantized(m, tmp_path / "m.safetensors", cfg)
+    with torch.device("meta"):
+        skeleton = TinyModel()
+    dq.load_quantized(skeleton, tmp_path / "m.safetensors")
+    x = torch.randn(1, 3, 16)
+    assert torch.equal(m(x), skeleton(x))
+
+
+def test_mismatch_is_refused_naming_the_layer(tmp_path):
+    cfg = dq.QuantConfig(backend="reference")
+    m = _quantized(cfg)
+    p = tmp_path / "m.safetensors"
+    dq.save_quantized(m, p, cfg)
+    other = TinyModel()
+    other.blocks[1].up = torch.nn.Linear(128, 512)
+    other.blocks[1].down = torch.nn.Linear(512, 128)
+    with pytest.raises(ValueError, match="layer 'blocks.1.up' is 256x128 in the file but 512x128"):
+        dq.load_quantized(other, p)
+    assert type(other.blocks[0].q) is torch.nn.Linear  # nothing replaced on refusal
+    other = TinyModel()
+    other.head = torch.nn.Linear(128, 8)
+    with pytest.raises(ValueError, match="tensor 'head.weight' has shape"):
+        dq.load_quantized(other, p)
+    assert type(other.blocks[0].q) is torch.nn.Linear
+    renamed = torch.nn.Module()
+    renamed.layers = TinyModel().blocks
+    with pytest.raises(ValueError, match=r"layer 'blocks\.\d\.\w+' does not exist in the model"):
+        dq.load_quantized(renamed, p)
+
+
+def test_wrong_version_and_non_dvdq_file(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match="not a DVD-Quant file"):
+        dq.load_quantized(TinyModel(), plain)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        dq.load_quantized(TinyModel(), garbage)
+    v2 = tmp_path / "v2.safetensors"
+    save_file({"a": torch.zeros(2)}, v2, metadata={"dvdq.format_version": "2"})
+    with pytest.raises(ValueError, match="format version 2"):
+        dq.load_quantized(TinyModel(), v2)
+
+
+def _wan_like_state_dict():
+    """A tiny state dict with ComfyUI's Wan key names (enough for detection and the CLI)."""
+    torch.manual_seed(0)
+    sd = {"head.modulation": torch.randn(1, 2, 64), "patch_embedding.weight": torch.randn(64, 16, 1, 2, 2),
+          "head.head.weight": torch.randn(64, 64), "text_embedding.0.weight": torch.randn(64, 128)}
+    for i in range(2):
+        for n in ("q", "k", "v", "o"):
+            sd[f"blocks.{i}.self_attn.{n}.weight"] = torch.randn(64, 64, dtype=torch.bfloat16)
+            sd[f"blocks.{i}.self_attn.{n}.bias"] = torch.randn(64, dtype=torch.bfloat16)
+        sd[f"blocks.{i}.ffn.0.weight"] = torch.randn(128, 64, dtype=torch.bfloat16)
+        sd[f"blocks.{i}.ffn.2.weight"] = torch.randn(64, 128, dtype=torch.bfloat16)
+        sd[f"blocks.{i}.norm3.weight"] = torch.ones(64)
+        sd[f"blocks.{i}.modulation"] = torch.randn(1, 6, 64)
+    return sd
+
+
+def test_cli_quantize_matches_quantize_model(tmp_path, capsys):
+    sd = _wan_like_state_dict()
+    src, dst = tmp_path / "wan.safetensors", tmp_path / "wan_dvdq.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, src)
+    assert cli_main(["quantize", str(src), str(dst), "--device", "cpu", "--override", "blocks.1.ffn.*=skip"]) == 0
+    meta = dq.read_metadata(dst)
+    assert meta["arch"] == "wan"
+    assert set(meta["layers"]) == {f"blocks.{i}.self_attn.{n}" for i in range(2) for n in "qkvo"} | {"blocks.0.ffn.0", "blocks.0.ffn.2"}
+    from safetensors import safe_open
+    with safe_open(str(dst), "pt") as f:
+        keys = set(f.keys())
+        assert "blocks.1.ffn.0.weight" in keys and "blocks.0.ffn.0.weight" not in keys and "head.modulation" in keys
+        # the same weight through quantize_model's path gives the same codes
+        lin = torch.nn.Linear(64, 64)
+        lin.weight.data = sd["blocks.0.self_attn.q.weight"].float()
+        spec = dq.LayerSpec.from_dict(meta["layers"]["blocks.0.self_attn.q"])
+        q, _ = dq.QuantLinear.from_linear(lin, spec, dq.BitState())
+        assert torch.equal(f.get_tensor("blocks.0.self_attn.q.qweight"), q.qweight)
+        assert f.get_tensor("blocks.0.self_attn.q.bias").dtype == torch.bfloat16
+    assert cli_main(["inspect", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "DVD-Quant format 1, arch wan" in out and "10 quantized layers" in out
+    # refuses to overwrite, refuses a non-DiT and a DVD-Quant input, with one clear line
+    assert cli_main(["quantize", str(src), str(dst)]) == 2
+    assert "exists" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    save_file({"x.weight": torch.randn(4, 4)}, other)
+    assert cli_main(["quantize", str(other), str(tmp_path / "o.safetensors")]) == 2
+    assert "does not look like a Wan" in capsys.readouterr().err
+    assert cli_main(["quantize", str(dst), str(tmp_path / "again.safetensors")]) == 2
+    assert "already a DVD-Quant file" in capsys.readouterr().err
+    assert cli_main(["inspect", str(src)]) == 2
+    assert "not a DVD-Quant file" in capsys.readouterr().err
+
+
+def test_writer_refuses_unplanned_tensor(tmp_path):
+    from dvdq_core.serialization import SafetensorsWriter
+    w = SafetensorsWriter(tmp_path / "x.safetensors", {"a": (torch.float32, (2,))}, {})
+    with pytest.raises(RuntimeError, match="planned"):
+        w.write("a", torch.zeros(3))
+    w.abort()
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.safetensors.partial").exists()
