@@ -8,7 +8,7 @@ of X are written with the columns of every group of 64 permuted to "the 32 even 
 32 odd columns". A byte of the packed weight holds an even column in its low nibble and the next
 odd column in its high nibble, so the GEMM multiplies the first half of each group with the low
 nibbles and the second half with the high nibbles: two plain int8 dots, no interleaving.
-The permutation is folded into the rotation matrix (`R = blockdiag(H)[:, perm]`, or `P` when
+The permutation is folded into the rotation matrix (`R = blockdiag(+-1 H)[:, perm]`, or `P` when
 rotation is off), so it costs nothing.
 """
 import triton
@@ -30,12 +30,13 @@ def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rotate_tile(x, r_ptr, BM: tl.constexpr, C: tl.constexpr, R: tl.constexpr, ROUND_XR: tl.constexpr,
+def _rotate_tile(x, r_ptr, rscale, BM: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                  INTERPRET: tl.constexpr):
-    """x [BM, C] (input dtype) @ blockdiag(Rmat [R, R]) -> float32 [BM, C], columns permuted.
+    """x [BM, C] (input dtype) @ blockdiag(H [R, R]) -> float32 [BM, C], columns permuted.
 
-    Rmat holds the Hadamard entries in the input dtype (as the reference's rotation does), the
-    dot accumulates in float32; ROUND_XR rounds the result to the input dtype like the reference.
+    Rmat holds the +-1 pattern (exact in any dtype); the dot accumulates in float32 and the result
+    is scaled by rscale = 1/sqrt(block): Xr in float32, as the reference rotates the float32 input.
+    The interpreter's dot mishandles 16-bit floats: there both operands go through float32.
     """
     offs = tl.arange(0, R)
     rmat = tl.load(r_ptr + offs[:, None] * R + offs[None, :])
@@ -43,17 +44,15 @@ def _rotate_tile(x, r_ptr, BM: tl.constexpr, C: tl.constexpr, R: tl.constexpr, R
     if INTERPRET:
         xt = xt.to(tl.float32)
         rmat = rmat.to(tl.float32)
-    xr = tl.dot(xt, rmat, out_dtype=tl.float32)
-    if ROUND_XR:
-        xr = _round_to(xr, x.dtype, INTERPRET).to(tl.float32)
+    xr = tl.dot(xt, rmat, out_dtype=tl.float32) * rscale
     return tl.reshape(xr, (BM, C))
 
 
 @triton.jit
 def _absmax_kernel(
-    x_ptr, r_ptr, rowmax_ptr, l_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm,
+    x_ptr, r_ptr, rscale, rowmax_ptr, l_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm,
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
-    AUTO_SCALE: tl.constexpr, ROUND_XR: tl.constexpr, INTERPRET: tl.constexpr,
+    AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Pass 1: per (row, TG-column group) absmax of Xr into rowmax [M, K // TG]; per scale block
     absmax over all rows into l [K // SB] (atomic max; l is zeroed by the caller)."""
@@ -63,7 +62,7 @@ def _absmax_kernel(
     offs_c = pid_c * C + tl.arange(0, C)
     m_mask = offs_m < M
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
-    xa = tl.abs(_rotate_tile(x, r_ptr, BM, C, R, ROUND_XR, INTERPRET))
+    xa = tl.abs(_rotate_tile(x, r_ptr, rscale, BM, C, R, INTERPRET))
     rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
     offs_t = pid_c * (C // TG) + tl.arange(0, C // TG)
     tl.store(rowmax_ptr + offs_m[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
@@ -74,9 +73,9 @@ def _absmax_kernel(
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, r_ptr, rowmax_ptr, l_ptr, q_ptr, s_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm, qmax,
+    x_ptr, r_ptr, rscale, rowmax_ptr, l_ptr, q_ptr, s_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm, qmax,
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
-    TB: tl.constexpr, AUTO_SCALE: tl.constexpr, ROUND_XR: tl.constexpr, INTERPRET: tl.constexpr,
+    TB: tl.constexpr, AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Pass 2: s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table, then
     q = clamp(rint(Xr / l / s_i), -qmax - 1, qmax) as int8 (permuted layout), and s [M]."""
@@ -97,7 +96,7 @@ def _quantize_kernel(
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
-        xs = _rotate_tile(x, r_ptr, BM, C, R, ROUND_XR, INTERPRET)
+        xs = _rotate_tile(x, r_ptr, rscale, BM, C, R, INTERPRET)
         if AUTO_SCALE:
             lc = tl.maximum(tl.load(l_ptr + offs_c // SB), EPS)
             xs = xs / lc[None, :]
@@ -111,7 +110,7 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _rotate_kernel(x_ptr, r_ptr, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+def _rotate_kernel(x_ptr, r_ptr, rscale, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
                    INTERPRET: tl.constexpr):
     """16-bit activations: Xr (permuted layout) in the input dtype, for the dequantizing GEMM."""
     pid_m = tl.program_id(0)
@@ -120,7 +119,7 @@ def _rotate_kernel(x_ptr, r_ptr, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.con
     offs_c = pid_c * C + tl.arange(0, C)
     m_mask = offs_m < M
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
-    xr = _rotate_tile(x, r_ptr, BM, C, R, True, INTERPRET)
+    xr = _rotate_tile(x, r_ptr, rscale, BM, C, R, INTERPRET)
     tl.store(y_ptr + offs_m[:, None] * K + offs_c[None, :], _round_to(xr, x.dtype, INTERPRET), mask=m_mask[:, None])
 
 
