@@ -144,6 +144,34 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     return y
 
 
+# One-entry cache of the last quantized activation: q, k and v projections (and a fused
+# cross-attention k/v) read the same input, which is then quantized once instead of three times.
+# The entry holds a strong reference to its input, so that memory cannot be freed and reused while
+# cached; the tensor's version counter catches in-place changes. Inference-mode tensors have no
+# version counter and are never cached (torch.inference_mode() callers get no reuse: run under
+# torch.no_grad() to get it). DVDQ_REUSE_ACTIVATIONS=0 turns the cache off.
+_reuse = os.environ.get("DVDQ_REUSE_ACTIVATIONS", "1") != "0"
+_last = [None, None, None]  # key, input, (q, s, l)
+
+
+def _quantize_cached(x2d, hb, sb, a_bits, auto_scale):
+    if not _reuse or x2d.is_inference():
+        return quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+    key = (x2d.data_ptr(), tuple(x2d.shape), tuple(x2d.stride()), x2d.dtype, x2d.device, x2d._version,
+           hb, sb, a_bits, auto_scale)
+    if _last[0] == key:
+        return _last[2]
+    _last[0] = None  # release the previous entry before allocating the new one
+    _last[1] = _last[2] = None
+    val = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+    _last[0], _last[1], _last[2] = key, x2d, val
+    return val
+
+
+def clear_activation_cache():
+    _last[0] = _last[1] = _last[2] = None
+
+
 def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
                    gemm_cfg=None, out=None):
     if x2d.stride(-1) != 1:
@@ -151,5 +179,8 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
     if a_bits == 16:
         xr = rotate_activations(x2d, hb)
         return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out)
-    q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+    if out is None:
+        q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale)
+    else:  # tests: always run the activation kernels
+        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
     return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale, gemm_cfg, out)

@@ -203,3 +203,23 @@ def test_torch_compile():
     eager = f(x)
     compiled = torch.compile(f, fullgraph=True)(x)
     assert rel_err(compiled, eager) < 1e-6
+
+
+def test_activation_reuse():
+    """q, k, v on one input: the second call reuses the codes; an in-place change invalidates them."""
+    a, b = make_layer(40, 128), make_layer(56, 128)
+    x = activations(11, 128, torch.bfloat16)
+    ops.clear_activation_cache()
+    with torch.no_grad():
+        ya = kernels.linear_forward(a, x, 8)
+        yb = kernels.linear_forward(b, x, 8)
+        assert ops._last[1] is x
+        assert rel_err(yb, reference_forward(b, x, 8)) < 4e-3
+        x.mul_(3.0)
+        ya2 = kernels.linear_forward(a, x, 8)
+        assert rel_err(ya2, reference_forward(a, x, 8)) < 4e-3 and rel_err(ya2, ya) > 0.5
+    with torch.inference_mode():
+        xi = activations(11, 128, torch.bfloat16)
+        kernels.linear_forward(a, xi, 8)
+        assert ops._last[1] is not xi
+    ops.clear_activation_cache()
