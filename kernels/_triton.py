@@ -14,8 +14,8 @@ rotation is off), so it costs nothing.
 import triton
 import triton.language as tl
 
-GROUP = 64  # permutation group (columns): even half then odd half
-EPS = 1e-8
+GROUP = tl.constexpr(64)  # permutation group (columns): even half then odd half
+EPS = tl.constexpr(1e-8)
 
 
 @triton.jit
@@ -30,20 +30,25 @@ def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rotate_tile(x, r_ptr, rscale, BM: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                 INTERPRET: tl.constexpr):
-    """x [BM, C] (input dtype) @ blockdiag(H [R, R]) -> float32 [BM, C], columns permuted.
-
-    Rmat holds the +-1 pattern (exact in any dtype); the dot accumulates in float32 and the result
-    is scaled by rscale = 1/sqrt(block): Xr in float32, as the reference rotates the float32 input.
-    The interpreter's dot mishandles 16-bit floats: there both operands go through float32.
-    """
+def _load_rotation(r_ptr, R: tl.constexpr, INTERPRET: tl.constexpr):
+    """The R x R +-1 matrix (blockdiag Hadamard pattern, columns permuted), loaded once per program."""
     offs = tl.arange(0, R)
     rmat = tl.load(r_ptr + offs[:, None] * R + offs[None, :])
+    if INTERPRET:  # the interpreter's dot mishandles 16-bit floats: go through float32 (exact here)
+        rmat = rmat.to(tl.float32)
+    return rmat
+
+
+@triton.jit
+def _rotate_tile(x, rmat, rscale, BM: tl.constexpr, C: tl.constexpr, R: tl.constexpr, INTERPRET: tl.constexpr):
+    """x [BM, C] (input dtype) @ blockdiag(rmat) * rscale -> float32 [BM, C], columns permuted.
+
+    rmat holds +-1 (exact in any dtype); the dot accumulates in float32 and rscale = 1/sqrt(block):
+    Xr in float32, as the reference rotates the float32 input.
+    """
     xt = tl.reshape(x, (BM * C // R, R))
     if INTERPRET:
         xt = xt.to(tl.float32)
-        rmat = rmat.to(tl.float32)
     xr = tl.dot(xt, rmat, out_dtype=tl.float32) * rscale
     return tl.reshape(xr, (BM, C))
 
@@ -54,21 +59,22 @@ def _absmax_kernel(
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
     AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Pass 1: per (row, TG-column group) absmax of Xr into rowmax [M, K // TG]; per scale block
-    absmax over all rows into l [K // SB] (atomic max; l is zeroed by the caller)."""
+    """Pass 1 over BM rows: per (row, TG-column group) absmax of Xr into rowmax [M, K // TG]; per
+    scale block absmax over all rows into l [K // SB] (atomic max; l is zeroed by the caller)."""
     pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_c = pid_c * C + tl.arange(0, C)
     m_mask = offs_m < M
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
-    xa = tl.abs(_rotate_tile(x, r_ptr, rscale, BM, C, R, INTERPRET))
-    rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
-    offs_t = pid_c * (C // TG) + tl.arange(0, C // TG)
-    tl.store(rowmax_ptr + offs_m[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
-    if AUTO_SCALE:
-        cmax = tl.max(rmax, axis=0)  # [C // TG]; padded rows loaded as 0 never win
-        tl.atomic_max(l_ptr + (offs_t * TG) // SB, cmax)
+    rmat = _load_rotation(r_ptr, R, INTERPRET)
+    for c0 in range(0, K, C):
+        offs_c = c0 + tl.arange(0, C)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        xa = tl.abs(_rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET))
+        rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
+        offs_t = c0 // TG + tl.arange(0, C // TG)
+        tl.store(rowmax_ptr + offs_m[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
+        if AUTO_SCALE:
+            cmax = tl.max(rmax, axis=0)  # [C // TG]; padded rows loaded as 0 never win
+            tl.atomic_max(l_ptr + (offs_t * TG) // SB, cmax)
 
 
 @triton.jit
@@ -77,8 +83,8 @@ def _quantize_kernel(
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
     TB: tl.constexpr, AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Pass 2: s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table, then
-    q = clamp(rint(Xr / l / s_i), -qmax - 1, qmax) as int8 (permuted layout), and s [M]."""
+    """Pass 2 over BM rows: s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table,
+    then q = clamp(rint(Xr / l / s_i), -qmax - 1, qmax) as int8 (permuted layout), and s [M]."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
@@ -93,10 +99,11 @@ def _quantize_kernel(
         smax = tl.maximum(smax, tl.max(rm, axis=1))
     s = tl.maximum(smax, EPS) / qmax
     tl.store(s_ptr + offs_m, s, mask=m_mask)
+    rmat = _load_rotation(r_ptr, R, INTERPRET)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
-        xs = _rotate_tile(x, r_ptr, rscale, BM, C, R, INTERPRET)
+        xs = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
         if AUTO_SCALE:
             lc = tl.maximum(tl.load(l_ptr + offs_c // SB), EPS)
             xs = xs / lc[None, :]
@@ -110,17 +117,18 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _rotate_kernel(x_ptr, r_ptr, rscale, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
-                   INTERPRET: tl.constexpr):
+def _rotate_kernel(x_ptr, r_ptr, rscale, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.constexpr, R: tl.constexpr,
+                   BM: tl.constexpr, INTERPRET: tl.constexpr):
     """16-bit activations: Xr (permuted layout) in the input dtype, for the dequantizing GEMM."""
     pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_c = pid_c * C + tl.arange(0, C)
     m_mask = offs_m < M
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
-    xr = _rotate_tile(x, r_ptr, rscale, BM, C, R, INTERPRET)
-    tl.store(y_ptr + offs_m[:, None] * K + offs_c[None, :], _round_to(xr, x.dtype, INTERPRET), mask=m_mask[:, None])
+    rmat = _load_rotation(r_ptr, R, INTERPRET)
+    for c0 in range(0, K, C):
+        offs_c = c0 + tl.arange(0, C)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
+        tl.store(y_ptr + offs_m[:, None] * K + offs_c[None, :], _round_to(xr, x.dtype, INTERPRET), mask=m_mask[:, None])
 
 
 @triton.jit

@@ -44,8 +44,12 @@ SM8X_CANDIDATES = (
 )
 INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
 
-# Activation kernels: rows per program, as a function of the column tile C.
-ACT_ELEMS_PER_PROGRAM = 8192
+# Activation kernels: a program walks BM rows across K in tiles of C = max(Hadamard block, 64)
+# columns, BM = ACT_ELEMS_PER_TILE // C; two pipeline stages keep shared memory small enough for
+# several programs per SM (the rotation matrix itself takes R * R * 2 bytes).
+ACT_ELEMS_PER_TILE = 4096
+ACT_NUM_WARPS = 4
+ACT_NUM_STAGES = 2
 
 
 def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, interpret: bool) -> GemmConfig:

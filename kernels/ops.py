@@ -66,10 +66,11 @@ def unpermute_columns(q: torch.Tensor) -> torch.Tensor:
 
 
 def _act_tiles(hb: int, sb: int):
+    """(rotation tile R, column tile C, rowmax granularity TG, rows per program BM)."""
     r = max(hb, GROUP)
     c = r
     tg = min(r, sb)
-    bm = max(16, configs.ACT_ELEMS_PER_PROGRAM // c)
+    bm = max(16, configs.ACT_ELEMS_PER_TILE // c)
     if interpreting():
         bm = 16
     return r, c, tg, bm
@@ -89,15 +90,15 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
     if s is None:
         s = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     qmax = float(2 ** (a_bits - 1) - 1)
-    nw = 4
-    kt._absmax_kernel[(triton_cdiv(m, bm), k // c)](
+    nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
+    kt._absmax_kernel[(triton_cdiv(m, bm),)](
         x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, m, k, k // tg, x2d.stride(0),
         SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=auto_scale,
-        INTERPRET=interpreting(), num_warps=nw)
+        INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
     kt._quantize_kernel[(triton_cdiv(m, bm),)](
         x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, q, s, m, k, k // tg, x2d.stride(0), qmax,
         SB=sb, TG=tg, C=c, R=r, BM=bm, TB=64, AUTO_SCALE=auto_scale,
-        INTERPRET=interpreting(), num_warps=nw)
+        INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
     return q, s, l
 
 
@@ -108,8 +109,9 @@ def rotate_activations(x2d, hb: int):
     r, c, _, bm = _act_tiles(hb, GROUP)
     rmat = rotation_matrix(hb, x2d.dtype, x2d.device)
     xr = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
-    kt._rotate_kernel[(triton_cdiv(m, bm), k // c)](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), C=c, R=r, BM=bm,
-                                                  INTERPRET=interpreting(), num_warps=4)
+    kt._rotate_kernel[(triton_cdiv(m, bm),)](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), C=c, R=r, BM=bm,
+                                                  INTERPRET=interpreting(), num_warps=configs.ACT_NUM_WARPS,
+                                                  num_stages=configs.ACT_NUM_STAGES)
     return xr
 
 
