@@ -129,6 +129,48 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     return row
 
 
+def gemm_variants(m, n, k, dev):
+    """Where the GEMM's time goes: unpacking (W_INT8 skips it), per-block scaling (PROMOTE=False
+    skips it), both (a plain int8 Triton GEMM), the inline-PTX unpack, and cuBLAS int8 (_int_mm)."""
+    layer = make_layer(n, k, dev)
+    hb, sb = ops.effective_blocks(layer, k)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
+    w8 = torch.randint(-15, 16, (n, k), device=dev, dtype=torch.int8)
+    flops = 2.0 * m * n * k
+    out = {}
+    cfgs = [configs.GemmConfig(128, 128, 128, 8, False, 8, 4), configs.GemmConfig(128, 128, 128, 8, True, 8, 4),
+            configs.GemmConfig(128, 128, 128, 8, False, 8, 3), configs.GemmConfig(128, 128, 64, 8, False, 8, 4),
+            configs.GemmConfig(128, 256, 128, 8, False, 8, 3), configs.GemmConfig(128, 64, 128, 8, True, 4, 4)]
+    flag_sets = {"base": {}, "asm": {"ASM_UNPACK": True}, "one_dot": {"ONE_DOT": True},
+                 "one_dot_asm": {"ONE_DOT": True, "ASM_UNPACK": True}, "w_int8": {"W_INT8": True},
+                 "no_promote": {"PROMOTE": False}, "asm_no_promote": {"ASM_UNPACK": True, "PROMOTE": False},
+                 "plain_int8": {"W_INT8": True, "PROMOTE": False}}
+    for cfg in cfgs:
+        for name, flags in flag_sets.items():
+            w = w8 if flags.get("W_INT8") else layer.qweight
+            key = f"{name:15s} {cfg}"
+            try:
+                t = bench(lambda: ops.w4_gemm(q, w, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16,
+                                              sb, True, cfg, **flags))
+                out[key] = (t, flops / t / 1e12)
+            except Exception as e:
+                out[key] = f"{type(e).__name__}: {str(e)[:120]}"
+    try:
+        wt = w8.t()
+        t = bench(lambda: torch._int_mm(q, wt))
+        out["cublas _int_mm"] = (t, flops / t / 1e12)
+    except Exception as e:
+        out["cublas _int_mm"] = f"{type(e).__name__}: {str(e)[:120]}"
+    for act_cfg in [(2048, 4, 2), (4096, 4, 2), (4096, 4, 3), (4096, 8, 2), (8192, 8, 2), (8192, 8, 3), (8192, 4, 2)]:
+        try:
+            t = bench(lambda: ops.quantize_activations(x, hb, sb, 8, True, act_cfg=act_cfg))
+            out[f"act {act_cfg}"] = (t, (2 * m * k * 2 + m * k) / t / 1e12)  # TB/s over the minimal bytes
+        except Exception as e:
+            out[f"act {act_cfg}"] = f"{type(e).__name__}: {str(e)[:120]}"
+    return out
+
+
 def fmt_row(r):
     def ms(key):
         v = r.get(key)
@@ -151,6 +193,7 @@ def main():
     ap.add_argument("--sweep-models", nargs="+", default=["wan14b"])
     ap.add_argument("--ck", action="store_true", help="time comfy-kitchen's INT8 and W4A8 linears")
     ap.add_argument("--ck-models", nargs="+", default=["wan14b"])
+    ap.add_argument("--variants", action="store_true", help="GEMM/activation-kernel variant study only (Wan 14B)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -161,6 +204,17 @@ def main():
     info["comfy_kitchen"] = ck_err or "imported"
     print(json.dumps(info))
     rows = []
+    if args.variants:
+        study = {}
+        for name, n, k in SHAPES["wan14b"][:2] + SHAPES["wan14b"][2:]:
+            res = gemm_variants(args.m[0], n, k, dev)
+            study[name] = res
+            for key, v in res.items():
+                print(f"{name:5s} {key}: " + (f"{v[0] * 1e3:.3f} ms {v[1]:.0f} {'TB/s' if key.startswith('act') else 'TOP/s'}" if isinstance(v, tuple) else v), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "variants": study}, f, indent=1)
+        return
     print(HEADER)
     for model in args.models:
         for m in args.m:

@@ -51,6 +51,9 @@ ACT_ELEMS_PER_TILE = 4096
 ACT_NUM_WARPS = 4
 ACT_NUM_STAGES = 2
 
+# Unpack the 4-bit weights four bytes per 32-bit instruction (inline PTX) on CUDA.
+ASM_UNPACK = False
+
 
 def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, interpret: bool) -> GemmConfig:
     """Pick the GEMM tile for a problem. Deterministic and shape-only (no autotuning at run time,

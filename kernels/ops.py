@@ -76,12 +76,15 @@ def _act_tiles(hb: int, sb: int):
     return r, c, tg, bm
 
 
-def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None):
+def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None, act_cfg=None):
     """Rotate, auto-scale and quantize X [M, K] -> (q int8 [M, K] permuted, s f32 [M], l f32 [K // sb]).
     q and s may be given (tests pass poisoned buffers to check every element is written)."""
     kt = _triton()
     m, k = x2d.shape
     r, c, tg, bm = _act_tiles(hb, sb)
+    nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
+    if act_cfg is not None:  # (elements per tile, warps, stages): benchmark sweeps
+        bm, nw, ns = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
     rmat = rotation_matrix(hb, x2d.dtype, x2d.device)
     rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
     l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
@@ -90,7 +93,6 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
     if s is None:
         s = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     qmax = float(2 ** (a_bits - 1) - 1)
-    nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
     kt._absmax_kernel[(triton_cdiv(m, bm),)](
         x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, m, k, k // tg, x2d.stride(0),
         SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=auto_scale,
@@ -125,11 +127,13 @@ def _capability(device):
     return torch.cuda.get_device_capability(device)
 
 
-def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, cfg=None, out=None):
+def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, cfg=None, out=None,
+            **variant):
     """Y [M, N] from activation codes a (or 16-bit Xr), packed 4-bit weights and the scales."""
     kt = _triton()
     m, k = a.shape
     n = qweight.shape[0]
+    variant.setdefault("ASM_UNPACK", configs.ASM_UNPACK and not interpreting())
     a_float = a.dtype != torch.int8
     if cfg is None:
         cfg = configs.gemm_config(_capability(a.device), m, n, k, sb, a_float, interpreting())
@@ -142,7 +146,8 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
         bias if bias is not None else dummy, y, m, n, k,
         SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
         AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,
-        EVEN_K=(k % cfg.BK == 0), INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EVEN_K=(k % cfg.BK == 0), INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **variant)
     return y
 
 
@@ -175,14 +180,14 @@ def clear_activation_cache():
 
 
 def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
-                   gemm_cfg=None, out=None):
+                   gemm_cfg=None, out=None, **variant):
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     if a_bits == 16:
         xr = rotate_activations(x2d, hb)
-        return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out)
+        return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, **variant)
     if out is None:
         q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale)
     else:  # tests: always run the activation kernels
         q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
-    return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale, gemm_cfg, out)
+    return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale, gemm_cfg, out, **variant)

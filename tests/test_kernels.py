@@ -58,11 +58,11 @@ def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def run_linear(layer, x, bits, cfg=None):
+def run_linear(layer, x, bits, cfg=None, **variant):
     """The kernels' forward into a NaN-poisoned output (so an unwritten element fails the check)."""
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=x.device)
     y = ops.w4_linear_impl(x, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, bits, layer.had_block,
-                           layer.scale_block, layer.auto_scale, gemm_cfg=cfg, out=out)
+                           layer.scale_block, layer.auto_scale, gemm_cfg=cfg, out=out, **variant)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(y).any(), "some output elements were not written"
     return y
@@ -128,16 +128,20 @@ def test_activation_codes(hb, sb, k, bits):
 GEMM_CONFIGS = [configs.GemmConfig(16, 32, 64, 4, False, 4, 1), configs.GemmConfig(32, 16, 128, 2, True, 4, 1),
                 configs.GemmConfig(16, 64, 128, 8, False, 4, 1)]
 if ON_GPU:
-    GEMM_CONFIGS = list(configs.SM90_CANDIDATES) + list(configs.SM8X_CANDIDATES)
+    GEMM_CONFIGS = [configs.SM90_CANDIDATES[0], configs.SM90_CANDIDATES[4], configs.SM8X_CANDIDATES[0],
+                    configs.GemmConfig(64, 64, 64, 8, False, 4, 3)]
 
 
+@pytest.mark.parametrize("asm", [False, True] if ON_GPU else [False])
+@pytest.mark.parametrize("one_dot", [False, True])
 @pytest.mark.parametrize("cfg", GEMM_CONFIGS, ids=str)
-def test_gemm_configs(cfg):
+def test_gemm_configs(cfg, one_dot, asm):
     m, n, k = (1000, 1000, 1536) if ON_GPU else (40, 48, 192)
     layer = make_layer(n, k, had_block=64, scale_block=256)
     x = activations(m, k, torch.bfloat16)
     for bits in (8, 16):
-        assert rel_err(run_linear(layer, x, bits, cfg), reference_forward(layer, x, bits)) < 5e-3
+        y = run_linear(layer, x, bits, cfg, ASM_UNPACK=asm, ONE_DOT=one_dot)
+        assert rel_err(y, reference_forward(layer, x, bits)) < 5e-3
 
 
 def test_public_forward_and_backend():
