@@ -234,6 +234,15 @@ def main():
     print(HEADER)
     for r in rows:
         print(fmt_row(r))
+    swept = [r for r in rows if "sweep" in r]
+    if swept:  # the tile with the lowest total time over the swept shapes
+        totals = {}
+        for r in swept:
+            for c, t in r["sweep"].items():
+                totals[c] = totals.get(c, 0.0) + (t if isinstance(t, float) else float("inf"))
+        best = min(totals, key=totals.get)
+        cfg = next(c for c in configs.SM90_CANDIDATES if str(c) == best)
+        print(f"BEST_GEMM_CONFIG={cfg.to_env()}  ({best}, {totals[best] * 1e3:.3f} ms over {len(swept)} shapes)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

@@ -22,10 +22,9 @@ MIN_CAPABILITY = (8, 0)
 
 def _define_op():
     name = "dvdq::w4_linear"
-    try:
-        op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
-    except RuntimeError:  # the package was imported a second time under another name
-        return getattr(torch.ops.dvdq, "w4_linear")
+    if hasattr(torch.ops.dvdq, "w4_linear"):  # imported a second time under another name
+        return torch.ops.dvdq.w4_linear  # (as kernels and dvdq_kernels): the first one serves
+    op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
 
     @op.register_fake
     def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale):

@@ -133,11 +133,13 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     kt = _triton()
     m, k = a.shape
     n = qweight.shape[0]
-    variant.setdefault("ASM_UNPACK", configs.ASM_UNPACK and not interpreting())
     a_float = a.dtype != torch.int8
     if cfg is None:
         cfg = configs.gemm_config(_capability(a.device), m, n, k, sb, a_float, interpreting())
     cfg = cfg.capped(sb)
+    flags = {**cfg.flags(), **variant}
+    if interpreting() or a_float:  # inline PTX cannot run in the interpreter; ONE_DOT is int8-only
+        flags["ASM_UNPACK"] = False
     y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
     grid = (triton_cdiv(m, cfg.BM) * triton_cdiv(n, cfg.BN),)
     dummy = w_scale  # never read when the matching flag is off
@@ -147,7 +149,7 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
         SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
         AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,
         EVEN_K=(k % cfg.BK == 0), INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **variant)
+        **flags)
     return y
 
 
