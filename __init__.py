@@ -13,13 +13,10 @@ if _HERE not in sys.path:
 
 WEB_DIRECTORY = "./web"
 
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ImportError as exc:  # only while the nodes are being written; never hides a broken pack
-    # also when imported as a plain module (pytest imports the repository's __init__.py, which has
-    # no parent package when the checkout's folder name is not a Python identifier)
-    if "nodes" not in str(exc) and "no known parent package" not in str(exc):
-        raise
+if not __package__:
+    # Imported as a plain file, not as ComfyUI's pack (pytest collecting the repository root).
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+else:  # no fallback: a broken import must show as "(IMPORT FAILED)" in ComfyUI's log
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

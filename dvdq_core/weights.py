@@ -15,7 +15,7 @@ W_BITS = range(2, 9)
 # refined; refinement stops when the total error falls by less than BGR_EPS (relative).
 BGR_GRID = 100
 BGR_MAX_SHRINK = 40
-BGR_TOP_K = 4
+BGR_TOP_K = 2
 BGR_MAX_ITER = 50
 BGR_EPS = 1e-4
 _BATCH_ELEMENTS = 1 << 24  # rows are processed in batches of about this many weights

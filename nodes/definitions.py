@@ -1,0 +1,247 @@
+"""The five DVD-Quant nodes (ComfyUI V1 API). Schemas follow NODES.md; widget order is the
+`widgets_values` order of UI workflows, so keep it."""
+from .settings import BLOCKS, GRANULARITIES, METHODS, SettingsError, arq_settings, build_config
+
+CATEGORY = "DVD-Quant"
+
+_W_BITS = ("INT", {"default": 4, "min": 2, "max": 8, "step": 1,
+                   "tooltip": "Weight bits (BGR, per output channel). 4 is the paper's setting; 8 is near lossless."})
+_A_LOW = ("INT", {"default": 4, "min": 4, "max": 8, "step": 1,
+                  "tooltip": "Low activation bits, used on steps where the model output changes little "
+                             "(when a Bit Switch Scheduler is connected)."})
+_A_HIGH = ("INT", {"default": 8, "min": 4, "max": 16, "step": 1,
+                   "tooltip": "High activation bits: 4..8, or 16 for unquantized activations. The model runs at "
+                              "these bits unless a Bit Switch Scheduler switches them per step."})
+_METHOD = (METHODS, {"default": "dvdq",
+                     "tooltip": "dvdq: BGR weights + ARQ activations (rotation, auto-scaling). minmax, smoothquant, "
+                                "quarot: baselines for comparison."})
+_ARQ = ("ARQ_SETTINGS", {"tooltip": "Optional ARQ Settings node: rotation, auto-scaling and per-layer bit overrides."})
+_UID = {"unique_id": "UNIQUE_ID"}
+
+
+def _host():
+    from . import host  # ComfyUI-dependent; imported when a node runs
+    return host
+
+
+def _models():
+    from . import models
+    return models
+
+
+def _user_error(e: Exception):
+    host = _host()
+    return host.DVDQuantError(str(e))
+
+
+class DVDQuantLoader:
+    DESCRIPTION = ("Loads a Wan 2.1/2.2 or HunyuanVideo diffusion model through ComfyUI's own loader and quantizes it "
+                   "with DVD-Quant (data-free: no calibration images or prompts). Files from models/dvdq (shown as "
+                   "dvdq/<file>) are already quantized and load without running BGR.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The quantized diffusion model.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        model_choices = _host().model_choices
+        return {
+            "required": {
+                "model_name": (model_choices(), {
+                    "tooltip": "A diffusion model from models/diffusion_models (quantized now), or a DVD-Quant file "
+                               "from models/dvdq shown as dvdq/<file> (loaded as is; its bits come from the file)."}),
+                "w_bits": _W_BITS,
+                "a_low": _A_LOW,
+                "a_high": _A_HIGH,
+                "method": _METHOD,
+                "save_quantized_copy": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Also write the quantized model to models/dvdq so the next load skips BGR. "
+                               "An existing file is never overwritten (a new name is chosen)."}),
+            },
+            "optional": {"arq_settings": _ARQ},
+            "hidden": dict(_UID),
+        }
+
+    def load(self, model_name, w_bits, a_low, a_high, method, save_quantized_copy, arq_settings=None, unique_id=None):
+        host = _host()
+        try:
+            config = build_config(w_bits, a_low, a_high, method, arq_settings)
+        except SettingsError as e:
+            raise _user_error(e) from None
+        path, prequantized = host.resolve_model(model_name)
+        if prequantized:
+            return (_models().load_prequantized(path, a_high, unique_id),)
+        model = _models().load_and_quantize(path, config, unique_id)
+        if save_quantized_copy:
+            dst = host.unique_path(host.save_folder(), host.default_copy_stem(path, config))
+            _models().save_model(model, dst)
+            host.log.info("DVD-Quant: saved quantized copy to %s", dst)
+        return (model,)
+
+
+class DVDQuantApply:
+    DESCRIPTION = ("Quantizes a MODEL from any loader chain with DVD-Quant. A LoRA applied before this node is merged "
+                   "into the weights before quantizing; a LoRA applied after it is refused with a message.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A new, quantized MODEL; the input MODEL is left unchanged for other nodes.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A Wan or HunyuanVideo MODEL, LoRAs included (they are merged in)."}),
+                "w_bits": _W_BITS,
+                "a_low": _A_LOW,
+                "a_high": _A_HIGH,
+                "method": _METHOD,
+            },
+            "optional": {"arq_settings": _ARQ},
+            "hidden": dict(_UID),
+        }
+
+    def apply(self, model, w_bits, a_low, a_high, method, arq_settings=None, unique_id=None):
+        try:
+            config = build_config(w_bits, a_low, a_high, method, arq_settings)
+        except SettingsError as e:
+            raise _user_error(e) from None
+        return (_models().apply_to_model(model, config, unique_id),)
+
+
+class DVDQuantARQSettings:
+    DESCRIPTION = "ARQ (activation) settings and per-layer precision overrides for DVD-Quant Loader / Apply."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ARQ_SETTINGS",)
+    OUTPUT_TOOLTIPS = ("Connect to the arq_settings input of DVD-Quant Loader or Apply.",)
+    FUNCTION = "settings"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "rotate": ("BOOLEAN", {"default": True,
+                                       "tooltip": "Hadamard rotation of activations and weights: spreads rare huge "
+                                                  "outliers. On for dvdq (quarot always rotates)."}),
+                "had_block": (BLOCKS, {"default": "128",
+                                       "tooltip": "Rotation block size (block-diagonal Hadamard along the input "
+                                                  "channels)."}),
+                "auto_scale": ("BOOLEAN", {"default": True,
+                                           "tooltip": "Scale activations per channel block from the current step's "
+                                                      "values before quantizing (recomputed every step)."}),
+                "granularity": (GRANULARITIES, {"default": "block",
+                                                "tooltip": "block: one scale per block of channels (what the GPU "
+                                                           "kernels run). channel: one per channel (the paper's form; "
+                                                           "slow reference backend only)."}),
+                "scale_block": (BLOCKS, {"default": "128", "tooltip": "Channels per auto-scale block."}),
+                "layer_overrides": ("STRING", {"default": "", "multiline": True,
+                                               "tooltip": "One 'layer-glob=precision' per line: e.g. blocks.0.*=8 "
+                                                          "(W8A8), head.*=16 or *.ffn.*=skip (keep in full precision), "
+                                                          "blocks.1.*=w4a8. The last matching line wins."}),
+            },
+        }
+
+    def settings(self, rotate, had_block, auto_scale, granularity, scale_block, layer_overrides):
+        try:
+            return (arq_settings(rotate, had_block, auto_scale, granularity, scale_block, layer_overrides),)
+        except SettingsError as e:
+            raise _user_error(e) from None
+
+
+class DVDQuantBitSwitch:
+    DESCRIPTION = ("delta-guided bit switching (delta-GBS): picks each denoising step's activation bits from how much "
+                   "the model output changed, and shows the choice live on this node.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The same quantized model (a clone) with the per-step bit schedule installed.",)
+    FUNCTION = "schedule"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A MODEL quantized by DVD-Quant Loader or Apply."}),
+                "mode": (["delta", "fixed", "manual"], {"default": "delta",
+                                                        "tooltip": "delta: switch by the output change (paper). "
+                                                                   "fixed: always fixed_bits. manual: the schedule "
+                                                                   "string."}),
+                "delta": ("FLOAT", {"default": 0.09, "min": 0.0, "max": 10.0, "step": 0.005,
+                                    "tooltip": "Threshold on the accumulated relative L1 change of the model output: "
+                                               "below it a step runs at low bits. 0 = always high, large = always "
+                                               "low (after the first step)."}),
+                "low": ("INT", {"default": 4, "min": 4, "max": 16, "step": 1,
+                                "tooltip": "Activation bits of calm steps (4..8, 16 = unquantized)."}),
+                "high": ("INT", {"default": 8, "min": 4, "max": 16, "step": 1,
+                                 "tooltip": "Activation bits of the first step and of steps after a large change."}),
+                "fixed_bits": ("INT", {"default": 8, "min": 4, "max": 16, "step": 1,
+                                       "tooltip": "Activation bits of every step in mode 'fixed'."}),
+                "schedule": ("STRING", {"default": "", "multiline": False,
+                                        "tooltip": "Mode 'manual': bits per step, e.g. 8,8,8,4,4,... (a trailing ... "
+                                                   "repeats the last value)."}),
+            },
+            "hidden": dict(_UID),
+        }
+
+    def schedule(self, model, mode, delta, low, high, fixed_bits, schedule, unique_id=None):
+        from .scheduler import install
+        from .steps import BitScheduleHook
+        host = _host()
+        if not host.quantized_keys(model.model):
+            raise host.DVDQuantError("Bit Switch Scheduler needs a MODEL quantized by DVD-Quant Loader or DVD-Quant "
+                                     "Apply: connect it after one of them")
+        try:
+            hook = BitScheduleHook(unique_id, mode=mode, delta=delta, low=low, high=high, fixed_bits=fixed_bits,
+                                   schedule=schedule, emit=host.emit)
+        except ValueError as e:
+            raise host.DVDQuantError(f"Bit Switch Scheduler: {e}") from None
+        return (install(model, hook),)
+
+
+class DVDQuantSave:
+    DESCRIPTION = ("Saves a DVD-Quant model to models/dvdq (safetensors, packed 4-bit weights) so DVD-Quant Loader "
+                   "loads it later as dvdq/<file> without quantizing again.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A MODEL quantized by DVD-Quant Loader or Apply (before any LoRA)."}),
+                "filename_prefix": ("STRING", {"default": "dvdq/model",
+                                               "tooltip": "File name prefix; 'dvdq/' means the models/dvdq folder. "
+                                                          "A number is appended; nothing is overwritten."}),
+            },
+        }
+
+    def save(self, model, filename_prefix):
+        import os
+        host = _host()
+        sub, stem = host.split_prefix(filename_prefix)
+        folder = host.save_folder()
+        target_dir = os.path.join(folder, sub) if sub else folder
+        os.makedirs(target_dir, exist_ok=True)
+        path = host.unique_path(target_dir, stem)
+        _models().save_model(model, path)
+        host.log.info("DVD-Quant: saved %s", path)
+        return {"ui": {"text": [os.path.relpath(path, folder)]}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DVDQuantLoader": DVDQuantLoader,
+    "DVDQuantApply": DVDQuantApply,
+    "DVDQuantARQSettings": DVDQuantARQSettings,
+    "DVDQuantBitSwitch": DVDQuantBitSwitch,
+    "DVDQuantSave": DVDQuantSave,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DVDQuantLoader": "DVD-Quant Loader",
+    "DVDQuantApply": "DVD-Quant Apply",
+    "DVDQuantARQSettings": "ARQ Settings",
+    "DVDQuantBitSwitch": "Bit Switch Scheduler",
+    "DVDQuantSave": "DVD-Quant Save",
+}

@@ -1,0 +1,273 @@
+"""ComfyUI glue: errors, events, our model folder and file names, input checks, the LoRA guard.
+
+ComfyUI modules (`comfy.*`, `folder_paths`, `server`) are imported inside the functions, so the
+node definitions import without ComfyUI (CI).
+"""
+import logging
+import os
+import re
+
+import torch
+
+from dvdq_core import QuantLinear, quantized_layers
+
+log = logging.getLogger("dvdq")
+
+FOLDER = "dvdq"  # our model folder: models/dvdq, also settable in extra_model_paths.yaml
+EXTENSIONS = {".safetensors"}
+GUARD_KEY = "dvdq_guard"
+# ComfyUI model code of the video DiTs the pack is built for (others are refused with a clear error)
+VIDEO_DIT_MODULES = {"comfy.ldm.wan.": "wan", "comfy.ldm.hunyuan_video.": "hunyuan_video"}
+
+class DVDQuantError(RuntimeError):
+    """An error shown in the ComfyUI front end; its message says what to do."""
+
+
+DVDQuantError.__module__ = "dvdq"  # the UI shows "dvdq.DVDQuantError: ...", not the pack's file path
+
+
+# ---------------------------------------------------------------- events and folders
+
+def emit(event: str, data: dict):
+    """PromptServer.send_sync to every connected browser; a no-op outside a running server."""
+    try:
+        from server import PromptServer
+        inst = getattr(PromptServer, "instance", None)
+        if inst is not None:
+            inst.send_sync(event, data)
+    except Exception:  # no server (scripts, tests): events are only for the web panel
+        pass
+
+
+def register_folder():
+    """models/dvdq as the `dvdq` model folder, keeping paths extra_model_paths.yaml already added."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, default)
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    if isinstance(exts, set):
+        exts.update(EXTENSIONS)
+    else:  # a yaml-created entry with another container type
+        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
+
+
+def model_choices() -> list:
+    """Files of diffusion_models, then our pre-quantized files as dvdq/<file>."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    names = list(folder_paths.get_filename_list("diffusion_models"))
+    if FOLDER in folder_paths.folder_names_and_paths:
+        names += [f"{FOLDER}/{n}" for n in folder_paths.get_filename_list(FOLDER)]
+    return names
+
+
+def resolve_model(name: str):
+    """(full path, True if it is a DVD-Quant file of our folder)."""
+    import folder_paths
+    if name.startswith(FOLDER + "/"):
+        path = folder_paths.get_full_path(FOLDER, name[len(FOLDER) + 1:])
+        if path is not None:
+            return path, True
+    path = folder_paths.get_full_path("diffusion_models", name)
+    if path is None:
+        raise DVDQuantError(f"model file {name!r} not found in models/diffusion_models or models/{FOLDER}: "
+                            "put it there (or add the folder to extra_model_paths.yaml) and refresh the page")
+    return path, False
+
+
+def save_folder() -> str:
+    import folder_paths
+    folder = folder_paths.get_folder_paths(FOLDER)[0]
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def unique_path(folder: str, stem: str, ext: str = ".safetensors") -> str:
+    """folder/stem.ext, or stem_2, stem_3 ... if taken: existing files are never overwritten."""
+    path = os.path.join(folder, stem + ext)
+    n = 2
+    while os.path.exists(path) or os.path.exists(path + ".partial"):
+        path = os.path.join(folder, f"{stem}_{n}{ext}")
+        n += 1
+    return path
+
+
+# ---------------------------------------------------------------- checks
+
+def video_dit_arch(base_model) -> str:
+    dm = getattr(base_model, "diffusion_model", None)
+    mod = type(dm).__module__ + "." if dm is not None else ""
+    for prefix, arch in VIDEO_DIT_MODULES.items():
+        if mod.startswith(prefix):
+            return arch
+    what = type(dm).__name__ if dm is not None else type(base_model).__name__
+    raise DVDQuantError(f"DVD-Quant quantizes video diffusion transformers (Wan 2.1/2.2, HunyuanVideo); this model is "
+                        f"a {what} ({type(base_model).__name__}). Load a Wan or HunyuanVideo diffusion model "
+                        "(models/diffusion_models), or use ComfyUI's own loader for this one.")
+
+
+_WARNED_CPU = []
+
+
+def quant_device():
+    """Where BGR runs: the GPU when ComfyUI uses one, else the CPU (slow but correct)."""
+    import comfy.model_management as mm
+    dev = mm.get_torch_device()
+    if dev.type == "cpu":
+        if _WARNED_CPU:
+            return None
+        _WARNED_CPU.append(True)
+        log.warning("DVD-Quant: no GPU in use: quantizing and running with the PyTorch reference backend on the CPU. "
+                    "That is correct but slow; it is meant for small models and tests.")
+        return None
+    return dev
+
+
+ALLOW_SLOW_ENV = "DVDQ_ALLOW_SLOW"
+
+
+def gpu_bits_problem(config, reason_fn):
+    """The error text if the GPU kernels cannot run `config`'s bit-widths, else None.
+
+    reason_fn(spec, a_bits) -> None or why not (the kernels' unsupported_reason on a probe layer).
+    Only bit-widths are refused; reference-only methods and options (the baselines) stay allowed.
+    """
+    from dvdq_core import LayerSpec
+    spec = LayerSpec(w_bits=config.w_bits, a_bits=None, method="dvdq", had_block=128, scale_block=128,
+                     rotate=True, auto_scale=True, granularity="block")
+    for bits in sorted({config.a_low, config.a_high}):
+        reason = reason_fn(spec, bits)
+        if reason:
+            return (f"the GPU kernels cannot run W{config.w_bits}A{bits}: {reason}. Use w_bits 4 with activation "
+                    f"bits 4..8 (or 16). To run these bits on the slow PyTorch reference backend anyway, start "
+                    f"ComfyUI with the environment variable {ALLOW_SLOW_ENV}=1.")
+    return None
+
+
+def check_gpu_bits(config):
+    """On a CUDA GPU, refuse bit-widths the Triton kernels cannot run, which would otherwise fall back to
+    the slow reference backend without it being obvious."""
+    if os.environ.get(ALLOW_SLOW_ENV) == "1" or not torch.cuda.is_available():
+        return
+    import comfy.model_management as mm
+    if mm.get_torch_device().type != "cuda":
+        return
+    from dvdq_core.backends import load_kernels, triton_unsupported_reason
+    if isinstance(load_kernels(), str):
+        return  # kernels missing: the core warns once and uses the reference backend
+    x = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
+
+    def reason(spec, bits):
+        return triton_unsupported_reason(QuantLinear(256, 64, spec, bias=False, device="cuda"), x, bits)
+
+    problem = gpu_bits_problem(config, reason)
+    if problem:
+        raise DVDQuantError(problem)
+
+
+def quantized_keys(base_model) -> set:
+    """State-dict prefixes ("diffusion_model.<layer>") of a model's DVD-Quant layers."""
+    keys = getattr(base_model, "_dvdq_layer_keys", None)
+    if keys is None:
+        dm = getattr(base_model, "diffusion_model", None)
+        keys = {"diffusion_model." + n for n, _ in quantized_layers(dm)} if dm is not None else set()
+    return keys
+
+
+def _targets(keys, layer_keys):
+    hits = []
+    for k in keys:
+        key = k if isinstance(k, str) else k[0]
+        if key.rsplit(".", 1)[0] in layer_keys:
+            hits.append(key)
+    return hits
+
+
+def check_no_patches_on_quantized(patcher):
+    """Refuse weight patches (LoRA etc.) that target quantized layers: ComfyUI would drop them silently."""
+    layer_keys = quantized_keys(patcher.model)
+    if not layer_keys:
+        return
+    hits = _targets(patcher.patches.keys(), layer_keys) + _targets(patcher.weight_wrapper_patches.keys(), layer_keys)
+    for hp in (getattr(patcher, "hook_patches", None) or {}).values():
+        hits += _targets(hp.keys(), layer_keys)
+    if hits:
+        raise DVDQuantError(lora_after_message(hits[:3]))
+
+
+def lora_after_message(examples) -> str:
+    return ("DVD-Quant: a LoRA (or another weight patch) was applied after quantization; it would change "
+            f"4-bit packed layers such as {', '.join(examples)} and would be silently lost. Put the LoRA loader "
+            "before 'DVD-Quant Apply' (Load Diffusion Model -> LoRA -> DVD-Quant Apply) so the LoRA is merged "
+            "into the weights before they are quantized.")
+
+
+def guard_outer_sample(executor, *args, **kwargs):
+    guider = executor.class_obj
+    check_no_patches_on_quantized(guider.model_patcher)
+    return executor(*args, **kwargs)
+
+
+def lora_hits(lora: dict, layer_keys: set) -> list:
+    """LoRA keys that address one of the quantized layers, in any naming ComfyUI understands."""
+    stems = set()
+    for lk in layer_keys:
+        n = lk[len("diffusion_model."):]
+        stems.update({lk, n, "lora_unet_" + n.replace(".", "_"), "lycoris_" + n.replace(".", "_"),
+                      "transformer." + n, "base_model.model." + n})
+    hits = []
+    for key in lora:
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in stems for i in range(1, len(parts))):
+            hits.append(key)
+    return hits
+
+
+def install_lora_guard():
+    """Make LoraLoader / LoraLoaderModelOnly refuse a LoRA on an already quantized MODEL with a clear
+    message: ComfyUI maps LoRA keys through the model's state dict, in which packed layers have no
+    `.weight`, so it would only log 'lora key not loaded' and go on without the LoRA."""
+    try:
+        import comfy.sd
+    except ImportError:
+        return
+    orig = comfy.sd.load_lora_for_models
+    if getattr(orig, "_dvdq_guard", False):
+        return
+
+    def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+        if model is not None and strength_model != 0:
+            layer_keys = quantized_keys(model.model)
+            if layer_keys:
+                hits = lora_hits(lora, layer_keys)
+                if hits:
+                    raise DVDQuantError(lora_after_message(hits[:3]))
+        return orig(model, clip, lora, strength_model, strength_clip)
+
+    load_lora_for_models._dvdq_guard = True
+    load_lora_for_models.__wrapped__ = orig
+    comfy.sd.load_lora_for_models = load_lora_for_models
+
+
+def split_prefix(prefix: str):
+    """"dvdq/wan/model" -> ("wan", "model"): sub-folder of models/dvdq and file stem (a leading "dvdq/" names
+    the folder itself)."""
+    parts = [p for p in re.split(r"[\\/]+", (prefix or "").strip()) if p]
+    if parts and parts[0] == FOLDER:
+        parts = parts[1:]
+    if not parts:
+        parts = ["model"]
+    if any(p in (".", "..") for p in parts) or os.path.isabs(prefix or ""):
+        raise DVDQuantError(f"filename_prefix {prefix!r}: use a relative name such as 'dvdq/my_model' (no '..')")
+    return os.path.join(*parts[:-1]) if len(parts) > 1 else "", parts[-1]
+
+
+def default_copy_stem(source_path, config) -> str:
+    stem = os.path.splitext(os.path.basename(source_path))[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+    return f"{stem}_dvdq_w{config.w_bits}_{config.method}"

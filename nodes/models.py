@@ -1,0 +1,341 @@
+"""Building, quantizing, loading and saving ComfyUI MODELs (ModelPatcher) with DVD-Quant layers.
+
+ComfyUI modules are imported inside the functions (see host.py).
+"""
+import logging
+import os
+import time
+import uuid
+
+import torch
+from torch import nn
+
+from dvdq_core import load_quantized, quantize_model, quantized_layers, read_metadata, save_quantized
+from dvdq_core import set_activation_bits
+from dvdq_core.spec import layer_spec
+
+from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
+                   guard_outer_sample,
+                   quant_device, video_dit_arch)
+
+log = logging.getLogger("dvdq")
+VIDEO_IMAGE_MODELS = ("wan2.1", "hunyuan_video")  # unet_config["image_model"] of the accepted families
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def prepare_for_comfy(base_model, config, arch: str, source: str):
+    """Let ComfyUI's memory manager move QuantLinear per module like its own layers: a module
+    counts for ModelPatcher.load/partially_unload only if it has parameters or `comfy_cast_weights`.
+    With these attributes packed layers are loaded, offloaded (low-VRAM) and measured by their
+    packed buffers; their forward moves the buffers to the input's device when offloaded."""
+    dm = base_model.diffusion_model
+    names = []
+    for name, m in quantized_layers(dm):
+        m.comfy_cast_weights = False
+        m.weight_function = []
+        m.bias_function = []
+        names.append("diffusion_model." + name)
+    base_model._dvdq_layer_keys = set(names)
+    base_model._dvdq_info = {"config": config, "arch": arch, "source": source}
+
+
+def finish_patcher(patcher):
+    patcher.size = 0  # ModelPatcher caches its size: measure the packed model again
+    patcher.model_size()
+    patcher.remove_wrappers_with_key(_wrappers().OUTER_SAMPLE, GUARD_KEY)
+    patcher.add_wrapper_with_key(_wrappers().OUTER_SAMPLE, GUARD_KEY, guard_outer_sample)
+    return patcher
+
+
+def _wrappers():
+    import comfy.patcher_extension
+    return comfy.patcher_extension.WrappersMP
+
+
+def selected_layers(dm: nn.Module, config) -> list:
+    """The Linear layers quantize_model will replace, in its order."""
+    return [n for n, m in dm.named_modules() if isinstance(m, nn.Linear) and layer_spec(config, n, m.in_features)]
+
+
+def quantize_base_model(base_model, config, node_id, patched_weight=None, source_name=""):
+    """Quantize base_model.diffusion_model in place with a progress bar and events.
+
+    patched_weight(name) -> tensor or None gives a layer's weight with the MODEL's patches (LoRA)
+    applied; it is called just before that layer is quantized, so only one patched float weight
+    exists at a time.
+    """
+    import comfy.utils
+    arch = video_dit_arch(base_model)
+    check_gpu_bits(config)
+    dm = base_model.diffusion_model
+    order = selected_layers(dm, config)
+    if not order:
+        raise DVDQuantError(f"no Linear layer of this model matches {list(config.include)}; is it a video DiT?")
+    pbar = comfy.utils.ProgressBar(len(order), node_id=node_id)
+
+    def prepare(i):
+        if patched_weight is None or i >= len(order):
+            return
+        w = patched_weight(order[i])
+        if w is not None:
+            lin = dm.get_submodule(order[i])
+            lin.weight = nn.Parameter(w, requires_grad=False)
+
+    def progress(done, total, name):
+        if name != order[done - 1]:
+            raise DVDQuantError(f"internal error: expected to quantize {order[done - 1]}, got {name}")
+        prepare(done)
+        pbar.update_absolute(done, total)
+        emit("dvdq.quant_progress", {"node": str(node_id), "done": done, "total": total, "layer": name})
+
+    prepare(0)
+    try:
+        report = quantize_model(dm, config, progress=progress, device=quant_device())
+    except ValueError as e:  # bad overrides, bits, ...: the core's message says what is wrong
+        raise DVDQuantError(f"DVD-Quant could not quantize {source_name or 'the model'}: {e}") from None
+    prepare_for_comfy(base_model, config, arch, "quantized")
+    emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(report.layers), "w_bits": config.w_bits,
+                                "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
+                                "mean_rel_error": report.mean_rel_error, "seconds": report.seconds,
+                                "source": "quantized"})
+    log.info("DVD-Quant: %s: %d layers, %.1f MiB -> %.1f MiB, mean rel. error %.4f, %.1f s", source_name,
+             len(report.layers), report.bytes_before / 2**20, report.bytes_after / 2**20, report.mean_rel_error,
+             report.seconds)
+    return report
+
+
+def _header_state_dict(path) -> dict:
+    """The file's tensors as empty meta tensors (names, shapes, dtypes from the safetensors header)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        out = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            out[k] = torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32),
+                                 device="meta")
+        return out
+
+
+def peek_model_config(path):
+    """ComfyUI's model detection run on a safetensors header only (nothing loaded); None if unknown."""
+    import comfy.model_detection
+    import comfy.utils
+    if not path.endswith(".safetensors"):
+        return None
+    try:
+        sd = _header_state_dict(path)
+        prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+        sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
+        return comfy.model_detection.model_config_from_unet(sd, "")
+    except Exception:  # detection needing real values, odd headers: the full load decides
+        return None
+
+
+def load_and_quantize(path, config, node_id):
+    """A diffusion model file through ComfyUI's own loader (detection, dtype, memory), then BGR."""
+    import comfy.sd
+    peek = peek_model_config(path)
+    if peek is not None and peek.unet_config.get("image_model") not in VIDEO_IMAGE_MODELS:
+        raise DVDQuantError(f"{os.path.basename(path)} is a {type(peek).__name__} model, not a video diffusion transformer; "
+                            "DVD-Quant quantizes Wan 2.1/2.2 and HunyuanVideo. Use ComfyUI's own loader for this one.")
+    if "dvdq.format_version" in _file_metadata(path):
+        raise DVDQuantError(f"{os.path.basename(path)} is already DVD-Quant quantized: move it to models/{FOLDER} "
+                            f"and pick it as '{FOLDER}/<file>'")
+    try:
+        patcher = comfy.sd.load_diffusion_model(path)
+    except RuntimeError as e:
+        if "Could not detect model type" in str(e):
+            raise DVDQuantError(f"{os.path.basename(path)} is not a diffusion model ComfyUI recognizes. DVD-Quant needs "
+                                "a Wan 2.1/2.2 or HunyuanVideo diffusion model file (as used by 'Load Diffusion Model').") from None
+        raise
+    except Exception as e:
+        raise DVDQuantError(f"could not read {os.path.basename(path)} ({type(e).__name__}: {e}); "
+                            "is the file complete? Download it again.") from None
+    quantize_base_model(patcher.model, config, node_id, source_name=os.path.basename(path))
+    return finish_patcher(patcher)
+
+
+def _file_metadata(path) -> dict:
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
+def apply_to_model(model, config, node_id):
+    """Quantize a MODEL from any loader chain into a new MODEL; the input is left untouched.
+
+    ModelPatcher.clone() shares the torch module (weights and all) with the input, so quantizing a
+    clone in place would swap the input's layers too, under every other node using it. Instead a
+    new model is built on the meta device from the same model config; its non-quantized tensors
+    share storage with the input's (no copy), and each quantized layer is made from the input's
+    weight with the MODEL's patches (e.g. a LoRA) applied, one layer at a time.
+    """
+    import comfy.lora
+    import comfy.float
+    import comfy.model_patcher
+
+    src = model
+    base = src.model
+    video_dit_arch(base)
+    if getattr(base, "_dvdq_layer_keys", None):
+        raise DVDQuantError("this MODEL is already quantized by DVD-Quant; connect the unquantized model")
+    offload = src.offload_device
+    key_patches = src.get_key_patches()  # {key: [(weight, convert_func), *patches]} with originals from backups
+
+    def patched(key):
+        (weight, convert), *patches = key_patches[key]
+        if not patches:
+            return None
+        w = convert(weight.to(device=offload, dtype=torch.float32, copy=True), inplace=True)
+        w = comfy.lora.calculate_weight(patches, w, key)
+        return comfy.float.stochastic_rounding(w, weight.dtype, seed=comfy.model_patcher.string_to_seed(key))
+
+    sd = {}
+    for key, entry in key_patches.items():
+        weight = entry[0][0].detach()
+        w = patched(key) if len(entry) > 1 and not _is_quantized_weight_key(key, base, config) else None
+        t = w if w is not None else weight
+        sd[key] = t if t.device == offload else t.to(offload)
+    fake = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items() if k.startswith("diffusion_model.")}
+    new = base.model_config.get_model({k[len("diffusion_model."):]: v for k, v in fake.items()}, "", device="meta")
+    new.load_state_dict(sd, strict=True, assign=True)
+    _check_materialized(new, "DVD-Quant Apply")
+    n = src.clone()
+    n.model = new
+    for attr, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0), ("model_lowvram", False),
+                        ("current_weight_patches_uuid", None), ("device", offload)):
+        setattr(new, attr, value)
+    n.patches, n.backup, n.object_patches_backup, n.hook_backup = {}, {}, {}, {}
+    n.patches_uuid = uuid.uuid4()
+    n.is_injected = False
+    n.parent = None
+
+    def layer_weight(name):
+        return patched("diffusion_model." + name + ".weight") if ("diffusion_model." + name + ".weight") in key_patches else None
+
+    quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
+    check_no_patches_on_quantized(n)
+    return finish_patcher(n)
+
+
+def _is_quantized_weight_key(key, base, config) -> bool:
+    if not (key.startswith("diffusion_model.") and key.endswith(".weight")):
+        return False
+    name = key[len("diffusion_model."):-len(".weight")]
+    try:
+        m = base.diffusion_model.get_submodule(name)
+    except AttributeError:
+        return False
+    return isinstance(m, nn.Linear) and layer_spec(config, name, m.in_features) is not None
+
+
+def _check_materialized(base_model, what):
+    for name, t in list(base_model.named_parameters()) + list(base_model.named_buffers()):
+        if t.is_meta:
+            raise DVDQuantError(f"{what}: tensor {name!r} has no data after loading; this model type is not supported "
+                                "by DVD-Quant yet (please report it)")
+
+
+def load_prequantized(path, a_bits, node_id):
+    """A DVD-Quant file: the model is built by ComfyUI's detection from the file's tensor names and
+    shapes (packed layers stand in with their original shapes from `dvdq.layers`), on the meta
+    device, then filled from the file by dvdq_core.load_quantized. No BGR runs."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+    from safetensors import safe_open
+
+    t0 = time.perf_counter()
+    fname = os.path.basename(path)
+    try:
+        meta = read_metadata(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise DVDQuantError(f"{e}") from None
+    layers = meta["layers"]
+    check_gpu_bits(meta["config"])
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:
+        raise DVDQuantError(f"{fname} cannot be read ({e}); the file is damaged: save or download it again") from None
+    quant_suffixes = (".qweight", ".w_scale", ".w_zero")
+    fake = {}
+    float_dtypes = []
+    for k, (shape, dt) in shapes.items():
+        layer, _, suffix = k.rpartition(".")
+        if layer in layers and "." + suffix in quant_suffixes:
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(dt, torch.float32)
+        fake[k] = torch.empty(shape, dtype=dtype, device="meta")
+        if dtype.is_floating_point:
+            float_dtypes.append(dtype)
+    wdtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float16
+    for name, e in layers.items():
+        fake.setdefault(name + ".weight", torch.empty((e["out"], e["in"]), dtype=wdtype, device="meta"))
+    model_config = comfy.model_detection.model_config_from_unet(fake, "")
+    if model_config is None:
+        raise DVDQuantError(f"{fname}: ComfyUI does not recognize the model in this DVD-Quant file; "
+                            "it may come from another ComfyUI version or model family. Re-quantize the original model.")
+    load_device = mm.get_torch_device()
+    offload = mm.unet_offload_device()
+    unet_dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(fake),
+                               supported_dtypes=list(model_config.supported_inference_dtypes), weight_dtype=wdtype)
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    base = model_config.get_model(fake, "", device="meta")
+    arch = video_dit_arch(base)
+    want = {k: v.dtype for k, v in base.diffusion_model.state_dict().items()}
+    try:
+        config = load_quantized(base.diffusion_model, path)
+    except ValueError as e:
+        raise DVDQuantError(f"{fname} does not match the model ComfyUI built from it: {e}. "
+                            "The file may be damaged or from an incompatible version: re-quantize the original.") from None
+    _cast_like(base.diffusion_model, want, set(layers))
+    _check_materialized(base, "DVD-Quant Loader")
+    set_activation_bits(base.diffusion_model, a_bits)
+    config.a_bits = a_bits
+    prepare_for_comfy(base, config, arch, "loaded")
+    base.device = None  # built on "meta"; ModelPatcher sets its offload device, as for ComfyUI's own loader
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload)
+    qbytes = sum(t.numel() * t.element_size() for _, m in quantized_layers(base.diffusion_model)
+                 for t in m.state_dict().values())
+    elt = torch.empty((), dtype=wdtype).element_size()
+    before = sum(e["out"] * e["in"] * elt + (e["out"] * elt if e["bias"] else 0) for e in layers.values())
+    emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(layers), "w_bits": config.w_bits,
+                                "bytes_before": before, "bytes_after": qbytes, "mean_rel_error": None,
+                                "seconds": time.perf_counter() - t0, "source": "loaded"})
+    return finish_patcher(patcher)
+
+
+def _cast_like(dm, dtypes: dict, quantized: set):
+    """Non-quantized tensors to the dtype ComfyUI chose for the model (as load_state_dict copy would)."""
+    for key, dtype in dtypes.items():
+        if key.rsplit(".", 1)[0] in quantized:
+            continue
+        owner, _, attr = key.rpartition(".")
+        mod = dm.get_submodule(owner) if owner else dm
+        t = getattr(mod, attr)
+        if t is None or t.dtype == dtype or not t.is_floating_point():
+            continue
+        if isinstance(t, nn.Parameter):
+            setattr(mod, attr, nn.Parameter(t.data.to(dtype), requires_grad=False))
+        else:
+            mod._buffers[attr] = t.to(dtype)
+
+
+def save_model(patcher, path):
+    base = patcher.model
+    info = getattr(base, "_dvdq_info", None)
+    if info is None:
+        raise DVDQuantError("DVD-Quant Save needs a MODEL quantized by DVD-Quant Loader or Apply")
+    if patcher.patches:
+        raise DVDQuantError("this MODEL carries weight patches (e.g. a LoRA) that the file could not hold: "
+                            "save the quantized model before applying them, or apply the LoRA before DVD-Quant Apply")
+    save_quantized(base.diffusion_model, path, info["config"], arch=info["arch"])
+    return path

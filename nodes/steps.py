@@ -1,0 +1,180 @@
+"""The Bit Switch Scheduler's per-step bookkeeping, free of ComfyUI so CI can test it.
+
+ComfyUI calls the diffusion model once or more per denoising step: heun and other 2nd-order
+samplers add calls at the next step's sigma or at intermediate sigmas, and CFG may run cond and
+uncond in one batched call or in separate calls. The step a call belongs to is found by locating
+its sigma in this sampling run's schedule (`transformer_options["sample_sigmas"]`):
+
+- a call at schedule entry i (i < number of steps) belongs to step i; the first such call starts
+  the step: one `BitSwitch.next_bits()` and, with that call's whole output, one `observe()`;
+- any other call (an intermediate sigma, or the final entry of the schedule) belongs to the step
+  in progress and runs with its bits, without a new decision or observation.
+
+Wan 2.2's two-expert workflows split one schedule over two samplers (KSamplerAdvanced steps 0-10
+on the high-noise model, 10-20 on the low-noise one). Each sampler only sees its own slice, so a
+run that starts exactly where the previous completed run stopped (same latent shape, first sigma
+equal to the previous run's last, non-zero sigma) continues it: step indices and the delta-GBS
+state carry over, also from one Bit Switch Scheduler node to another. Anything else starts over;
+an interrupted run is never continued.
+"""
+import math
+from dataclasses import dataclass, field
+
+from dvdq_core import BitSwitch
+
+
+def sigmas_close(a: float, b: float, rel: float = 1e-4, abs_tol: float = 1e-7) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol)
+
+
+def to_floats(values) -> list:
+    """A schedule (tensor, list, tuple) as a list of Python floats."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().reshape(-1).tolist()
+    return [float(v) for v in values]
+
+
+def locate_step(sigma: float, schedule: list, start: int = 0):
+    """Index i of `schedule` with schedule[i] == sigma (within float tolerance) that can start a
+    step, i.e. i < len(schedule) - 1, searching from `start` on; None if there is none."""
+    for i in range(max(start, 0), len(schedule) - 1):
+        if sigmas_close(sigma, schedule[i]):
+            return i
+    return None
+
+
+class StepTracker:
+    """Maps each model call of one sampling run to a (global) step and says when a step starts."""
+
+    def __init__(self):
+        self.begin([], 0)
+
+    def begin(self, schedule, offset: int = 0):
+        self.schedule = to_floats(schedule)
+        self.offset = offset  # steps done by earlier runs this one continues
+        self.local = -1  # index of the step in progress within this run's schedule
+
+    @property
+    def steps(self) -> int:
+        """Steps of this run."""
+        return max(len(self.schedule) - 1, 0)
+
+    @property
+    def total(self):
+        """Total steps of the whole schedule if known (the run ends at sigma 0), else None."""
+        if self.schedule and self.schedule[-1] == 0.0:
+            return self.offset + self.steps
+        return None
+
+    @property
+    def current(self) -> int:
+        return self.offset + max(self.local, 0)
+
+    def on_call(self, sigma: float):
+        """Returns (global step, True if this call starts that step)."""
+        i = locate_step(sigma, self.schedule, self.local if self.local >= 0 else 0)
+        if i is not None and i > self.local:
+            self.local = i
+            return self.offset + i, True
+        if self.local < 0:  # first call of a run at a sigma outside the schedule: it is step 0
+            self.local = 0
+            return self.offset, True
+        return self.offset + self.local, False
+
+
+@dataclass
+class RunEnd:
+    """What a completed sampling run leaves for a run that continues its schedule."""
+    node: str
+    end_sigma: float
+    shape: tuple
+    steps: int  # global steps done so far
+    log: list = field(default_factory=list)
+    acc: float = 0.0
+    prev: object = None  # the last observed model output
+
+
+_LAST_RUN: list = [None]  # the most recent completed run in this process (one slot)
+
+
+def record_run_end(run: RunEnd | None):
+    _LAST_RUN[0] = run
+
+
+def find_continuation(first_sigma: float, shape: tuple):
+    """The completed run that this run (starting at first_sigma) continues, or None."""
+    last = _LAST_RUN[0]
+    if last is None or last.end_sigma <= 0.0 or tuple(last.shape) != tuple(shape):
+        return None
+    return last if sigmas_close(first_sigma, last.end_sigma) else None
+
+
+class BitScheduleHook:
+    """One Bit Switch Scheduler's state across sampling runs.
+
+    The host calls begin_run() at the start of every sampling run, bits_for_call(sigma) before
+    and after_call(output) after each diffusion-model call, end_run(completed) at the end.
+    `emit(event, data)` sends the server events of NODES.md.
+    """
+
+    def __init__(self, node_id: str, mode="delta", delta=0.09, low=4, high=8, fixed_bits=8, schedule="", emit=None):
+        self.node = str(node_id)
+        self.mode = mode
+        self.bs = BitSwitch(delta=delta, low=low, high=high, mode=mode, schedule=schedule or None,
+                            fixed_bits=fixed_bits)
+        self.tracker = StepTracker()
+        self.emit = emit or (lambda event, data: None)
+        self.running = False
+        self.bits = high
+        self._observe_pending = False
+        self._shape = ()
+
+    def begin_run(self, schedule, shape):
+        sched = to_floats(schedule)
+        self.bs.reset()
+        cont = find_continuation(sched[0], shape) if sched else None
+        record_run_end(None)  # a run in progress invalidates the slot until it completes
+        if cont is not None:
+            self.bs.log = list(cont.log)
+            self.bs._acc = cont.acc
+            self.bs._prev = cont.prev
+            self.tracker.begin(sched, cont.steps)
+        else:
+            self.tracker.begin(sched, 0)
+        if cont is None or cont.node != self.node:
+            self.emit("dvdq.bits_reset", {"node": self.node})
+        self._shape = tuple(shape)
+        self._observe_pending = False
+        self.running = True
+
+    def bits_for_call(self, sigma: float) -> int:
+        if not self.running:  # a model call outside a sampler run: keep the last bits
+            return self.bits
+        step, new = self.tracker.on_call(float(sigma))
+        if new:
+            self.bits = self.bs.next_bits()
+            self._observe_pending = True
+        return self.bits
+
+    def after_call(self, output):
+        if not (self.running and self._observe_pending):
+            return
+        self._observe_pending = False
+        self.bs.observe(output)
+        rec = self.bs.log[-1]
+        self.emit("dvdq.bits", {"node": self.node, "step": self.tracker.current, "total": self.tracker.total,
+                                "bits": int(rec.bits),
+                                "indicator": None if rec.indicator is None else float(rec.indicator),
+                                "accumulated": float(rec.accumulated), "mode": self.mode})
+
+    def end_run(self, completed: bool):
+        self.running = False
+        if completed and self.tracker.schedule:
+            record_run_end(RunEnd(self.node, self.tracker.schedule[-1], self._shape,
+                                  self.tracker.offset + self.tracker.steps, list(self.bs.log),
+                                  self.bs._acc, self.bs._prev))
+        else:
+            record_run_end(None)
+
+    def bits_per_step(self) -> list:
+        return self.bs.bits_per_step()

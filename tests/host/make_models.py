@@ -1,0 +1,100 @@
+"""Build tiny random-weight checkpoints from ComfyUI's own model classes (run with ComfyUI on sys.path).
+
+usage: python make_models.py OUT_DIR
+Writes diffusion_models/*.safetensors, loras/*.safetensors and a not-a-DiT file, each checked
+by ComfyUI's model detection so the host tests load exactly what a user's file would give.
+"""
+import math
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from comfy.cli_args import args
+
+args.cpu = True  # before comfy.model_management is imported: this script never needs a GPU
+import comfy.ops  # noqa: E402
+import comfy.model_detection  # noqa: E402
+from comfy.ldm.wan.model import WanModel
+from comfy.ldm.hunyuan_video.model import HunyuanVideo
+from comfy.ldm.flux.model import Flux
+
+OPS = comfy.ops.disable_weight_init
+WAN = dict(patch_size=(1, 2, 2), text_len=512, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096, num_heads=2,
+           num_layers=2, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
+
+
+def randomize(sd: dict, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, t in sd.items():
+        if t.ndim >= 2:
+            fan_in = math.prod(t.shape[1:])
+            v = torch.randn(t.shape, generator=g) / math.sqrt(fan_in)
+        elif "norm" in k or k.endswith(".scale"):
+            v = 1.0 + 0.1 * torch.randn(t.shape, generator=g)
+        else:
+            v = 0.05 * torch.randn(t.shape, generator=g)
+        out[k] = v.to(torch.float16).contiguous()
+    return out
+
+
+def build(kind: str, seed: int) -> dict:
+    if kind == "wan21_t2v":
+        m = WanModel(model_type="t2v", in_dim=16, out_dim=16, operations=OPS, **WAN)
+    elif kind == "wan21_i2v":
+        m = WanModel(model_type="i2v", in_dim=36, out_dim=16, operations=OPS, **WAN)
+    elif kind == "wan22_5b":
+        m = WanModel(model_type="t2v", in_dim=48, out_dim=48, operations=OPS, **WAN)
+    elif kind == "hunyuan_video":
+        m = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
+                         context_in_dim=4096, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1,
+                         depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
+                         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=OPS)
+    elif kind == "flux":  # an image DiT ComfyUI knows: the Loader must refuse it before loading
+        m = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=256, mlp_ratio=4.0,
+                 num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                 qkv_bias=True, guidance_embed=False, operations=OPS)
+    else:
+        raise ValueError(kind)
+    sd = randomize(m.state_dict(), seed)
+    if comfy.model_detection.model_config_from_unet(sd, "") is None:
+        raise RuntimeError(f"ComfyUI does not detect the tiny {kind} model")
+    return sd
+
+
+MODELS = {  # file name -> (kind, seed)
+    "tiny_wan2.1_t2v.safetensors": ("wan21_t2v", 1),
+    "tiny_wan2.1_i2v.safetensors": ("wan21_i2v", 2),
+    "tiny_wan2.2_ti2v_5B.safetensors": ("wan22_5b", 3),
+    "tiny_wan2.2_t2v_high_noise.safetensors": ("wan21_t2v", 4),
+    "tiny_wan2.2_t2v_low_noise.safetensors": ("wan21_t2v", 5),
+    "tiny_hunyuan_video_t2v.safetensors": ("hunyuan_video", 6),
+    "tiny_flux_image.safetensors": ("flux", 8),
+}
+
+
+def lora_for_wan(seed: int, rank: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for b in range(WAN["num_layers"]):
+        for p in ("q", "k", "v", "o"):
+            stem = f"diffusion_model.blocks.{b}.self_attn.{p}"
+            out[stem + ".lora_A.weight"] = (torch.randn(rank, WAN["dim"], generator=g) / 4).to(torch.float16)
+            out[stem + ".lora_B.weight"] = (torch.randn(WAN["dim"], rank, generator=g) / 4).to(torch.float16)
+    return out
+
+
+def main(out_dir):
+    dm = os.path.join(out_dir, "diffusion_models")
+    os.makedirs(dm, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "loras"), exist_ok=True)
+    for name, (kind, seed) in MODELS.items():
+        save_file(build(kind, seed), os.path.join(dm, name))
+    save_file(lora_for_wan(7), os.path.join(out_dir, "loras", "tiny_wan_lora.safetensors"))
+    save_file({"encoder.layer.weight": torch.randn(8, 8)}, os.path.join(dm, "not_a_dit.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

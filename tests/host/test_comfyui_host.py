@@ -1,0 +1,293 @@
+"""DVD-Quant inside a real ComfyUI (started with --cpu), driven through POST /prompt and the websocket.
+
+Tiny random-weight Wan 2.1 T2V/I2V, Wan 2.2 5B, an A14B-style expert pair and HunyuanVideo are built
+from ComfyUI's own classes (make_models.py). Each prompt runs a few denoising steps on the CPU.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prompts import HY_COND, bitswitch, loader, node, sample_graph
+
+T2V = "tiny_wan2.1_t2v.safetensors"
+
+
+def run_ok(server, prompt):
+    hist, msgs, err = server.run(prompt)
+    assert err is None, f"{err}\n--- server log tail ---\n{server.log()[-3000:]}"
+    return hist, msgs
+
+
+def run_error(server, prompt) -> str:
+    hist, msgs, err = server.run(prompt)
+    assert err is not None, "the prompt was expected to fail"
+    return err
+
+
+def latent(server, hist, node_id="save"):
+    item = hist["outputs"][node_id]["latents"][0]
+    path = os.path.join(server.base_dir, "output", item["subfolder"], item["filename"])
+    return load_file(path)["latent_tensor"].float()
+
+
+def events(msgs, kind):
+    return [m["data"] for m in msgs if m.get("type") == kind]
+
+
+def rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def float_graph(name, prefix, **kw):
+    return sample_graph({"unet": node("UNETLoader", unet_name=name, weight_dtype="default")}, ["unet", 0], prefix, **kw)
+
+
+def quant_graph(prefix, name=T2V, w_bits=4, a_low=4, a_high=8, mode="delta", fixed_bits=8, schedule="", **kw):
+    nodes = {"load": loader(name, w_bits=w_bits, a_low=a_low, a_high=a_high),
+             "bs": bitswitch(["load", 0], mode=mode, low=a_low, high=a_high, fixed_bits=fixed_bits, schedule=schedule)}
+    return sample_graph(nodes, ["bs", 0], prefix, **kw)
+
+
+def test_pack_loads_without_import_failure(server):
+    log = server.log()
+    assert "(IMPORT FAILED)" not in log, log[-3000:]
+    info = server.get("/object_info/DVDQuantLoader")["DVDQuantLoader"]
+    assert info["category"] == "DVD-Quant"
+    choices = info["input"]["required"]["model_name"][0]
+    assert T2V in choices and "not_a_dit.safetensors" in choices
+
+
+def test_w8a8_close_to_float_w4a4_further(server, capsys):
+    base = latent(server, run_ok(server, float_graph(T2V, "float_t2v"))[0])
+    h8, m8 = run_ok(server, quant_graph("w8a8", w_bits=8, a_low=8, a_high=8, mode="fixed", fixed_bits=8))
+    h4, m4 = run_ok(server, quant_graph("w4a4", w_bits=4, a_low=4, a_high=4, mode="fixed", fixed_bits=4))
+    q8, q4 = latent(server, h8), latent(server, h4)
+    assert torch.isfinite(q8).all() and torch.isfinite(q4).all()
+    e8, e4 = rel(q8, base), rel(q4, base)
+    with capsys.disabled():
+        print(f"\n[host] tiny Wan 2.1 T2V, 4 euler steps, CFG 5: rel. latent error W8A8 {e8:.4f}, W4A4 {e4:.4f}")
+    assert e8 < 0.05
+    assert e4 > 2 * e8
+    bits = events(m8, "dvdq.bits")
+    assert [b["step"] for b in bits] == [0, 1, 2, 3] and {b["bits"] for b in bits} == {8}
+    assert all(b["total"] == 4 and b["mode"] == "fixed" and b["node"] == "bs" for b in bits)
+    assert events(m8, "dvdq.bits_reset") == [{"node": "bs"}]
+    prog = events(m4, "dvdq.quant_progress")
+    assert prog and prog[-1]["done"] == prog[-1]["total"] == len(prog) and prog[0]["node"] == "load"
+    (summary,) = events(m4, "dvdq.quant_summary")
+    assert summary["source"] == "quantized" and summary["w_bits"] == 4
+    assert summary["bytes_after"] * 3 < summary["bytes_before"]
+    assert 0 < summary["mean_rel_error"] < 1
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
+def test_one_decision_per_step_with_multi_call_samplers(server, sampler):
+    hist, msgs = run_ok(server, quant_graph(f"delta_{sampler}", sampler=sampler, steps=5))
+    bits = events(msgs, "dvdq.bits")
+    assert [b["step"] for b in bits] == [0, 1, 2, 3, 4]
+    assert bits[0]["bits"] == 8 and bits[0]["indicator"] is None
+    assert all(b["indicator"] is not None and b["indicator"] >= 0 for b in bits[1:])
+    assert torch.isfinite(latent(server, hist)).all()
+
+
+def test_manual_schedule(server):
+    _, msgs = run_ok(server, quant_graph("manual", mode="manual", schedule="8,4,..."))
+    assert [b["bits"] for b in events(msgs, "dvdq.bits")] == [8, 4, 4, 4]
+
+
+@pytest.mark.parametrize("name,lat,cond,cfg", [
+    ("tiny_wan2.1_i2v.safetensors", (16, 2, 8, 8), None, 5.0),
+    ("tiny_wan2.2_ti2v_5B.safetensors", (48, 2, 8, 8), None, 5.0),
+    ("tiny_hunyuan_video_t2v.safetensors", (16, 2, 8, 8), HY_COND, 1.0),
+])
+def test_architectures(server, name, lat, cond, cfg):
+    kw = {"cond": cond} if cond else {}
+    base = latent(server, run_ok(server, float_graph(name, "float_" + name[:-12], latent=lat, cfg=cfg, **kw))[0])
+    hist, msgs = run_ok(server, quant_graph("q_" + name[:-12], name=name, latent=lat, cfg=cfg, **kw))
+    q = latent(server, hist)
+    assert q.shape == base.shape and torch.isfinite(q).all()
+    assert rel(q, base) < 0.5  # W4 with delta-switched A4/A8 on random weights: near, not equal
+    assert len(events(msgs, "dvdq.bits")) == 4
+
+
+def test_two_experts_share_one_schedule(server):
+    g = {
+        "hi": loader("tiny_wan2.2_t2v_high_noise.safetensors"), "lo": loader("tiny_wan2.2_t2v_low_noise.safetensors"),
+        "bsA": bitswitch(["hi", 0]), "bsB": bitswitch(["lo", 0], mode="manual", schedule="8,8,8,8"),
+        "pos": node("DVDQTestCond", seed=11, tokens=8, dim=4096, pooled=0),
+        "neg": node("DVDQTestCond", seed=12, tokens=8, dim=4096, pooled=0),
+        "lat": node("DVDQTestLatent", channels=16, frames=2, height=8, width=8),
+        "k1": node("KSamplerAdvanced", model=["bsA", 0], add_noise="enable", noise_seed=5, steps=4, cfg=5.0,
+                   sampler_name="euler", scheduler="simple", positive=["pos", 0], negative=["neg", 0],
+                   latent_image=["lat", 0], start_at_step=0, end_at_step=2, return_with_leftover_noise="enable"),
+        "k2": node("KSamplerAdvanced", model=["bsB", 0], add_noise="disable", noise_seed=5, steps=4, cfg=5.0,
+                   sampler_name="euler", scheduler="simple", positive=["pos", 0], negative=["neg", 0],
+                   latent_image=["k1", 0], start_at_step=2, end_at_step=10000, return_with_leftover_noise="disable"),
+        "save": node("SaveLatent", samples=["k2", 0], filename_prefix="experts"),
+    }
+    hist, msgs = run_ok(server, g)
+    bits = events(msgs, "dvdq.bits")
+    assert [(b["node"], b["step"]) for b in bits] == [("bsA", 0), ("bsA", 1), ("bsB", 2), ("bsB", 3)]
+    assert bits[0]["total"] is None and bits[-1]["total"] == 4
+    assert bits[2]["indicator"] is not None  # compared with the high-noise expert's last output
+    assert sorted(e["node"] for e in events(msgs, "dvdq.bits_reset")) == ["bsA", "bsB"]
+    assert torch.isfinite(latent(server, hist)).all()
+
+
+def test_saved_copy_loads_to_identical_results(server):
+    dvdq_dir = os.path.join(server.base_dir, "models", "dvdq")
+    before = set(os.listdir(dvdq_dir))
+    g = quant_graph("saved_a", mode="fixed", fixed_bits=8)
+    g["load"]["inputs"]["save_quantized_copy"] = True
+    hist_a, _ = run_ok(server, g)
+    new = sorted(set(os.listdir(dvdq_dir)) - before)
+    assert len(new) == 1 and new[0].endswith(".safetensors"), new
+    g2 = quant_graph("saved_b", name="dvdq/" + new[0], mode="fixed", fixed_bits=8)
+    hist_b, msgs = run_ok(server, g2)
+    assert torch.equal(latent(server, hist_a), latent(server, hist_b))
+    (summary,) = events(msgs, "dvdq.quant_summary")
+    assert summary["source"] == "loaded" and summary["mean_rel_error"] is None
+    # the Save node never overwrites: two saves of one model give two files
+    save = {"load": loader(T2V), "s1": node("DVDQuantSave", model=["load", 0], filename_prefix="dvdq/tiny_saved")}
+    run_ok(server, save)
+    save["s1"]["inputs"]["filename_prefix"] = "dvdq//tiny_saved"  # same target, new prompt signature
+    run_ok(server, save)
+    assert sum(f.startswith("tiny_saved") for f in os.listdir(dvdq_dir)) == 2
+
+
+def test_hunyuan_saved_copy_and_arq_overrides(server):
+    name = "tiny_hunyuan_video_t2v.safetensors"
+    dvdq_dir = os.path.join(server.base_dir, "models", "dvdq")
+    before = set(os.listdir(dvdq_dir))
+    g = quant_graph("hy_a", name=name, mode="fixed", fixed_bits=8, cond=HY_COND, cfg=1.0)
+    g["arq"] = node("DVDQuantARQSettings", rotate=True, had_block="64", auto_scale=True, granularity="block",
+                    scale_block="64", layer_overrides="double_blocks.0.*=8\n*.img_mlp.*=skip")
+    g["load"]["inputs"].update(arq_settings=["arq", 0], save_quantized_copy=True)
+    hist_a, msgs = run_ok(server, g)
+    (summary,) = events(msgs, "dvdq.quant_summary")
+    new = sorted(set(os.listdir(dvdq_dir)) - before)
+    assert len(new) == 1
+    g2 = quant_graph("hy_b", name="dvdq/" + new[0], mode="fixed", fixed_bits=8, cond=HY_COND, cfg=1.0)
+    hist_b, msgs_b = run_ok(server, g2)
+    assert torch.equal(latent(server, hist_a), latent(server, hist_b))
+    (loaded,) = events(msgs_b, "dvdq.quant_summary")
+    assert loaded["layers"] == summary["layers"] and loaded["bytes_after"] == summary["bytes_after"]
+    # *.img_mlp.* skipped: its two Linear layers of the one double block stay float
+    full = run_ok(server, quant_graph("hy_c", name=name, cond=HY_COND, cfg=1.0))[1]
+    assert summary["layers"] == events(full, "dvdq.quant_summary")[0]["layers"] - 2
+
+
+@pytest.mark.parametrize("name,cond,cfg", [(T2V, None, 5.0), ("tiny_hunyuan_video_t2v.safetensors", HY_COND, 1.0)])
+def test_cli_quantized_file_loads_in_comfyui(server, name, cond, cfg):
+    """A file from `python -m dvdq_core quantize` (no ComfyUI involved) loads as dvdq/<file> and gives the
+    Loader's own result."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = os.path.join(server.base_dir, "models", "dvdq", "cli_" + name)
+    src = os.path.join(server.base_dir, "models", "diffusion_models", name)
+    subprocess.run([sys.executable, "-m", "dvdq_core", "quantize", src, out], check=True, cwd=repo,
+                   capture_output=True)
+    kw = {"cond": cond} if cond else {}
+    own = latent(server, run_ok(server, quant_graph("cli_own_" + name[:-12], name=name, mode="fixed", cfg=cfg, **kw))[0])
+    cli = latent(server, run_ok(server, quant_graph("cli_" + name[:-12], name="dvdq/cli_" + name, mode="fixed",
+                                                    cfg=cfg, **kw))[0])
+    assert rel(cli, own) < 1e-3
+
+
+def test_apply_merges_lora_and_leaves_input_untouched(server):
+    lora = node("LoraLoaderModelOnly", model=["unet", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
+    unet = node("UNETLoader", unet_name=T2V, weight_dtype="default")
+    apply8 = dict(w_bits=8, a_low=8, a_high=8, method="dvdq")
+    lf = latent(server, run_ok(server, sample_graph({"unet": unet, "lora": lora}, ["lora", 0], "lora_float"))[0])
+    lq_graph = sample_graph({"unet": unet, "lora": lora, "apply": node("DVDQuantApply", model=["lora", 0], **apply8),
+                             "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)}, ["bs", 0], "lora_q8")
+    lq = latent(server, run_ok(server, lq_graph)[0])
+    nq_graph = sample_graph({"unet": unet, "apply": node("DVDQuantApply", model=["unet", 0], **apply8),
+                             "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)}, ["bs", 0], "nolora_q8")
+    nq_graph["inspect"] = node("DVDQTestInspect", model=["apply", 0], reference=["unet", 0])
+    hist, _ = run_ok(server, nq_graph)
+    nq = latent(server, hist)
+    assert rel(lq, lf) < 0.05, "LoRA before Apply must end up in the quantized weights"
+    assert rel(lq, nq) > 4 * rel(lq, lf), "the LoRA must change the quantized model's output"
+    info = json.loads(hist["outputs"]["inspect"]["info"][0])
+    assert info["reference_quant_layers"] == 0 and not info["same_module"], info
+    assert info["shared_tensors"] > 0, "non-quantized tensors should be shared with the input, not copied"
+
+
+def test_lora_after_quantization_is_refused(server):
+    g = quant_graph("lora_after")
+    g["lora"] = node("LoraLoaderModelOnly", model=["load", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
+    g["bs"]["inputs"]["model"] = ["lora", 0]
+    err = run_error(server, g)
+    assert "before 'DVD-Quant Apply'" in err, err
+
+
+def test_memory_accounting_and_lowvram_path(server):
+    g = {"load": loader(T2V), "inspect": node("DVDQTestInspect", model=["load", 0])}
+    hist, _ = run_ok(server, g)
+    info = json.loads(hist["outputs"]["inspect"]["info"][0])
+    assert info["quant_layers"] > 0 and info["quant_in_load_list"], info
+    assert info["model_size"] == info["state_dict_bytes"], "ModelPatcher.size must be re-measured after quantizing"
+    assert info["lowvram_cast_flags"] == info["quant_layers"], info
+    assert info["lowvram_forward_finite"], info
+    assert info["lowvram_loaded_bytes"] < info["packed_bytes"], info  # packed layers were left offloaded
+    assert info["reloaded_bytes"] == info["model_size"] and info["reloaded_cast_flags"] == 0, info
+
+
+def test_clear_errors(server):
+    assert "not a diffusion model ComfyUI recognizes" in run_error(server, quant_graph("bad1", name="not_a_dit.safetensors"))
+    err = run_error(server, quant_graph("bad8", name="tiny_flux_image.safetensors"))
+    assert "is a FluxSchnell model, not a video diffusion transformer" in err, err
+    assert err.startswith("dvdq.DVDQuantError: "), err
+    dvdq_dir = os.path.join(server.base_dir, "models", "dvdq")
+    src = os.path.join(server.base_dir, "models", "diffusion_models", T2V)
+    with open(src, "rb") as f, open(os.path.join(dvdq_dir, "corrupt.safetensors"), "wb") as g:
+        g.write(f.read()[:4096])
+    assert "corrupt.safetensors" in run_error(server, quant_graph("bad2", name="dvdq/corrupt.safetensors"))
+    shutil.copy(src, os.path.join(dvdq_dir, "plain.safetensors"))
+    assert "not a DVD-Quant file" in run_error(server, quant_graph("bad3", name="dvdq/plain.safetensors"))
+    run_ok(server, {"load": loader(T2V), "s": node("DVDQuantSave", model=["load", 0], filename_prefix="dvdq/for_errors")})
+    saved = next(f for f in os.listdir(dvdq_dir) if f.startswith("for_errors"))
+    shutil.copy(os.path.join(dvdq_dir, saved), os.path.join(server.base_dir, "models", "diffusion_models", "q.safetensors"))
+    assert "already DVD-Quant quantized" in run_error(server, quant_graph("bad7", name="q.safetensors"))
+    g = quant_graph("bad4")
+    g["arq"] = node("DVDQuantARQSettings", rotate=True, had_block="128", auto_scale=True, granularity="block",
+                    scale_block="128", layer_overrides="blocks.0.*=banana")
+    g["load"]["inputs"]["arq_settings"] = ["arq", 0]
+    assert "layer_overrides" in run_error(server, g)
+    g["arq"]["inputs"]["layer_overrides"] = "transformer_blocks.*=8"
+    assert "matches no layer" in run_error(server, g)
+    g = quant_graph("bad5", a_high=12)
+    assert "activation bits must be 4, 5, 6, 7, 8 or 16" in run_error(server, g)
+    g = sample_graph({"unet": node("UNETLoader", unet_name=T2V, weight_dtype="default"),
+                      "bs": bitswitch(["unet", 0])}, ["bs", 0], "bad6")
+    assert "needs a MODEL quantized by DVD-Quant" in run_error(server, g)
+
+
+def test_failed_run_leaves_next_run_correct(server):
+    err = run_error(server, quant_graph("short", mode="manual", schedule="8,4", steps=4))
+    assert "schedule" in err
+    hist, msgs = run_ok(server, quant_graph("after_fail", seed=8))
+    bits = events(msgs, "dvdq.bits")
+    assert [b["step"] for b in bits] == [0, 1, 2, 3] and bits[0]["bits"] == 8
+    assert events(msgs, "dvdq.bits_reset") == [{"node": "bs"}]
+    assert torch.isfinite(latent(server, hist)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: ComfyUI refuses --lowvram together with --cpu; the low-VRAM load "
+                           "path itself runs in test_memory_accounting_and_lowvram_path")
+def test_lowvram_server(host_dir):
+    from comfy_server import ComfyServer
+    s = ComfyServer(os.environ["COMFYUI_PATH"], host_dir, extra_args=["--lowvram"], cpu=False)
+    try:
+        hist, msgs = run_ok(s, quant_graph("lowvram", seed=9))
+        assert torch.isfinite(latent(s, hist)).all() and len(events(msgs, "dvdq.bits")) == 4
+        assert "(IMPORT FAILED)" not in s.log()
+    finally:
+        s.stop()

@@ -1,0 +1,383 @@
+"""The ComfyUI nodes without ComfyUI: schemas (NODES.md), settings parsing, the step-from-sigma
+logic, the per-step delta-GBS state machine and the sampler wrappers with fake executors."""
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dvdq_core import QuantConfig, get_bit_state, quantize_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK = "ComfyUI-DVD-Quant"  # ComfyUI imports the pack under its folder name
+
+
+def load_pack():
+    """Import the repository root the way ComfyUI imports a custom-node folder."""
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[PACK]
+
+
+def sub(name):
+    load_pack()
+    return importlib.import_module(f"{PACK}.nodes.{name}")
+
+
+# ---------------------------------------------------------------- schemas (NODES.md)
+
+SPEC = {  # class id: (display name, required inputs in order, optional, outputs)
+    "DVDQuantLoader": ("DVD-Quant Loader", ["model_name", "w_bits", "a_low", "a_high", "method", "save_quantized_copy"],
+                       ["arq_settings"], ("MODEL",)),
+    "DVDQuantApply": ("DVD-Quant Apply", ["model", "w_bits", "a_low", "a_high", "method"], ["arq_settings"], ("MODEL",)),
+    "DVDQuantARQSettings": ("ARQ Settings", ["rotate", "had_block", "auto_scale", "granularity", "scale_block",
+                                             "layer_overrides"], [], ("ARQ_SETTINGS",)),
+    "DVDQuantBitSwitch": ("Bit Switch Scheduler", ["model", "mode", "delta", "low", "high", "fixed_bits", "schedule"],
+                          [], ("MODEL",)),
+    "DVDQuantSave": ("DVD-Quant Save", ["model", "filename_prefix"], [], ()),
+}
+
+
+def test_pack_registers_the_five_nodes():
+    pack = load_pack()
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(SPEC)
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {k: v[0] for k, v in SPEC.items()}
+    assert pack.WEB_DIRECTORY == "./web"
+
+
+@pytest.mark.parametrize("cid", sorted(SPEC))
+def test_node_schema(cid):
+    cls = load_pack().NODE_CLASS_MAPPINGS[cid]
+    _, required, optional, outputs = SPEC[cid]
+    types = cls.INPUT_TYPES()
+    assert list(types["required"]) == required
+    assert list(types.get("optional", {})) == optional
+    assert cls.CATEGORY == "DVD-Quant"
+    assert tuple(cls.RETURN_TYPES) == outputs
+    assert callable(getattr(cls, cls.FUNCTION))
+    for name, spec in {**types["required"], **types.get("optional", {})}.items():
+        assert len(spec) == 2 and spec[1].get("tooltip"), f"{cid}.{name} has no tooltip"
+    if cid in ("DVDQuantLoader", "DVDQuantApply", "DVDQuantBitSwitch"):
+        assert types["hidden"] == {"unique_id": "UNIQUE_ID"}  # node ids of the server events
+    assert getattr(cls, "OUTPUT_NODE", False) == (cid == "DVDQuantSave")
+
+
+def test_widget_defaults_and_ranges():
+    m = load_pack().NODE_CLASS_MAPPINGS
+    ld = m["DVDQuantLoader"].INPUT_TYPES()["required"]
+    assert ld["model_name"][0] == []  # no ComfyUI here: no model folders
+    assert (ld["w_bits"][1]["default"], ld["w_bits"][1]["min"], ld["w_bits"][1]["max"]) == (4, 2, 8)
+    assert (ld["a_low"][1]["default"], ld["a_low"][1]["min"], ld["a_low"][1]["max"]) == (4, 4, 8)
+    assert (ld["a_high"][1]["default"], ld["a_high"][1]["min"], ld["a_high"][1]["max"]) == (8, 4, 16)
+    assert ld["method"][0] == ["dvdq", "minmax", "smoothquant", "quarot"] and ld["method"][1]["default"] == "dvdq"
+    assert ld["save_quantized_copy"] == ("BOOLEAN", ld["save_quantized_copy"][1]) and not ld["save_quantized_copy"][1]["default"]
+    arq = m["DVDQuantARQSettings"].INPUT_TYPES()["required"]
+    assert arq["had_block"][0] == ["64", "128", "256"] and arq["had_block"][1]["default"] == "128"
+    assert arq["granularity"][0] == ["block", "channel"] and arq["layer_overrides"][1]["multiline"]
+    bs = m["DVDQuantBitSwitch"].INPUT_TYPES()["required"]
+    assert bs["mode"][0] == ["delta", "fixed", "manual"]
+    d = bs["delta"][1]
+    assert (d["default"], d["min"], d["max"], d["step"]) == (0.09, 0.0, 10.0, 0.005)
+    assert [bs[k][1]["default"] for k in ("low", "high", "fixed_bits", "schedule")] == [4, 8, 8, ""]
+    assert m["DVDQuantSave"].INPUT_TYPES()["required"]["filename_prefix"][1]["default"] == "dvdq/model"
+
+
+# ---------------------------------------------------------------- settings
+
+def test_build_config_and_arq_settings():
+    settings = sub("settings")
+    arq = settings.arq_settings(True, "64", False, "channel", "256", "blocks.0.*=8\nhead.*=16")
+    cfg = settings.build_config(4, 4, 8, "dvdq", arq)
+    assert isinstance(cfg, QuantConfig)
+    assert (cfg.w_bits, cfg.a_bits, cfg.a_low, cfg.a_high, cfg.had_block, cfg.scale_block) == (4, 8, 4, 8, 64, 256)
+    assert not cfg.auto_scale and cfg.granularity == "channel"
+    assert cfg.rule_for("blocks.0.self_attn.q").w_bits == 8 and cfg.rule_for("head.head").skip
+    assert settings.build_config(8, 8, 16, "quarot").a_bits == 16
+
+
+@pytest.mark.parametrize("args,msg", [
+    ((4, 8, 4, "dvdq"), "swap them"),
+    ((4, 4, 12, "dvdq"), "activation bits must be 4, 5, 6, 7, 8 or 16"),
+    ((9, 4, 8, "dvdq"), "weight bits must be an integer from 2 to 8"),
+    ((4, 4, 8, "gptq"), "choose one of dvdq, minmax, smoothquant, quarot"),
+])
+def test_build_config_errors(args, msg):
+    settings = sub("settings")
+    with pytest.raises(settings.SettingsError, match=msg):
+        settings.build_config(*args)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("blocks.0.*", "expected 'glob=precision'"),
+    ("blocks.0.*=banana", "unknown precision 'banana'"),
+    ("=8", "glob is empty"),
+])
+def test_override_errors_name_the_line(text, msg):
+    settings = sub("settings")
+    with pytest.raises(settings.SettingsError, match="layer_overrides") as e:
+        settings.arq_settings(layer_overrides=text)
+    assert msg in str(e.value)
+    node = load_pack().NODE_CLASS_MAPPINGS["DVDQuantARQSettings"]()
+    with pytest.raises(RuntimeError, match="layer_overrides"):  # the node raises the host's user error
+        node.settings(True, "128", True, "block", "128", text)
+
+
+# ---------------------------------------------------------------- step from sigma
+
+SCHED = [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_locate_step():
+    steps = sub("steps")
+    assert steps.locate_step(0.75, SCHED) == 1
+    assert steps.locate_step(0.75 * (1 + 1e-6), SCHED) == 1  # float noise of a device round trip
+    assert steps.locate_step(0.6, SCHED) is None  # an intermediate sigma (dpm_2, dpmpp_2s)
+    assert steps.locate_step(0.0, SCHED) is None  # the final entry never starts a step
+    assert steps.locate_step(1.0, SCHED, start=1) is None
+
+
+def test_tracker_heun_and_intermediate_calls():
+    steps = sub("steps")
+    t = steps.StepTracker()
+    t.begin(torch.tensor(SCHED))
+    # heun: each step calls at sigma_i, then at sigma_{i+1}; its last step is a plain Euler step
+    calls = [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]
+    assert [t.on_call(s) for s in calls] == [(0, True), (1, True), (1, False), (2, True), (2, False), (3, True),
+                                             (3, False)]
+    t.begin(SCHED)
+    assert [t.on_call(s) for s in [1.0, 0.9, 0.75, 0.6, 0.5]] == [(0, True), (0, False), (1, True), (1, False),
+                                                                 (2, True)]
+    assert t.total == 4
+    t.begin([1.0, 0.75, 0.5], offset=0)
+    assert t.total is None  # ends with leftover noise: the rest of the schedule is another sampler's
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event, data):
+        self.events.append((event, data))
+
+    def of(self, kind):
+        return [d for e, d in self.events if e == kind]
+
+
+def run_steps(hook, schedule, outputs, shape=(2, 4, 1, 2, 2)):
+    """One sampling run with one (CFG-batched) model call per step."""
+    hook.begin_run(torch.tensor(schedule), shape)
+    bits = []
+    for sigma, out in zip(schedule[:-1], outputs):
+        bits.append(hook.bits_for_call(sigma))
+        hook.after_call(out)
+    hook.end_run(True)
+    return bits
+
+
+def test_delta_state_machine_and_events():
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    hook = steps.BitScheduleHook("7", mode="delta", delta=0.09, low=4, high=8, emit=rec)
+    x = torch.ones(2, 4, 1, 2, 2)
+    outs = [x, x * 1.05, x * 1.10, x * 1.5]  # changes 0.05, 0.048 (acc 0.098 >= 0.09), then a big one
+    assert run_steps(hook, SCHED, outs) == [8, 4, 4, 8]
+    assert rec.of("dvdq.bits_reset") == [{"node": "7"}]
+    ev = rec.of("dvdq.bits")
+    assert [e["step"] for e in ev] == [0, 1, 2, 3] and all(e["total"] == 4 and e["mode"] == "delta" for e in ev)
+    assert ev[0]["indicator"] is None and ev[1]["indicator"] == pytest.approx(0.05, rel=1e-5)
+    assert ev[2]["accumulated"] == pytest.approx(0.05, rel=1e-5)
+    # the same node output reused for a second run starts over
+    rec.events.clear()
+    assert run_steps(hook, SCHED, outs) == [8, 4, 4, 8]
+    assert len(rec.of("dvdq.bits_reset")) == 1 and [e["step"] for e in rec.of("dvdq.bits")] == [0, 1, 2, 3]
+
+
+def test_calls_after_the_first_of_a_step_are_not_observed():
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    hook = steps.BitScheduleHook("1", mode="fixed", fixed_bits=6, emit=rec)
+    hook.begin_run(SCHED, (1, 4))
+    for sigma in [1.0, 0.75, 0.75, 0.5, 0.5, 0.25]:  # heun: two calls for most steps
+        assert hook.bits_for_call(sigma) == 6
+        hook.after_call(torch.randn(1, 4))
+    hook.end_run(True)
+    assert [e["step"] for e in rec.of("dvdq.bits")] == [0, 1, 2, 3]
+    assert len(hook.bs.log) == 4
+
+
+def test_split_schedule_continues_across_nodes():
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    hi = steps.BitScheduleHook("hi", mode="delta", emit=rec)
+    lo = steps.BitScheduleHook("lo", mode="delta", emit=rec)
+    x = torch.ones(2, 4, 1, 2, 2)
+    assert run_steps(hi, [1.0, 0.75, 0.5], [x, x]) == [8, 4]
+    assert run_steps(lo, [0.5, 0.25, 0.0], [x, x * 2]) == [4, 4]  # continues: acc 0 < delta, no first-step high
+    ev = rec.of("dvdq.bits")
+    assert [(e["node"], e["step"], e["total"]) for e in ev] == [("hi", 0, None), ("hi", 1, None), ("lo", 2, 4),
+                                                                ("lo", 3, 4)]
+    assert ev[2]["indicator"] == 0.0  # compared with the high-noise expert's last output
+    assert [e["node"] for e in rec.of("dvdq.bits_reset")] == ["hi", "lo"]
+
+
+def test_split_schedule_on_one_node_keeps_its_strip():
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    hook = steps.BitScheduleHook("one", mode="fixed", fixed_bits=8, emit=rec)
+    x = torch.ones(1, 4)
+    run_steps(hook, [1.0, 0.75, 0.5], [x, x], shape=(1, 4))
+    run_steps(hook, [0.5, 0.25, 0.0], [x, x], shape=(1, 4))
+    assert [e["step"] for e in rec.of("dvdq.bits")] == [0, 1, 2, 3]
+    assert len(rec.of("dvdq.bits_reset")) == 1  # the continuation does not clear the node's bit strip
+
+
+def test_interrupted_or_unrelated_runs_are_not_continued():
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    a = steps.BitScheduleHook("a", emit=rec)
+    b = steps.BitScheduleHook("b", emit=rec)
+    a.begin_run([1.0, 0.75, 0.5], (1, 4))
+    a.bits_for_call(1.0)
+    a.after_call(torch.ones(1, 4))
+    a.end_run(False)  # interrupted
+    assert run_steps(b, [0.5, 0.25, 0.0], [torch.ones(1, 4)] * 2, shape=(1, 4)) == [8, 4]
+    assert [e["step"] for e in rec.of("dvdq.bits") if e["node"] == "b"] == [0, 1]
+    run_steps(a, [1.0, 0.75, 0.5], [torch.ones(1, 4)] * 2, shape=(1, 4))
+    assert steps.find_continuation(0.5, (2, 4)) is None  # another latent shape
+    assert steps.find_continuation(0.4, (1, 4)) is None  # not where the last run stopped
+    assert steps.find_continuation(0.5, (1, 4)) is not None
+
+
+def test_manual_schedule_too_short_is_a_clear_error():
+    steps = sub("steps")
+    hook = steps.BitScheduleHook("m", mode="manual", schedule="8,4")
+    hook.begin_run(SCHED, (1, 4))
+    for s in SCHED[:2]:
+        hook.bits_for_call(s)
+        hook.after_call(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="end it with '...'"):
+        hook.bits_for_call(SCHED[2])
+    with pytest.raises(ValueError, match="schedule is empty"):
+        steps.BitScheduleHook("m", mode="manual", schedule="")
+
+
+# ---------------------------------------------------------------- wrappers with fake executors
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(64, 64)])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+class FakeExecutor:
+    def __init__(self, fn, class_obj=None):
+        self.fn, self.class_obj = fn, class_obj
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def test_wrappers_set_bits_per_step_and_reset_on_failure():
+    sched = sub("scheduler")
+    steps = sub("steps")
+    steps.record_run_end(None)
+    model = Tiny()
+    quantize_model(model, QuantConfig(w_bits=8, a_bits=8))
+    rec = Recorder()
+    hook = steps.BitScheduleHook("9", mode="manual", schedule="8,5,6,...", emit=rec)
+    outer, inner = sched.make_outer_sample_wrapper(hook), sched.make_diffusion_model_wrapper(hook)
+    seen = []
+
+    def forward(x, timestep, context, transformer_options):  # Wan-like: options as the last positional
+        seen.append(get_bit_state(model).bits)
+        return model(x)
+
+    def sample(noise, latent, sampler, sigmas, *rest):
+        for s in sigmas[:-1]:
+            s2 = torch.full((2,), float(s))  # CFG: cond and uncond in one batch
+            inner(FakeExecutor(forward, model), noise, s2, None, {"sigmas": s2, "sample_sigmas": sigmas})
+        return noise
+
+    noise = torch.randn(2, 64)
+    outer(FakeExecutor(sample), noise, noise, None, torch.tensor(SCHED), None, None, False, 0)
+    assert seen == [8, 5, 6, 6]
+    assert [e["bits"] for e in rec.of("dvdq.bits")] == [8, 5, 6, 6]
+    assert steps._LAST_RUN[0].end_sigma == 0.0  # completed; ends at sigma 0, so nothing can continue it
+    assert steps.find_continuation(0.0, (2, 64)) is None
+
+    def failing(*args):
+        raise KeyboardInterrupt  # ComfyUI's interrupt
+    with pytest.raises(KeyboardInterrupt):
+        outer(FakeExecutor(failing), noise, noise, None, torch.tensor([1.0, 0.5]), None, None, False, 0)
+    assert not hook.running and steps._LAST_RUN[0] is None
+
+
+def test_find_transformer_options():
+    sched = sub("scheduler")
+    to = {"sigmas": torch.tensor([0.5]), "cond_or_uncond": [0]}
+    assert sched.find_transformer_options((1, 2, to), {}) is to  # Wan: the last positional
+    assert sched.find_transformer_options((1, 2, to, None, None), {}) is to  # HunyuanVideo: followed by more
+    assert sched.find_transformer_options((1,), {"transformer_options": to}) is to
+    assert sched.call_sigma(to) == 0.5 and sched.call_sigma({}) is None
+
+
+# ---------------------------------------------------------------- host helpers that need no ComfyUI
+
+def test_lora_hits_every_naming():
+    host = sub("host")
+    layers = {"diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.1.ffn.0"}
+    lora = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": 0, "lora_unet_blocks_1_ffn_0.lora_up.weight": 0,
+            "blocks.1.ffn.0.alpha": 0, "diffusion_model.head.head.lora_A.weight": 0,
+            "diffusion_model.blocks.0.self_attn.qq.lora_A.weight": 0}
+    assert sorted(host.lora_hits(lora, layers)) == sorted(list(lora)[:3])
+    assert "before 'DVD-Quant Apply'" in host.lora_after_message(["x"])
+
+
+def test_save_names_never_overwrite(tmp_path):
+    host = sub("host")
+    assert host.split_prefix("dvdq/model") == ("", "model")
+    assert host.split_prefix("dvdq/wan/model") == ("wan", "model")
+    assert host.split_prefix("") == ("", "model")
+    with pytest.raises(RuntimeError, match="relative name"):
+        host.split_prefix("dvdq/../../etc/x")
+    first = host.unique_path(str(tmp_path), "m")
+    open(first, "w").close()
+    second = host.unique_path(str(tmp_path), "m")
+    assert first.endswith("m.safetensors") and second.endswith("m_2.safetensors")
+
+
+def test_not_a_video_dit_message():
+    host = sub("host")
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = Tiny()
+    with pytest.raises(host.DVDQuantError, match="Wan 2.1/2.2, HunyuanVideo"):
+        host.video_dit_arch(Base())
+
+
+def test_gpu_bits_problem_names_the_fix():
+    host = sub("host")
+    settings = sub("settings")
+
+    def kernels(spec, bits):  # what the kernels answer: 4-bit weights only
+        return None if spec.w_bits == 4 else "the kernels take 4-bit weights"
+    assert host.gpu_bits_problem(settings.build_config(4, 4, 8, "dvdq"), kernels) is None
+    msg = host.gpu_bits_problem(settings.build_config(8, 8, 8, "dvdq"), kernels)
+    assert "W8A8" in msg and "w_bits 4" in msg and host.ALLOW_SLOW_ENV in msg

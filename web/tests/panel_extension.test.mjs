@@ -1,0 +1,208 @@
+// The extension module itself (dvdq_panel.js) against a fake ComfyUI app/api and a recording canvas:
+// registration, the panel widget, events -> state -> what gets drawn, hover.
+import { test, before } from "node:test";
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import * as S from "../dvdq_panel_state.js";
+
+const WEB = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
+
+class FakeApi {
+  constructor() { this.listeners = {}; }
+  addEventListener(name, fn) { (this.listeners[name] ??= []).push(fn); }
+  emit(name, detail) { for (const fn of this.listeners[name] ?? []) fn({ detail }); }
+}
+
+const host = { extensions: [], dirty: 0 };
+host.app = {
+  registerExtension(ext) { host.extensions.push(ext); },
+  graph: { setDirtyCanvas() { host.dirty++; } },
+};
+host.api = new FakeApi();
+
+// Canvas context that records what is drawn.
+function recordingCtx() {
+  const rec = { texts: [], rects: [], strokes: 0 };
+  const ctx = {
+    rec, fillStyle: "", strokeStyle: "", font: "", lineWidth: 1, textAlign: "", textBaseline: "",
+    save() {}, restore() {}, beginPath() {}, fill() {}, rect() {}, roundRect() {}, moveTo() {}, lineTo() {},
+    setLineDash() {}, strokeRect() {},
+    stroke() { rec.strokes++; },
+    fillRect(x, y, w, h) { rec.rects.push({ x, y, w, h, colour: this.fillStyle }); },
+    fillText(t) { rec.texts.push(String(t)); },
+    measureText(t) { return { width: String(t).length * 6 }; },
+  };
+  return ctx;
+}
+
+function makeNodeType(name) {
+  const proto = {
+    addCustomWidget(w) { this.widgets.push(w); return w; },
+    computeSize() { return [320, 40 + 24 * this.widgets.length + (this.widgets.at(-1)?.computeSize?.(320)[1] ?? 0)]; },
+    setSize(s) { this.size = s; },
+    getInputNode(slot) { return this.upstream?.[slot]; },
+  };
+  function NodeType(id, widgets, inputs = []) {
+    this.id = id; this.type = name; this.size = [320, 100]; this.widgets = widgets; this.inputs = inputs; this.flags = {};
+  }
+  NodeType.prototype = proto;
+  return NodeType;
+}
+
+let ext;
+let BitNode;
+let LoaderNode;
+
+before(async () => {
+  // Load dvdq_panel.js with its two ComfyUI imports pointed at the fakes.
+  const src = fs.readFileSync(path.join(WEB, "dvdq_panel.js"), "utf8")
+    .replace(/import \{ app \} from "..\/..\/scripts\/app.js";/, "const { app } = globalThis.__dvdqHost;")
+    .replace(/import \{ api \} from "..\/..\/scripts\/api.js";/, "const { api } = globalThis.__dvdqHost;")
+    .replace(/from "\.\/dvdq_panel_state\.js"/, `from ${JSON.stringify(pathToFileURL(path.join(WEB, "dvdq_panel_state.js")).href)}`);
+  assert.ok(src.includes("const { app } = globalThis.__dvdqHost"), "app import not found");
+  assert.ok(src.includes("const { api } = globalThis.__dvdqHost"), "api import not found");
+  globalThis.__dvdqHost = host;
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "dvdq-panel-")), "dvdq_panel.mjs");
+  fs.writeFileSync(file, src);
+  await import(pathToFileURL(file).href);
+  assert.equal(host.extensions.length, 1);
+  ext = host.extensions[0];
+  ext.setup();
+  BitNode = makeNodeType("DVDQuantBitSwitch");
+  LoaderNode = makeNodeType("DVDQuantLoader");
+  await ext.beforeRegisterNodeDef(BitNode, { name: "DVDQuantBitSwitch" });
+  await ext.beforeRegisterNodeDef(LoaderNode, { name: "DVDQuantLoader" });
+});
+
+const panelOf = (node) => node.widgets.find((w) => w.name === "dvdq_panel");
+
+function newBitNode(id, loader) {
+  const node = new BitNode(id, [
+    { name: "mode", value: "delta" }, { name: "delta", value: 0.1 }, { name: "low", value: 4 },
+    { name: "high", value: 8 }, { name: "fixed_bits", value: 8 }, { name: "schedule", value: "" },
+  ], [{ name: "model", type: "MODEL", link: 1 }]);
+  node.upstream = [loader];
+  node.onNodeCreated();
+  return node;
+}
+
+function newLoader(id) {
+  const node = new LoaderNode(id, [
+    { name: "model_name", value: "m.safetensors" }, { name: "w_bits", value: 4 }, { name: "a_low", value: 4 },
+    { name: "a_high", value: 8 }, { name: "method", value: "dvdq" }, { name: "save_quantized_copy", value: false },
+  ], [{ name: "arq_settings", type: "ARQ_SETTINGS", link: null }]);
+  node.onNodeCreated();
+  return node;
+}
+
+function draw(node) {
+  const ctx = recordingCtx();
+  const panel = panelOf(node);
+  panel.y = 200;
+  panel.draw(ctx, node, node.size[0], panel.y, 20);
+  return ctx.rec;
+}
+
+test("registers one extension and adds an unserialized panel widget to our nodes only", async () => {
+  assert.equal(ext.name, "dvdq.panel");
+  const Other = makeNodeType("KSampler");
+  const before = Other.prototype.onNodeCreated;
+  await ext.beforeRegisterNodeDef(Other, { name: "KSampler" });
+  assert.equal(Other.prototype.onNodeCreated, before);
+  const node = newBitNode(21, newLoader(20));
+  const panel = panelOf(node);
+  assert.ok(panel, "no panel widget");
+  assert.equal(panel.serialize, false);
+  assert.equal(panel.options.serialize, false);
+  assert.equal(node.widgets.at(-1), panel, "the panel must come after the real widgets (widgets_values order)");
+  assert.ok(node.size[1] >= node.computeSize()[1]);
+  node.onNodeCreated(); // created twice (e.g. clone): still one panel
+  assert.equal(node.widgets.filter((w) => w.name === "dvdq_panel").length, 1);
+});
+
+test("dvdq.bits events fill the strip; reset clears it", () => {
+  const loader = newLoader(30);
+  const node = newBitNode(31, loader);
+  let rec = draw(node);
+  assert.ok(rec.texts.includes("bits per step appear here while sampling"));
+  host.api.emit("dvdq.bits_reset", { node: "31" });
+  const seq = [8, 4, 4, 8];
+  seq.forEach((bits, step) => host.api.emit("dvdq.bits", {
+    node: "31", step, total: 6, bits, indicator: 0.01, accumulated: 0.03 * step, mode: "delta",
+  }));
+  rec = draw(node);
+  const cells = rec.rects.filter((r) => r.h === 16 && r.y === 220);
+  assert.equal(cells.length, 6);
+  assert.deepEqual(cells.map((c) => c.colour), [
+    S.HIGH_COLOUR, S.LOW_COLOUR, S.LOW_COLOUR, S.HIGH_COLOUR, S.EMPTY_COLOUR, S.EMPTY_COLOUR,
+  ]);
+  assert.ok(rec.texts.includes("W4A6"), rec.texts.join(" | "));
+  assert.ok(rec.texts.some((t) => t.startsWith("avg 6 bits · 4/6")));
+  assert.ok(rec.texts.some((t) => t.startsWith("step 4/6: 8 bits")));
+  assert.ok(rec.strokes >= 2, "accumulated line and δ threshold");
+  host.api.emit("dvdq.bits_reset", { node: "31" });
+  rec = draw(node);
+  assert.ok(rec.texts.includes("bits per step appear here while sampling"));
+  assert.ok(rec.texts.includes("W4A–"));
+});
+
+test("events from a node inside a subgraph ('5:41') reach node 41; other nodes stay empty", () => {
+  const node = newBitNode(41, newLoader(40));
+  const other = newBitNode(42, newLoader(43));
+  host.api.emit("dvdq.bits", { node: "5:41", step: 0, total: 2, bits: 8, indicator: null, accumulated: 0, mode: "fixed" });
+  assert.ok(draw(node).texts.some((t) => t.startsWith("step 1/2: 8 bits")));
+  assert.ok(draw(other).texts.includes("bits per step appear here while sampling"));
+});
+
+test("hovering a cell shows that step", () => {
+  const node = newBitNode(51, newLoader(50));
+  [8, 4, 4, 4].forEach((bits, step) => host.api.emit("dvdq.bits", {
+    node: "51", step, total: 4, bits, indicator: 0.02, accumulated: 0.02 * step, mode: "delta",
+  }));
+  const panel = panelOf(node);
+  panel.y = 200;
+  // Cells span x 10..310; the second cell is around x = 90, the strip at y 220..236.
+  node.onMouseMove({}, [90, 228]);
+  assert.equal(node._dvdqHover, 1);
+  assert.ok(draw(node).texts.some((t) => t.startsWith("step 2/4: 4 bits")));
+  node.onMouseMove({}, [90, 100]); // over the widgets: no hover
+  assert.equal(node._dvdqHover, null);
+  node.onMouseMove({}, [90, 228]);
+  node.onMouseLeave({});
+  assert.equal(node._dvdqHover, null);
+});
+
+test("loader panel: progress bar with the layer, then the summary", () => {
+  const loader = newLoader(60);
+  let rec = draw(loader);
+  assert.ok(rec.texts.includes("quantization progress appears here"));
+  host.api.emit("dvdq.quant_progress", { node: "60", done: 3, total: 12, layer: "blocks.0.ffn.2" });
+  rec = draw(loader);
+  assert.ok(rec.texts.includes("quantizing 3/12 blocks.0.ffn.2"), rec.texts.join(" | "));
+  const bar = rec.rects.filter((r) => r.h === 14);
+  assert.equal(bar.length, 2);
+  assert.ok(Math.abs(bar[1].w - bar[0].w * 0.25) < 1e-9, "bar filled to 3/12");
+  host.api.emit("dvdq.quant_summary", {
+    node: "60", layers: 12, w_bits: 4, bytes_before: 4096, bytes_after: 1024, mean_rel_error: 0.05,
+    seconds: 1.5, source: "loaded",
+  });
+  rec = draw(loader);
+  assert.ok(rec.texts.includes("loaded DVD-Quant file"));
+  assert.ok(rec.texts.includes("W4 · 12 layers loaded pre-quantized in 1.50 s"));
+  assert.ok(rec.texts.includes("4 KiB → 1 KiB (4×)"));
+  assert.ok(rec.texts.includes("mean rel. error 0.05"));
+  // A Bit Switch fed by this loader takes its weight bits from the summary.
+  const bits = newBitNode(61, loader);
+  host.api.emit("dvdq.bits", { node: "61", step: 0, total: 1, bits: 4, indicator: null, accumulated: 0, mode: "delta" });
+  assert.ok(draw(bits).texts.includes("W4A4"));
+});
+
+test("a collapsed node draws nothing", () => {
+  const node = newBitNode(71, newLoader(70));
+  node.flags.collapsed = true;
+  const rec = draw(node);
+  assert.equal(rec.texts.length + rec.rects.length, 0);
+});
