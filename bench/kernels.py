@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Every timed call must quantize its activations: without this the one-entry reuse cache (meant for
+# q/k/v sharing one input) turns repeated calls on the same x into GEMM-only timings.
+os.environ["DVDQ_REUSE_ACTIVATIONS"] = "0"
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
