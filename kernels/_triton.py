@@ -64,14 +64,15 @@ def _absmax_kernel(
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
     rmat = _load_rotation(r_ptr, R, INTERPRET)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
         xa = tl.abs(_rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET))
         rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
         offs_t = c0 // TG + tl.arange(0, C // TG)
-        tl.store(rowmax_ptr + offs_m[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
+        tl.store(rowmax_ptr + rows[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
         if AUTO_SCALE:
             cmax = tl.max(rmax, axis=0)  # [C // TG]; padded rows loaded as 0 never win
             tl.atomic_max(l_ptr + (offs_t * TG) // SB, cmax)
@@ -88,11 +89,12 @@ def _quantize_kernel(
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
     smax = tl.zeros((BM,), dtype=tl.float32)
     for t0 in range(0, NT, TB):
         offs_t = t0 + tl.arange(0, TB)
         t_mask = offs_t < NT
-        rm = tl.load(rowmax_ptr + offs_m[:, None] * NT + offs_t[None, :], mask=m_mask[:, None] & t_mask[None, :], other=0.0)
+        rm = tl.load(rowmax_ptr + rows[:, None] * NT + offs_t[None, :], mask=m_mask[:, None] & t_mask[None, :], other=0.0)
         if AUTO_SCALE:
             lt = tl.maximum(tl.load(l_ptr + (offs_t * TG) // SB, mask=t_mask, other=1.0), EPS)
             rm = tl.math.div_rn(rm, lt[None, :])
@@ -102,7 +104,7 @@ def _quantize_kernel(
     rmat = _load_rotation(r_ptr, R, INTERPRET)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
         xs = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
         if AUTO_SCALE:
             lc = tl.maximum(tl.load(l_ptr + offs_c // SB), EPS)
@@ -113,7 +115,7 @@ def _quantize_kernel(
         else:
             v = tl.extra.cuda.libdevice.rint(v)  # round half to even, as torch.round
         v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax * 1.0)
-        tl.store(q_ptr + offs_m[:, None] * K + offs_c[None, :], v.to(tl.int8), mask=m_mask[:, None])
+        tl.store(q_ptr + rows[:, None] * K + offs_c[None, :], v.to(tl.int8), mask=m_mask[:, None])
 
 
 @triton.jit
@@ -123,12 +125,13 @@ def _rotate_kernel(x_ptr, r_ptr, rscale, y_ptr, M, K: tl.constexpr, stride_xm, C
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
     rmat = _load_rotation(r_ptr, R, INTERPRET)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
         xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
-        tl.store(y_ptr + offs_m[:, None] * K + offs_c[None, :], _round_to(xr, x.dtype, INTERPRET), mask=m_mask[:, None])
+        tl.store(y_ptr + rows[:, None] * K + offs_c[None, :], _round_to(xr, x.dtype, INTERPRET), mask=m_mask[:, None])
 
 
 @triton.jit
@@ -184,14 +187,15 @@ def _w4_gemm_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
     n_mask = offs_n < N
     offs_h = tl.arange(0, BK // 2)
     a_cols = (offs_h // 32) * 64 + offs_h % 32  # even half of each permuted group of 64
-    a_ptrs = a_ptr + offs_m[:, None] * K + a_cols[None, :]
+    a_ptrs = a_ptr + rows[:, None] * K + a_cols[None, :]
     if W_INT8:
-        w_ptrs = w_ptr + offs_n[:, None] * K + a_cols[None, :]
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + a_cols[None, :]
     else:
-        w_ptrs = w_ptr + offs_n[:, None] * (K // 2) + offs_h[None, :]
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + offs_h[None, :]
     z = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.int8)
 
     if SWAP:
@@ -201,7 +205,7 @@ def _w4_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_i = tl.zeros((BM, BN), dtype=tl.int32)
     offs_k = tl.arange(0, BK)
-    af_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]  # ONE_DOT: the whole tile, as stored
+    af_ptrs = a_ptr + rows[:, None] * K + offs_k[None, :]  # ONE_DOT: the whole tile, as stored
     for k0 in range(0, K, BK):
         if EVEN_K:  # no K mask (a mask on the contiguous axis would block vector loads)
             am = m_mask[:, None]
@@ -266,7 +270,7 @@ def _w4_gemm_kernel(
         acc = acc_i.to(tl.float32)
 
     d = tl.load(d_ptr + offs_n, mask=n_mask, other=0.0)
-    y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+    y_ptrs = y_ptr + rows[:, None] * N + offs_n[None, :]
     if SWAP:
         acc = acc * d[:, None]
         if not A_FLOAT:

@@ -185,6 +185,8 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
                    gemm_cfg=None, out=None, **variant):
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
+    if x2d.shape[0] == 0:  # no tokens: nothing to launch
+        return x2d.new_empty((0, qweight.shape[0])) if out is None else out
     if a_bits == 16:
         xr = rotate_activations(x2d, hb)
         return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, **variant)

@@ -160,6 +160,12 @@ def test_public_forward_and_backend():
         assert rel_err(y2.reshape(9, 40), y) < 1e-6
 
 
+def test_empty_input():
+    layer = make_layer(40, 128)
+    y = kernels.linear_forward(layer, activations(0, 128, torch.bfloat16), 8)
+    assert y.shape == (0, 40)
+
+
 def test_unsupported_reason():
     layer = make_layer(40, 128)
     x = activations(4, 128, torch.bfloat16)
