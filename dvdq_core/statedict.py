@@ -10,13 +10,11 @@ from safetensors import safe_open
 
 from .config import QuantConfig
 from .linear import quantize_weight
-from .serialization import SafetensorsWriter, build_metadata
+from .serialization import SAFETENSORS_DTYPES, SafetensorsWriter, build_metadata
 from .spec import layer_spec
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-_DT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
 
 
 def detect_arch(keys) -> str:
@@ -55,7 +53,7 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
         plan, specs, layers = {}, {}, {}
         for k in keys:
             sl = f.get_slice(k)
-            shape, dtype = tuple(sl.get_shape()), _DT[sl.get_dtype()]
+            shape, dtype = tuple(sl.get_shape()), SAFETENSORS_DTYPES[sl.get_dtype()]
             n = names[k]
             spec = None
             if n.endswith(".weight") and len(shape) == 2:

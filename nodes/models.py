@@ -12,17 +12,14 @@ from torch import nn
 
 from dvdq_core import load_quantized, quantize_model, quantized_layers, read_metadata, save_quantized
 from dvdq_core import set_activation_bits
+from dvdq_core.serialization import SAFETENSORS_DTYPES
 from dvdq_core.spec import layer_spec
 
 from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
-                   guard_outer_sample,
-                   quant_device, video_dit_arch)
+                   guard_outer_sample, quant_device, video_dit_arch)
 
 log = logging.getLogger("dvdq")
 VIDEO_IMAGE_MODELS = ("wan2.1", "hunyuan_video")  # unet_config["image_model"] of the accepted families
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def prepare_for_comfy(base_model, config, arch: str, source: str):
@@ -113,7 +110,7 @@ def _header_state_dict(path) -> dict:
         out = {}
         for k in f.keys():
             sl = f.get_slice(k)
-            out[k] = torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32),
+            out[k] = torch.empty(sl.get_shape(), dtype=SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32),
                                  device="meta")
         return out
 
@@ -271,7 +268,7 @@ def load_prequantized(path, a_bits, node_id):
         layer, _, suffix = k.rpartition(".")
         if layer in layers and "." + suffix in quant_suffixes:
             continue
-        dtype = _SAFETENSORS_DTYPES.get(dt, torch.float32)
+        dtype = SAFETENSORS_DTYPES.get(dt, torch.float32)
         fake[k] = torch.empty(shape, dtype=dtype, device="meta")
         if dtype.is_floating_point:
             float_dtypes.append(dtype)

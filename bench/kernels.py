@@ -1,0 +1,255 @@
+"""Quantized linear layers at the real layer shapes of Wan 2.1 (1.3B, 14B) and HunyuanVideo.
+
+Times, per shape and token count M (CUDA events, median of do_bench):
+  bf16       F.linear (cuBLAS)
+  fp8        torch._scaled_mm, e4m3 operands, row-wise scales (GEMM alone: inputs pre-quantized)
+  ours       kernels.linear_forward at W4A8 / W4A4: activation kernels + GEMM (the whole layer)
+  gemm       our GEMM alone on ready int8 codes, and act: our activation kernels alone
+  ck_int8    comfy-kitchen TensorWiseINT8Layout (per-channel, ConvRot), F.linear incl. its quantizer
+  ck_w4a8    comfy-kitchen AsymW4A8Int8Layout, F.linear incl. its quantizer
+and a sweep of our GEMM tile configurations. Prints a table; --json writes all numbers.
+
+usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# Every timed call must quantize its activations: without this the one-entry reuse cache (meant for
+# q/k/v sharing one input) turns repeated calls on the same x into GEMM-only timings.
+os.environ["DVDQ_REUSE_ACTIVATIONS"] = "0"
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import configs, ops  # noqa: E402
+
+# (name, N, K) of the token-side linear layers of one transformer block.
+SHAPES = {
+    "wan1.3b": [("qkvo", 1536, 1536), ("ffn1", 8960, 1536), ("ffn2", 1536, 8960)],
+    "wan14b": [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)],
+    "hunyuan": [("qkv", 9216, 3072), ("proj", 3072, 3072), ("mlp1", 12288, 3072), ("mlp2", 3072, 12288),
+                ("single1", 21504, 3072), ("single2", 3072, 15360)],
+}
+PEAK_INT8 = 1979e12  # dense int8/fp8 on H100 SXM (datasheet); measured copy bandwidth below
+COPY_BW = 3.0e12
+
+
+def bench(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+
+
+def make_layer(n, k, dev, had_block=128, scale_block=128):
+    from types import SimpleNamespace
+    return SimpleNamespace(
+        qweight=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev),
+        w_scale=torch.rand(n, device=dev) * 0.01 + 1e-3,
+        w_zero=torch.randint(0, 16, (n,), dtype=torch.uint8, device=dev),
+        bias=torch.randn(n, device=dev, dtype=torch.bfloat16), in_features=k, out_features=n, w_bits=4,
+        had_block=had_block, scale_block=scale_block, rotate=True, auto_scale=True, granularity="block",
+        method="dvdq")
+
+
+def fp8_operands(x, w):
+    xa = x.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / 448.0
+    wa = w.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / 448.0
+    xq = (x.float() / xa).to(torch.float8_e4m3fn)
+    wq = (w.float() / wa).to(torch.float8_e4m3fn)
+    return xq, wq, xa, wa.t().contiguous()
+
+
+def try_ck():
+    try:
+        import comfy_kitchen as ck  # noqa: F401
+        from comfy_kitchen.tensor import QuantizedTensor
+        return QuantizedTensor, None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    x[:, :: max(1, k // 7)] *= 20
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    b = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    flops = 2.0 * m * n * k
+    row = {"model": model, "layer": name, "M": m, "N": n, "K": k}
+    row["bf16"] = bench(lambda: F.linear(x, w, b))
+    try:
+        xq, wq, xs, ws = fp8_operands(x, w)
+        row["fp8"] = bench(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=torch.bfloat16))
+        del xq, wq
+    except Exception as e:
+        row["fp8_err"] = repr(e)[:200]
+    layer = make_layer(n, k, dev)
+    hb, sb = ops.effective_blocks(layer, k)
+    for bits in (8, 4):
+        row[f"ours_a{bits}"] = bench(lambda: kernels.linear_forward(layer, x, bits))
+    q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
+    row["act"] = bench(lambda: ops.quantize_activations(x, hb, sb, 8, True))
+    row["gemm"] = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                                            torch.bfloat16, sb, True))
+    row["ours_a16"] = bench(lambda: kernels.linear_forward(layer, x, 16))
+    if args.sweep and model in args.sweep_models:
+        sweep = {}
+        for cfg in configs.SM90_CANDIDATES:
+            try:
+                sweep[str(cfg)] = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s,
+                                                            layer.bias, torch.bfloat16, sb, True, cfg))
+            except Exception as e:
+                sweep[str(cfg)] = f"{type(e).__name__}: {str(e)[:150]}"
+        row["sweep"] = sweep
+    del q, s, l
+    if ck_qt is not None and args.ck and model in args.ck_models:
+        for key, layout, kw in (("ck_int8", "TensorWiseINT8Layout", {"per_channel": True, "convrot": True}),
+                                ("ck_w4a8", "AsymW4A8Int8Layout", {})):
+            try:
+                qt = ck_qt.from_float(w, layout, **kw)
+                y = F.linear(x, qt, b)
+                ref = F.linear(x, w, b).float()
+                row[key + "_relerr"] = ((y.float() - ref).norm() / ref.norm()).item()
+                row[key] = bench(lambda: F.linear(x, qt, b))
+                del qt, y, ref
+            except Exception as e:
+                row[key + "_err"] = f"{type(e).__name__}: {str(e)[:300]}"
+    # two-number floors of our full layer: int8 MMA at peak, and the bytes it must move
+    bytes_min = 2 * m * k * 2 + 2 * m * k + n * k // 2 + m * n * 2  # X twice, q written+read, W, Y
+    row["floor"] = max(flops / PEAK_INT8, bytes_min / COPY_BW)
+    row["gemm_tops"] = flops / row["gemm"] / 1e12
+    rows.append(row)
+    del x, w, b
+    torch.cuda.empty_cache()
+    return row
+
+
+def gemm_variants(m, n, k, dev):
+    """Where the GEMM's time goes: unpacking (W_INT8 skips it), per-block scaling (PROMOTE=False
+    skips it), both (a plain int8 Triton GEMM), the inline-PTX unpack, and cuBLAS int8 (_int_mm)."""
+    layer = make_layer(n, k, dev)
+    hb, sb = ops.effective_blocks(layer, k)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
+    w8 = torch.randint(-15, 16, (n, k), device=dev, dtype=torch.int8)
+    flops = 2.0 * m * n * k
+    out = {}
+    cfgs = [configs.GemmConfig(128, 128, 128, 8, False, 8, 4), configs.GemmConfig(128, 128, 128, 8, True, 8, 4),
+            configs.GemmConfig(128, 128, 128, 8, False, 8, 3), configs.GemmConfig(128, 128, 64, 8, False, 8, 4),
+            configs.GemmConfig(128, 256, 128, 8, False, 8, 3), configs.GemmConfig(128, 64, 128, 8, True, 4, 4)]
+    flag_sets = {"base": {}, "asm": {"ASM_UNPACK": True}, "one_dot": {"ONE_DOT": True},
+                 "one_dot_asm": {"ONE_DOT": True, "ASM_UNPACK": True}, "w_int8": {"W_INT8": True},
+                 "no_promote": {"PROMOTE": False}, "asm_no_promote": {"ASM_UNPACK": True, "PROMOTE": False},
+                 "plain_int8": {"W_INT8": True, "PROMOTE": False}}
+    for cfg in cfgs:
+        for name, flags in flag_sets.items():
+            w = w8 if flags.get("W_INT8") else layer.qweight
+            key = f"{name:15s} {cfg}"
+            try:
+                t = bench(lambda: ops.w4_gemm(q, w, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16,
+                                              sb, True, cfg, **flags))
+                out[key] = (t, flops / t / 1e12)
+            except Exception as e:
+                out[key] = f"{type(e).__name__}: {str(e)[:120]}"
+    try:
+        wt = w8.t()
+        t = bench(lambda: torch._int_mm(q, wt))
+        out["cublas _int_mm"] = (t, flops / t / 1e12)
+    except Exception as e:
+        out["cublas _int_mm"] = f"{type(e).__name__}: {str(e)[:120]}"
+    for act_cfg in [(2048, 4, 2), (4096, 4, 2), (4096, 4, 3), (4096, 8, 2), (8192, 8, 2), (8192, 8, 3), (8192, 4, 2)]:
+        try:
+            t = bench(lambda: ops.quantize_activations(x, hb, sb, 8, True, act_cfg=act_cfg))
+            out[f"act {act_cfg}"] = (t, (2 * m * k * 2 + m * k) / t / 1e12)  # TB/s over the minimal bytes
+        except Exception as e:
+            out[f"act {act_cfg}"] = f"{type(e).__name__}: {str(e)[:120]}"
+    return out
+
+
+def fmt_row(r):
+    def ms(key):
+        v = r.get(key)
+        return f"{v * 1e3:7.3f}" if isinstance(v, float) else "    n/a"
+    sp = lambda key: f"{r['bf16'] / r[key]:5.2f}x" if isinstance(r.get(key), float) else "   n/a"
+    return (f"{r['model']:8s} {r['layer']:8s} {r['M']:6d} {r['N']:6d} {r['K']:6d} | {ms('bf16')} {ms('fp8')} "
+            f"{ms('ours_a8')} {ms('ours_a4')} {ms('gemm')} {ms('act')} {ms('ours_a16')} {ms('ck_int8')} {ms('ck_w4a8')} |"
+            f" {sp('fp8')} {sp('ours_a8')} {r['gemm_tops']:6.0f} {ms('floor')}")
+
+
+HEADER = ("model    layer         M      N      K |    bf16     fp8 ours_a8 ours_a4    gemm     act ours_16 ck_int8 ck_w4a8 |"
+          "   fp8x   ourx  TOP/s   floor   (ms; x = speed-up over bf16)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="+", default=[32760, 75600])
+    ap.add_argument("--models", nargs="+", default=list(SHAPES))
+    ap.add_argument("--sweep", action="store_true", help="time every GEMM tile configuration")
+    ap.add_argument("--sweep-models", nargs="+", default=["wan14b"])
+    ap.add_argument("--ck", action="store_true", help="time comfy-kitchen's INT8 and W4A8 linears")
+    ap.add_argument("--ck-models", nargs="+", default=["wan14b"])
+    ap.add_argument("--variants", action="store_true", help="GEMM/activation-kernel variant study only (Wan 14B)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    info = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
+            "torch": torch.__version__, "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    ck_qt, ck_err = try_ck() if args.ck else (None, "not requested")
+    info["comfy_kitchen"] = ck_err or "imported"
+    print(json.dumps(info))
+    rows = []
+    if args.variants:
+        study = {}
+        for name, n, k in SHAPES["wan14b"][:2] + SHAPES["wan14b"][2:]:
+            res = gemm_variants(args.m[0], n, k, dev)
+            study[name] = res
+            for key, v in res.items():
+                print(f"{name:5s} {key}: " + (f"{v[0] * 1e3:.3f} ms {v[1]:.0f} {'TB/s' if key.startswith('act') else 'TOP/s'}" if isinstance(v, tuple) else v), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "variants": study}, f, indent=1)
+        return
+    print(HEADER)
+    for model in args.models:
+        for m in args.m:
+            for name, n, k in SHAPES[model]:
+                try:
+                    r = run_shape(model, name, n, k, m, dev, args, ck_qt, rows)
+                    print(fmt_row(r), flush=True)
+                    for key in ("fp8_err", "ck_int8_err", "ck_w4a8_err"):
+                        if key in r:
+                            print(f"   {key}: {r[key]}")
+                    if "sweep" in r:
+                        for c, t in sorted(r["sweep"].items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 9):
+                            print(f"   sweep {c}: " + (f"{t * 1e3:.3f} ms {2 * m * n * k / t / 1e12:.0f} TOP/s" if isinstance(t, float) else t))
+                except Exception:
+                    traceback.print_exc()
+                    torch.cuda.empty_cache()
+    print(HEADER)
+    for r in rows:
+        print(fmt_row(r))
+    swept = [r for r in rows if "sweep" in r]
+    if swept:  # the tile with the lowest total time over the swept shapes
+        totals = {}
+        for r in swept:
+            for c, t in r["sweep"].items():
+                totals[c] = totals.get(c, 0.0) + (t if isinstance(t, float) else float("inf"))
+        best = min(totals, key=totals.get)
+        cfg = next(c for c in configs.SM90_CANDIDATES if str(c) == best)
+        print(f"BEST_GEMM_CONFIG={cfg.to_env()}  ({best}, {totals[best] * 1e3:.3f} ms over {len(swept)} shapes)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""One CFG denoising step (batch 2) of ComfyUI's own WanModel at 480p x 81 frames (32760 tokens),
+random weights: BF16 vs DVD-Quant W4A8 / W4A4 (triton backend), PyTorch SDPA or SageAttention.
+
+ComfyUI's source is not part of this repository: pass --comfy DIR (a ComfyUI checkout; only its
+`comfy/` package is imported). Weights are random; the quantized model is made with the core's
+quantize_model using min-max weights (BGR for a 14B model takes minutes and gives the same tensors
+to the kernels), then every layer is switched to the DVD-Quant layer math (rotation 128,
+auto-scale blocks of 128): the timed kernels are exactly the dvdq ones.
+
+Reports per variant: seconds per step (median of --steps timed steps after a warm-up), GPU-time
+shares of GEMMs, our activation quantization, attention and everything else (torch.profiler),
+peak GPU memory during the step, and the bytes of the transformer blocks' weights.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ARCH = {  # Wan 2.1 configs (ComfyUI's detection of the released checkpoints)
+    "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+}
+LATENT = (16, 21, 60, 104)  # 480 x 832, 81 frames -> 21 x 30 x 52 = 32760 tokens after 1x2x2 patches
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if "_absmax_kernel" in n or "_quantize_kernel" in n or "_rotate_kernel" in n:
+        return "act_quant"
+    if "w4_gemm" in n or "gemm" in n or "nvjet" in n or "cutlass" in n or "xmma" in n or "cublas" in n or "s16816" in n:
+        return "gemm"
+    if "flash" in n or "fmha" in n or "attn" in n or "attention" in n or "sdpa" in n:
+        return "attention"
+    return "other"
+
+
+def build(arch, comfy_dir, dev):
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, freq_dim=256, text_dim=4096,
+                     out_dim=16, device=dev, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **ARCH[arch])
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def weight_bytes(model):
+    return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if n.startswith("blocks."))
+
+
+def run_variant(model, inputs, steps, profile):
+    x, t, ctx = inputs
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        model(x, t, ctx)  # warm-up: compiles the kernels of every shape
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = model(x, t, ctx)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        peak = torch.cuda.max_memory_allocated()
+        finite = bool(torch.isfinite(out).all())
+        shares = {}
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as prof
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                model(x, t, ctx)
+                torch.cuda.synchronize()
+            tot = {}
+            for ev in p.key_averages():
+                us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                if ev.device_type == torch.autograd.DeviceType.CUDA and us:
+                    tot[kernel_class(ev.key)] = tot.get(kernel_class(ev.key), 0) + us
+            all_us = sum(tot.values()) or 1
+            shares = {k: v / all_us for k, v in tot.items()}
+            shares["gpu_s"] = all_us / 1e6
+    times.sort()
+    return {"step_s": times[len(times) // 2], "all_s": times, "peak_gib": peak / 2**30, "finite": finite, "shares": shares}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", required=True, help="folder holding ComfyUI's comfy/ package")
+    ap.add_argument("--arch", nargs="+", default=["14b", "1.3b"])
+    ap.add_argument("--variants", nargs="+", default=["bf16", "w4a8", "w4a4"])
+    ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.abspath(args.comfy))
+    dev = torch.device("cuda")
+    import comfy.ldm.modules.attention as attn
+    import comfy.ldm.wan.model as wan
+    from dvdq_core import QuantConfig, quantize_model, set_activation_bits
+    from dvdq_core.hadamard import effective_block
+
+    sage_calls = [0]
+    attn_impls = {"sdpa": attn.attention_pytorch}
+    if args.sage:
+        try:
+            import sageattention
+            real = attn.sageattn
+
+            def counted(*a, **k):
+                sage_calls[0] += 1
+                return real(*a, **k)
+            attn.sageattn = counted
+            attn_impls["sage"] = attn.attention_sage
+        except Exception as e:
+            print(f"sageattention unavailable: {type(e).__name__}: {e}")
+
+    results = []
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(info), flush=True)
+    for arch in args.arch:
+        model = build(arch, args.comfy, dev)
+        g = torch.Generator(device=dev).manual_seed(1)
+        inputs = (torch.randn(2, *LATENT, device=dev, dtype=torch.bfloat16, generator=g),
+                  torch.tensor([700.0, 700.0], device=dev),
+                  torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g))
+        for variant in args.variants:
+            if variant != "bf16" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+                t0 = time.perf_counter()
+                report = quantize_model(model, QuantConfig(method="minmax", backend="triton"))
+                torch.cuda.synchronize()
+                for m in model.modules():
+                    if type(m).__name__ == "QuantLinear":  # same kernels as method dvdq: rotate + auto-scale
+                        m.spec = dataclasses.replace(m.spec, method="dvdq", rotate=True, auto_scale=True,
+                                                     had_block=effective_block(128, m.in_features),
+                                                     scale_block=effective_block(128, m.in_features))
+                torch.cuda.empty_cache()
+                print(f"[{arch}] quantized {len(report.layers)} layers in {time.perf_counter() - t0:.1f} s", flush=True)
+            if variant != "bf16":
+                set_activation_bits(model, int(variant[-1]))
+            for impl_name, impl in attn_impls.items():
+                wan.optimized_attention = impl
+                sage_calls[0] = 0
+                torch.cuda.empty_cache()
+                r = run_variant(model, inputs, args.steps, not args.no_profile)
+                r.update(arch=arch, variant=variant, attention=impl_name, weight_gib=weight_bytes(model) / 2**30)
+                if impl_name == "sage":
+                    r["sage_calls"] = sage_calls[0]
+                results.append(r)
+                sh = r["shares"]
+                print(f"[{arch}] {variant:5s} {impl_name:5s} step {r['step_s']:.3f} s  peak {r['peak_gib']:.1f} GiB  "
+                      f"block weights {r['weight_gib']:.2f} GiB  finite={r['finite']}  shares " +
+                      " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k != "gpu_s"), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    print("\narch  variant attn    step_s  speedup  peak_GiB  weights_GiB  gemm  act_q  attn  other")
+    for r in results:
+        base = next(b for b in results if b["arch"] == r["arch"] and b["variant"] == "bf16" and b["attention"] == "sdpa")
+        sh = r["shares"]
+        print(f"{r['arch']:5s} {r['variant']:7s} {r['attention']:5s} {r['step_s']:7.3f} {base['step_s'] / r['step_s']:7.2f}x "
+              f"{r['peak_gib']:9.1f} {r['weight_gib']:11.2f}  {sh.get('gemm', 0):4.0%} {sh.get('act_quant', 0):5.0%} "
+              f"{sh.get('attention', 0):5.0%} {sh.get('other', 0):5.0%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Triton backend of DVD-Quant: packed 4-bit weights x 4..8-bit (or 16-bit) activations.
+
+Public API (the core registers `linear_forward` as its "triton" backend):
+  linear_forward(layer, x2d, a_bits) -> y2d
+  unsupported_reason(layer, a_bits, x2d) -> str | None
+
+Importing this package needs neither triton nor a GPU; triton is imported on the first forward.
+The forward is a torch custom op (`torch.ops.dvdq.w4_linear`) so torch.compile treats it as one
+opaque call with a known output shape instead of tracing the launches.
+"""
+import math
+
+import torch
+
+from . import configs, ops
+
+__all__ = ["linear_forward", "unsupported_reason", "configs", "ops"]
+
+_SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
+MIN_CAPABILITY = (8, 0)
+
+
+def _define_op():
+    name = "dvdq::w4_linear"
+    if hasattr(torch.ops.dvdq, "w4_linear"):  # imported a second time under another name
+        return torch.ops.dvdq.w4_linear  # (as kernels and dvdq_kernels): the first one serves
+    op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
+
+    @op.register_fake
+    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale):
+        return x2d.new_empty((x2d.shape[0], qweight.shape[0]))
+
+    return op
+
+
+def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+               bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool) -> torch.Tensor:
+    return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale)
+
+
+_w4_linear_op = _define_op()
+
+
+def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
+    """Output of a QuantLinear for a 2-D input (call `unsupported_reason` first; this does not)."""
+    k = x2d.shape[1]
+    hb, sb = ops.effective_blocks(layer, k)
+    auto_scale = bool(layer.auto_scale)
+    return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale)
+
+
+def _triton_missing():
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc}); install triton>=3.1 or use the reference backend"
+    return None
+
+
+def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
+    """None when the triton kernels handle this call, else a short sentence why not."""
+    if getattr(layer, "method", "dvdq") not in _SUPPORTED_METHODS:
+        return f"method {layer.method!r} is reference-only (it keeps a float weight)"
+    if int(layer.w_bits) != 4:
+        return f"weights of {layer.w_bits} bits need the reference backend (the kernels take 4-bit weights)"
+    if a_bits not in (4, 5, 6, 7, 8, 16):
+        return f"activation bits {a_bits} are not supported (4..8 or 16)"
+    if layer.auto_scale and layer.granularity != "block":
+        return f"granularity {layer.granularity!r} is reference-only (the GEMM applies one scale per K-block)"
+    if x2d.dim() != 2:
+        return f"expected a 2-D input, got {x2d.dim()} dims"
+    k = x2d.shape[1]
+    if k != layer.in_features:
+        return f"input width {k} != in_features {layer.in_features}"
+    if k % 64:
+        return f"in_features {k} is not a multiple of 64"
+    if layer.qweight.dtype != torch.uint8 or tuple(layer.qweight.shape) != (layer.out_features, (k + 1) // 2):
+        return "qweight is not packed 4-bit codes of shape [out_features, in_features / 2]"
+    for name, v in (("had_block", layer.had_block), ("scale_block", layer.scale_block)):
+        v = int(v)
+        if v < 1 or v & (v - 1):
+            return f"{name} {v} is not a power of two"
+    hb, sb = ops.effective_blocks(layer, k)
+    if hb > 256:
+        return f"Hadamard block {hb} > 256 is not supported by the kernels"
+    if layer.auto_scale and sb < 64:
+        return f"scale block {sb} < 64 is not supported by the kernels (the GEMM's K-tile is at least 64)"
+    if x2d.dtype not in (torch.bfloat16, torch.float16):
+        return f"input dtype {x2d.dtype} is not supported (bf16 or fp16 only)"
+    if x2d.device.type != "cuda":
+        return f"input on {x2d.device.type}"
+    cap = torch.cuda.get_device_capability(x2d.device)
+    if cap < MIN_CAPABILITY:
+        return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+    if torch.version.hip is not None:
+        return "ROCm GPUs are not supported by the kernels"
+    return _triton_missing()

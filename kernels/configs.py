@@ -1,0 +1,100 @@
+"""Launch configurations per GPU generation (pure Python, no triton import).
+
+GEMM tiles: BM (tokens) x BN (weight rows) x BK, GROUP_M (L2 swizzle), SWAP (weights on the MMA's
+register side, transposed tile), num_warps, num_stages, ONE_DOT (re-interleave the unpacked halves
+and issue one dot per K tile) and ASM (inline-PTX unpack, four bytes per instruction).
+BK is capped by the effective scale block (each BK tile lies inside one block of l).
+
+Hopper (sm_90) values come from bench/kernels.py --variants / --sweep on an H100 (see
+bench/NOTES-kernels.md). The Ampere/Ada values (sm_80/86/89) were only compiled for those targets
+here (registers, no spills, shared memory under their ~100 KB); they were NOT run on such a card.
+DVDQ_GEMM_CONFIG="BM,BN,BK,GROUP_M,SWAP,warps,stages[,ONE_DOT,ASM]" overrides the choice (tuning).
+"""
+import os
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int
+    BN: int
+    BK: int
+    GROUP_M: int = 8
+    SWAP: bool = False
+    num_warps: int = 8
+    num_stages: int = 3
+    ONE_DOT: bool = False
+    ASM: bool = False
+
+    def capped(self, sb: int) -> "GemmConfig":
+        bk = self.BK
+        while bk > sb:
+            bk //= 2
+        return self if bk == self.BK else replace(self, BK=bk)
+
+    def flags(self) -> dict:
+        return {"ONE_DOT": self.ONE_DOT, "ASM_UNPACK": self.ASM}
+
+    def to_env(self) -> str:
+        return ",".join(str(int(v)) for v in (self.BM, self.BN, self.BK, self.GROUP_M, self.SWAP, self.num_warps,
+                                               self.num_stages, self.ONE_DOT, self.ASM))
+
+    @classmethod
+    def parse(cls, text: str) -> "GemmConfig":
+        v = [int(t) for t in text.split(",")]
+        if len(v) not in (7, 9):
+            raise ValueError(f"DVDQ_GEMM_CONFIG needs 7 or 9 comma-separated integers, got {text!r}")
+        return cls(v[0], v[1], v[2], v[3], bool(v[4]), v[5], v[6], *(bool(t) for t in v[7:]))
+
+
+def _fast(bm, bn, bk, warps, stages, group=8):
+    return GemmConfig(bm, bn, bk, group, True, warps, stages, True, True)
+
+
+# Swept by bench/kernels.py --sweep (the first entry is the default).
+SM90_CANDIDATES = (
+    _fast(128, 64, 128, 4, 4),
+    _fast(128, 64, 128, 4, 3),
+    _fast(128, 64, 128, 4, 5),
+    _fast(256, 64, 128, 8, 3),
+    _fast(128, 128, 128, 8, 4),
+    _fast(256, 128, 128, 8, 3),
+    _fast(128, 64, 64, 4, 6),
+    _fast(128, 64, 128, 4, 4, group=16),
+)
+SM90_DEFAULT = SM90_CANDIDATES[0]
+SM8X_CANDIDATES = (
+    GemmConfig(128, 128, 64, 8, False, 8, 3, True, True),
+    GemmConfig(128, 64, 128, 8, False, 4, 3, True, True),
+    GemmConfig(64, 128, 128, 8, False, 4, 3, True, True),
+)
+INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
+
+# Activation kernels: a program walks BM rows across K in tiles of C = max(Hadamard block, 64)
+# columns, BM = ACT_ELEMS_PER_TILE // C (measured best of 2048..8192 elements, 4/8 warps, 2/3 stages).
+ACT_ELEMS_PER_TILE = 4096
+ACT_NUM_WARPS = 4
+ACT_NUM_STAGES = 3
+
+
+def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, interpret: bool) -> GemmConfig:
+    """Pick the GEMM tile for a problem. Deterministic and shape-only (no autotuning at run time,
+    so the first call of a shape costs only the compile and torch.compile sees a fixed launch)."""
+    if interpret:
+        return INTERPRETER_CONFIG.capped(sb)
+    env = os.environ.get("DVDQ_GEMM_CONFIG")
+    if env and not a_float:
+        return GemmConfig.parse(env).capped(sb)
+    if capability[0] >= 9:
+        cfg = SM90_DEFAULT
+        if m <= 64:
+            cfg = _fast(64, 64, 128, 4, 4)
+        if a_float:  # 16-bit activations: plain two-dot tile (ONE_DOT/ASM are int8-only paths)
+            cfg = GemmConfig(128, 128, 64, 8, False, 8, 4)
+    else:
+        cfg = SM8X_CANDIDATES[0]
+        if m <= 64:
+            cfg = GemmConfig(64, 64, 64, 8, False, 4, 3, True, True)
+        if a_float:
+            cfg = GemmConfig(64, 128, 64, 8, False, 4, 3)
+    return cfg.capped(sb)

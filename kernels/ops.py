@@ -1,0 +1,197 @@
+"""Host side: buffers, launches, and the torch custom op that wraps them.
+
+Only relative imports here (the core loads this package as `dvdq_kernels`). triton is imported on
+first use, so importing the package needs neither triton nor a GPU.
+"""
+import math
+import os
+
+import torch
+
+from . import configs
+
+GROUP = 64
+_rot_cache = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton():
+    from . import _triton as kt  # noqa: lazy: needs triton
+    return kt
+
+
+def effective_blocks(layer, k: int):
+    """(rotation block or 1, scale block) actually used for width k, as in the design."""
+    hb = math.gcd(int(layer.had_block), k) if layer.rotate else 1
+    sb = math.gcd(int(layer.scale_block), k)
+    return hb, sb
+
+
+def _perm64():
+    """Column permutation within a group of 64: new position p takes old column perm[p]."""
+    return [2 * j for j in range(32)] + [2 * j + 1 for j in range(32)]
+
+
+def rotation_matrix(hb: int, dtype, device) -> torch.Tensor:
+    """R x R matrix (R = max(hb, 64)): blockdiag of the +-1 Sylvester pattern of size hb (identity when
+    hb is 1; the kernels scale by 1/sqrt(hb)), columns permuted per group of 64. Cached per
+    (hb, dtype, device): built once, never per call."""
+    key = (hb, dtype, str(device))
+    r = _rot_cache.get(key)
+    if r is None:
+        size = max(hb, GROUP)
+        if hb > 1:
+            h = torch.ones(1, 1, dtype=torch.float64)
+            while h.shape[0] < hb:
+                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+            h = h.to(dtype)
+            full = torch.block_diag(*([h] * (size // hb)))
+        else:
+            full = torch.eye(size, dtype=dtype)
+        perm = torch.tensor([g * GROUP + p for g in range(size // GROUP) for p in _perm64()])
+        r = full[:, perm].contiguous().to(device)
+        _rot_cache[key] = r
+    return r
+
+
+def unpermute_columns(q: torch.Tensor) -> torch.Tensor:
+    """Permuted layout -> natural column order (tests and debugging only)."""
+    m, k = q.shape
+    inv = torch.empty(GROUP, dtype=torch.long)
+    inv[torch.tensor(_perm64())] = torch.arange(GROUP)
+    return q.reshape(m, k // GROUP, GROUP)[:, :, inv.to(q.device)].reshape(m, k)
+
+
+def _act_tiles(hb: int, sb: int):
+    """(rotation tile R, column tile C, rowmax granularity TG, rows per program BM)."""
+    r = max(hb, GROUP)
+    c = r
+    tg = min(r, sb)
+    bm = max(16, configs.ACT_ELEMS_PER_TILE // c)
+    if interpreting():
+        bm = 16
+    return r, c, tg, bm
+
+
+def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None, act_cfg=None):
+    """Rotate, auto-scale and quantize X [M, K] -> (q int8 [M, K] permuted, s f32 [M], l f32 [K // sb]).
+    q and s may be given (tests pass poisoned buffers to check every element is written)."""
+    kt = _triton()
+    m, k = x2d.shape
+    r, c, tg, bm = _act_tiles(hb, sb)
+    nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
+    if act_cfg is not None:  # (elements per tile, warps, stages): benchmark sweeps
+        bm, nw, ns = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
+    rmat = rotation_matrix(hb, x2d.dtype, x2d.device)
+    rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
+    l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
+    if q is None:
+        q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    if s is None:
+        s = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    qmax = float(2 ** (a_bits - 1) - 1)
+    kt._absmax_kernel[(triton_cdiv(m, bm),)](
+        x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, m, k, k // tg, x2d.stride(0),
+        SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=auto_scale,
+        INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
+    kt._quantize_kernel[(triton_cdiv(m, bm),)](
+        x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, q, s, m, k, k // tg, x2d.stride(0), qmax,
+        SB=sb, TG=tg, C=c, R=r, BM=bm, TB=64, AUTO_SCALE=auto_scale,
+        INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
+    return q, s, l
+
+
+def rotate_activations(x2d, hb: int):
+    """16-bit path: Xr in the input dtype, permuted layout."""
+    kt = _triton()
+    m, k = x2d.shape
+    r, c, _, bm = _act_tiles(hb, GROUP)
+    rmat = rotation_matrix(hb, x2d.dtype, x2d.device)
+    xr = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
+    kt._rotate_kernel[(triton_cdiv(m, bm),)](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), C=c, R=r, BM=bm,
+                                                  INTERPRET=interpreting(), num_warps=configs.ACT_NUM_WARPS,
+                                                  num_stages=configs.ACT_NUM_STAGES)
+    return xr
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _capability(device):
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, cfg=None, out=None,
+            **variant):
+    """Y [M, N] from activation codes a (or 16-bit Xr), packed 4-bit weights and the scales."""
+    kt = _triton()
+    m, k = a.shape
+    n = qweight.shape[0]
+    a_float = a.dtype != torch.int8
+    if cfg is None:
+        cfg = configs.gemm_config(_capability(a.device), m, n, k, sb, a_float, interpreting())
+    cfg = cfg.capped(sb)
+    flags = {**cfg.flags(), **variant}
+    if interpreting() or a_float:  # inline PTX cannot run in the interpreter; ONE_DOT is int8-only
+        flags["ASM_UNPACK"] = False
+    y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
+    grid = (triton_cdiv(m, cfg.BM) * triton_cdiv(n, cfg.BN),)
+    dummy = w_scale  # never read when the matching flag is off
+    kt._w4_gemm_kernel[grid](
+        a, qweight, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
+        bias if bias is not None else dummy, y, m, n, k,
+        SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
+        AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,
+        EVEN_K=(k % cfg.BK == 0), INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **flags)
+    return y
+
+
+# One-entry cache of the last quantized activation: q, k and v projections (and a fused
+# cross-attention k/v) read the same input, which is then quantized once instead of three times.
+# The entry holds a strong reference to its input, so that memory cannot be freed and reused while
+# cached; the tensor's version counter catches in-place changes. Inference-mode tensors have no
+# version counter and are never cached (torch.inference_mode() callers get no reuse: run under
+# torch.no_grad() to get it). DVDQ_REUSE_ACTIVATIONS=0 turns the cache off.
+_reuse = os.environ.get("DVDQ_REUSE_ACTIVATIONS", "1") != "0"
+_last = [None, None, None]  # key, input, (q, s, l)
+
+
+def _quantize_cached(x2d, hb, sb, a_bits, auto_scale):
+    if not _reuse or x2d.is_inference():
+        return quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+    key = (x2d.data_ptr(), tuple(x2d.shape), tuple(x2d.stride()), x2d.dtype, x2d.device, x2d._version,
+           hb, sb, a_bits, auto_scale)
+    if _last[0] == key:
+        return _last[2]
+    _last[0] = None  # release the previous entry before allocating the new one
+    _last[1] = _last[2] = None
+    val = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+    _last[0], _last[1], _last[2] = key, x2d, val
+    return val
+
+
+def clear_activation_cache():
+    _last[0] = _last[1] = _last[2] = None
+
+
+def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
+                   gemm_cfg=None, out=None, **variant):
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    if x2d.shape[0] == 0:  # no tokens: nothing to launch
+        return x2d.new_empty((0, qweight.shape[0])) if out is None else out
+    if a_bits == 16:
+        xr = rotate_activations(x2d, hb)
+        return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, **variant)
+    if out is None:
+        q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale)
+    else:  # tests: always run the activation kernels
+        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+    return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale, gemm_cfg, out, **variant)
