@@ -73,6 +73,21 @@ def load_model(args):
                    "task accuracy means nothing (re-make it with `python -m dvdq_core.demo.train`)")
 
 
+def backend_used(model) -> str:
+    """Which backend the model's quantized layers run on (checked on its first layer)."""
+    import dvdq_core
+    from dvdq_core.backends import triton_unsupported_reason
+    layers = dvdq_core.quantized_layers(model)
+    if not layers:
+        return "-"
+    layer = layers[0][1]
+    if layer.backend == "reference":
+        return "reference"
+    x = torch.zeros(1, layer.in_features, device=layer.qweight.device)
+    reason = triton_unsupported_reason(layer, x, 4)
+    return "triton" if reason is None else f"reference ({reason})"
+
+
 def run_variant(base, name, config, bitswitch, noise, ids, args):
     import dvdq_core
     model = copy.deepcopy(base)
@@ -87,7 +102,7 @@ def run_variant(base, name, config, bitswitch, noise, ids, args):
     bits = [b if b is not None else (config.a_bits if config is not None else 16) for b in res.bits]
     indicator = [r.indicator for r in bitswitch.log] if bitswitch is not None else None
     return {"name": name, "video": res.video.cpu(), "latents": res.latents, "bits": bits,
-            "indicator": indicator, "quant_seconds": tq, "sample_seconds": ts,
+            "indicator": indicator, "quant_seconds": tq, "sample_seconds": ts, "backend": backend_used(model),
             "weight_rel_error": report.mean_rel_error if report is not None else 0.0,
             "bytes": (report.bytes_before, report.bytes_after) if report is not None else None}
 
@@ -121,10 +136,8 @@ def main(argv=None) -> int:
         for name, config, bs in variants:
             results.append(run_variant(base, name, config, bs, noise, ids, args))
             r = results[-1]
-            print(f"  {name:22s} quantize {r['quant_seconds']:5.1f} s, sample {r['sample_seconds']:6.1f} s")
-    if device.type != "cuda":
-        print("  (CPU: quantized layers run the PyTorch reference backend; on a CUDA GPU the Triton "
-              "kernels are used when present)")
+            print(f"  {name:22s} quantize {r['quant_seconds']:5.1f} s, sample {r['sample_seconds']:6.1f} s"
+                  f"  backend: {r['backend']}")
 
     ref = results[0]
     rows = []
@@ -137,7 +150,7 @@ def main(argv=None) -> int:
                      "weight_rel_error": r["weight_rel_error"], "task_all": acc["all"],
                      "task_colour": acc["colour"], "task_shape": acc["shape"], "task_motion": acc["motion"],
                      "traj_rmse_px": acc["traj_rmse_px"], "step_rel_error": step_err,
-                     "sample_seconds": r["sample_seconds"]})
+                     "sample_seconds": r["sample_seconds"], "backend": r["backend"]})
 
     print()
     print(f"{'variant':22s} {'A bits':>6s} {'PSNR dB':>8s} {'SSIM':>6s} {'rel.err':>8s} {'task':>5s} "
