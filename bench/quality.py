@@ -148,7 +148,7 @@ def bgr_weight_table(base):
 
 def run_variant(label, base, args, trained):
     device = torch.device(args.device)
-    base = base.to(device).eval()
+    base = base.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     n_prompts = args.prompts if args.prompts else (clips.NUM_PROMPTS if trained else 8)
     all_l = clips.all_labels()
     labels = all_l[torch.linspace(0, len(all_l) - 1, n_prompts).round().long()]
@@ -211,7 +211,7 @@ def run_variant(label, base, args, trained):
             sched_rows.append(evaluate(f"  {sname} ({n_low} x 4-bit)", run_sampler(model, noise, ids, args, bs),
                                        ref, labels, trained))
     del model
-    bgr = bgr_weight_table(base.float().cpu())
+    bgr = bgr_weight_table(copy.deepcopy(base).float().cpu())
     print(f"[{label}] {time.time() - t0:.0f} s", file=sys.stderr)
     return {"variant": label, "prompts": n_prompts, "runs": rows, "ablations": abl, "schedules": sched_rows,
             "bgr_weight_error_reduction": bgr}
@@ -269,6 +269,8 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=0, help="prompts per variant (0: 72 trained, 8 random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (the Triton kernels take bfloat16/float16 only)")
     p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
     p.add_argument("--json", default=None, help="write all numbers here")
     args = p.parse_args(argv)

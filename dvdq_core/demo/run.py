@@ -47,6 +47,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--delta", type=float, default=None, help="delta-GBS threshold (default: the core's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="model dtype (auto: bfloat16 on CUDA, where the Triton kernels need it; float32 on CPU)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model (for tests)")
     return p.parse_args(argv)
 
@@ -116,8 +118,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}") from None
     device = torch.device(args.device)
     base, what = load_model(args)
-    base = base.to(device).eval()
-    print(f"DVD-Quant demo on {what}; device {device}; {len(labels)} prompts, {args.steps} Euler steps, "
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
+        (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base = base.to(device=device, dtype=dtype).eval()
+    print(f"DVD-Quant demo on {what}; device {device}, {str(dtype).replace('torch.', '')}; {len(labels)} prompts, {args.steps} Euler steps, "
           f"CFG {args.cfg}, same noise for every variant")
     ids = labels_to_prompt_ids(labels).to(device)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
         f.write(bits_svg({r["name"]: r["bits"] for r in results[1:]}, gbs["indicator"]))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"model": what, "prompts": [prompt_text(l) for l in labels], "steps": args.steps,
-                   "cfg": args.cfg, "seed": args.seed, "device": str(device), "variants": rows}, f, indent=1)
+                   "cfg": args.cfg, "seed": args.seed, "device": str(device), "dtype": str(dtype),
+                   "variants": rows}, f, indent=1)
     print(f"\nwrote {args.out}/demo.png (rows: {'; '.join(prompt_text(l) for l in labels)}), "
           f"{args.out}/bits_per_step.svg, {args.out}/metrics.json")
     return 0
