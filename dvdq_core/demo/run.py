@@ -75,7 +75,7 @@ def load_model(args):
                    "task accuracy means nothing (re-make it with `python -m dvdq_core.demo.train`)")
 
 
-def backend_used(model) -> str:
+def backend_used(model, dtype) -> str:
     """Which backend the model's quantized layers run on (checked on its first layer)."""
     import dvdq_core
     from dvdq_core.backends import triton_unsupported_reason
@@ -85,7 +85,7 @@ def backend_used(model) -> str:
     layer = layers[0][1]
     if layer.backend == "reference":
         return "reference"
-    x = torch.zeros(1, layer.in_features, device=layer.qweight.device)
+    x = torch.zeros(1, layer.in_features, device=layer.qweight.device, dtype=dtype)
     reason = triton_unsupported_reason(layer, x, 4)
     return "triton" if reason is None else f"reference ({reason})"
 
@@ -104,7 +104,7 @@ def run_variant(base, name, config, bitswitch, noise, ids, args):
     bits = [b if b is not None else (config.a_bits if config is not None else 16) for b in res.bits]
     indicator = [r.indicator for r in bitswitch.log] if bitswitch is not None else None
     return {"name": name, "video": res.video.cpu(), "latents": res.latents, "bits": bits,
-            "indicator": indicator, "quant_seconds": tq, "sample_seconds": ts, "backend": backend_used(model),
+            "indicator": indicator, "quant_seconds": tq, "sample_seconds": ts, "backend": backend_used(model, next(base.parameters()).dtype),
             "weight_rel_error": report.mean_rel_error if report is not None else 0.0,
             "bytes": (report.bytes_before, report.bytes_after) if report is not None else None}
 
