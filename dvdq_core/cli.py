@@ -56,12 +56,9 @@ def cmd_inspect(a):
             print(f"  {name}: {e['out']}x{e['in']} W{e['w_bits']} A{e['a_bits'] or 'sw'}")
 
 
-def cmd_demo(a):
-    try:
-        from .demo.run import main as demo_main
-    except ImportError as e:
-        raise ValueError(f"the demo is not available in this installation ({e})") from None
-    return demo_main(a.rest)
+def cmd_demo(argv):
+    from .demo.run import main as demo_main
+    return demo_main(argv)
 
 
 def build_parser():
@@ -89,24 +86,24 @@ def build_parser():
     i.add_argument("file")
     i.add_argument("--layers", action="store_true", help="list every layer")
     i.set_defaults(fn=cmd_inspect)
-    d = sub.add_parser("demo", help="the built-in demo (see README)")
-    d.add_argument("rest", nargs=argparse.REMAINDER)
-    d.set_defaults(fn=cmd_demo)
+    sub.add_parser("demo", help="the built-in demo: quantize the mini-Wan model and compare (see docs/demo.md)",
+                   add_help=False)
     return p
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"] and len(argv) > 1:
-        # argparse's REMAINDER drops options that follow a sub-command; the demo parses its own.
-        argv = ["demo", "--", *argv[1:]] if argv[1] != "--" else argv
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        return _user_errors(cmd_demo, argv[1:])
     a = build_parser().parse_args(argv)
-    if a.cmd == "demo" and a.rest[:1] == ["--"]:
-        a.rest = a.rest[1:]
     if getattr(a, "include", None) is None and a.cmd == "quantize":
         a.include = ["*blocks.*"]
+    return _user_errors(a.fn, a)
+
+
+def _user_errors(fn, arg):
     try:
-        return a.fn(a) or 0
+        return fn(arg) or 0
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
