@@ -207,9 +207,26 @@ def lora_after_message(examples) -> str:
             "into the weights before they are quantized.")
 
 
+def hook_lora_hits(guider, layer_keys: set) -> list:
+    """LoRA keys of conditioning weight hooks ("Create Hook LoRA") that address quantized layers.
+
+    ComfyUI maps hook LoRAs by the model's `.weight` keys with missing keys unlogged, so on packed
+    layers they would vanish without a word; the user's conds (before ComfyUI filters them) tell."""
+    hits = []
+    for conds in (getattr(guider, "original_conds", None) or {}).values():
+        for c in conds or []:
+            group = c.get("hooks") if isinstance(c, dict) else None
+            for hook in getattr(group, "hooks", None) or []:
+                hits += lora_hits(getattr(hook, "weights", None) or {}, layer_keys)
+    return hits
+
+
 def guard_outer_sample(executor, *args, **kwargs):
     guider = executor.class_obj
     check_no_patches_on_quantized(guider.model_patcher)
+    hits = hook_lora_hits(guider, quantized_keys(guider.model_patcher.model))
+    if hits:
+        raise DVDQuantError(lora_after_message(hits[:3]))
     return executor(*args, **kwargs)
 
 

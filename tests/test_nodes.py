@@ -381,3 +381,31 @@ def test_gpu_bits_problem_names_the_fix():
     assert host.gpu_bits_problem(settings.build_config(4, 4, 8, "dvdq"), kernels) is None
     msg = host.gpu_bits_problem(settings.build_config(8, 8, 8, "dvdq"), kernels)
     assert "W8A8" in msg and "w_bits 4" in msg and host.ALLOW_SLOW_ENV in msg
+
+
+def test_hook_lora_on_quantized_layers_is_refused():
+    """A conditioning hook LoRA ("Create Hook LoRA") would be dropped silently on packed layers."""
+    host = sub("host")
+    from types import SimpleNamespace as NS
+
+    layers = {"diffusion_model.blocks.0.self_attn.q"}
+    hook = NS(weights={"diffusion_model.blocks.0.self_attn.q.lora_A.weight": 0})
+    other = NS(weights={"diffusion_model.head.head.lora_A.weight": 0})
+    guider = NS(original_conds={"positive": [{"hooks": NS(hooks=[other, hook])}], "negative": [{}]})
+    assert host.hook_lora_hits(guider, layers) == ["diffusion_model.blocks.0.self_attn.q.lora_A.weight"]
+    assert host.hook_lora_hits(NS(original_conds={"positive": [{"hooks": NS(hooks=[other])}]}), layers) == []
+
+    base = NS(_dvdq_layer_keys=layers)
+    patcher = NS(model=base, patches={}, weight_wrapper_patches={}, hook_patches={})
+
+    class Executor:
+        def __init__(self, conds):
+            self.class_obj = NS(model_patcher=patcher, original_conds=conds)
+
+        def __call__(self, *args, **kwargs):
+            return "sampled"
+
+    import pytest
+    with pytest.raises(host.DVDQuantError, match="before 'DVD-Quant Apply'"):
+        host.guard_outer_sample(Executor(guider.original_conds))
+    assert host.guard_outer_sample(Executor({"positive": [{"hooks": NS(hooks=[other])}]})) == "sampled"

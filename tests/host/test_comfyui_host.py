@@ -227,6 +227,17 @@ def test_lora_after_quantization_is_refused(server):
     assert "before 'DVD-Quant Apply'" in err, err
 
 
+def test_hook_lora_on_quantized_model_is_refused(server):
+    """Create Hook LoRA -> Cond Set Props on the positive prompt: ComfyUI would drop it silently."""
+    g = quant_graph("hook_lora")
+    g["hook"] = node("CreateHookLora", lora_name="tiny_wan_lora.safetensors", strength_model=1.0, strength_clip=1.0)
+    g["pos_hooked"] = node("ConditioningSetProperties", cond_NEW=["pos", 0], strength=1.0, set_cond_area="default",
+                           hooks=["hook", 0])
+    g["ks"]["inputs"]["positive"] = ["pos_hooked", 0]
+    err = run_error(server, g)
+    assert "before 'DVD-Quant Apply'" in err, err
+
+
 def test_memory_accounting_and_lowvram_path(server):
     g = {"load": loader(T2V), "inspect": node("DVDQTestInspect", model=["load", 0])}
     hist, _ = run_ok(server, g)
