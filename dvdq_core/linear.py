@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from .backends import get_backend
 from .hadamard import rotate
 from .spec import LayerSpec
 from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, unpack_codes
@@ -85,8 +86,6 @@ class QuantLinear(nn.Module):
         return self.w_scale.float().unsqueeze(1) * (u - self.w_zero.float().unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .backends import get_backend
-
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
         layer = self if self.qweight.device == x.device else _Moved(self, x.device)  # offloaded weights
         x2d = x.reshape(-1, self.in_features)
