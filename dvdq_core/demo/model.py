@@ -122,16 +122,8 @@ class SelfAttention(nn.Module):
         return self.o(y.transpose(1, 2).flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim, num_heads, eps):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+class CrossAttention(SelfAttention):
+    """The same layers as SelfAttention (Wan's names); keys and values come from the text."""
 
     def forward(self, x, context):
         b, n, _ = x.shape
