@@ -133,8 +133,8 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
 
 
 def gemm_variants(m, n, k, dev):
-    """Where the GEMM's time goes: unpacking (W_INT8 skips it), per-block scaling (PROMOTE=False
-    skips it), both (a plain int8 Triton GEMM), the inline-PTX unpack, and cuBLAS int8 (_int_mm)."""
+    """GEMM tiles with and without the inline-PTX unpack, cuBLAS int8 (_int_mm) and activation-kernel
+    tiles. The loop-structure study (plain int8 GEMM, promotion, unpack layouts) is bench/gemm_study.py."""
     layer = make_layer(n, k, dev)
     hb, sb = ops.effective_blocks(layer, k)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -142,16 +142,11 @@ def gemm_variants(m, n, k, dev):
     w8 = torch.randint(-15, 16, (n, k), device=dev, dtype=torch.int8)
     flops = 2.0 * m * n * k
     out = {}
-    cfgs = [configs.GemmConfig(128, 128, 128, 8, False, 8, 4), configs.GemmConfig(128, 128, 128, 8, True, 8, 4),
-            configs.GemmConfig(128, 128, 128, 8, False, 8, 3), configs.GemmConfig(128, 128, 64, 8, False, 8, 4),
-            configs.GemmConfig(128, 256, 128, 8, False, 8, 3), configs.GemmConfig(128, 64, 128, 8, True, 4, 4)]
-    flag_sets = {"base": {}, "asm": {"ASM_UNPACK": True}, "one_dot": {"ONE_DOT": True},
-                 "one_dot_asm": {"ONE_DOT": True, "ASM_UNPACK": True}, "w_int8": {"W_INT8": True},
-                 "no_promote": {"PROMOTE": False}, "asm_no_promote": {"ASM_UNPACK": True, "PROMOTE": False},
-                 "plain_int8": {"W_INT8": True, "PROMOTE": False}}
+    cfgs = configs.SM90_CANDIDATES
+    flag_sets = {"plain_unpack": {"ASM_UNPACK": False}, "asm": {"ASM_UNPACK": True}}
     for cfg in cfgs:
         for name, flags in flag_sets.items():
-            w = w8 if flags.get("W_INT8") else layer.qweight
+            w = layer.qweight
             key = f"{name:15s} {cfg}"
             try:
                 t = bench(lambda: ops.w4_gemm(q, w, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16,

@@ -4,17 +4,17 @@ K (the width) is a compile-time constant everywhere: a model has only a few widt
 with run-time bounds break Triton 3.6's interpreter under numpy >= 2.4.
 
 Layout shared by the activation kernels and the GEMM (internal to this package): the int8 codes
-of X are written with the columns of every group of 64 permuted to "the 32 even columns, then the
-32 odd columns". A byte of the packed weight holds an even column in its low nibble and the next
-odd column in its high nibble, so the GEMM multiplies the first half of each group with the low
-nibbles and the second half with the high nibbles: two plain int8 dots, no interleaving.
-The permutation is folded into the rotation matrix (`R = blockdiag(+-1 H)[:, perm]`, or `P` when
-rotation is off), so it costs nothing.
+of X are written with the columns of every layout group of G columns (G = 128 where the width and
+the scale block allow it, else 64; ops.layout_group) permuted to "the G/2 even columns, then the
+G/2 odd columns". A byte of the packed weight holds an even column in its low nibble and the next
+odd column in its high nibble, so for a K tile of one group the GEMM concatenates the unpacked low
+and high nibble planes along K (in registers, no shuffles) and issues ONE int8 dot of depth G with
+the contiguous activation tile. The permutation is folded into the rotation matrix
+(`R = blockdiag(+-1 H)[:, perm]`, or `P` when rotation is off), so it costs nothing.
 """
 import triton
 import triton.language as tl
 
-GROUP = tl.constexpr(64)  # permutation group (columns): even half then odd half
 EPS = tl.constexpr(1e-8)
 
 
@@ -31,7 +31,7 @@ def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _load_rotation(r_ptr, R: tl.constexpr, INTERPRET: tl.constexpr):
-    """The R x R +-1 matrix (blockdiag Hadamard pattern, columns permuted), loaded once per program."""
+    """The R x R +-1 matrix (blockdiag Hadamard pattern), loaded once per program."""
     offs = tl.arange(0, R)
     rmat = tl.load(r_ptr + offs[:, None] * R + offs[None, :])
     if INTERPRET:  # the interpreter's dot mishandles 16-bit floats: go through float32 (exact here)
@@ -41,7 +41,7 @@ def _load_rotation(r_ptr, R: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _rotate_tile(x, rmat, rscale, BM: tl.constexpr, C: tl.constexpr, R: tl.constexpr, INTERPRET: tl.constexpr):
-    """x [BM, C] (input dtype) @ blockdiag(rmat) * rscale -> float32 [BM, C], columns permuted.
+    """x [BM, C] (input dtype) @ blockdiag(rmat) * rscale -> float32 [BM, C].
 
     rmat holds +-1 (exact in any dtype); the dot accumulates in float32 and rscale = 1/sqrt(block):
     Xr in float32, as the reference rotates the float32 input.
@@ -85,7 +85,7 @@ def _quantize_kernel(
     TB: tl.constexpr, AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Pass 2 over BM rows (IEEE divisions as the reference: a rounding tie then rounds alike): s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table,
-    then q = clamp(rint(Xr / l / s_i), -qmax - 1, qmax) as int8 (permuted layout), and s [M]."""
+    then q = clamp(rint(Xr / l / s_i), -qmax - 1, qmax) as int8, and s [M]."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
@@ -121,7 +121,7 @@ def _quantize_kernel(
 @triton.jit
 def _rotate_kernel(x_ptr, r_ptr, rscale, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.constexpr, R: tl.constexpr,
                    BM: tl.constexpr, INTERPRET: tl.constexpr):
-    """16-bit activations: Xr (permuted layout) in the input dtype, for the dequantizing GEMM."""
+    """16-bit activations: Xr in the input dtype, for the dequantizing GEMM."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
@@ -159,24 +159,25 @@ def _w4_gemm_kernel(
     a_ptr, w_ptr, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
     SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     A_FLOAT: tl.constexpr, AUTO_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
-    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-    ASM_UNPACK: tl.constexpr = False, W_INT8: tl.constexpr = False, PROMOTE: tl.constexpr = True,
-    ONE_DOT: tl.constexpr = False,
+    INTERPRET: tl.constexpr, ASM_UNPACK: tl.constexpr = False, SPLIT: tl.constexpr = 1,
 ):
     """Y = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n].
 
-    a: int8 codes [M, K] (permuted layout; A_FLOAT: rotated activations in bf16/fp16, s = l = 1).
-    w: packed 4-bit codes [N, K // 2] (low nibble = even column). Each BK tile lies inside one
-    scale block (BK divides SB): its int32 dot is scaled by l_b into a float32 accumulator.
+    a: int8 codes [M, K] in the layout of groups of BK columns (module docstring; A_FLOAT: rotated
+    activations in bf16/fp16, s = l = 1). w: packed 4-bit codes [N, K // 2] (low nibble = even
+    column), unpacked in registers; [low plane | high plane] is the weight tile of one dot of
+    depth BK. BK divides K (the host makes BK the layout group).
+    AUTO_SCALE: each BK tile lies inside one scale block (BK divides SB); its int32 dot is scaled by
+    l_b into a float32 accumulator. Without it the whole K sum stays in int32 (|sum| < 2**31 for
+    K < 2**20) and is converted once.
     SWAP computes the transposed tile (weights as the MMA's M side, taken from registers).
+    SPLIT: a program covers SPLIT * BM tokens as sub-tiles that share one unpacked weight tile.
     ASM_UNPACK unpacks four bytes per 32-bit instruction (inline PTX; not in the interpreter).
-    ONE_DOT re-interleaves the unpacked halves in registers into the permuted order and issues one
-    dot of depth BK instead of two of depth BK / 2.
-    W_INT8 / PROMOTE=False are benchmark-only variants (w already unpacked to int8 [N, K] in the
-    permuted layout / no per-block scaling): they bound what unpacking and scaling cost.
+    Row indices wrap modulo M and N for the loads (unmasked loads pipeline best); the store is masked.
     """
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
+    TM: tl.constexpr = BM * SPLIT
+    num_pid_m = tl.cdiv(M, TM)
     num_pid_n = tl.cdiv(N, BN)
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
@@ -184,105 +185,93 @@ def _w4_gemm_kernel(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_m = pid_m * TM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    m_mask = offs_m < M
-    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
-    n_mask = offs_n < N
-    offs_h = tl.arange(0, BK // 2)
-    a_cols = (offs_h // 32) * 64 + offs_h % 32  # even half of each permuted group of 64
-    a_ptrs = a_ptr + rows[:, None] * K + a_cols[None, :]
-    if W_INT8:
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + a_cols[None, :]
-    else:
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + offs_h[None, :]
-    z = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.int8)
-
-    if SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-        acc_i = tl.zeros((BN, BM), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+    rows0 = (offs_m % M).to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
+    rows1 = ((offs_m + BM) % M).to(tl.int64)
+    wrows = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BK)
-    af_ptrs = a_ptr + rows[:, None] * K + offs_k[None, :]  # ONE_DOT: the whole tile, as stored
-    for k0 in range(0, K, BK):
-        if EVEN_K:  # no K mask (a mask on the contiguous axis would block vector loads)
-            am = m_mask[:, None]
-            afm = m_mask[:, None]
-            wm = n_mask[:, None]
-        else:
-            k_ok = (k0 + 2 * offs_h) < K
-            am = m_mask[:, None] & k_ok[None, :]
-            afm = m_mask[:, None] & ((k0 + offs_k) < K)[None, :]
-            wm = n_mask[:, None] & k_ok[None, :]
-        if ONE_DOT and not A_FLOAT:
-            a_full = tl.load(af_ptrs, mask=afm, other=0)
-        else:
-            a_e = tl.load(a_ptrs, mask=am, other=0)
-            a_o = tl.load(a_ptrs + 32, mask=am, other=0)
-        if W_INT8:
-            w_lo = tl.load(w_ptrs, mask=wm, other=0)
-            w_hi = tl.load(w_ptrs + 32, mask=wm, other=0)
-        else:
-            wp = tl.load(w_ptrs, mask=wm, other=0)
-        if not W_INT8:
-            if ASM_UNPACK and not INTERPRET:
-                w_lo, w_hi = _unpack_asm(wp, z.to(tl.uint8, bitcast=True)[:, None])
-            else:
-                w_lo = (wp & 15).to(tl.int8) - z[:, None]
-                w_hi = (wp >> 4).to(tl.int8) - z[:, None]
-        if A_FLOAT:
-            if INTERPRET:  # the interpreter's dot mishandles 16-bit floats; float32 is exact here
-                a_e = a_e.to(tl.float32)
-                a_o = a_o.to(tl.float32)
-            w_lo = w_lo.to(a_e.dtype)
-            w_hi = w_hi.to(a_e.dtype)
-            if SWAP:
-                acc += tl.dot(w_lo, tl.trans(a_e)) + tl.dot(w_hi, tl.trans(a_o))
-            else:
-                acc += tl.dot(a_e, tl.trans(w_lo)) + tl.dot(a_o, tl.trans(w_hi))
-        else:
-            if ONE_DOT:
-                w_full = tl.reshape(tl.permute(tl.join(tl.reshape(w_lo, (BN, BK // 64, 32)),
-                                                       tl.reshape(w_hi, (BN, BK // 64, 32))), (0, 1, 3, 2)), (BN, BK))
-                if SWAP:
-                    part = tl.dot(w_full, tl.trans(a_full), out_dtype=tl.int32)
-                else:
-                    part = tl.dot(a_full, tl.trans(w_full), out_dtype=tl.int32)
-            elif SWAP:
-                part = tl.dot(w_lo, tl.trans(a_e), out_dtype=tl.int32)
-                part += tl.dot(w_hi, tl.trans(a_o), out_dtype=tl.int32)
-            else:
-                part = tl.dot(a_e, tl.trans(w_lo), out_dtype=tl.int32)
-                part += tl.dot(a_o, tl.trans(w_hi), out_dtype=tl.int32)
-            if not PROMOTE:
-                acc_i += part
-            elif AUTO_SCALE:
-                lb = tl.maximum(tl.load(l_ptr + k0 // SB), EPS)
-                acc += part.to(tl.float32) * lb
-            else:
-                acc += part.to(tl.float32)
-        a_ptrs += BK
-        af_ptrs += BK
-        w_ptrs += BK if W_INT8 else BK // 2
-    if not PROMOTE:
-        acc = acc_i.to(tl.float32)
+    offs_h = tl.arange(0, BK // 2)
+    a0_ptrs = a_ptr + rows0[:, None] * K + offs_k[None, :]
+    a1_ptrs = a_ptr + rows1[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + wrows[:, None] * (K // 2) + offs_h[None, :]
+    z = tl.load(z_ptr + wrows).to(tl.uint8)[:, None]
 
-    d = tl.load(d_ptr + offs_n, mask=n_mask, other=0.0)
-    y_ptrs = y_ptr + rows[:, None] * N + offs_n[None, :]
+    INT_ACC: tl.constexpr = not A_FLOAT and not AUTO_SCALE  # one int32 sum over all of K
+    ACC_T: tl.constexpr = tl.int32 if INT_ACC else tl.float32
     if SWAP:
-        acc = acc * d[:, None]
-        if not A_FLOAT:
-            acc = acc * tl.load(s_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        out = tl.trans(_round_to(acc, y_ptr.dtype.element_ty, INTERPRET))
+        acc0 = tl.zeros((BN, BM), dtype=ACC_T)
+        acc1 = tl.zeros((BN, BM), dtype=ACC_T)
     else:
-        acc = acc * d[None, :]
-        if not A_FLOAT:
-            acc = acc * tl.load(s_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = _round_to(acc, y_ptr.dtype.element_ty, INTERPRET)
-    tl.store(y_ptrs, out, mask=m_mask[:, None] & n_mask[None, :])
+        acc0 = tl.zeros((BM, BN), dtype=ACC_T)
+        acc1 = tl.zeros((BM, BN), dtype=ACC_T)
+    for k0 in range(0, K, BK):
+        wp = tl.load(w_ptrs)
+        if ASM_UNPACK and not INTERPRET:
+            w_lo, w_hi = _unpack_asm(wp, z)
+        else:
+            w_lo = (wp & 15).to(tl.int8) - z.to(tl.int8)
+            w_hi = (wp >> 4).to(tl.int8) - z.to(tl.int8)
+        w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (BN, BK))  # [low | high] along K
+        if AUTO_SCALE:
+            lb = tl.maximum(tl.load(l_ptr + k0 // SB), EPS)
+        else:
+            lb = 1.0
+        acc0 = _gemm_step(acc0, a0_ptrs, w, lb, A_FLOAT, INT_ACC, SWAP, INTERPRET)
+        if SPLIT == 2:
+            acc1 = _gemm_step(acc1, a1_ptrs, w, lb, A_FLOAT, INT_ACC, SWAP, INTERPRET)
+        a0_ptrs += BK
+        a1_ptrs += BK
+        w_ptrs += BK // 2
+
+    d = tl.load(d_ptr + wrows)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + wrows).to(tl.float32)
+    else:
+        bias = d * 0.0
+    _gemm_store(acc0, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT, SWAP, INTERPRET)
+    if SPLIT == 2:
+        _gemm_store(acc1, y_ptr, s_ptr, d, bias, offs_m + BM, offs_n, M, N, A_FLOAT, SWAP, INTERPRET)
+
+
+@triton.jit
+def _gemm_step(acc, a_ptrs, w, lb, A_FLOAT: tl.constexpr, INT_ACC: tl.constexpr, SWAP: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """One K tile of one token sub-tile: load a [BM, BK] (unmasked), one dot with w [BN, BK], accumulate."""
+    a = tl.load(a_ptrs)
+    if A_FLOAT:
+        if INTERPRET:  # the interpreter's dot mishandles 16-bit floats; float32 is exact here
+            a = a.to(tl.float32)
+        wf = w.to(a.dtype)
+        if SWAP:
+            acc += tl.dot(wf, tl.trans(a))
+        else:
+            acc += tl.dot(a, tl.trans(wf))
+    else:
+        if SWAP:
+            part = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+        else:
+            part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        if INT_ACC:
+            acc += part
+        else:
+            acc += part.to(tl.float32) * lb
+    return acc
+
+
+@triton.jit
+def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.constexpr, SWAP: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """Epilogue of one token sub-tile: D[n] * s_i (* 1 for 16-bit activations) + bias, rounded, masked store."""
+    m_ok = offs_m < M
+    acc = acc.to(tl.float32)
+    if A_FLOAT:
+        s = tl.full(offs_m.shape, 1.0, tl.float32)
+    else:
+        s = tl.load(s_ptr + (offs_m % M))
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if SWAP:
+        out = tl.trans(_round_to(acc * d[:, None] * s[None, :] + bias[:, None], y_ptr.dtype.element_ty, INTERPRET))
+    else:
+        out = _round_to(acc * d[None, :] * s[:, None] + bias[None, :], y_ptr.dtype.element_ty, INTERPRET)
+    tl.store(y_ptrs, out, mask=m_ok[:, None] & (offs_n < N)[None, :])

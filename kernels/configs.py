@@ -1,14 +1,16 @@
 """Launch configurations per GPU generation (pure Python, no triton import).
 
 GEMM tiles: BM (tokens) x BN (weight rows) x BK, GROUP_M (L2 swizzle), SWAP (weights on the MMA's
-register side, transposed tile), num_warps, num_stages, ONE_DOT (re-interleave the unpacked halves
-and issue one dot per K tile) and ASM (inline-PTX unpack, four bytes per instruction).
-BK is capped by the effective scale block (each BK tile lies inside one block of l).
+register side, transposed tile), num_warps, num_stages, ASM (inline-PTX unpack, four bytes per
+instruction) and SPLIT (a program covers SPLIT sub-tiles of BM tokens that share one unpacked
+weight tile).
+BK is set by the host to the activation layout group (ops.layout_group: 128 where the width and the
+scale block allow it, else 64), so each K tile lies inside one scale block of l.
 
 Hopper (sm_90) values come from bench/kernels.py --variants / --sweep on an H100 (see
 bench/NOTES-kernels.md). The Ampere/Ada values (sm_80/86/89) were only compiled for those targets
 here (registers, no spills, shared memory under their ~100 KB); they were NOT run on such a card.
-DVDQ_GEMM_CONFIG="BM,BN,BK,GROUP_M,SWAP,warps,stages[,ONE_DOT,ASM]" overrides the choice (tuning).
+DVDQ_GEMM_CONFIG="BM,BN,BK,GROUP_M,SWAP,warps,stages[,ASM,SPLIT]" overrides the choice (tuning).
 """
 import os
 from dataclasses import dataclass, replace
@@ -23,8 +25,8 @@ class GemmConfig:
     SWAP: bool = False
     num_warps: int = 8
     num_stages: int = 3
-    ONE_DOT: bool = False
     ASM: bool = False
+    SPLIT: int = 1
 
     def capped(self, sb: int) -> "GemmConfig":
         bk = self.BK
@@ -33,40 +35,42 @@ class GemmConfig:
         return self if bk == self.BK else replace(self, BK=bk)
 
     def flags(self) -> dict:
-        return {"ONE_DOT": self.ONE_DOT, "ASM_UNPACK": self.ASM}
+        return {"ASM_UNPACK": self.ASM, "SPLIT": self.SPLIT}
 
     def to_env(self) -> str:
         return ",".join(str(int(v)) for v in (self.BM, self.BN, self.BK, self.GROUP_M, self.SWAP, self.num_warps,
-                                               self.num_stages, self.ONE_DOT, self.ASM))
+                                               self.num_stages, self.ASM, self.SPLIT))
 
     @classmethod
     def parse(cls, text: str) -> "GemmConfig":
         v = [int(t) for t in text.split(",")]
         if len(v) not in (7, 9):
             raise ValueError(f"DVDQ_GEMM_CONFIG needs 7 or 9 comma-separated integers, got {text!r}")
-        return cls(v[0], v[1], v[2], v[3], bool(v[4]), v[5], v[6], *(bool(t) for t in v[7:]))
+        extra = (bool(v[7]), v[8]) if len(v) == 9 else ()
+        if extra and extra[1] not in (1, 2):
+            raise ValueError(f"DVDQ_GEMM_CONFIG: SPLIT must be 1 or 2, got {extra[1]}")
+        return cls(v[0], v[1], v[2], v[3], bool(v[4]), v[5], v[6], *extra)
 
 
-def _fast(bm, bn, bk, warps, stages, group=8):
-    return GemmConfig(bm, bn, bk, group, True, warps, stages, True, True)
+def _fast(bm, bn, bk, warps, stages, split=1, group=8):
+    return GemmConfig(bm, bn, bk, group, True, warps, stages, True, split)
 
 
-# Swept by bench/kernels.py --sweep (the first entry is the default).
+# Swept by bench/kernels.py --sweep (the first entry is the default). Weights on the MMA's register
+# side (SWAP); BN weight rows x BM tokens (x SPLIT).
 SM90_CANDIDATES = (
+    _fast(128, 128, 128, 8, 4, split=2),
+    _fast(128, 128, 128, 8, 3, split=2),
     _fast(128, 64, 128, 4, 4),
-    _fast(128, 64, 128, 4, 3),
-    _fast(128, 64, 128, 4, 5),
-    _fast(256, 64, 128, 8, 3),
     _fast(128, 128, 128, 8, 4),
-    _fast(256, 128, 128, 8, 3),
-    _fast(128, 64, 64, 4, 6),
-    _fast(128, 64, 128, 4, 4, group=16),
+    _fast(128, 128, 128, 8, 3),
+    _fast(64, 128, 128, 4, 4),
 )
 SM90_DEFAULT = SM90_CANDIDATES[0]
 SM8X_CANDIDATES = (
-    GemmConfig(128, 128, 64, 8, False, 8, 3, True, True),
-    GemmConfig(128, 64, 128, 8, False, 4, 3, True, True),
-    GemmConfig(64, 128, 128, 8, False, 4, 3, True, True),
+    GemmConfig(128, 128, 64, 8, False, 8, 3, True),
+    GemmConfig(128, 64, 128, 8, False, 4, 3, True),
+    GemmConfig(64, 128, 128, 8, False, 4, 3, True),
 )
 INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
 
@@ -89,12 +93,12 @@ def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, inte
         cfg = SM90_DEFAULT
         if m <= 64:
             cfg = _fast(64, 64, 128, 4, 4)
-        if a_float:  # 16-bit activations: plain two-dot tile (ONE_DOT/ASM are int8-only paths)
+        if a_float:  # 16-bit activations: weights converted to bf16/fp16 in registers
             cfg = GemmConfig(128, 128, 64, 8, False, 8, 4)
     else:
         cfg = SM8X_CANDIDATES[0]
         if m <= 64:
-            cfg = GemmConfig(64, 64, 64, 8, False, 4, 3, True, True)
+            cfg = GemmConfig(64, 64, 64, 8, False, 4, 3, True)
         if a_float:
             cfg = GemmConfig(64, 128, 64, 8, False, 4, 3)
     return cfg.capped(sb)

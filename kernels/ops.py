@@ -5,12 +5,13 @@ first use, so importing the package needs neither triton nor a GPU.
 """
 import math
 import os
+from dataclasses import replace
 
 import torch
 
 from . import configs
 
-GROUP = 64
+GROUP = 64  # smallest column tile of the activation kernels
 _rot_cache = {}
 
 
@@ -30,19 +31,28 @@ def effective_blocks(layer, k: int):
     return hb, sb
 
 
-def _perm64():
-    """Column permutation within a group of 64: new position p takes old column perm[p]."""
-    return [2 * j for j in range(32)] + [2 * j + 1 for j in range(32)]
+def layout_group(k: int, sb: int, a_float: bool = False) -> int:
+    """Columns per layout group G of the codes (also the GEMM's BK): each group of G columns is stored
+    as its G/2 even columns, then its G/2 odd ones, so the low and high nibbles of G/2 packed weight
+    bytes meet two contiguous halves of one K tile. 128 where the width and the scale block allow it
+    (a group must lie inside one scale block); 64 otherwise and for 16-bit activations (smaller
+    tiles of 2-byte values)."""
+    return 128 if (not a_float and k % 128 == 0 and sb % 128 == 0) else GROUP
 
 
-def rotation_matrix(hb: int, dtype, device) -> torch.Tensor:
-    """R x R matrix (R = max(hb, 64)): blockdiag of the +-1 Sylvester pattern of size hb (identity when
-    hb is 1; the kernels scale by 1/sqrt(hb)), columns permuted per group of 64. Cached per
-    (hb, dtype, device): built once, never per call."""
-    key = (hb, dtype, str(device))
+def _perm(g: int):
+    """Column permutation within a group of g: new position p takes old column perm[p]."""
+    return [2 * j for j in range(g // 2)] + [2 * j + 1 for j in range(g // 2)]
+
+
+def rotation_matrix(hb: int, g: int, dtype, device) -> torch.Tensor:
+    """R x R matrix (R = max(hb, g)): blockdiag of the +-1 Sylvester pattern of size hb (identity when
+    hb is 1; the kernels scale by 1/sqrt(hb)), columns permuted per layout group of g (free: the
+    permutation rides on the rotation's dot). Cached per (hb, g, dtype, device): built once."""
+    key = (hb, g, dtype, str(device))
     r = _rot_cache.get(key)
     if r is None:
-        size = max(hb, GROUP)
+        size = max(hb, g)
         if hb > 1:
             h = torch.ones(1, 1, dtype=torch.float64)
             while h.shape[0] < hb:
@@ -51,23 +61,23 @@ def rotation_matrix(hb: int, dtype, device) -> torch.Tensor:
             full = torch.block_diag(*([h] * (size // hb)))
         else:
             full = torch.eye(size, dtype=dtype)
-        perm = torch.tensor([g * GROUP + p for g in range(size // GROUP) for p in _perm64()])
+        perm = torch.tensor([j * g + p for j in range(size // g) for p in _perm(g)])
         r = full[:, perm].contiguous().to(device)
         _rot_cache[key] = r
     return r
 
 
-def unpermute_columns(q: torch.Tensor) -> torch.Tensor:
-    """Permuted layout -> natural column order (tests and debugging only)."""
+def unpermute_columns(q: torch.Tensor, g: int) -> torch.Tensor:
+    """Permuted layout (groups of g) -> natural column order (tests and debugging only)."""
     m, k = q.shape
-    inv = torch.empty(GROUP, dtype=torch.long)
-    inv[torch.tensor(_perm64())] = torch.arange(GROUP)
-    return q.reshape(m, k // GROUP, GROUP)[:, :, inv.to(q.device)].reshape(m, k)
+    inv = torch.empty(g, dtype=torch.long)
+    inv[torch.tensor(_perm(g))] = torch.arange(g)
+    return q.reshape(m, k // g, g)[:, :, inv.to(q.device)].reshape(m, k)
 
 
-def _act_tiles(hb: int, sb: int):
+def _act_tiles(hb: int, sb: int, g: int):
     """(rotation tile R, column tile C, rowmax granularity TG, rows per program BM)."""
-    r = max(hb, GROUP)
+    r = max(hb, g)
     c = r
     tg = min(r, sb)
     bm = max(16, configs.ACT_ELEMS_PER_TILE // c)
@@ -77,15 +87,17 @@ def _act_tiles(hb: int, sb: int):
 
 
 def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None, act_cfg=None):
-    """Rotate, auto-scale and quantize X [M, K] -> (q int8 [M, K] permuted, s f32 [M], l f32 [K // sb]).
+    """Rotate, auto-scale and quantize X [M, K] -> (q int8 [M, K] in the layout of
+    layout_group(K, sb), s f32 [M], l f32 [K // sb]).
     q and s may be given (tests pass poisoned buffers to check every element is written)."""
     kt = _triton()
     m, k = x2d.shape
-    r, c, tg, bm = _act_tiles(hb, sb)
+    g = layout_group(k, sb)
+    r, c, tg, bm = _act_tiles(hb, sb, g)
     nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
     if act_cfg is not None:  # (elements per tile, warps, stages): benchmark sweeps
         bm, nw, ns = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
-    rmat = rotation_matrix(hb, x2d.dtype, x2d.device)
+    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
     rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
     l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
     if q is None:
@@ -105,11 +117,12 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
 
 
 def rotate_activations(x2d, hb: int):
-    """16-bit path: Xr in the input dtype, permuted layout."""
+    """16-bit path: Xr in the input dtype, in the layout of layout_group(K, sb, a_float=True)."""
     kt = _triton()
     m, k = x2d.shape
-    r, c, _, bm = _act_tiles(hb, GROUP)
-    rmat = rotation_matrix(hb, x2d.dtype, x2d.device)
+    g = layout_group(k, GROUP, a_float=True)
+    r, c, _, bm = _act_tiles(hb, GROUP, g)
+    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
     xr = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
     kt._rotate_kernel[(triton_cdiv(m, bm),)](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), C=c, R=r, BM=bm,
                                                   INTERPRET=interpreting(), num_warps=configs.ACT_NUM_WARPS,
@@ -136,19 +149,21 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     a_float = a.dtype != torch.int8
     if cfg is None:
         cfg = configs.gemm_config(_capability(a.device), m, n, k, sb, a_float, interpreting())
-    cfg = cfg.capped(sb)
+    cfg = replace(cfg, BK=layout_group(k, sb, a_float))  # one K tile = one layout group
     flags = {**cfg.flags(), **variant}
-    if interpreting() or a_float:  # inline PTX cannot run in the interpreter; ONE_DOT is int8-only
+    if interpreting():  # inline PTX cannot run in the interpreter
         flags["ASM_UNPACK"] = False
+    if a_float:  # two sub-tiles of 2-byte activations would not fit in shared memory
+        flags["SPLIT"] = 1
     y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
-    grid = (triton_cdiv(m, cfg.BM) * triton_cdiv(n, cfg.BN),)
+    grid = (triton_cdiv(m, cfg.BM * flags.get("SPLIT", 1)) * triton_cdiv(n, cfg.BN),)
     dummy = w_scale  # never read when the matching flag is off
     kt._w4_gemm_kernel[grid](
         a, qweight, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
         bias if bias is not None else dummy, y, m, n, k,
         SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
         AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,
-        EVEN_K=(k % cfg.BK == 0), INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **flags)
     return y
 

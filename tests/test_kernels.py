@@ -122,29 +122,31 @@ def test_activation_codes(hb, sb, k, bits):
     q_ref, s_ref = quantize_per_token(xr / l_ref, bits)
     torch.testing.assert_close(l, l_ref[::sb], rtol=1e-5, atol=0)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
-    diff = (ops.unpermute_columns(q).int() - q_ref.int()).abs()
+    diff = (ops.unpermute_columns(q, ops.layout_group(k, sb)).int() - q_ref.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # rounding ties only
 
 
-# Every GEMM code path: both operand orders, BK 64/128 (128 with K = 192: a half tile), tiles wider
-# than N and M.
+# Every GEMM code path: both operand orders, layout groups (= BK) of 64 (K = 192) and 128, tiles
+# wider than N and M, one or two token sub-tiles per program.
 GEMM_CONFIGS = [configs.GemmConfig(16, 32, 64, 4, False, 4, 1), configs.GemmConfig(32, 16, 128, 2, True, 4, 1),
                 configs.GemmConfig(16, 64, 128, 8, False, 4, 1)]
 if ON_GPU:
-    GEMM_CONFIGS = [configs.SM90_CANDIDATES[0], configs.SM90_CANDIDATES[4], configs.SM8X_CANDIDATES[0],
+    GEMM_CONFIGS = [configs.SM90_CANDIDATES[0], configs.SM90_CANDIDATES[4], configs.SM90_CANDIDATES[5],
+                    configs.SM8X_CANDIDATES[0],
                     configs.GemmConfig(128, 128, 128, 8, False, 8, 4), configs.GemmConfig(64, 64, 64, 8, False, 4, 3)]
 
 
+@pytest.mark.parametrize("k", [1600, 1536] if ON_GPU else [192, 256])  # layout group 64 / 128
 @pytest.mark.parametrize("asm", [False, True])
-@pytest.mark.parametrize("one_dot", [False, True])
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("cfg", GEMM_CONFIGS, ids=str)
-def test_gemm_configs(cfg, one_dot, asm):
+def test_gemm_configs(cfg, split, asm, k):
     """asm: inline PTX on the GPU; the interpreter runs the plain unpack instead."""
-    m, n, k = (1000, 1000, 1536) if ON_GPU else (40, 48, 192)
+    m, n = (1000, 1000) if ON_GPU else (40, 48)
     layer = make_layer(n, k, had_block=64, scale_block=256)
     x = activations(m, k, torch.bfloat16)
     for bits in (8, 16):
-        y = run_linear(layer, x, bits, cfg, ASM_UNPACK=asm, ONE_DOT=one_dot)
+        y = run_linear(layer, x, bits, cfg, ASM_UNPACK=asm, SPLIT=split)
         assert rel_err(y, reference_forward(layer, x, bits)) < 5e-3
 
 
