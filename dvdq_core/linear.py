@@ -1,4 +1,6 @@
 """QuantLinear: packed low-bit weights (rotated offline) and ARQ activations quantized per call."""
+import re
+
 import torch
 from torch import nn
 
@@ -6,6 +8,21 @@ from .backends import get_backend
 from .hadamard import rotate
 from .spec import LayerSpec
 from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, unpack_codes
+
+
+# Sibling projections that read one input tensor one after the other without changing it in place
+# (Wan's attention, in ComfyUI and in the reference code; "v" always comes last). Backends may then
+# quantize that input once for the group, also under torch.inference_mode(), where tensors carry no
+# version counter to prove they did not change.
+_SHARED_INPUT = re.compile(r"(^|\.)(self_attn\.[qkv]|cross_attn\.(k|v|k_img|v_img))$")
+SHARE_NONE, SHARE_MEMBER, SHARE_LAST = 0, 1, 2
+
+
+def input_sharing(name: str) -> int:
+    """SHARE_LAST for the last projection of a known shared-input group, SHARE_MEMBER for the others."""
+    if not _SHARED_INPUT.search(name):
+        return SHARE_NONE
+    return SHARE_LAST if name.endswith((".v", ".v_img")) else SHARE_MEMBER
 
 
 class BitState:
@@ -37,6 +54,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.state = state if state is not None else BitState()
         self.backend = backend
+        self.shares_input = SHARE_NONE  # set by whoever knows the layer's name (input_sharing)
         packed_k = (in_features + 1) // 2 if spec.w_bits <= 4 else in_features
         self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -102,7 +120,8 @@ class _Moved:
     """A view of a QuantLinear with its buffers copied to another device for one call."""
 
     def __init__(self, layer: QuantLinear, device):
-        self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state")})
+        self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
+                                                              "shares_input")})
         for name, buf in layer.named_buffers(recurse=False):
             setattr(self, name, buf.to(device, non_blocking=True))
         if "bias" not in self.__dict__:

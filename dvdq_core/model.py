@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .linear import BitState, QuantLinear
+from .linear import BitState, QuantLinear, input_sharing
 from .spec import layer_spec
 
 
@@ -115,6 +115,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
         linear = model.get_submodule(name)
         report.bytes_before += _tensor_bytes(linear)
         q, rel = QuantLinear.from_linear(linear, spec, state, backend=config.backend, device=device)
+        q.shares_input = input_sharing(name)
         _set_submodule(model, name, q)
         del linear
         report.bytes_after += _tensor_bytes(q)

@@ -8,7 +8,7 @@ from torch import nn
 from safetensors import safe_open
 
 from .config import QuantConfig
-from .linear import BitState, QuantLinear
+from .linear import BitState, QuantLinear, input_sharing
 from .model import quantized_layers
 from .spec import LayerSpec
 
@@ -151,6 +151,7 @@ def _fill(model, path, meta, file_keys, state, backend):
         q = QuantLinear(m.in_features, m.out_features, LayerSpec.from_dict(entry), bias=entry["bias"],
                         bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, weight_dtype=m.weight.dtype,
                         state=state, backend=backend, device=m.weight.device)
+        q.shares_input = input_sharing(name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     expected = model.state_dict()

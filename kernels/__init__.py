@@ -27,15 +27,15 @@ def _define_op():
     op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
 
     @op.register_fake
-    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale):
+    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share):
         return x2d.new_empty((x2d.shape[0], qweight.shape[0]))
 
     return op
 
 
 def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-               bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool) -> torch.Tensor:
-    return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale)
+               bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool, share: int) -> torch.Tensor:
+    return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share=share)
 
 
 _w4_linear_op = _define_op()
@@ -46,7 +46,9 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     k = x2d.shape[1]
     hb, sb = ops.effective_blocks(layer, k)
     auto_scale = bool(layer.auto_scale)
-    return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale)
+    share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
+    return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
+                         share)
 
 
 def _triton_missing():

@@ -171,24 +171,30 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
 # One-entry cache of the last quantized activation: q, k and v projections (and a fused
 # cross-attention k/v) read the same input, which is then quantized once instead of three times.
 # The entry holds a strong reference to its input, so that memory cannot be freed and reused while
-# cached; the tensor's version counter catches in-place changes. Inference-mode tensors have no
-# version counter and are never cached (torch.inference_mode() callers get no reuse: run under
-# torch.no_grad() to get it). DVDQ_REUSE_ACTIVATIONS=0 turns the cache off.
+# cached. Outside inference mode the tensor's version counter catches in-place changes, so any
+# layer may reuse. Inference-mode tensors (ComfyUI samples under torch.inference_mode()) have no
+# version counter: there only layers of a known shared-input group (`share`, set by the core from
+# the layer's name: Wan's q/k/v) reuse, and the group's last member releases the entry.
+# DVDQ_REUSE_ACTIVATIONS=0 turns the cache off.
 _reuse = os.environ.get("DVDQ_REUSE_ACTIVATIONS", "1") != "0"
 _last = [None, None, None]  # key, input, (q, s, l)
+SHARE_LAST = 2  # as dvdq_core.linear (this package imports nothing from the core)
 
 
-def _quantize_cached(x2d, hb, sb, a_bits, auto_scale):
-    if not _reuse or x2d.is_inference():
+def _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share=0):
+    inference = x2d.is_inference()
+    if not _reuse or (inference and not share):
         return quantize_activations(x2d, hb, sb, a_bits, auto_scale)
-    key = (x2d.data_ptr(), tuple(x2d.shape), tuple(x2d.stride()), x2d.dtype, x2d.device, x2d._version,
-           hb, sb, a_bits, auto_scale)
+    key = (x2d.data_ptr(), tuple(x2d.shape), tuple(x2d.stride()), x2d.dtype, x2d.device,
+           None if inference else x2d._version, hb, sb, a_bits, auto_scale)
     if _last[0] == key:
-        return _last[2]
-    _last[0] = None  # release the previous entry before allocating the new one
-    _last[1] = _last[2] = None
-    val = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
-    _last[0], _last[1], _last[2] = key, x2d, val
+        val = _last[2]
+    else:
+        clear_activation_cache()  # release the previous entry before allocating the new one
+        val = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+        _last[0], _last[1], _last[2] = key, x2d, val
+    if share == SHARE_LAST:
+        clear_activation_cache()
     return val
 
 
@@ -197,7 +203,7 @@ def clear_activation_cache():
 
 
 def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
-                   gemm_cfg=None, out=None, **variant):
+                   gemm_cfg=None, out=None, share: int = 0, **variant):
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     if x2d.shape[0] == 0:  # no tokens: nothing to launch
@@ -206,7 +212,7 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
         xr = rotate_activations(x2d, hb)
         return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, **variant)
     if out is None:
-        q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale)
+        q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share)
     else:  # tests: always run the activation kernels
         q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
     return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale, gemm_cfg, out, **variant)

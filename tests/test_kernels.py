@@ -241,3 +241,31 @@ def test_activation_reuse():
         assert all(m._last[1] is not xi for m in owners)
     for m in owners:
         m.clear_activation_cache()
+
+
+def test_activation_reuse_inference_mode(monkeypatch):
+    """Under inference mode (ComfyUI) only a known shared-input group reuses, and its last member
+    releases the entry; the outputs equal uncached ones."""
+    from dvdq_core.linear import SHARE_LAST, SHARE_MEMBER, input_sharing
+    assert [input_sharing(f"blocks.3.{n}") for n in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                                     "cross_attn.q", "cross_attn.k", "cross_attn.v_img", "ffn.0")] \
+        == [SHARE_MEMBER, SHARE_MEMBER, SHARE_LAST, 0, 0, SHARE_MEMBER, SHARE_LAST, 0]
+    q, k, v, o = (make_layer(n, 128) for n in (40, 56, 24, 32))
+    q.shares_input = k.shares_input = SHARE_MEMBER
+    v.shares_input = SHARE_LAST
+    owners = [m for m in (sys.modules.get("kernels.ops"), sys.modules.get("dvdq_kernels.ops")) if m]
+    calls = []
+    for m in owners:
+        real = m.quantize_activations
+        monkeypatch.setattr(m, "quantize_activations", lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+        m.clear_activation_cache()
+    with torch.inference_mode():
+        x = activations(11, 128, torch.bfloat16)
+        ys = [kernels.linear_forward(layer, x, 4) for layer in (q, k, v)]
+        assert len(calls) == 1  # quantized once for the three projections
+        assert all(m._last[0] is None for m in owners)  # v (last) released the entry
+        kernels.linear_forward(o, x, 4)
+        kernels.linear_forward(o, x, 4)
+        assert len(calls) == 3  # not a group member: no reuse without a version counter
+    for layer, y in zip((q, k, v), ys):
+        assert rel_err(y, reference_forward(layer, x, 4)) < 2e-2

@@ -143,3 +143,23 @@ def test_writer_refuses_unplanned_tensor(tmp_path):
         w.write("a", torch.zeros(3))
     w.abort()
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.safetensors.partial").exists()
+
+
+def test_shared_input_groups_marked_on_quantize_and_load(tmp_path):
+    """Wan's q/k/v (and cross-attention k/v) are marked as one shared-input group, on quantizing and
+    on loading a file: the kernels quantize their common input once under inference mode."""
+    from dvdq_core.demo.model import MiniWan, MiniWanConfig
+    from dvdq_core.linear import SHARE_LAST, SHARE_MEMBER
+    cfg = dq.QuantConfig(method="minmax", backend="reference")
+    m = MiniWan(MiniWanConfig(dim=64, num_heads=2, num_layers=1, ffn_dim=128))
+    dq.quantize_model(m, cfg)
+    p = tmp_path / "w.safetensors"
+    dq.save_quantized(m, p, cfg, arch="wan")
+    fresh = MiniWan(MiniWanConfig(dim=64, num_heads=2, num_layers=1, ffn_dim=128))
+    dq.load_quantized(fresh, p)
+    want = {"blocks.0.self_attn.q": SHARE_MEMBER, "blocks.0.self_attn.k": SHARE_MEMBER,
+            "blocks.0.self_attn.v": SHARE_LAST, "blocks.0.cross_attn.k": SHARE_MEMBER,
+            "blocks.0.cross_attn.v": SHARE_LAST}
+    for model in (m, fresh):
+        got = {n: q.shares_input for n, q in dq.quantized_layers(model)}
+        assert {n: s for n, s in got.items() if s} == want
