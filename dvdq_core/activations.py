@@ -26,10 +26,18 @@ def auto_scale(xr: torch.Tensor, granularity: str, block: int) -> torch.Tensor:
     return amax.clamp_min(EPS)
 
 
-def quantize_per_token(xs: torch.Tensor, bits: int):
-    """Symmetric dynamic per-token (row) quantization. Returns int8 codes and float32 row scales."""
+def quantize_per_token(xr: torch.Tensor, bits: int, l: torch.Tensor = None):
+    """Symmetric dynamic per-token (row) quantization of xr / l, l the auto-scale (per channel,
+    length K; None means l = 1). Returns int8 codes and float32 row scales s:
+
+    s_i = max(max_j |xr_ij| / l_j, EPS) / qmax,  q_ij = clamp(round(xr_ij * r_ij), -qmax - 1, qmax)
+    with r_ij = 1 / (l_j * s_i) rounded to float32: one multiplication per element instead of two
+    divisions (the kernels compute r once per row and scale block, the same float32 value).
+    The dequantized value is q * s * l.
+    """
     qmax = 2 ** (bits - 1) - 1
-    xs = xs.float()
-    s = xs.abs().amax(dim=-1).clamp_min(EPS) / qmax
-    q = torch.round(xs / s.unsqueeze(-1)).clamp(-qmax - 1, qmax).to(torch.int8)
+    xr = xr.float()
+    s = (xr.abs() if l is None else xr.abs() / l).amax(dim=-1).clamp_min(EPS) / qmax
+    ls = s.unsqueeze(-1) if l is None else l * s.unsqueeze(-1)
+    q = torch.round(xr * (1.0 / ls)).clamp(-qmax - 1, qmax).to(torch.int8)
     return q, s

@@ -39,8 +39,7 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
         w = layer.dequantized_weight()
         scale = auto_scale(x, layer.granularity, layer.scale_block) if layer.auto_scale and a_bits != 16 else None
     if a_bits != 16:
-        xs = x / scale if scale is not None else x
-        q, s_tok = quantize_per_token(xs, a_bits)
+        q, s_tok = quantize_per_token(x, a_bits, scale)
         x = q.float() * s_tok.unsqueeze(1)
         if scale is not None:
             x = x * scale

@@ -84,8 +84,12 @@ def _quantize_kernel(
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
     TB: tl.constexpr, AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Pass 2 over BM rows (IEEE divisions as the reference: a rounding tie then rounds alike): s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table,
-    then q = clamp(rint(Xr / l / s_i), -qmax - 1, qmax) as int8, and s [M]."""
+    """Pass 2 over BM rows: s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table,
+    then q = clamp(rint(Xr * r), -qmax - 1, qmax) as int8 with r = 1 / (l_b * s_i), and s [M].
+
+    r is computed per row and column tile (the tile lies in one scale block, or holds C // SB of
+    them), not per element: one multiplication per element instead of two divisions. Every step is
+    IEEE-rounded (div_rn, fp32 multiply) as in the reference, so a rounding tie rounds alike."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
@@ -101,21 +105,28 @@ def _quantize_kernel(
         smax = tl.maximum(smax, tl.max(rm, axis=1))
     s = tl.math.div_rn(tl.maximum(smax, EPS), qmax)
     tl.store(s_ptr + offs_m, s, mask=m_mask)
+    if not AUTO_SCALE:  # l = 1: one reciprocal per row for all of K
+        r = tl.math.div_rn(1.0, s)
     rmat = _load_rotation(r_ptr, R, INTERPRET)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
-        xs = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
-        if AUTO_SCALE:
-            lc = tl.maximum(tl.load(l_ptr + offs_c // SB), EPS)
-            xs = tl.math.div_rn(xs, lc[None, :])
-        v = tl.math.div_rn(xs, s[:, None])
-        if INTERPRET:  # same result for |v| < 2**22: adding 1.5 * 2**23 rounds half to even
-            v = (v + 12582912.0) - 12582912.0
+        xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
+        if AUTO_SCALE and SB >= C:  # the tile lies inside one scale block (both are powers of two)
+            lb = tl.maximum(tl.load(l_ptr + c0 // SB), EPS)
+            v = xr * tl.math.div_rn(1.0, lb * s)[:, None]
+        elif AUTO_SCALE:  # C // SB scale blocks in the tile
+            lb = tl.maximum(tl.load(l_ptr + c0 // SB + tl.arange(0, C // SB)), EPS)
+            rb = tl.math.div_rn(1.0, lb[None, :] * s[:, None])  # [BM, C // SB]
+            v = tl.reshape(tl.reshape(xr, (BM, C // SB, SB)) * rb[:, :, None], (BM, C))
         else:
-            v = tl.extra.cuda.libdevice.rint(v)  # round half to even, as torch.round
-        v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax * 1.0)
-        tl.store(q_ptr + rows[:, None] * K + offs_c[None, :], v.to(tl.int8), mask=m_mask[:, None])
+            v = xr * r[:, None]
+        v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax * 1.0)  # clamp, then round: the same for integer bounds
+        if INTERPRET:  # same result for |v| < 2**22: adding 1.5 * 2**23 rounds half to even
+            qv = ((v + 12582912.0) - 12582912.0).to(tl.int8)
+        else:  # round half to even (as torch.round) in the conversion itself, no separate rint
+            qv = tl.extra.cuda.libdevice.float2int_rn(v).to(tl.int8)
+        tl.store(q_ptr + rows[:, None] * K + offs_c[None, :], qv, mask=m_mask[:, None])
 
 
 @triton.jit

@@ -109,7 +109,9 @@ def test_unquantized_activations(dtype):
     assert rel_err(run_linear(layer, x, 16), reference_forward(layer, x, 16)) < 5e-3
 
 
-@pytest.mark.parametrize("hb,sb,k", [(128, 128, 256), (64, 128, 384), (16, 64, 192), (256, 256, 512), (1, 64, 128)])
+# (128, 64, 256): a column tile of the quantize kernel spans two scale blocks.
+@pytest.mark.parametrize("hb,sb,k", [(128, 128, 256), (64, 128, 384), (16, 64, 192), (256, 256, 512), (1, 64, 128),
+                                     (128, 64, 256)])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_activation_codes(hb, sb, k, bits):
     m = 4096 if ON_GPU else 33
@@ -119,11 +121,31 @@ def test_activation_codes(hb, sb, k, bits):
     q, s, l = ops.quantize_activations(x, hb, sb, bits, True, q=q, s=s)
     xr = rotate(x.float(), hb) if hb > 1 else x.float()
     l_ref = auto_scale(xr, "block", sb)
-    q_ref, s_ref = quantize_per_token(xr / l_ref, bits)
+    q_ref, s_ref = quantize_per_token(xr, bits, l_ref)
     torch.testing.assert_close(l, l_ref[::sb], rtol=1e-5, atol=0)
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
     diff = (ops.unpermute_columns(q, ops.layout_group(k, sb)).int() - q_ref.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # rounding ties only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("auto", [True, False])
+@pytest.mark.parametrize("sb,k", [(128, 256), (64, 192)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_codes_exact_without_rotation(dtype, auto, sb, k, bits):
+    """Without rotation Xr = X on both sides, so s and every code must equal the reference's,
+    rounding ties included (frequent with 16-bit inputs): both multiply by the same float32
+    r = 1 / (l_b * s_i)."""
+    m = 4096 if ON_GPU else 257
+    x = activations(m, k, dtype)
+    q, s, l = ops.quantize_activations(x, 1, sb, bits, auto)
+    xr = x.float()
+    l_ref = auto_scale(xr, "block", sb) if auto else None
+    q_ref, s_ref = quantize_per_token(xr, bits, l_ref)
+    if auto:
+        assert torch.equal(l, l_ref[::sb])
+    assert torch.equal(s, s_ref)
+    assert torch.equal(ops.unpermute_columns(q, ops.layout_group(k, sb)), q_ref)
 
 
 # Every GEMM code path: both operand orders, layout groups (= BK) of 64 (K = 192) and 128, tiles
