@@ -37,7 +37,10 @@ def quantize_per_token(xr: torch.Tensor, bits: int, l: torch.Tensor = None):
     """
     qmax = 2 ** (bits - 1) - 1
     xr = xr.float()
-    s = (xr.abs() if l is None else xr.abs() / l).amax(dim=-1).clamp_min(EPS) / qmax
+    amax = (xr.abs() if l is None else xr.abs() / l).amax(dim=-1).clamp_min(EPS)
+    # a tensor divisor: on CUDA, torch divides by a Python number as a multiply by its reciprocal,
+    # which is not the IEEE division the kernels (and the CPU) do
+    s = amax / torch.full_like(amax, qmax)
     ls = s.unsqueeze(-1) if l is None else l * s.unsqueeze(-1)
     q = torch.round(xr * (1.0 / ls)).clamp(-qmax - 1, qmax).to(torch.int8)
     return q, s
