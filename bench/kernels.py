@@ -10,6 +10,7 @@ Times, per shape and token count M (CUDA events, median of do_bench):
 and a sweep of our GEMM tile configurations. Prints a table; --json writes all numbers.
 
 usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck]
+       python bench/kernels.py --act-sweep [--m 32760]   (activation-kernel launch settings only)
 """
 import argparse
 import json
@@ -169,6 +170,26 @@ def gemm_variants(m, n, k, dev):
     return out
 
 
+def act_sweep(m, dev):
+    """Activation-kernel launch settings (elements per tile, warps, stages) at the model widths:
+    ms and TB/s over the minimal bytes (X read twice, int8 codes written once)."""
+    out = {}
+    for k in (1536, 3072, 5120, 13824):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        for act_cfg in [(2048, 4, 2), (2048, 4, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3), (8192, 4, 3),
+                        (8192, 8, 2), (8192, 8, 3), (16384, 8, 3)]:
+            key = f"K={k} act {act_cfg}"
+            try:
+                t = bench(lambda: ops.quantize_activations(x, 128, 128, 4, True, act_cfg=act_cfg))
+                out[key] = (t, (2 * m * k * 2 + m * k) / t / 1e12)
+            except Exception as e:
+                out[key] = f"{type(e).__name__}: {str(e)[:120]}"
+            v = out[key]
+            print(key + ": " + (f"{v[0] * 1e3:.3f} ms {v[1]:.2f} TB/s" if isinstance(v, tuple) else v), flush=True)
+        del x
+    return out
+
+
 def fmt_row(r):
     def ms(key):
         v = r.get(key)
@@ -192,6 +213,7 @@ def main():
     ap.add_argument("--ck", action="store_true", help="time comfy-kitchen's INT8 and W4A8 linears")
     ap.add_argument("--ck-models", nargs="+", default=["wan14b"])
     ap.add_argument("--variants", action="store_true", help="GEMM/activation-kernel variant study only (Wan 14B)")
+    ap.add_argument("--act-sweep", action="store_true", help="activation-kernel launch settings only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -202,6 +224,12 @@ def main():
     info["comfy_kitchen"] = ck_err or "imported"
     print(json.dumps(info))
     rows = []
+    if args.act_sweep:
+        res = act_sweep(args.m[0], dev)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "act_sweep": res}, f, indent=1)
+        return
     if args.variants:
         study = {}
         for name, n, k in SHAPES["wan14b"][:2] + SHAPES["wan14b"][2:]:

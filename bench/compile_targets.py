@@ -1,0 +1,120 @@
+"""Compile the shipped kernels for every GPU target the triton backend claims (sm_80, sm_86, sm_89,
+sm_90) on a machine without a GPU, with the launch configurations configs.py picks, and check what
+can be checked without the card: the compile succeeds, no registers spill to local memory, the
+shared memory fits the target's per-block limit, and the MMA instructions are the expected kind
+(wgmma on sm_90: IGMMA / HGMMA in SASS; mma.sync elsewhere: IMMA / HMMA).
+
+Nothing here measures speed: the Ampere/Ada configurations have never run on such a card.
+
+usage: python bench/compile_targets.py [--check]   (--check: exit status 1 on any problem)
+Needs triton's bundled ptxas/cuobjdump (the PyPI wheel ships them); run WITHOUT TRITON_INTERPRET.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from kernels import _triton as kt, configs, ops  # noqa: E402
+
+CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+# Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+K, SB, HB = 5120, 128, 128
+
+
+def compile_kernel(fn, types, consts, cc, warps, stages):
+    """types: run-time argument -> Triton type; consts: constexpr -> value. Pointers and strides get
+    divisibility 16, as Triton's specialisation gives them at the real launches."""
+    names = list(fn.arg_names)
+    sig = {n: types.get(n, "constexpr") for n in names}
+    missing = set(names) - set(types) - set(consts)
+    consts = {**{n: fn.params[names.index(n)].default for n in missing}, **consts}
+    div16 = [i for i, n in enumerate(names) if sig[n].startswith("*") or n == "stride_xm"]
+    src = ASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+    ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([CUOBJ, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([CUOBJ, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    return {"regs": regs, "smem": ck.metadata.shared, "spills": sass.count("STL"),
+            "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA", "IMMA", "HMMA") if op in sass}}
+
+
+def cases(cc):
+    """(label, fn, types, consts, warps, stages, expected MMA opcodes) as ops.py launches them."""
+    cap = (cc // 10, cc % 10)
+    out = []
+    for label, m, a_float in (("gemm int8", 32760, False), ("gemm int8 small M", 16, False),
+                              ("gemm 16-bit act", 32760, True)):
+        cfg = configs.gemm_config(cap, m, K, K, SB, a_float, False)
+        cfg = replace(cfg, BK=ops.layout_group(K, SB, a_float))  # as ops.w4_gemm sets it
+        flags = cfg.flags()
+        if a_float:
+            flags["SPLIT"] = 1
+        types = {"a_ptr": "*bf16" if a_float else "*i8", "w_ptr": "*u8", "z_ptr": "*u8", "d_ptr": "*fp32",
+                 "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32"}
+        consts = dict(K=K, SB=SB, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+                      A_FLOAT=a_float, AUTO_SCALE=not a_float, HAS_BIAS=True, SWAP=cfg.SWAP, INTERPRET=False,
+                      ASM_UNPACK=flags["ASM_UNPACK"], SPLIT=flags["SPLIT"])
+        want = ("HGMMA" if a_float else "IGMMA") if cc >= 90 else ("HMMA" if a_float else "IMMA")
+        out.append((f"{label} {cfg.to_env()}", kt._w4_gemm_kernel, types, consts, cfg.num_warps, cfg.num_stages,
+                    want))
+    r, c, tg, bm = 128, 128, 128, configs.ACT_ELEMS_PER_TILE // 128
+    act = {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "rowmax_ptr": "*fp32", "l_ptr": "*fp32",
+           "M": "i32", "stride_xm": "i32"}
+    base = dict(K=K, C=c, R=r, BM=bm, INTERPRET=False)
+    w, s = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
+    out.append(("act absmax", kt._absmax_kernel, act, {**base, "NT": K // tg, "SB": SB, "TG": tg, "AUTO_SCALE": True},
+                w, s, None))
+    out.append(("act quantize", kt._quantize_kernel, {**act, "q_ptr": "*i8", "s_ptr": "*fp32", "qmax": "fp32"},
+                {**base, "NT": K // tg, "SB": SB, "TG": tg, "TB": 64, "AUTO_SCALE": True}, w, s, None))
+    out.append(("act rotate (16-bit)", kt._rotate_kernel,
+                {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "y_ptr": "*bf16", "M": "i32", "stride_xm": "i32"},
+                base, w, s, None))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--targets", nargs="+", type=int, default=sorted(SMEM_LIMIT))
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels, there is nothing to compile")
+    problems = []
+    print(f"{'target':6s} {'kernel':58s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  mma")
+    for cc in args.targets:
+        for label, fn, types, consts, warps, stages, want in cases(cc):
+            try:
+                r = compile_kernel(fn, types, consts, cc, warps, stages)
+            except Exception as e:  # noqa: BLE001 (reported, and a failure under --check)
+                problems.append(f"sm_{cc} {label}: compile failed: {type(e).__name__}: {str(e)[:300]}")
+                print(f"sm_{cc:<3d} {label:58s} FAILED")
+                continue
+            print(f"sm_{cc:<3d} {label:58s} {r['regs']:4d} {r['spills']:6d} {r['smem'] / 1024:7.1f}  {r['mma']}")
+            if r["spills"]:
+                problems.append(f"sm_{cc} {label}: {r['spills']} register spill stores")
+            if r["smem"] > SMEM_LIMIT[cc]:
+                problems.append(f"sm_{cc} {label}: {r['smem']} B shared memory > the {SMEM_LIMIT[cc]} B limit")
+            if want and not r["mma"].get(want):
+                problems.append(f"sm_{cc} {label}: no {want} instruction (got {r['mma']})")
+    for line in problems:
+        print("PROBLEM:", line)
+    if args.check and problems:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
