@@ -75,8 +75,10 @@ SM8X_CANDIDATES = (
 INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
 
 # Activation kernels: a program walks BM rows across K in tiles of C = max(Hadamard block, 64)
-# columns, BM = ACT_ELEMS_PER_TILE // C (measured best of 2048..8192 elements, 4/8 warps, 2/3 stages).
-ACT_ELEMS_PER_TILE = 4096
+# columns, BM = ACT_ELEMS_PER_TILE // C (bench/kernels.py --act-sweep on an H100: best of 2048..16384
+# elements, 4/8 warps, 2/3 stages at K = 1536..13824 for the one-multiply quantizer; Ampere/Ada use
+# the same, compiled for them only).
+ACT_ELEMS_PER_TILE = 8192
 ACT_NUM_WARPS = 4
 ACT_NUM_STAGES = 3
 
