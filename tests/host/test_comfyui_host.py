@@ -243,6 +243,9 @@ def test_memory_accounting_and_lowvram_path(server):
     hist, _ = run_ok(server, g)
     info = json.loads(hist["outputs"]["inspect"]["info"][0])
     assert info["quant_layers"] > 0 and info["quant_in_load_list"], info
+    # Wan's q/k/v (and cross-attention k/v) quantize their shared input once under inference mode
+    assert info["shared_input"] == {"blocks.0.self_attn.q": 1, "blocks.0.self_attn.k": 1, "blocks.0.self_attn.v": 2,
+                                    "blocks.0.cross_attn.k": 1, "blocks.0.cross_attn.v": 2}, info
     assert info["model_size"] == info["state_dict_bytes"], "ModelPatcher.size must be re-measured after quantizing"
     assert info["lowvram_cast_flags"] == info["quant_layers"], info
     assert info["lowvram_forward_finite"], info
