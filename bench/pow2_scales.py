@@ -1,0 +1,98 @@
+"""Would power-of-two ARQ block auto-scales cost quality? (A question from bench/NOTES-kernels.md.)
+
+A W4A4 GEMM could run as one chained fp8 tensor-core accumulation (Triton pipelines that; the
+per-K-block scaling it does today is not pipelined) if each block scale l_b were a power of two:
+l_b * code is then exact in e4m3 and can be folded into the activation codes. This measures, on
+the mini-Wan models of bench/quality.py, DVD-Quant W4A4 (BGR weights, rotation, block auto-scale)
+with the block scales as they are and rounded UP to a power of two (so the scaled block maximum
+lies in (0.5, 1] of the ideal one), plus the per-channel (paper) form for scale. Reference backend,
+the same noise and prompts for every run, relative error and PSNR of the final clip against full
+precision (and SSIM / task accuracy on the trained model). It does not model the fp8 accumulator's
+own rounding (about 3e-3 relative, bench/RESULTS.md).
+
+usage: python bench/pow2_scales.py [--models trained,outliers,random] [--prompts 24] [--device cpu]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import quality as q  # noqa: E402  (bench/quality.py: models, sampler and metrics)
+import dvdq_core  # noqa: E402
+from dvdq_core import activations, backends  # noqa: E402
+from dvdq_core.demo import clips  # noqa: E402
+from dvdq_core.demo.model import MiniWanConfig, load_mini_wan  # noqa: E402
+from dvdq_core.demo.run import WEIGHTS, random_model  # noqa: E402
+
+
+def pow2_up(auto_scale):
+    def scaled(xr, granularity, block):
+        l = auto_scale(xr, granularity, block)
+        return torch.exp2(torch.ceil(torch.log2(l)))
+    return scaled
+
+
+def run(label, base, args, trained):
+    device = torch.device(args.device)
+    base = base.to(device).float().eval()
+    all_l = clips.all_labels()
+    labels = all_l[torch.linspace(0, len(all_l) - 1, args.prompts).round().long()]
+    ids = clips.labels_to_prompt_ids(labels).to(device)
+    noise = torch.randn(args.prompts, base.cfg.in_dim, 16, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    ref = q.run_sampler(base, noise, ids, args)
+    rows = []
+    real = backends.auto_scale
+    for name, cfg, patch in (
+            ("block auto-scale (shipped)", dvdq_core.QuantConfig(backend="reference"), None),
+            ("block auto-scale, powers of two", dvdq_core.QuantConfig(backend="reference"), pow2_up(real)),
+            ("per-channel auto-scale (paper form)", dvdq_core.QuantConfig(granularity="channel", backend="reference"),
+             None),
+            ("no auto-scale (rotation only)", dvdq_core.QuantConfig(auto_scale=False, backend="reference"), None)):
+        model = q.quantized_copy(base, cfg)
+        backends.auto_scale = patch or real
+        try:
+            res = q.run_sampler(model, noise, ids, args, bitswitch=dvdq_core.BitSwitch(mode="fixed", fixed_bits=4))
+        finally:
+            backends.auto_scale = real
+        rows.append(q.evaluate(name, res, ref, labels, trained))
+        del model
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="trained,outliers,random")
+    p.add_argument("--prompts", type=int, default=24)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    assert activations.auto_scale is backends.auto_scale  # the patch point is the one the reference uses
+    print(f"DVD-Quant W4A4 (BGR weights, rotation 128, reference backend), {args.prompts} prompts, {args.steps} steps, "
+          f"device {args.device}\n")
+    for which in args.models.split(","):
+        t0 = time.time()
+        if which == "trained":
+            base, label, trained = load_mini_wan(WEIGHTS), "trained mini-Wan", True
+        else:
+            base, label, trained = random_model(MiniWanConfig(), 0), "random weights", False
+            if which == "outliers":
+                base, label = q.inject_outliers(base, 0), "random weights + injected outlier channels"
+        rows = run(label, base, args, trained)
+        print(f"### {label} ({time.time() - t0:.0f} s)\n")
+        head = "| auto-scale | rel. err | PSNR dB |" + (" SSIM | task all |" if trained else "")
+        print(head + "\n|" + "---|" * (head.count("|") - 1))
+        for r in rows:
+            extra = f" {r['ssim']:.3f} | {r['task_all']:.2f} |" if trained else ""
+            print(f"| {r['run']} | {r['rel_error']:.4f} | {r['psnr_db']:.2f} |" + extra)
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
