@@ -243,6 +243,24 @@ def test_torch_compile():
     assert rel_err(compiled, eager) < 1e-6
 
 
+@pytest.mark.skipif(not ON_GPU, reason="host synchronisation is a CUDA notion; needs the compiled GPU kernels")
+def test_no_host_sync_in_forward():
+    """A forward (activation kernels, GEMM, reuse cache) never waits for the GPU: CUDA's sync
+    debug mode raises on any synchronising call."""
+    layer = make_layer(512, 1536)
+    x = activations(300, 1536, torch.bfloat16)
+    for bits in (4, 8, 16):
+        kernels.linear_forward(layer, x, bits)  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            for bits in (4, 8, 16):
+                kernels.linear_forward(layer, x, bits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_activation_reuse():
     """q, k, v on one input: the second call reuses the codes; an in-place change invalidates them."""
     a, b = make_layer(40, 128), make_layer(56, 128)
