@@ -18,9 +18,12 @@ activation layout as the v4 int8 loop):
   fp8-promo    packed weights, acc += dot * l_b per K-block (the real W4A4 computation)
   fp8-lag      fp8-promo with each block's dot promoted one K step later (overlap attempt)
 with SPLIT = 1 or 2 token sub-tiles sharing one unpacked weight tile, plus BF16 F.linear, FP8
-torch._scaled_mm and cuBLAS torch._int_mm in the same run.
+torch._scaled_mm and cuBLAS torch._int_mm in the same run. Also the accuracy of the form that
+per-channel power-of-two auto-scales would allow (codes * 2**e_j folded into e4m3 activations, one
+chained fp8 accumulation over all of K: the fused loop's speed), against float64 (added after call
+7: not run on a GPU yet).
 
-usage: python bench/fp8_study.py [--compile-only]
+usage: python bench/fp8_study.py [--compile-only | --cpu-check]
 """
 import argparse
 import os
@@ -195,6 +198,37 @@ def exactness(dev):
                   f"wrong={int((err > 0).sum())}/{err.numel()} max|ref|={float(ref.abs().max()):.0f}", flush=True)
 
 
+def pow2_channel_accuracy(dev, m=512, n=256, k=5120):
+    """The W4A4 form per-channel power-of-two auto-scales would allow (bench/pow2_scales.py): codes
+    q in [-8, 7] times 2**e_j (e_j in [-9, 5], exact in e4m3) folded into the activation, ONE
+    chained fp8 accumulation over all of K (fused loop, no per-block promotion), zero point in the
+    epilogue. Error of the fp32 output against float64, next to what a bf16 output rounding adds."""
+    g = torch.Generator(device=dev).manual_seed(2)
+    q = torch.randint(-8, 8, (m, k), device=dev, generator=g).double()
+    e = torch.randint(-6, 1, (k,), device=dev, generator=g)
+    e[torch.randint(0, k, (8,), device=dev, generator=g)] = 5  # a few massive channels
+    a = q * torch.exp2(e.double())[None, :]
+    u = torch.randint(0, 16, (n, k), device=dev, generator=g)
+    zp = torch.randint(0, 16, (n,), device=dev, generator=g).float()
+    d = torch.rand(n, device=dev, generator=g) * 0.01 + 1e-3
+    s = torch.rand(m, device=dev, generator=g) * 0.01 + 1e-3
+    c = a.sum(1).float()  # per-token code sum (the activation kernel would write it)
+    ref = (a @ (u.double() - zp.double()[:, None]).T) * d.double()[None, :] * s.double()[:, None]
+    a8 = a.float().to(torch.float8_e4m3fn)
+    assert torch.equal(a8.double(), a), "codes x 2**e must be exact in e4m3"
+    a8 = a8[:, perm_halves(k, dev)].contiguous()
+    y = torch.full((m, n), float("nan"), device=dev)
+    var = ("fused 2x128x128", 0, 0, 2, 128, 128, 8, 3) if dev != "cpu" else ("fused 1x16x32", 0, 0, 1, 16, 32, 4, 1)
+    launch(var, a8, pack(u), zp, c, torch.ones(k // 128, device=dev), d, s, y, m, n, k)
+    err = (y.double() - ref)
+    bf = (ref.to(torch.bfloat16).double() - ref)
+    fro = lambda t: float(t.norm() / ref.norm())  # noqa: E731
+    print(f"## per-channel power-of-two codes, chained fp8 accumulation over K = {k}: rel. error {fro(err):.2e} "
+          f"(max |err| / max |ref| {float(err.abs().max() / ref.abs().max()):.2e}); a bf16 output alone adds "
+          f"{fro(bf):.2e}", flush=True)
+    return fro(err)
+
+
 def run():
     from triton.testing import do_bench
     import torch.nn.functional as F
@@ -202,6 +236,7 @@ def run():
     dev = "cuda"
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     exactness(dev)
+    pow2_channel_accuracy(dev)
     ms = lambda fn: do_bench(fn, warmup=50, rep=200, return_mode="median")  # noqa: E731
     rows = []
     torch.manual_seed(0)
@@ -303,4 +338,10 @@ def compile_only():
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--compile-only", action="store_true")
-    compile_only() if p.parse_args().compile_only else run()
+    p.add_argument("--cpu-check", action="store_true", help="the accuracy case at a small size in Triton's "
+                   "interpreter (set TRITON_INTERPRET=1): checks the code path, not the hardware's rounding")
+    a = p.parse_args()
+    if a.cpu_check:
+        assert pow2_channel_accuracy("cpu", 32, 64, 256) < 1e-6
+    else:
+        compile_only() if a.compile_only else run()

@@ -5,7 +5,8 @@ per-K-block scaling it does today is not pipelined) if each block scale l_b were
 l_b * code is then exact in e4m3 and can be folded into the activation codes. This measures, on
 the mini-Wan models of bench/quality.py, DVD-Quant W4A4 (BGR weights, rotation, block auto-scale)
 with the block scales as they are and rounded UP to a power of two (so the scaled block maximum
-lies in (0.5, 1] of the ideal one), plus the per-channel (paper) form for scale. Reference backend,
+lies in (0.5, 1] of the ideal one), and the same for the per-channel (paper) form: a power-of-two
+per-channel scale could be folded into fp8 activation codes exactly too. Reference backend,
 the same noise and prompts for every run, relative error and PSNR of the final clip against full
 precision (and SSIM / task accuracy on the trained model). It does not model the fp8 accumulator's
 own rounding (about 3e-3 relative, bench/RESULTS.md).
@@ -52,6 +53,8 @@ def run(label, base, args, trained):
             ("block auto-scale, powers of two", dvdq_core.QuantConfig(backend="reference"), pow2_up(real)),
             ("per-channel auto-scale (paper form)", dvdq_core.QuantConfig(granularity="channel", backend="reference"),
              None),
+            ("per-channel auto-scale, powers of two",
+             dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_up(real)),
             ("no auto-scale (rotation only)", dvdq_core.QuantConfig(auto_scale=False, backend="reference"), None)):
         model = q.quantized_copy(base, cfg)
         backends.auto_scale = patch or real
