@@ -1,6 +1,7 @@
 """sm_90 SASS of the activation kernels, compiled on a CPU machine (no GPU needed): instruction counts
 of the whole kernel and of its hot loop (the longest span from a backward branch's target to the
-branch), at the Wan 14B width K = 5120, hb = sb = 128 (C = 128, BM = 32, 4 warps, 3 stages), bf16.
+branch), at the Wan 14B width K = 5120, hb = sb = 128 (C = 128, bf16) with the launch settings of kernels/configs.py.
+(The counts in the commit that made the quantizer one-multiply were taken at BM = 32 rows.)
 
 usage: python bench/act_sass.py [--dump DIR]   (DIR: also write each kernel's SASS and TTGIR there)
 """
@@ -8,36 +9,17 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from kernels import _triton as kt  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compile_targets import compile_sass  # noqa: E402  (bench/compile_targets.py)
+from kernels import _triton as kt, configs  # noqa: E402
 
-CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-K, SB, C, R, TG, BM, WARPS, STAGES = 5120, 128, 128, 128, 128, 32, 4, 3
+K, SB, C, R, TG = 5120, 128, 128, 128, 128
+BM, WARPS, STAGES = configs.ACT_ELEMS_PER_TILE // C, configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
 INSN = re.compile(r"/\*([0-9a-f]{4})\*/\s+([^;]*);")
-
-
-def compile_sass(fn, types, consts):
-    """types: run-time argument -> Triton type; consts: constexpr argument -> value. Pointers and
-    stride_xm (5120 at the real launch) get divisibility 16, as Triton's specialization gives them."""
-    names = list(fn.arg_names)
-    sig = {n: types.get(n, "constexpr") for n in names}
-    assert set(names) == set(types) | set(consts), set(names) ^ (set(types) | set(consts))
-    div16 = [i for i, n in enumerate(names) if sig[n].startswith("*") or n == "stride_xm"]
-    src = ASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
-                    attrs={(i,): [["tt.divisibility", 16]] for i in div16})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS, "num_stages": STAGES})
-    path = "/tmp/_act_sass.cubin"
-    with open(path, "wb") as f:
-        f.write(ck.asm["cubin"])
-    return ck.asm["ttgir"], subprocess.run([CUOBJ, "-sass", path], capture_output=True, text=True, check=True).stdout
 
 
 def opcode(text):
@@ -71,7 +53,8 @@ def main():
             ("absmax", kt._absmax_kernel, {}, {}),
             ("quantize", kt._quantize_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "qmax": "fp32"}, {"TB": 64}),
         ]:
-            ttgir, sass = compile_sass(fn, {**types, **t2}, {**consts, **c2, "AUTO_SCALE": auto})
+            ck, sass, _ = compile_sass(fn, {**types, **t2}, {**consts, **c2, "AUTO_SCALE": auto}, 90, WARPS, STAGES)
+            ttgir = ck.asm["ttgir"]
             total, loop, ops = stats(sass)
             top = ", ".join(f"{k}={v}" for k, v in ops.most_common(14))
             print(f"{name:8s} auto_scale={auto!s:5s} kernel={total:4d} loop={loop:4d}  loop: {top}", flush=True)

@@ -31,9 +31,11 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 K, SB, HB = 5120, 128, 128
 
 
-def compile_kernel(fn, types, consts, cc, warps, stages):
-    """types: run-time argument -> Triton type; consts: constexpr -> value. Pointers and strides get
-    divisibility 16, as Triton's specialisation gives them at the real launches."""
+def compile_sass(fn, types, consts, cc, warps, stages):
+    """Compile one kernel for sm_<cc> on the CPU -> (compiled kernel, SASS text, cuobjdump resource
+    usage). types: run-time argument -> Triton type; consts: constexpr -> value (missing ones take
+    their defaults). Pointers and strides get divisibility 16, as Triton's specialisation gives
+    them at the real launches."""
     names = list(fn.arg_names)
     sig = {n: types.get(n, "constexpr") for n in names}
     missing = set(names) - set(types) - set(consts)
@@ -47,6 +49,12 @@ def compile_kernel(fn, types, consts, cc, warps, stages):
         f.flush()
         sass = subprocess.run([CUOBJ, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([CUOBJ, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return ck, sass, res
+
+
+def compile_kernel(fn, types, consts, cc, warps, stages):
+    """Registers, shared memory, spill stores and tensor-core instruction counts of one kernel."""
+    ck, sass, res = compile_sass(fn, types, consts, cc, warps, stages)
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     return {"regs": regs, "smem": ck.metadata.shared, "spills": sass.count("STL"),
             "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA", "IMMA", "HMMA") if op in sass}}
