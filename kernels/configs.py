@@ -4,8 +4,9 @@ GEMM tiles: BM (tokens) x BN (weight rows) x BK, GROUP_M (L2 swizzle), SWAP (wei
 register side, transposed tile), num_warps, num_stages, ASM (inline-PTX unpack, four bytes per
 instruction) and SPLIT (a program covers SPLIT sub-tiles of BM tokens that share one unpacked
 weight tile).
-BK is set by the host to the activation layout group (ops.layout_group: 128 where the width and the
-scale block allow it, else 64), so each K tile lies inside one scale block of l.
+BK is NOT chosen here: ops.w4_gemm always replaces it by the activation layout group
+(ops.layout_group: 128 where the width and the scale block allow it, else 64), so each K tile lies
+inside one scale block of l; the BK values below only keep the DVDQ_GEMM_CONFIG format.
 
 Hopper (sm_90) values come from bench/kernels.py --variants / --sweep on an H100 (see
 bench/NOTES-kernels.md). The Ampere/Ada values (sm_80/86/89) were only compiled for those targets
@@ -13,7 +14,7 @@ here (registers, no spills, shared memory under their ~100 KB); they were NOT ru
 DVDQ_GEMM_CONFIG="BM,BN,BK,GROUP_M,SWAP,warps,stages[,ASM,SPLIT]" overrides the choice (tuning).
 """
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,6 @@ class GemmConfig:
     num_stages: int = 3
     ASM: bool = False
     SPLIT: int = 1
-
-    def capped(self, sb: int) -> "GemmConfig":
-        bk = self.BK
-        while bk > sb:
-            bk //= 2
-        return self if bk == self.BK else replace(self, BK=bk)
 
     def flags(self) -> dict:
         return {"ASM_UNPACK": self.ASM, "SPLIT": self.SPLIT}
@@ -87,10 +82,10 @@ def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, inte
     """Pick the GEMM tile for a problem. Deterministic and shape-only (no autotuning at run time,
     so the first call of a shape costs only the compile and torch.compile sees a fixed launch)."""
     if interpret:
-        return INTERPRETER_CONFIG.capped(sb)
+        return INTERPRETER_CONFIG
     env = os.environ.get("DVDQ_GEMM_CONFIG")
     if env and not a_float:
-        return GemmConfig.parse(env).capped(sb)
+        return GemmConfig.parse(env)
     if capability[0] >= 9:
         cfg = SM90_DEFAULT
         if m <= 64:
@@ -103,4 +98,4 @@ def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, inte
             cfg = GemmConfig(64, 64, 64, 8, False, 4, 3, True)
         if a_float:
             cfg = GemmConfig(64, 128, 64, 8, False, 4, 3)
-    return cfg.capped(sb)
+    return cfg
