@@ -11,7 +11,8 @@ the same noise and prompts for every run, relative error and PSNR of the final c
 precision (and SSIM / task accuracy on the trained model). It does not model the fp8 accumulator's
 own rounding (about 3e-3 relative, bench/RESULTS.md).
 
-usage: python bench/pow2_scales.py [--models trained,outliers,random] [--prompts 24] [--device cpu]
+usage: python bench/pow2_scales.py [--models trained,outliers,random] [--prompts 24] [--rows shipped,int8]
+       [--device cpu]
 """
 import argparse
 import os
@@ -38,6 +39,18 @@ def pow2_up(auto_scale):
     return scaled
 
 
+def pow2_window(auto_scale, octaves):
+    """Power-of-two per-channel scales, none more than 2**octaves below the largest of the layer: a
+    4-bit code (|q| <= 7) times 2**(e_j - e_min) then fits int8 for octaves <= 4, so the scales fold
+    into int8 codes and the GEMM needs one int32 accumulation over all of K (no per-block promotion)."""
+    up = pow2_up(auto_scale)
+
+    def scaled(xr, granularity, block):
+        l = up(xr, granularity, block)
+        return torch.maximum(l, l.amax() * 2.0 ** -octaves)
+    return scaled
+
+
 def run(label, base, args, trained):
     device = torch.device(args.device)
     base = base.to(device).float().eval()
@@ -55,7 +68,11 @@ def run(label, base, args, trained):
              None),
             ("per-channel auto-scale, powers of two",
              dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_up(real)),
+            ("per-channel auto-scale, powers of two within 4 octaves (int8-foldable)",
+             dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_window(real, 4)),
             ("no auto-scale (rotation only)", dvdq_core.QuantConfig(auto_scale=False, backend="reference"), None)):
+        if args.rows and not any(r in name for r in args.rows.split(",")):
+            continue
         model = q.quantized_copy(base, cfg)
         backends.auto_scale = patch or real
         try:
@@ -74,6 +91,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--rows", default="", help="comma-separated substrings: run only the rows whose name has one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     assert activations.auto_scale is backends.auto_scale  # the patch point is the one the reference uses

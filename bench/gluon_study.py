@@ -1,0 +1,343 @@
+"""A Hopper GEMM written in Gluon (explicit wgmma waits, TMA), against the shipped Triton GEMM.
+
+Why: Triton 3.6 places `warp_group_dot_wait {pendings = 0}` right after every int8 `tl.dot`, so in
+`kernels._triton._w4_gemm_kernel` no wgmma ever overlaps the weight unpacking or ARQ's per-K-block
+promotion (bench/NOTES-kernels.md v4). Gluon (Triton 3.5+) lets a kernel say where it waits. This
+study kernel has the shipped kernel's math and operand layouts (weights are the MMA's A side, from
+registers; tokens its N side):
+    Y[i, n] = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n]
+Activation codes [BM, BK] and packed weight bytes [BN, BK/2] come in by TMA into a ring of STAGES
+shared-memory slots; the packed bytes are read from shared memory straight into the MMA's A
+register layout (a thread then holds byte column c where it holds K columns c and BK/2 + c, so
+the [low plane | high plane] tile needs no data movement: convert_layout(assert_trivial=True)).
+PIPE: two int32 partial sums alternate so step k's wgmma could run while step k-1's partial is
+promoted. Finding (v6 in bench/NOTES-kernels.md): ptxas serialises every wgmma of that loop
+anyway (advisory C7513-C7515, shown by --compile-only), and the serial loop only matches the
+shipped kernel. NOT used by the product.
+
+Each variant is checked against the shipped `ops.w4_gemm` on the same operands, then timed
+(do_bench median) at the Wan 2.1 14B shapes, M = 32760 tokens, with cuBLAS BF16 F.linear.
+--int-acc times the shipped GEMM with and without the per-K-block promotion instead.
+
+usage: python bench/gluon_study.py [--quick] [--int-acc]   (GPU)
+       python bench/gluon_study.py --compile-only          (CPU: sm_90 registers, spills, ptxas advisories)
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.testing import do_bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from kernels import ops  # noqa: E402
+from bench.kernels import make_layer  # noqa: E402
+
+EPS: gl.constexpr = gl.constexpr(1e-8)  # as kernels._triton.EPS: floor of the auto-scale l_b
+
+
+@gluon.jit
+def _unpack(wp, z):
+    """Packed bytes -> (low nibble - z, high nibble - z) as int8, four bytes per 32-bit op
+    (as _triton._unpack_asm)."""
+    return gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 nz, t;
+        sub.u32 nz, 0x80808080, $3;
+        and.b32 t, $2, 0x0F0F0F0F;
+        add.u32 t, t, nz;
+        xor.b32 $0, t, 0x80808080;
+        shr.u32 t, $2, 4;
+        and.b32 t, t, 0x0F0F0F0F;
+        add.u32 t, t, nz;
+        xor.b32 $1, t, 0x80808080;
+        }""",
+        constraints="=r,=r,r,r", args=[wp, z], dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+
+
+@gluon.jit
+def _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k):
+    """TMA of K step k's activation codes [BM, BK] and packed weight bytes [BN, BK/2] into slot k % STAGES."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    slot = k % STAGES
+    mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], bars.index(slot), a_smem.index(slot))
+    tma.async_copy_global_to_shared(w_desc, [off_n, k * (BK // 2)], bars.index(slot), w_smem.index(slot))
+
+
+@gluon.jit
+def _issue(a_smem, w_smem, bars, z, regs, k, A_LAYOUT: gl.constexpr):
+    """Wait for K step k's tiles, unpack its weights into the MMA's A registers ([low plane | high
+    plane]), issue its wgmma (async) into the registers of `regs` (a retired partial sum: tying
+    them keeps copies of an in-flight accumulator out of the loop, which make ptxas serialise)."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BK: gl.constexpr = a_smem.shape[2]
+    slot = k % STAGES
+    mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
+    wp = w_smem.index(slot).load(A_LAYOUT)  # a thread holds byte column c where it holds K columns c, BK/2 + c
+    lo, hi = _unpack(wp, z)
+    w = gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (lo.shape[0], BK))
+    w = gl.convert_layout(w, A_LAYOUT, assert_trivial=True)
+    return warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), regs, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _retire(tok, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, k, NK: gl.constexpr,
+            SB: gl.constexpr, AUTO_SCALE: gl.constexpr, OUTSTANDING: gl.constexpr = 1):
+    """Wait for K step k's wgmma (OUTSTANDING later ones may stay in flight), refill its slot with step
+    k + STAGES, add its int32 partial sum, scaled by l_b, to the float32 accumulator."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    part = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok,))
+    if k + STAGES < NK:
+        _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k + STAGES)
+    if AUTO_SCALE:
+        acc += part.to(gl.float32) * gl.maximum(gl.load(l_ptr + (k * BK) // SB), EPS)
+    else:
+        acc += part.to(gl.float32)
+    return acc, part
+
+
+@gluon.jit
+def _w4_gemm_wgmma_kernel(
+    a_desc, w_desc, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
+    SB: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+    AUTO_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, PIPE: gl.constexpr, num_warps: gl.constexpr,
+):
+    BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program
+    NK: gl.constexpr = K // BK
+    gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
+
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BM)
+    num_pid_n = gl.cdiv(N, BN)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+
+    # MMA: M side = BN weight rows (warps stacked along it), N side = BM tokens, k = 32 (int8).
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BM, 32])
+    a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    rows_z = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, a_reg))) % N
+    z = gl.load(z_ptr + rows_z).to(gl.uint8)[:, None]
+    z = gl.broadcast(z, gl.zeros((BN, BK // 2), gl.uint8, a_reg))[0]
+
+    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, BK // 2], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES):  # the host keeps STAGES <= NK
+        _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, i)
+
+    acc = gl.zeros((BN, BM), gl.float32, mma)
+    if PIPE:
+        # Two partial sums alternate (even / odd K steps): step k's wgmma runs while step k-1's
+        # partial is promoted. Step 0 runs alone so that no register of a wgmma in flight is
+        # initialised. (ptxas still serialises this loop, C7514: see bench/NOTES-kernels.md.)
+        gl.static_assert(NK >= 2, "the host uses PIPE only for K >= 2 * BK")
+        pa = gl.zeros((BN, BM), gl.int32, mma)
+        tok_a = _issue(a_smem, w_smem, bars, z, pa, 0, a_reg)
+        acc, pa = _retire(tok_a, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, 0, NK, SB,
+                          AUTO_SCALE, 0)
+        pb = gl.zeros((BN, BM), gl.int32, mma)
+        tok_b = _issue(a_smem, w_smem, bars, z, pb, 1, a_reg)
+        for k in range(2, NK - 1, 2):
+            tok_a = _issue(a_smem, w_smem, bars, z, pa, k, a_reg)
+            acc, pb = _retire(tok_b, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, k - 1, NK, SB,
+                              AUTO_SCALE)
+            tok_b = _issue(a_smem, w_smem, bars, z, pb, k + 1, a_reg)
+            acc, pa = _retire(tok_a, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, k, NK, SB,
+                              AUTO_SCALE)
+        if NK % 2 == 1:  # one step left
+            tok_a = _issue(a_smem, w_smem, bars, z, pa, NK - 1, a_reg)
+            acc, pb = _retire(tok_b, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, NK - 2, NK, SB,
+                              AUTO_SCALE)
+            acc, pa = _retire(tok_a, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, NK - 1, NK, SB,
+                              AUTO_SCALE, 0)
+        else:
+            acc, pb = _retire(tok_b, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, NK - 1, NK, SB,
+                              AUTO_SCALE, 0)
+    else:
+        # One wgmma at a time per warpgroup; TMA and the other warpgroups overlap it.
+        part = gl.zeros((BN, BM), gl.int32, mma)
+        for k in range(NK):
+            tok = _issue(a_smem, w_smem, bars, z, part, k, a_reg)
+            acc, part = _retire(tok, acc, a_desc, w_desc, a_smem, w_smem, bars, l_ptr, off_m, off_n, k, NK, SB,
+                                AUTO_SCALE, 0)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # epilogue: D[n] * s_i + bias[n], rounded, stored as Y[token, row] (masked)
+    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    d = gl.load(d_ptr + offs_n % N)
+    s = gl.load(s_ptr + offs_m, mask=offs_m < M, other=0.0)
+    out = acc * d[:, None] * s[None, :]
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + offs_n % N).to(gl.float32)[:, None]
+    # threads along the weight rows, which are contiguous in Y: 16-byte stores
+    ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
+                                        warps_per_cta=[1, num_warps], order=[0, 1])
+    out = gl.convert_layout(out.to(y_ptr.dtype.element_ty), ol)
+    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
+    om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
+    y_ptrs = y_ptr + om.to(gl.int64)[None, :] * N + on[:, None]
+    gl.store(y_ptrs, out, mask=(on < N)[:, None] & (om < M)[None, :])
+
+
+# ---- the study ----
+SHAPES = [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)]
+# (BM tokens, BN weight rows, warps, stages, pipelined partial sums)
+VARIANTS = [
+    (128, 64, 4, 4, False), (128, 64, 4, 3, False), (128, 64, 4, 2, False), (64, 64, 4, 4, False),
+    (64, 64, 4, 3, False), (128, 64, 4, 3, True), (64, 64, 4, 4, True), (64, 128, 4, 3, False),
+    (128, 128, 8, 4, True),
+]
+
+
+def w4_gemm_gluon(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, BM=128, BN=128,
+                  num_warps=8, stages=4, pipe=False, group_m=8):
+    """Host side of the study kernel (int8 codes only): the same arguments and result as ops.w4_gemm."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    m, k = a.shape
+    n = qweight.shape[0]
+    bk = ops.layout_group(k, sb)
+    a_desc = TensorDescriptor(a, [m, k], [k, 1], [BM, bk], gl.NVMMASharedLayout.get_default_for([BM, bk], gl.int8))
+    w_desc = TensorDescriptor(qweight, [n, k // 2], [k // 2, 1], [BN, bk // 2],
+                              gl.NVMMASharedLayout.get_default_for([BN, bk // 2], gl.uint8))
+    nk = k // bk
+    y = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    grid = (ops.triton_cdiv(m, BM) * ops.triton_cdiv(n, BN),)
+    _w4_gemm_wgmma_kernel[grid](
+        a_desc, w_desc, w_zero, w_scale, l if l is not None else w_scale, s, bias if bias is not None else w_scale, y,
+        m, n, k, SB=sb, GROUP_M=group_m, STAGES=max(1, min(stages, nk)), AUTO_SCALE=auto_scale,
+        HAS_BIAS=bias is not None, PIPE=pipe and nk >= 2, num_warps=num_warps)
+    return y
+
+
+def compile_only():
+    """Compile the study kernel for sm_90 on the CPU: registers, spills, shared memory and ptxas's
+    wgmma advisories (C751x = "wgmma.mma_async instructions are serialized due to ...")."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    fn = _w4_gemm_wgmma_kernel
+    names = list(fn.arg_names)
+    print(f"{'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'pipe':>5s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  ptxas")
+    for bm, bn, warps, stages, pipe in VARIANTS:
+        bk = 128
+        a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
+        w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8)
+        types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "w_desc": f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>",
+                 "z_ptr": "*u8", "d_ptr": "*fp32", "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16",
+                 "y_ptr": "*bf16", "M": "i32", "N": "i32"}
+        consts = dict(K=5120, SB=128, GROUP_M=8, STAGES=stages, AUTO_SCALE=True, HAS_BIAS=True, PIPE=pipe,
+                      num_warps=warps)
+        sig = {n: types.get(n, "constexpr") for n in names}
+        src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
+                             attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+        with tempfile.TemporaryDirectory() as d:
+            ptx = os.path.join(d, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(ck.asm["ptx"])
+            adv = subprocess.run([os.path.join(nv, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "k.cubin")],
+                                 capture_output=True, text=True).stderr
+            res = subprocess.run([os.path.join(nv, "cuobjdump"), "-res-usage", os.path.join(d, "k.cubin")],
+                                 capture_output=True, text=True).stdout
+            sass = subprocess.run([os.path.join(nv, "cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
+                                  capture_output=True, text=True).stdout
+        codes = ", ".join(sorted(set(re.findall(r"\((C75\d\d)\)", adv)))) or "no advisory"
+        regs = re.search(r"REG:(\d+)", res).group(1)
+        print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {str(pipe):>5s} {regs:>4s} "
+              f"{sass.count('STL'):6d} {ck.metadata.shared / 1024:7.1f}  {codes}")
+
+
+def bench(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+
+
+def int_acc_section(m, dev):
+    """The shipped Triton GEMM with and without ARQ's per-K-block promotion (AUTO_SCALE off = one
+    int32 accumulation over all of K, the loop that power-of-two per-channel scales folded into the
+    int8 codes would allow)."""
+    from kernels.configs import SM90_DEFAULT, _fast
+    for name, n, k in SHAPES:
+        layer = make_layer(n, k, dev)
+        hb, sb = ops.effective_blocks(layer, k)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        q, s, l = ops.quantize_activations(x, hb, sb, 4, True)
+        flops = 2.0 * m * n * k
+        for cfg in (SM90_DEFAULT, _fast(64, 256, 128, 8, 4, split=2), _fast(64, 256, 128, 8, 3, split=2)):
+            for auto in (True, False):
+                t = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                                              torch.bfloat16, sb, auto, cfg))
+                print(f"  {name} triton {cfg.to_env():24s} {'block promotion' if auto else 'int32 over all K':16s} "
+                      f"{t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
+        del q, s, l, x, layer
+        torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="first shape only")
+    p.add_argument("--int-acc", action="store_true", help="only the shipped GEMM with / without promotion")
+    p.add_argument("--compile-only", action="store_true", help="sm_90 compile on the CPU, no GPU needed")
+    args = p.parse_args()
+    if args.compile_only:
+        return compile_only()
+    dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    m = 32760
+    if args.int_acc:
+        return int_acc_section(m, dev)
+    for name, n, k in SHAPES[:1] if args.quick else SHAPES:
+        layer = make_layer(n, k, dev)
+        hb, sb = ops.effective_blocks(layer, k)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        q, s, l = ops.quantize_activations(x, hb, sb, 4, True)
+        flops = 2.0 * m * n * k
+        ref = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
+        w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        t = bench(lambda: F.linear(x, w16, layer.bias))
+        print(f"{name} N={n} K={k}: bf16 F.linear {t * 1e3:.3f} ms ({flops / t / 1e12:.0f} TFLOP/s)")
+        t = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                                      torch.bfloat16, sb, True))
+        print(f"  shipped triton GEMM        {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
+        for bm, bn, w, st, pipe in VARIANTS:
+            label = f"gluon BM{bm} BN{bn} w{w} s{st}{' pipe' if pipe else ''}"
+            try:
+                f = lambda: w4_gemm_gluon(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                                              torch.bfloat16, sb, True, BM=bm, BN=bn, num_warps=w, stages=st,
+                                              pipe=pipe)
+                y = f()
+                torch.cuda.synchronize()
+                err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                t = bench(f)
+                print(f"  {label:42s} {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s  max rel diff {err:.2e}")
+            except Exception as e:
+                print(f"  {label:42s} FAILED {type(e).__name__}: {str(e)[:300]}")
+        del q, s, l, ref, x, w16, layer
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
