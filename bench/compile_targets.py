@@ -88,6 +88,12 @@ def cases(cc):
                 w, s, None))
     out.append(("act quantize", kt._quantize_kernel, {**act, "q_ptr": "*i8", "s_ptr": "*fp32", "qmax": "fp32"},
                 {**base, "NT": K // tg, "SB": SB, "TG": tg, "TB": 64, "AUTO_SCALE": True}, w, s, None))
+    out.append(("act absmax pow2", kt._absmax_kernel, act,
+                {**base, "NT": 1, "SB": SB, "TG": tg, "AUTO_SCALE": True, "POW2": True}, w, s, None))
+    out.append(("act quantize pow2", kt._quantize_pow2_kernel,
+                {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "cmax_ptr": "*fp32", "q_ptr": "*i8",
+                 "s_ptr": "*fp32", "M": "i32", "stride_xm": "i32", "qmax": "fp32"},
+                {**base, "OCTAVES": 4}, w, s, None))
     out.append(("act rotate (16-bit)", kt._rotate_kernel,
                 {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "y_ptr": "*bf16", "M": "i32", "stride_xm": "i32"},
                 base, w, s, None))

@@ -5,12 +5,15 @@ Times, per shape and token count M (CUDA events, median of do_bench):
   fp8        torch._scaled_mm, e4m3 operands, row-wise scales (GEMM alone: inputs pre-quantized)
   ours       kernels.linear_forward at W4A8 / W4A4: activation kernels + GEMM (the whole layer)
   gemm       our GEMM alone on ready int8 codes, and act: our activation kernels alone
+  *_p4       the same three at W4A4 with granularity "pow2" (scales folded into the codes, the GEMM
+             without per-K-block promotion)
   ck_int8    comfy-kitchen TensorWiseINT8Layout (per-channel, ConvRot), F.linear incl. its quantizer
   ck_w4a8    comfy-kitchen AsymW4A8Int8Layout, F.linear incl. its quantizer
 and a sweep of our GEMM tile configurations. Prints a table; --json writes all numbers.
 
 usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck]
        python bench/kernels.py --act-sweep [--m 32760]   (activation-kernel launch settings only)
+       python bench/kernels.py --act-sweep-pow2 [--m 32760]   (pass 2 of granularity pow2 only)
 """
 import argparse
 import json
@@ -101,6 +104,15 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     row["gemm"] = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                             torch.bfloat16, sb, True))
     row["ours_a16"] = bench(lambda: kernels.linear_forward(layer, x, 16))
+    # granularity "pow2" (4-bit: per-channel power-of-two scales folded into the codes, no promotion)
+    layer.granularity = "pow2"
+    row["ours_p4"] = bench(lambda: kernels.linear_forward(layer, x, 4))
+    layer.granularity = "block"
+    row["act_p4"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True))
+    qp, sp_, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
+    row["gemm_p4"] = bench(lambda: ops.w4_gemm(qp, layer.qweight, layer.w_zero, layer.w_scale, None, sp_, layer.bias,
+                                               torch.bfloat16, sb, False))
+    del qp, sp_
     if args.sweep and model in args.sweep_models:
         sweep = {}
         for cfg in configs.SM90_CANDIDATES:
@@ -190,18 +202,40 @@ def act_sweep(m, dev):
     return out
 
 
+def act_sweep_pow2(m, dev):
+    """Pass-2 launch settings of granularity "pow2" (elements per tile, warps, stages): ms of both
+    activation kernels together, TB/s over the bytes they must move (X read three times, codes once)."""
+    out = {}
+    for k in (1536, 3072, 5120, 13824):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        for act_cfg in [(2048, 4, 2), (2048, 4, 3), (2048, 8, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3),
+                        (8192, 4, 3), (8192, 8, 3)]:
+            key = f"K={k} pow2 pass 2 {act_cfg}"
+            try:
+                t = bench(lambda: ops.quantize_activations(x, 128, 128, 4, True, act_cfg=act_cfg, pow2=True))
+                out[key] = (t, (3 * m * k * 2 + m * k) / t / 1e12)
+            except Exception as e:
+                out[key] = f"{type(e).__name__}: {str(e)[:120]}"
+            v = out[key]
+            print(key + ": " + (f"{v[0] * 1e3:.3f} ms {v[1]:.2f} TB/s" if isinstance(v, tuple) else v), flush=True)
+        del x
+    return out
+
+
 def fmt_row(r):
     def ms(key):
         v = r.get(key)
         return f"{v * 1e3:7.3f}" if isinstance(v, float) else "    n/a"
     sp = lambda key: f"{r['bf16'] / r[key]:5.2f}x" if isinstance(r.get(key), float) else "   n/a"
     return (f"{r['model']:8s} {r['layer']:8s} {r['M']:6d} {r['N']:6d} {r['K']:6d} | {ms('bf16')} {ms('fp8')} "
-            f"{ms('ours_a8')} {ms('ours_a4')} {ms('gemm')} {ms('act')} {ms('ours_a16')} {ms('ck_int8')} {ms('ck_w4a8')} |"
-            f" {sp('fp8')} {sp('ours_a8')} {r['gemm_tops']:6.0f} {ms('floor')}")
+            f"{ms('ours_a8')} {ms('ours_a4')} {ms('gemm')} {ms('act')} {ms('ours_p4')} {ms('gemm_p4')} {ms('act_p4')} "
+            f"{ms('ours_a16')} {ms('ck_int8')} {ms('ck_w4a8')} |"
+            f" {sp('fp8')} {sp('ours_a8')} {sp('ours_p4')} {r['gemm_tops']:6.0f} {ms('floor')}")
 
 
-HEADER = ("model    layer         M      N      K |    bf16     fp8 ours_a8 ours_a4    gemm     act ours_16 ck_int8 ck_w4a8 |"
-          "   fp8x   ourx  TOP/s   floor   (ms; x = speed-up over bf16)")
+HEADER = ("model    layer         M      N      K |    bf16     fp8 ours_a8 ours_a4    gemm     act ours_p4 gemm_p4  act_p4"
+          " ours_16 ck_int8 ck_w4a8 |   fp8x   ourx    p4x  TOP/s   floor   (ms; x = speed-up over bf16; _p4: W4A4 with"
+          " granularity pow2)")
 
 
 def main():
@@ -214,6 +248,7 @@ def main():
     ap.add_argument("--ck-models", nargs="+", default=["wan14b"])
     ap.add_argument("--variants", action="store_true", help="GEMM/activation-kernel variant study only (Wan 14B)")
     ap.add_argument("--act-sweep", action="store_true", help="activation-kernel launch settings only")
+    ap.add_argument("--act-sweep-pow2", action="store_true", help="pass-2 settings of granularity pow2 only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -224,8 +259,8 @@ def main():
     info["comfy_kitchen"] = ck_err or "imported"
     print(json.dumps(info))
     rows = []
-    if args.act_sweep:
-        res = act_sweep(args.m[0], dev)
+    if args.act_sweep or args.act_sweep_pow2:
+        res = (act_sweep if args.act_sweep else act_sweep_pow2)(args.m[0], dev)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "act_sweep": res}, f, indent=1)

@@ -1,5 +1,6 @@
 """One CFG denoising step (batch 2) of ComfyUI's own WanModel at 480p x 81 frames (32760 tokens),
-random weights: BF16 vs DVD-Quant W4A8 / W4A4 (triton backend), PyTorch SDPA or SageAttention.
+random weights: BF16 vs DVD-Quant W4A8 / W4A4 / W4A4 with granularity "pow2" (triton backend), PyTorch SDPA
+or SageAttention.
 
 ComfyUI's source is not part of this repository: pass --comfy DIR (a ComfyUI checkout; only its
 `comfy/` package is imported). Weights are random; the quantized model is made with the core's
@@ -33,7 +34,7 @@ LATENT = (16, 21, 60, 104)  # 480 x 832, 81 frames -> 21 x 30 x 52 = 32760 token
 
 def kernel_class(name: str) -> str:
     n = name.lower()
-    if "_absmax_kernel" in n or "_quantize_kernel" in n or "_rotate_kernel" in n:
+    if "_absmax_kernel" in n or "_quantize_kernel" in n or "_quantize_pow2_kernel" in n or "_rotate_kernel" in n:
         return "act_quant"
     if "w4_gemm" in n or "gemm" in n or "nvjet" in n or "cutlass" in n or "xmma" in n or "cublas" in n or "s16816" in n:
         return "gemm"
@@ -104,7 +105,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True, help="folder holding ComfyUI's comfy/ package")
     ap.add_argument("--arch", nargs="+", default=["14b", "1.3b"])
-    ap.add_argument("--variants", nargs="+", default=["bf16", "w4a8", "w4a4"])
+    ap.add_argument("--variants", nargs="+", default=["bf16", "w4a8", "w4a4", "w4a4p"],
+                    help="w4a4p: W4A4 with granularity pow2")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -153,8 +155,11 @@ def main():
                                                      scale_block=effective_block(128, m.in_features))
                 torch.cuda.empty_cache()
                 print(f"[{arch}] quantized {len(report.layers)} layers in {time.perf_counter() - t0:.1f} s", flush=True)
-            if variant != "bf16":
-                set_activation_bits(model, int(variant[-1]))
+            if variant != "bf16":  # w4a8, w4a4, w4a4p (granularity "pow2")
+                for m in model.modules():
+                    if type(m).__name__ == "QuantLinear":
+                        m.spec = dataclasses.replace(m.spec, granularity="pow2" if variant.endswith("p") else "block")
+                set_activation_bits(model, int(variant[3]))
             for impl_name, impl in attn_impls.items():
                 wan.optimized_attention = impl
                 sage_calls[0] = 0

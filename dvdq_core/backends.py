@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .activations import EPS, auto_scale, quantize_per_token
+from .activations import EPS, auto_scale, quantize_per_token, scale_granularity
 from .hadamard import rotate
 from .weights import minmax_quantize
 
@@ -37,7 +37,9 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
         if layer.rotate:
             x = rotate(x, layer.had_block)
         w = layer.dequantized_weight()
-        scale = auto_scale(x, layer.granularity, layer.scale_block) if layer.auto_scale and a_bits != 16 else None
+        scale = None
+        if layer.auto_scale and a_bits != 16:
+            scale = auto_scale(x, scale_granularity(layer.granularity, a_bits), layer.scale_block)
     if a_bits != 16:
         q, s_tok = quantize_per_token(x, a_bits, scale)
         x = q.float() * s_tok.unsqueeze(1)

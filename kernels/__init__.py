@@ -27,15 +27,16 @@ def _define_op():
     op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
 
     @op.register_fake
-    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share):
+    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2):
         return x2d.new_empty((x2d.shape[0], qweight.shape[0]))
 
     return op
 
 
 def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-               bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool, share: int) -> torch.Tensor:
-    return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share=share)
+               bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool, share: int,
+               pow2: bool) -> torch.Tensor:
+    return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share=share, pow2=pow2)
 
 
 _w4_linear_op = _define_op()
@@ -47,8 +48,9 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     hb, sb = ops.effective_blocks(layer, k)
     auto_scale = bool(layer.auto_scale)
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
+    pow2 = layer.granularity == "pow2"  # per-channel power-of-two scales folded into the codes (ops)
     return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
-                         share)
+                         share, pow2)
 
 
 def _triton_missing():
@@ -67,8 +69,8 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
         return f"weights of {layer.w_bits} bits need the reference backend (the kernels take 4-bit weights)"
     if a_bits not in (4, 5, 6, 7, 8, 16):
         return f"activation bits {a_bits} are not supported (4..8 or 16)"
-    if layer.auto_scale and layer.granularity != "block":
-        return f"granularity {layer.granularity!r} is reference-only (the GEMM applies one scale per K-block)"
+    if layer.auto_scale and layer.granularity == "channel":
+        return "granularity 'channel' is reference-only (use 'pow2' or 'block' for the GPU kernels)"
     if x2d.dim() != 2:
         return f"expected a 2-D input, got {x2d.dim()} dims"
     k = x2d.shape[1]

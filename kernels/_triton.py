@@ -57,10 +57,11 @@ def _rotate_tile(x, rmat, rscale, BM: tl.constexpr, C: tl.constexpr, R: tl.const
 def _absmax_kernel(
     x_ptr, r_ptr, rscale, rowmax_ptr, l_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm,
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
-    AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
+    AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr, POW2: tl.constexpr = False,
 ):
     """Pass 1 over BM rows: per (row, TG-column group) absmax of Xr into rowmax [M, K // TG]; per
-    scale block absmax over all rows into l [K // SB] (atomic max; l is zeroed by the caller)."""
+    scale block absmax over all rows into l [K // SB] (atomic max; l is zeroed by the caller).
+    POW2: only the per-channel absmax over all rows, into l [K] (for _quantize_pow2_kernel)."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
@@ -70,12 +71,15 @@ def _absmax_kernel(
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
         xa = tl.abs(_rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET))
-        rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
-        offs_t = c0 // TG + tl.arange(0, C // TG)
-        tl.store(rowmax_ptr + rows[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
-        if AUTO_SCALE:
-            cmax = tl.max(rmax, axis=0)  # [C // TG]; padded rows loaded as 0 never win
-            tl.atomic_max(l_ptr + (offs_t * TG) // SB, cmax)
+        if POW2:
+            tl.atomic_max(l_ptr + offs_c, tl.max(xa, axis=0))  # padded rows loaded as 0 never win
+        else:
+            rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
+            offs_t = c0 // TG + tl.arange(0, C // TG)
+            tl.store(rowmax_ptr + rows[:, None] * NT + offs_t[None, :], rmax, mask=m_mask[:, None])
+            if AUTO_SCALE:
+                cmax = tl.max(rmax, axis=0)  # [C // TG]; padded rows loaded as 0 never win
+                tl.atomic_max(l_ptr + (offs_t * TG) // SB, cmax)
 
 
 @triton.jit
@@ -121,12 +125,77 @@ def _quantize_kernel(
             v = tl.reshape(tl.reshape(xr, (BM, C // SB, SB)) * rb[:, :, None], (BM, C))
         else:
             v = xr * r[:, None]
-        v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax * 1.0)  # clamp, then round: the same for integer bounds
-        if INTERPRET:  # same result for |v| < 2**22: adding 1.5 * 2**23 rounds half to even
-            qv = ((v + 12582912.0) - 12582912.0).to(tl.int8)
-        else:  # round half to even (as torch.round) in the conversion itself, no separate rint
-            qv = tl.extra.cuda.libdevice.float2int_rn(v).to(tl.int8)
+        qv = _clamp_round(v, qmax, INTERPRET).to(tl.int8)
         tl.store(q_ptr + rows[:, None] * K + offs_c[None, :], qv, mask=m_mask[:, None])
+
+
+@triton.jit
+def _clamp_round(v, qmax, INTERPRET: tl.constexpr):
+    """clamp(rint(v), -qmax - 1, qmax) as int32 (clamp first, then round: the same for integer bounds)."""
+    v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax * 1.0)
+    if INTERPRET:  # same result for |v| < 2**22: adding 1.5 * 2**23 rounds half to even
+        return ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    return tl.extra.cuda.libdevice.float2int_rn(v)  # round half to even (as torch.round), no separate rint
+
+
+@triton.jit
+def _ceil_log2(v):
+    """Exact ceil(log2(v)) of positive normal float32 values (exponent field, +1 if any mantissa bit)."""
+    b = v.to(tl.int32, bitcast=True)
+    return ((b >> 23) & 0xFF) - 127 + ((b & 0x7FFFFF) != 0).to(tl.int32)
+
+
+@triton.jit
+def _exp2i(e):
+    """2**e as float32 for integer e in [-126, 127] (built from the exponent field: exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pow2_exponents(cmax_ptr, c0, e_lo, C: tl.constexpr):
+    """e_j = max(ceil(log2(max(cmax_j, EPS))), e_lo) for the C channels from c0."""
+    cm = tl.maximum(tl.load(cmax_ptr + c0 + tl.arange(0, C)), EPS)
+    return tl.maximum(_ceil_log2(cm), e_lo)
+
+
+@triton.jit
+def _quantize_pow2_kernel(
+    x_ptr, r_ptr, rscale, cmax_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, qmax,
+    C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, OCTAVES: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Pass 2 of granularity "pow2" (dvdq_core.activations): per-channel scales l_j = 2**e_j,
+    e_j = max(ceil(log2 cmax_j), E - OCTAVES), folded into the codes:
+        q'_ij = q_ij * 2**(e_j - e_lo) (int8: |q| <= 8, e_j - e_lo <= OCTAVES = 4),  s'_i = s_i * 2**e_lo
+    with q, s exactly the reference's (x / 2**e is exact, and 1 / (2**e * s) = 2**-e * (1 / s)), so
+    the GEMM sums q' * w in int32 over all of K. Reads X twice: the row scale s_i needs the max of
+    |Xr_ij| / l_j over the whole row before any code can be made."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
+    gmax = tl.max(tl.load(cmax_ptr + tl.arange(0, C)))
+    for c0 in range(C, K, C):
+        gmax = tl.maximum(gmax, tl.max(tl.load(cmax_ptr + c0 + tl.arange(0, C))))
+    e_lo = _ceil_log2(tl.maximum(gmax, EPS)) - OCTAVES
+    rmat = _load_rotation(r_ptr, R, INTERPRET)
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, K, C):
+        offs_c = c0 + tl.arange(0, C)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
+        inv_l = _exp2i(-_pow2_exponents(cmax_ptr, c0, e_lo, C))
+        amax = tl.maximum(amax, tl.max(tl.abs(xr) * inv_l[None, :], axis=1))
+    s = tl.math.div_rn(tl.maximum(amax, EPS), qmax)
+    rs = tl.math.div_rn(1.0, s)
+    tl.store(s_ptr + offs_m, s * _exp2i(e_lo), mask=m_mask)
+    for c0 in range(0, K, C):
+        offs_c = c0 + tl.arange(0, C)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
+        e = _pow2_exponents(cmax_ptr, c0, e_lo, C)
+        qv = _clamp_round(xr * (rs[:, None] * _exp2i(-e)[None, :]), qmax, INTERPRET)
+        qv = qv * (1 << (e - e_lo))[None, :]
+        tl.store(q_ptr + rows[:, None] * K + offs_c[None, :], qv.to(tl.int8), mask=m_mask[:, None])
 
 
 @triton.jit

@@ -76,6 +76,8 @@ INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
 ACT_ELEMS_PER_TILE = 8192
 ACT_NUM_WARPS = 4
 ACT_NUM_STAGES = 3
+# Pass 2 of granularity "pow2" (_quantize_pow2_kernel, reads its rows twice) uses the same tile:
+# smaller ones (to keep the second read in L2) were slower (bench/kernels.py --act-sweep-pow2).
 
 
 def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, interpret: bool) -> GemmConfig:

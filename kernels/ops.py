@@ -12,6 +12,7 @@ import torch
 from . import configs
 
 GROUP = 64  # smallest column tile of the activation kernels
+POW2_BITS, POW2_OCTAVES = 4, 4  # as dvdq_core.activations (this package imports nothing from the core)
 _rot_cache = {}
 
 
@@ -86,25 +87,42 @@ def _act_tiles(hb: int, sb: int, g: int):
     return r, c, tg, bm
 
 
-def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None, act_cfg=None):
+def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None, act_cfg=None,
+                         pow2=False):
     """Rotate, auto-scale and quantize X [M, K] -> (q int8 [M, K] in the layout of
     layout_group(K, sb), s f32 [M], l f32 [K // sb]).
+    pow2 (granularity "pow2" at POW2_BITS, with auto-scale): per-channel power-of-two scales folded
+    into the codes and s (see _quantize_pow2_kernel) -> (q', s', None): the GEMM then runs without
+    auto-scale, one int32 sum over all of K.
     q and s may be given (tests pass poisoned buffers to check every element is written)."""
     kt = _triton()
     m, k = x2d.shape
     g = layout_group(k, sb)
     r, c, tg, bm = _act_tiles(hb, sb, g)
     nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
-    if act_cfg is not None:  # (elements per tile, warps, stages): benchmark sweeps
-        bm, nw, ns = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
     rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
-    rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
-    l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
     if q is None:
         q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     if s is None:
         s = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     qmax = float(2 ** (a_bits - 1) - 1)
+    if pow2:
+        cmax = torch.zeros((k,), dtype=torch.float32, device=x2d.device)
+        kt._absmax_kernel[(triton_cdiv(m, bm),)](
+            x2d, rmat, 1.0 / math.sqrt(hb), cmax, cmax, m, k, 1, x2d.stride(0),
+            SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=True, INTERPRET=interpreting(), POW2=True,
+            num_warps=nw, num_stages=ns)
+        bm2, nw2, ns2 = bm, nw, ns
+        if act_cfg is not None and not interpreting():  # pass 2's (elements per tile, warps, stages): sweeps
+            bm2, nw2, ns2 = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
+        kt._quantize_pow2_kernel[(triton_cdiv(m, bm2),)](
+            x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0), qmax,
+            C=c, R=r, BM=bm2, OCTAVES=POW2_OCTAVES, INTERPRET=interpreting(), num_warps=nw2, num_stages=ns2)
+        return q, s, None
+    if act_cfg is not None:  # (elements per tile, warps, stages): benchmark sweeps
+        bm, nw, ns = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
+    rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
+    l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
     kt._absmax_kernel[(triton_cdiv(m, bm),)](
         x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, m, k, k // tg, x2d.stride(0),
         SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=auto_scale,
@@ -181,17 +199,17 @@ _last = [None, None, None]  # key, input, (q, s, l)
 SHARE_LAST = 2  # as dvdq_core.linear (this package imports nothing from the core)
 
 
-def _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share=0):
+def _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share=0, pow2=False):
     inference = x2d.is_inference()
     if not _reuse or (inference and not share):
-        return quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+        return quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
     key = (x2d.data_ptr(), tuple(x2d.shape), tuple(x2d.stride()), x2d.dtype, x2d.device,
-           None if inference else x2d._version, hb, sb, a_bits, auto_scale)
+           None if inference else x2d._version, hb, sb, a_bits, auto_scale, pow2)
     if _last[0] == key:
         val = _last[2]
     else:
         clear_activation_cache()  # release the previous entry before allocating the new one
-        val = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
+        val = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
         _last[0], _last[1], _last[2] = key, x2d, val
     if share == SHARE_LAST:
         clear_activation_cache()
@@ -203,7 +221,8 @@ def clear_activation_cache():
 
 
 def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
-                   gemm_cfg=None, out=None, share: int = 0, **variant):
+                   gemm_cfg=None, out=None, share: int = 0, pow2: bool = False, **variant):
+    """pow2: the layer's granularity is "pow2" (it applies at POW2_BITS with auto-scale only)."""
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     if x2d.shape[0] == 0:  # no tokens: nothing to launch
@@ -211,8 +230,10 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
     if a_bits == 16:
         xr = rotate_activations(x2d, hb)
         return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, **variant)
+    pow2 = pow2 and auto_scale and a_bits == POW2_BITS
     if out is None:
-        q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share)
+        q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share, pow2)
     else:  # tests: always run the activation kernels
-        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale)
-    return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale, gemm_cfg, out, **variant)
+        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
+    return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale and not pow2, gemm_cfg, out,
+                   **variant)

@@ -3,7 +3,7 @@ from dvdq_core import QuantConfig, parse_overrides
 
 METHODS = ["dvdq", "minmax", "smoothquant", "quarot"]
 BLOCKS = ["64", "128", "256"]
-GRANULARITIES = ["block", "channel"]
+GRANULARITIES = ["block", "pow2", "channel"]
 A_BITS = (4, 5, 6, 7, 8, 16)
 
 DEFAULT_ARQ = {"rotate": True, "had_block": 128, "auto_scale": True, "granularity": "block", "scale_block": 128,
@@ -20,7 +20,7 @@ def arq_settings(rotate=True, had_block="128", auto_scale=True, granularity="blo
     if str(had_block) not in BLOCKS or str(scale_block) not in BLOCKS:
         raise SettingsError(f"ARQ Settings: block sizes must be one of {', '.join(BLOCKS)}")
     if granularity not in GRANULARITIES:
-        raise SettingsError(f"ARQ Settings: granularity must be 'block' or 'channel', got {granularity!r}")
+        raise SettingsError(f"ARQ Settings: granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     try:
         parse_overrides(layer_overrides or "")
     except ValueError as e:

@@ -19,7 +19,7 @@ if not ON_GPU:
 import kernels  # noqa: E402
 from kernels import configs, ops  # noqa: E402
 from dvdq_core import LayerSpec, QuantLinear  # noqa: E402
-from dvdq_core.activations import auto_scale, quantize_per_token  # noqa: E402
+from dvdq_core.activations import POW2_OCTAVES, auto_scale, quantize_per_token  # noqa: E402
 from dvdq_core.backends import reference_forward  # noqa: E402
 from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
 from dvdq_core.linear import BitState  # noqa: E402
@@ -32,12 +32,13 @@ def rand(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=GEN) * scale).to(dtype).to(DEV)
 
 
-def make_layer(n, k, *, method="dvdq", had_block=128, scale_block=128, bias=True, dtype=torch.bfloat16):
+def make_layer(n, k, *, method="dvdq", had_block=128, scale_block=128, bias=True, dtype=torch.bfloat16,
+               granularity="block"):
     rot = method in ("dvdq", "quarot")
     spec = LayerSpec(w_bits=4, a_bits=None, method=method,
                      had_block=effective_block(had_block, k) if rot else 1,
                      scale_block=effective_block(scale_block, k), rotate=rot,
-                     auto_scale=method == "dvdq", granularity="block")
+                     auto_scale=method == "dvdq", granularity=granularity)
     layer = QuantLinear(k, n, spec, bias=bias, bias_dtype=dtype, state=BitState(8), backend="triton", device=DEV)
     layer.qweight.copy_(torch.randint(0, 256, (n, k // 2), generator=GEN, dtype=torch.uint8))
     layer.w_zero.copy_(torch.randint(0, 16, (n,), generator=GEN, dtype=torch.uint8))
@@ -62,7 +63,8 @@ def run_linear(layer, x, bits, cfg=None, **variant):
     """The kernels' forward into a NaN-poisoned output (so an unwritten element fails the check)."""
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=x.device)
     y = ops.w4_linear_impl(x, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, bits, layer.had_block,
-                           layer.scale_block, layer.auto_scale, gemm_cfg=cfg, out=out, **variant)
+                           layer.scale_block, layer.auto_scale, gemm_cfg=cfg, out=out,
+                           pow2=layer.granularity == "pow2", **variant)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(y).any(), "some output elements were not written"
     return y
@@ -76,11 +78,11 @@ SHAPES = SMALL_SHAPES + (GPU_SHAPES if ON_GPU else [])
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
-@pytest.mark.parametrize("bits", [4, 6, 8])
-def test_linear_matches_reference(m, n, k, bits):
+@pytest.mark.parametrize("bits,granularity", [(4, "block"), (6, "block"), (8, "block"), (4, "pow2"), (8, "pow2")])
+def test_linear_matches_reference(m, n, k, bits, granularity):
     dtype = torch.bfloat16 if (m + bits) % 2 else torch.float16
     layer = make_layer(n, k, had_block=64 if k % 128 else 128, scale_block=64 if k == 320 else 128,
-                       bias=bits != 6, dtype=dtype)
+                       bias=bits != 6, dtype=dtype, granularity=granularity)
     x = activations(m, k, dtype)
     y = run_linear(layer, x, bits)
     ref = reference_forward(layer, x, bits)
@@ -148,6 +150,46 @@ def test_activation_codes_exact_without_rotation(dtype, auto, sb, k, bits):
     assert torch.equal(ops.unpermute_columns(q, ops.layout_group(k, sb)), q_ref)
 
 
+def _pow2_folded_reference(xr, bits):
+    """The reference's codes and scales for granularity "pow2", folded as the kernels store them."""
+    l = auto_scale(xr, "pow2", 64)
+    q, s = quantize_per_token(xr, bits, l)
+    e = torch.log2(l).round().int()  # l holds exact powers of two
+    e_lo = int(e.max()) - POW2_OCTAVES
+    assert int(e.min()) >= e_lo  # the window
+    return q.int() * (2 ** (e - e_lo)), s * 2.0 ** e_lo
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sb,k", [(128, 256), (64, 192)])
+def test_pow2_codes_exact_without_rotation(dtype, sb, k):
+    """Granularity "pow2" at 4 bits: the folded codes q * 2**(e_j - e_lo) and s * 2**e_lo equal the
+    reference's exactly (power-of-two scales change no rounding), and they fit int8."""
+    m = 4096 if ON_GPU else 129
+    x = activations(m, k, dtype)
+    x[:, 5] *= 1e-3  # a quiet channel: clamped to the window's floor
+    q = torch.full((m, k), -77, dtype=torch.int8, device=DEV)
+    s = torch.full((m,), float("nan"), device=DEV)
+    q, s, l = ops.quantize_activations(x, 1, sb, 4, True, q=q, s=s, pow2=True)
+    assert l is None
+    q_ref, s_ref = _pow2_folded_reference(x.float(), 4)
+    assert int(q_ref.min()) >= -128 and int(q_ref.max()) <= 127
+    assert torch.equal(s, s_ref)
+    assert torch.equal(ops.unpermute_columns(q, ops.layout_group(k, sb)).int(), q_ref)
+
+
+@pytest.mark.parametrize("hb,k", [(128, 256), (64, 384), (16, 192)])
+def test_pow2_codes_rotated(hb, k):
+    m = 4096 if ON_GPU else 41
+    x = activations(m, k, torch.bfloat16)
+    q, s, _ = ops.quantize_activations(x, hb, 64, 4, True, pow2=True)
+    q_ref, s_ref = _pow2_folded_reference(rotate(x.float(), hb), 4)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    diff = (ops.unpermute_columns(q, ops.layout_group(k, 64)).int() - q_ref).abs()
+    # a rounding tie may flip one code by one step, which the fold multiplies by up to 2**4
+    assert (diff > 0).float().mean() < 1e-3 and diff.max() <= 16
+
+
 # Every GEMM code path: both operand orders, layout groups (= BK) of 64 (K = 192) and 128, tiles
 # wider than N and M, one or two token sub-tiles per program.
 GEMM_CONFIGS = [configs.GemmConfig(16, 32, 64, 4, False, 4, 1), configs.GemmConfig(32, 16, 128, 2, True, 4, 1),
@@ -197,6 +239,7 @@ def test_unsupported_reason():
     assert reason is not None and "cpu" in reason
     assert "float32" in kernels.unsupported_reason(layer, 8, x.float())
     assert "channel" in kernels.unsupported_reason(_with(layer, granularity="channel"), 8, x)
+    assert kernels.unsupported_reason(_with(layer, granularity="pow2"), 4, x) == kernels.unsupported_reason(layer, 4, x)
     assert "smoothquant" in kernels.unsupported_reason(_with(layer, method="smoothquant"), 8, x)
     assert "activation bits" in kernels.unsupported_reason(layer, 3, x)
     odd = make_layer(40, 96, had_block=32, scale_block=32)
@@ -213,6 +256,12 @@ class _with:
 
     def __getattr__(self, name):
         return self._over[name] if name in self._over else getattr(self._layer, name)
+
+
+def test_pow2_constants_match_the_core():
+    """kernels/ imports nothing from the core, so it repeats these two numbers."""
+    from dvdq_core import activations as core
+    assert (ops.POW2_BITS, ops.POW2_OCTAVES) == (core.POW2_BITS, core.POW2_OCTAVES)
 
 
 def test_weight_bits_reason():

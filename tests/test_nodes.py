@@ -80,7 +80,7 @@ def test_widget_defaults_and_ranges():
     assert ld["save_quantized_copy"] == ("BOOLEAN", ld["save_quantized_copy"][1]) and not ld["save_quantized_copy"][1]["default"]
     arq = m["DVDQuantARQSettings"].INPUT_TYPES()["required"]
     assert arq["had_block"][0] == ["64", "128", "256"] and arq["had_block"][1]["default"] == "128"
-    assert arq["granularity"][0] == ["block", "channel"] and arq["layer_overrides"][1]["multiline"]
+    assert arq["granularity"][0] == ["block", "pow2", "channel"] and arq["layer_overrides"][1]["multiline"]
     bs = m["DVDQuantBitSwitch"].INPUT_TYPES()["required"]
     assert bs["mode"][0] == ["delta", "fixed", "manual"]
     d = bs["delta"][1]
