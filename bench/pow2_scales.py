@@ -51,6 +51,16 @@ def pow2_window(auto_scale, octaves):
     return scaled
 
 
+def pow2_window_groups(auto_scale, octaves, group):
+    """pow2_window over blocks of `group` channels (one scale per group): the kernels' pass 1 could
+    then keep a per-(row, group) maximum and pass 2 read X once, as the block form does."""
+    up = pow2_window(auto_scale, octaves)
+
+    def scaled(xr, granularity, block):
+        return up(xr, "block", group)
+    return scaled
+
+
 def run(label, base, args, trained):
     device = torch.device(args.device)
     base = base.to(device).float().eval()
@@ -70,6 +80,10 @@ def run(label, base, args, trained):
              dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_up(real)),
             ("per-channel auto-scale, powers of two within 4 octaves (int8-foldable)",
              dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_window(real, 4)),
+            ("16-channel blocks, powers of two within 4 octaves (int8-foldable)",
+             dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_window_groups(real, 4, 16)),
+            ("8-channel blocks, powers of two within 4 octaves (int8-foldable)",
+             dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_window_groups(real, 4, 8)),
             ("no auto-scale (rotation only)", dvdq_core.QuantConfig(auto_scale=False, backend="reference"), None)):
         if args.rows and not any(r in name for r in args.rows.split(",")):
             continue
