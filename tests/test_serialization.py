@@ -17,8 +17,9 @@ def _quantized(config=None, seed=0):
     return m
 
 
-def test_roundtrip_is_bit_exact(tmp_path):
-    cfg = dq.QuantConfig(overrides="blocks.0.up=w8a8", backend="reference")
+@pytest.mark.parametrize("granularity", ["block", "pow2"])
+def test_roundtrip_is_bit_exact(tmp_path, granularity):
+    cfg = dq.QuantConfig(overrides="blocks.0.up=w8a8", backend="reference", granularity=granularity)
     m = _quantized(cfg)
     p = tmp_path / "m.safetensors"
     dq.save_quantized(m, p, cfg, arch="test")
@@ -28,6 +29,7 @@ def test_roundtrip_is_bit_exact(tmp_path):
     a, b = m.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert fresh.blocks[0].up.w_bits == 8 and fresh.blocks[0].up.a_bits == 8
+    assert fresh.blocks[1].up.granularity == granularity
     x = torch.randn(2, 5, 16)
     for bits in (4, 8):
         dq.set_activation_bits(m, bits)
