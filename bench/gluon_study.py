@@ -34,7 +34,8 @@ import torch.nn.functional as F
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.testing import do_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,9 +186,17 @@ def _w4_gemm_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    # epilogue: D[n] * s_i + bias[n], rounded, stored as Y[token, row] (masked)
-    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    _epilogue(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS, mma, num_warps)
+
+
+@gluon.jit
+def _epilogue(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS: gl.constexpr, MMA: gl.constexpr,
+              num_warps: gl.constexpr):
+    """D[n] * s_i + bias[n], rounded, stored as Y[token, row] (masked)."""
+    BN: gl.constexpr = acc.shape[0]
+    BM: gl.constexpr = acc.shape[1]
+    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
     d = gl.load(d_ptr + offs_n % N)
     s = gl.load(s_ptr + offs_m, mask=offs_m < M, other=0.0)
     out = acc * d[:, None] * s[None, :]
@@ -203,19 +212,151 @@ def _w4_gemm_wgmma_kernel(
     gl.store(y_ptrs, out, mask=(on < N)[:, None] & (om < M)[None, :])
 
 
+@gluon.jit
+def _ws_loader(a_desc, w_desc, a_smem, p_smem, w_smem, ld_ready, w_ready, empty, z_ptr, l_ptr, off_m, off_n, N,
+               NK: gl.constexpr, SB: gl.constexpr, AUTO_SCALE: gl.constexpr):
+    """Worker (1 warp): TMA of the activation codes and the packed weight bytes of every K step."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BK: gl.constexpr = a_smem.shape[2]
+    for k in range(NK):
+        slot = k % STAGES
+        mbarrier.wait(empty.index(slot), ((k // STAGES) & 1) ^ 1)  # fresh barriers pass phase 1 at once
+        mbarrier.expect(ld_ready.index(slot), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], ld_ready.index(slot), a_smem.index(slot))
+        tma.async_copy_global_to_shared(w_desc, [off_n, k * (BK // 2)], ld_ready.index(slot), p_smem.index(slot))
+
+
+@gluon.jit
+def _ws_unpacker(a_desc, w_desc, a_smem, p_smem, w_smem, ld_ready, w_ready, empty, z_ptr, l_ptr, off_m, off_n, N,
+                 NK: gl.constexpr, SB: gl.constexpr, AUTO_SCALE: gl.constexpr):
+    """Worker (4 warps): packed bytes -> int8 weight tile [low plane | high plane] in shared memory,
+    the wgmma's A operand. Its slot is free once the loader refilled the same slot (the consumer
+    released it after its wgmma)."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BN: gl.constexpr = p_smem.shape[1]
+    HB: gl.constexpr = p_smem.shape[2]
+    pl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
+                                        order=[1, 0])
+    rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, pl))) % N
+    z = gl.load(z_ptr + rows).to(gl.uint8)[:, None]
+    z = gl.broadcast(z, gl.zeros((BN, HB), gl.uint8, pl))[0]
+    for k in range(NK):
+        slot = k % STAGES
+        mbarrier.wait(ld_ready.index(slot), (k // STAGES) & 1)
+        lo, hi = _unpack(p_smem.index(slot).load(pl), z)
+        w_smem.index(slot).store(gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (BN, 2 * HB)))
+        fence_async_shared()
+        mbarrier.arrive(w_ready.index(slot), count=1)
+
+
+@gluon.jit
+def _ws_consumer(a_smem, w_smem, ld_ready, w_ready, empty, l_ptr, NK: gl.constexpr, SB: gl.constexpr,
+                 AUTO_SCALE: gl.constexpr, MMA: gl.constexpr):
+    """Default partition: one wgmma per K step (both operands from shared memory), then ARQ's
+    promotion; the slot goes back to the loader once the wgmma is done."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BM: gl.constexpr = a_smem.shape[1]
+    BK: gl.constexpr = a_smem.shape[2]
+    BN: gl.constexpr = w_smem.shape[1]
+    if not AUTO_SCALE:
+        # one int32 sum over all of K (granularity "pow2": the scales are in the codes): chained
+        # wgmmas, each waited for one step later, so the tensor cores never wait for this warpgroup
+        acc_i = gl.zeros((BN, BM), gl.int32, MMA)
+        for k in range(NK):
+            slot = k % STAGES
+            ph = (k // STAGES) & 1
+            mbarrier.wait(ld_ready.index(slot), ph)
+            mbarrier.wait(w_ready.index(slot), ph)
+            acc_i = warpgroup_mma(w_smem.index(slot), a_smem.index(slot).permute((1, 0)), acc_i, use_acc=k > 0,
+                                  is_async=True)
+            acc_i = warpgroup_mma_wait(num_outstanding=1, deps=(acc_i,))
+            mbarrier.arrive(empty.index((k + STAGES - 1) % STAGES), count=1, pred=k > 0)  # step k-1 is done
+        acc_i = warpgroup_mma_wait(num_outstanding=0, deps=(acc_i,))
+        return (acc_i.to(gl.float32),)
+    acc = gl.zeros((BN, BM), gl.float32, MMA)
+    part = gl.zeros((BN, BM), gl.int32, MMA)
+    for k in range(NK):
+        slot = k % STAGES
+        ph = (k // STAGES) & 1
+        mbarrier.wait(ld_ready.index(slot), ph)
+        mbarrier.wait(w_ready.index(slot), ph)
+        tok = warpgroup_mma(w_smem.index(slot), a_smem.index(slot).permute((1, 0)), part, use_acc=False,
+                            is_async=True)
+        part = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+        mbarrier.arrive(empty.index(slot), count=1)
+        if AUTO_SCALE:
+            acc += part.to(gl.float32) * gl.maximum(gl.load(l_ptr + (k * BK) // SB), EPS)
+        else:
+            acc += part.to(gl.float32)
+    return (acc,)  # warp_specialize wants the default partition's results as a tuple
+
+
+@gluon.jit
+def _w4_gemm_ws_kernel(
+    a_desc, w_desc, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
+    SB: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+    AUTO_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Warp-specialised variant: a 1-warp TMA loader and a 4-warp unpacker feed the default
+    partition's warpgroups, which only issue wgmma (weights and activations from shared memory) and
+    promote; the warp scheduler interleaves them instead of one instruction stream."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    NK: gl.constexpr = K // BK
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BM)
+    num_pid_n = gl.cdiv(N, BN)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BM, 32])
+    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    p_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, BK // 2], w_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], a_desc.layout)  # int8 rows of BK: same swizzle
+    ld_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ld_ready.index(i), count=1)
+        mbarrier.init(w_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    worker_args = (a_desc, w_desc, a_smem, p_smem, w_smem, ld_ready, w_ready, empty, z_ptr, l_ptr, off_m, off_n, N,
+                   NK, SB, AUTO_SCALE)
+    acc = gl.warp_specialize([
+        (_ws_consumer, (a_smem, w_smem, ld_ready, w_ready, empty, l_ptr, NK, SB, AUTO_SCALE, mma)),
+        (_ws_loader, worker_args),
+        (_ws_unpacker, worker_args),
+    ], [1, 4], [24, 80])[0]
+    _epilogue(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS, mma, num_warps)
+
+
 # ---- the study ----
 SHAPES = [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)]
-# (BM tokens, BN weight rows, warps, stages, pipelined partial sums)
+# (BM tokens, BN weight rows, warps, stages, loop): "serial" (wait for each wgmma), "pipe" (two
+# alternating partial sums), "ws" (warp-specialised: TMA warp, unpacking warps, wgmma warpgroups)
 VARIANTS = [
-    (128, 64, 4, 4, False), (128, 64, 4, 3, False), (128, 64, 4, 2, False), (64, 64, 4, 4, False),
-    (64, 64, 4, 3, False), (128, 64, 4, 3, True), (64, 64, 4, 4, True), (64, 128, 4, 3, False),
-    (128, 128, 8, 4, True),
+    (128, 64, 4, 3, "serial"), (128, 64, 4, 2, "serial"), (128, 128, 8, 4, "pipe"),
+    (128, 128, 8, 4, "ws"), (128, 128, 8, 4, "ws-int"), (128, 128, 8, 3, "ws-int"), (128, 64, 4, 4, "ws-int"),
+    (128, 128, 4, 4, "ws-int"),
 ]
+# "ws-int": the warp-specialised kernel without ARQ's per-block promotion (AUTO_SCALE off: one int32
+# sum over all of K, as granularity "pow2" runs); timed on the same operands, checked against the
+# shipped GEMM with auto_scale off.
+
+
+def _kernel(mode):
+    return _w4_gemm_ws_kernel if mode.startswith("ws") else _w4_gemm_wgmma_kernel
 
 
 def w4_gemm_gluon(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, BM=128, BN=128,
-                  num_warps=8, stages=4, pipe=False, group_m=8):
-    """Host side of the study kernel (int8 codes only): the same arguments and result as ops.w4_gemm."""
+                  num_warps=8, stages=4, mode="serial", group_m=8):
+    """Host side of the study kernels (int8 codes only): the same arguments and result as ops.w4_gemm."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m, k = a.shape
     n = qweight.shape[0]
@@ -226,35 +367,43 @@ def w4_gemm_gluon(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, a
     nk = k // bk
     y = torch.empty((m, n), dtype=out_dtype, device=a.device)
     grid = (ops.triton_cdiv(m, BM) * ops.triton_cdiv(n, BN),)
-    _w4_gemm_wgmma_kernel[grid](
+    extra = {} if mode.startswith("ws") else {"PIPE": mode == "pipe" and nk >= 2}
+    stages = stages if mode.startswith("ws") else max(1, min(stages, nk))
+    _kernel(mode)[grid](
         a_desc, w_desc, w_zero, w_scale, l if l is not None else w_scale, s, bias if bias is not None else w_scale, y,
-        m, n, k, SB=sb, GROUP_M=group_m, STAGES=max(1, min(stages, nk)), AUTO_SCALE=auto_scale,
-        HAS_BIAS=bias is not None, PIPE=pipe and nk >= 2, num_warps=num_warps)
+        m, n, k, SB=sb, GROUP_M=group_m, STAGES=stages, AUTO_SCALE=auto_scale, HAS_BIAS=bias is not None,
+        num_warps=num_warps, **extra)
     return y
 
 
 def compile_only():
-    """Compile the study kernel for sm_90 on the CPU: registers, spills, shared memory and ptxas's
+    """Compile the study kernels for sm_90 on the CPU: registers, spills, shared memory and ptxas's
     wgmma advisories (C751x = "wgmma.mma_async instructions are serialized due to ...")."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    fn = _w4_gemm_wgmma_kernel
-    names = list(fn.arg_names)
-    print(f"{'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'pipe':>5s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  ptxas")
-    for bm, bn, warps, stages, pipe in VARIANTS:
+    print(f"{'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'loop':>6s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  ptxas")
+    for bm, bn, warps, stages, mode in VARIANTS:
+        fn = _kernel(mode)
+        names = list(fn.arg_names)
         bk = 128
         a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
         w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8)
         types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "w_desc": f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>",
                  "z_ptr": "*u8", "d_ptr": "*fp32", "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16",
                  "y_ptr": "*bf16", "M": "i32", "N": "i32"}
-        consts = dict(K=5120, SB=128, GROUP_M=8, STAGES=stages, AUTO_SCALE=True, HAS_BIAS=True, PIPE=pipe,
+        consts = dict(K=5120, SB=128, GROUP_M=8, STAGES=stages, AUTO_SCALE=mode != "ws-int", HAS_BIAS=True,
                       num_warps=warps)
+        if not mode.startswith("ws"):
+            consts["PIPE"] = mode == "pipe"
         sig = {n: types.get(n, "constexpr") for n in names}
         src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
                              attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+        try:
+            ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+        except Exception as e:  # noqa: BLE001 (a study: report and go on)
+            print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} compile failed: {type(e).__name__}: {str(e)}")
+            continue
         with tempfile.TemporaryDirectory() as d:
             ptx = os.path.join(d, "k.ptx")
             with open(ptx, "w") as f:
@@ -266,8 +415,9 @@ def compile_only():
             sass = subprocess.run([os.path.join(nv, "cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
                                   capture_output=True, text=True).stdout
         codes = ", ".join(sorted(set(re.findall(r"\((C75\d\d)\)", adv)))) or "no advisory"
+        codes += "; waits " + ",".join(sorted(set(re.findall(r"WARPGROUP.DEPBAR.LE gsb0, (0x\d)", sass))))
         regs = re.search(r"REG:(\d+)", res).group(1)
-        print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {str(pipe):>5s} {regs:>4s} "
+        print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} {regs:>4s} "
               f"{sass.count('STL'):6d} {ck.metadata.shared / 1024:7.1f}  {codes}")
 
 
@@ -322,20 +472,25 @@ def main():
         t = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                       torch.bfloat16, sb, True))
         print(f"  shipped triton GEMM        {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
-        for bm, bn, w, st, pipe in VARIANTS:
-            label = f"gluon BM{bm} BN{bn} w{w} s{st}{' pipe' if pipe else ''}"
+        ref_int = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, False)
+        t = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                                      torch.bfloat16, sb, False))
+        print(f"  shipped, no promotion      {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
+        for bm, bn, w, st, mode in VARIANTS:
+            label = f"gluon BM{bm} BN{bn} w{w} s{st} {mode}"
+            auto = mode != "ws-int"
+            want = ref if auto else ref_int
             try:
                 f = lambda: w4_gemm_gluon(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
-                                              torch.bfloat16, sb, True, BM=bm, BN=bn, num_warps=w, stages=st,
-                                              pipe=pipe)
+                                          torch.bfloat16, sb, auto, BM=bm, BN=bn, num_warps=w, stages=st, mode=mode)
                 y = f()
                 torch.cuda.synchronize()
-                err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                err = ((y.float() - want.float()).abs().max() / want.float().abs().max()).item()
                 t = bench(f)
                 print(f"  {label:42s} {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s  max rel diff {err:.2e}")
             except Exception as e:
                 print(f"  {label:42s} FAILED {type(e).__name__}: {str(e)[:300]}")
-        del q, s, l, ref, x, w16, layer
+        del q, s, l, ref, ref_int, x, w16, layer
         torch.cuda.empty_cache()
 
 
