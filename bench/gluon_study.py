@@ -11,9 +11,13 @@ shared-memory slots; the packed bytes are read from shared memory straight into 
 register layout (a thread then holds byte column c where it holds K columns c and BK/2 + c, so
 the [low plane | high plane] tile needs no data movement: convert_layout(assert_trivial=True)).
 PIPE: two int32 partial sums alternate so step k's wgmma could run while step k-1's partial is
-promoted. Finding (v6 in bench/NOTES-kernels.md): ptxas serialises every wgmma of that loop
-anyway (advisory C7513-C7515, shown by --compile-only), and the serial loop only matches the
-shipped kernel. NOT used by the product.
+promoted. `_w4_gemm_ws_kernel` is warp-specialised instead: a TMA loader warp and four unpacking
+warps (int8 weight tile into shared memory) feed wgmma warpgroups that do nothing else ("ws";
+"ws-int": without the promotion, one chained int32 sum over K as granularity "pow2" runs).
+Findings (v6 in bench/NOTES-kernels.md): ptxas serialises every wgmma of the PIPE loop anyway
+(advisory C7513-C7515, shown by --compile-only); the serial loop only matches the shipped
+kernel; the warp-specialised one is pipelined but slower (its unpacking warps are the limit).
+NOT used by the product.
 
 Each variant is checked against the shipped `ops.w4_gemm` on the same operands, then timed
 (do_bench median) at the Wan 2.1 14B shapes, M = 32760 tokens, with cuBLAS BF16 F.linear.

@@ -8,7 +8,6 @@ Importing this package needs neither triton nor a GPU; triton is imported on the
 The forward is a torch custom op (`torch.ops.dvdq.w4_linear`) so torch.compile treats it as one
 opaque call with a known output shape instead of tracing the launches.
 """
-import math
 
 import torch
 
