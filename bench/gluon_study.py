@@ -26,7 +26,7 @@ Each variant is checked against the shipped `ops.w4_gemm` on the same operands, 
 (do_bench median) at the Wan 2.1 14B shapes, M = 32760 tokens, with cuBLAS BF16 F.linear.
 --int-acc times the shipped GEMM with and without the per-K-block promotion instead.
 
-usage: python bench/gluon_study.py [--quick] [--int-acc]   (GPU)
+usage: python bench/gluon_study.py [--quick] [--int-acc] [--codes block|pow2] [--outliers]   (GPU)
        python bench/gluon_study.py --compile-only          (CPU: sm_90 registers, spills, ptxas advisories)
 """
 import argparse
@@ -485,6 +485,11 @@ def main():
     p.add_argument("--quick", action="store_true", help="first shape only")
     p.add_argument("--int-acc", action="store_true", help="only the shipped GEMM with / without promotion")
     p.add_argument("--compile-only", action="store_true", help="sm_90 compile on the CPU, no GPU needed")
+    p.add_argument("--codes", choices=("block", "pow2"), default="block",
+                   help="activation codes: 4-bit block codes, or granularity pow2's folded codes (no-promotion "
+                        "variants only are then meaningful)")
+    p.add_argument("--outliers", action="store_true", help="input with a few 20x channels, as bench/kernels.py")
+    p.add_argument("--only", default="", help="run only the variants whose label contains this text")
     args = p.parse_args()
     if args.compile_only:
         return compile_only()
@@ -497,7 +502,11 @@ def main():
         layer = make_layer(n, k, dev)
         hb, sb = ops.effective_blocks(layer, k)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        q, s, l = ops.quantize_activations(x, hb, sb, 4, True)
+        if args.outliers:
+            x[:, :: max(1, k // 7)] *= 20
+        q, s, l = ops.quantize_activations(x, hb, sb, 4, True, pow2=args.codes == "pow2")
+        if l is None:  # folded pow2 codes: the block-promotion rows below then use l = 1
+            l = torch.ones(k // sb, device=dev)
         flops = 2.0 * m * n * k
         ref = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
         w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
@@ -512,6 +521,8 @@ def main():
         print(f"  shipped, no promotion      {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
         for bm, bn, w, st, mode in VARIANTS:
             label = f"gluon BM{bm} BN{bn} w{w} s{st} {mode}"
+            if args.only not in label:
+                continue
             auto = not (mode == "ws-int" or mode.startswith("chain"))
             want = ref if auto else ref_int
             try:
