@@ -48,6 +48,7 @@ from triton.testing import do_bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from kernels import ops  # noqa: E402
+from kernels._triton import UNPACK_PTX  # noqa: E402
 from bench.kernels import make_layer  # noqa: E402
 
 EPS: gl.constexpr = gl.constexpr(1e-8)  # as kernels._triton.EPS: floor of the auto-scale l_b
@@ -55,21 +56,9 @@ EPS: gl.constexpr = gl.constexpr(1e-8)  # as kernels._triton.EPS: floor of the a
 
 @gluon.jit
 def _unpack(wp, z):
-    """Packed bytes -> (low nibble - z, high nibble - z) as int8, four bytes per 32-bit op
-    (as _triton._unpack_asm)."""
-    return gl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 nz, t;
-        sub.u32 nz, 0x80808080, $3;
-        and.b32 t, $2, 0x0F0F0F0F;
-        add.u32 t, t, nz;
-        xor.b32 $0, t, 0x80808080;
-        shr.u32 t, $2, 4;
-        and.b32 t, t, 0x0F0F0F0F;
-        add.u32 t, t, nz;
-        xor.b32 $1, t, 0x80808080;
-        }""",
-        constraints="=r,=r,r,r", args=[wp, z], dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+    """Packed bytes -> (low nibble - z, high nibble - z) as int8, four bytes per 32-bit op."""
+    return gl.inline_asm_elementwise(asm=UNPACK_PTX, constraints="=r,=r,r,r", args=[wp, z],
+                                     dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
 
 
 @gluon.jit

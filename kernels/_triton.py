@@ -16,6 +16,19 @@ import triton
 import triton.language as tl
 
 EPS = tl.constexpr(1e-8)
+# Four packed weight bytes ($2) and four zero points ($3) -> low ($0) and high ($1) nibbles - z as
+# int8 (_unpack_asm; the Gluon kernels of bench/gluon_study.py and kernels/pending use it too).
+UNPACK_PTX = tl.constexpr("""{
+        .reg .b32 nz, t;
+        sub.u32 nz, 0x80808080, $3;
+        and.b32 t, $2, 0x0F0F0F0F;
+        add.u32 t, t, nz;
+        xor.b32 $0, t, 0x80808080;
+        shr.u32 t, $2, 4;
+        and.b32 t, t, 0x0F0F0F0F;
+        add.u32 t, t, nz;
+        xor.b32 $1, t, 0x80808080;
+        }""")
 
 
 @triton.jit
@@ -219,19 +232,8 @@ def _unpack_asm(wp, z):
     """Packed bytes -> (low nibble - z, high nibble - z) as int8, four bytes per 32-bit op:
     t = nibble + (0x80 - z) per byte (no carry: <= 143), then t ^ 0x80 = nibble - z (two's complement)."""
     zb = tl.broadcast_to(z, wp.shape)
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 nz, t;
-        sub.u32 nz, 0x80808080, $3;
-        and.b32 t, $2, 0x0F0F0F0F;
-        add.u32 t, t, nz;
-        xor.b32 $0, t, 0x80808080;
-        shr.u32 t, $2, 4;
-        and.b32 t, t, 0x0F0F0F0F;
-        add.u32 t, t, nz;
-        xor.b32 $1, t, 0x80808080;
-        }""",
-        constraints="=r,=r,r,r", args=[wp, zb], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(asm=UNPACK_PTX, constraints="=r,=r,r,r", args=[wp, zb],
+                                     dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
 
 
 @triton.jit

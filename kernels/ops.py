@@ -113,7 +113,7 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
             SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=True, INTERPRET=interpreting(), POW2=True,
             num_warps=nw, num_stages=ns)
         bm2, nw2, ns2 = bm, nw, ns
-        if act_cfg is not None and not interpreting():  # pass 2's (elements per tile, warps, stages): sweeps
+        if act_cfg is not None:  # pass 2's (elements per tile, warps, stages): benchmark sweeps
             bm2, nw2, ns2 = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
         kt._quantize_pow2_kernel[(triton_cdiv(m, bm2),)](
             x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0), qmax,
