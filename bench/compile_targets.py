@@ -1,5 +1,5 @@
 """Compile the shipped kernels for every GPU target the triton backend claims (sm_80, sm_86, sm_89,
-sm_90) on a machine without a GPU, with the launch configurations configs.py picks, and check what
+sm_90; the Gluon GEMM for sm_90 only) on a machine without a GPU, with the launch configurations configs.py picks, and check what
 can be checked without the card: the compile succeeds, no registers spill to local memory, the
 shared memory fits the target's per-block limit, and the MMA instructions are the expected kind
 (wgmma on sm_90: IGMMA / HGMMA in SASS; mma.sync elsewhere: IMMA / HMMA).
@@ -58,6 +58,41 @@ def compile_kernel(fn, types, consts, cc, warps, stages):
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     return {"regs": regs, "smem": ck.metadata.shared, "spills": sass.count("STL"),
             "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA", "IMMA", "HMMA") if op in sass}}
+
+
+def compile_chain_gemm():
+    """The sm_90-only Gluon GEMM (kernels/_gluon.py) with configs.CHAIN_SM90 -> (result dict,
+    ptxas advisories, wgmma wait depths in SASS). It must keep one wgmma in flight (a wait depth
+    of 1) and get no ptxas "wgmma ... serialized" advisory (C751x)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from kernels import _gluon as kg
+    cfg = configs.CHAIN_SM90
+    bm, bn, bk = cfg["BM"], cfg["BN"], ops.layout_group(K, SB)
+    a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
+    w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8)
+    fn = kg._w4_gemm_chain_kernel
+    names = list(fn.arg_names)
+    types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "w_desc": f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>",
+             "z_ptr": "*u8", "d_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+             "M": "i32", "N": "i32"}
+    consts = dict(K=K, GROUP_M=cfg["group_m"], STAGES=cfg["stages"], HAS_BIAS=True, num_warps=cfg["num_warps"])
+    sig = {n: types.get(n, "constexpr") for n in names}
+    src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
+                         attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"], "num_stages": 1})
+    bindir = os.path.dirname(CUOBJ)
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(ck.asm["ptx"])
+        adv = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                             capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([CUOBJ, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([CUOBJ, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    r = {"regs": int(re.search(r"REG:(\d+)", res).group(1)), "smem": ck.metadata.shared, "spills": sass.count("STL"),
+         "mma": {"IGMMA": sass.count("IGMMA")}}
+    return r, sorted(set(re.findall(r"\((C75\d\d)\)", adv))), sorted(set(re.findall(r"WARPGROUP.DEPBAR.LE gsb0, (0x\d)", sass)))
 
 
 def cases(cc):
@@ -124,6 +159,20 @@ def main(argv=None):
                 problems.append(f"sm_{cc} {label}: {r['smem']} B shared memory > the {SMEM_LIMIT[cc]} B limit")
             if want and not r["mma"].get(want):
                 problems.append(f"sm_{cc} {label}: no {want} instruction (got {r['mma']})")
+        if cc == 90:
+            label = "gemm chain (Gluon) " + ",".join(str(v) for v in configs.CHAIN_SM90.values())
+            try:
+                r, advisories, waits = compile_chain_gemm()
+            except Exception as e:  # noqa: BLE001 (reported, and a failure under --check)
+                problems.append(f"sm_90 {label}: compile failed: {type(e).__name__}: {str(e)[:300]}")
+                print(f"sm_90  {label} FAILED")
+                continue
+            print(f"sm_90  {label:58s} {r['regs']:4d} {r['spills']:6d} {r['smem'] / 1024:7.1f}  {r['mma']} "
+                  f"waits {waits} {advisories or ''}")
+            if r["spills"] or r["smem"] > SMEM_LIMIT[90] or not r["mma"]["IGMMA"]:
+                problems.append(f"sm_90 {label}: {r}")
+            if advisories or "0x1" not in waits:
+                problems.append(f"sm_90 {label}: wgmma serialised (ptxas {advisories}, wait depths {waits})")
     for line in problems:
         print("PROBLEM:", line)
     if args.check and problems:

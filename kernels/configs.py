@@ -68,6 +68,11 @@ SM8X_CANDIDATES = (
     GemmConfig(64, 128, 128, 8, False, 4, 3, True),
 )
 INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
+# sm_90 GEMM without per-K-block scales (_gluon._w4_gemm_chain_kernel): BM tokens x BN weight rows,
+# warps, stages, GROUP_M (bench/gluon_study.py "chain-g16": 3 stages keep two programs per SM,
+# GROUP_M 16 was 2-5% faster than 8). Used for M > CHAIN_MIN_M; DVDQ_GEMM_IMPL=triton turns it off.
+CHAIN_SM90 = {"BM": 128, "BN": 128, "num_warps": 8, "stages": 3, "group_m": 16}
+CHAIN_MIN_M = 64
 
 # Activation kernels: a program walks BM rows across K in tiles of C = max(Hadamard block, 64)
 # columns, BM = ACT_ELEMS_PER_TILE // C (bench/kernels.py --act-sweep on an H100: best of 2048..16384

@@ -5,6 +5,7 @@ first use, so importing the package needs neither triton nor a GPU.
 """
 import math
 import os
+import warnings
 from dataclasses import replace
 
 import torch
@@ -158,9 +159,61 @@ def _capability(device):
     return torch.cuda.get_device_capability(device)
 
 
+_gluon_state = []  # [module] or [None], decided on first use
+
+
+def _gluon():
+    """The Gluon kernels module, or None where this triton has no Gluon (or DVDQ_GEMM_IMPL=triton)."""
+    if not _gluon_state:
+        mod = None
+        if os.environ.get("DVDQ_GEMM_IMPL", "") != "triton":
+            try:
+                from . import _gluon as mod  # noqa: lazy: needs triton >= 3.5
+            except Exception as e:  # an older triton: the Triton GEMM serves (same result, slower)
+                warnings.warn(f"DVD-Quant: the Hopper GEMM without per-block scales needs Triton's Gluon "
+                              f"(triton >= 3.5; import failed: {e}); using the Triton GEMM, same results, "
+                              f"about 10% slower. Upgrade triton to get it.", stacklevel=3)
+                mod = None
+        _gluon_state.append(mod)
+    return _gluon_state[0]
+
+
+def chain_gemm_applies(a, qweight, auto_scale: bool) -> bool:
+    """Whether w4_gemm takes the sm_90 Gluon GEMM: int8 codes without per-K-block scales, enough
+    tokens for its tile, a Hopper GPU outside the interpreter, and Gluon available."""
+    return (a.dtype == torch.int8 and not auto_scale and a.shape[0] > configs.CHAIN_MIN_M and a.is_cuda
+            and not interpreting() and _capability(a.device) == (9, 0) and qweight.is_contiguous()
+            and _gluon() is not None)
+
+
+def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None):
+    """Y [M, N] from int8 codes without per-K-block scales, on sm_90 (_gluon._w4_gemm_chain_kernel)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    cfg = configs.CHAIN_SM90
+    m, k = a.shape
+    n = qweight.shape[0]
+    bk = layout_group(k, sb)
+    bm, bn = cfg["BM"], cfg["BN"]
+    a_desc = TensorDescriptor(a, [m, k], [k, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
+    w_desc = TensorDescriptor(qweight, [n, k // 2], [k // 2, 1], [bn, bk // 2],
+                              gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8))
+    y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
+    grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+    _gluon()._w4_gemm_chain_kernel[grid](
+        a_desc, w_desc, w_zero, w_scale, s, bias if bias is not None else w_scale, y, m, n, k,
+        GROUP_M=cfg["group_m"], STAGES=min(cfg["stages"], k // bk), HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"])
+    return y
+
+
 def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, cfg=None, out=None,
             **variant):
-    """Y [M, N] from activation codes a (or 16-bit Xr), packed 4-bit weights and the scales."""
+    """Y [M, N] from activation codes a (or 16-bit Xr), packed 4-bit weights and the scales.
+    Without per-K-block scales on an H100-class GPU the Gluon GEMM runs (chain_gemm_applies), unless
+    a Triton tile or variant is asked for."""
+    if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale):
+        return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out)
     kt = _triton()
     m, k = a.shape
     n = qweight.shape[0]

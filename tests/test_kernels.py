@@ -258,6 +258,29 @@ class _with:
         return self._over[name] if name in self._over else getattr(self._layer, name)
 
 
+HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM runs on sm_90 only; without one, test_compile_targets "
+                                       "compiles it for sm_90 on the CPU")
+@pytest.mark.parametrize("m,n,k", [(333, 5120, 5120), (4097, 1000, 1600), (2048, 13824, 5120), (200, 256, 128),
+                                   (65, 96, 192)])
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, True), (torch.float16, False)])
+def test_chain_gemm_equals_triton_gemm(m, n, k, dtype, bias):
+    """Without per-K-block scales the sm_90 Gluon GEMM computes what the Triton GEMM does, bit for
+    bit (exact int32 sums, the same epilogue), including ragged M and N and 64-wide layout groups."""
+    layer = make_layer(n, k, bias=bias, dtype=dtype)
+    x = activations(m, k, dtype)
+    sb = ops.effective_blocks(layer, k)[1]
+    q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
+    assert ops.chain_gemm_applies(q, layer.qweight, False)
+    y_chain = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
+                          out=torch.full((m, n), float("nan"), dtype=dtype, device=DEV))
+    y_triton = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
+                           cfg=configs.SM90_DEFAULT)
+    assert torch.equal(y_chain, y_triton)
+
+
 def test_pow2_constants_match_the_core():
     """kernels/ imports nothing from the core, so it repeats these two numbers."""
     from dvdq_core import activations as core

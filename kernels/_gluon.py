@@ -1,0 +1,111 @@
+"""Hopper (sm_90) GEMM for the int8 codes when no per-K-block scale is applied (granularity "pow2"
+at 4 bits, and methods without auto-scale), written in Gluon (imported lazily: needs triton 3.5+).
+
+    Y[i, n] = D[n] * s_i * sum_k q[i, k] * (u[n, k] - z[n]) + bias[n]
+
+Same result as `_triton._w4_gemm_kernel` without AUTO_SCALE (exact int32 sums, the same epilogue
+arithmetic: the GPU tests compare them bit for bit), faster because the K loop is really
+pipelined: Triton 3.6 waits for every int8 `tl.dot` before the next one (bench/NOTES-kernels.md),
+here each wgmma is waited for one K step later while the next weight tile is unpacked. Per K step
+(BK = the activation layout group):
+  - TMA brings the activation codes [BM, BK] and the packed weight bytes [BN, BK/2] into a ring of
+    STAGES shared-memory slots (out-of-range rows read as zeros);
+  - the packed bytes are read in the MMA's A-operand layout (a thread then holds byte column c
+    where it holds K columns c and BK/2 + c), unpacked four per 32-bit op, and the
+    [low plane | high plane] int8 tile goes to a double buffer in shared memory (an int8 register
+    operand cannot be kept alive across Triton's wgmma wait, so ptxas would serialise);
+  - one wgmma (weights as the M side, tokens as the N side) accumulates into the int32 sum.
+This is bench/gluon_study.py's "chain" loop. Not runnable in Triton's interpreter: the CPU tests
+check the math through `_w4_gemm_kernel` and compile this kernel for sm_90
+(bench/compile_targets.py: no spills, one wgmma kept in flight, no ptxas serialisation advisory).
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from ._triton import UNPACK_PTX
+
+
+
+@gluon.jit
+def _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k):
+    """TMA of K step k's activation codes and packed weight bytes into slot k % STAGES."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BK: gl.constexpr = a_smem.shape[2]
+    slot = k % STAGES
+    mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], bars.index(slot), a_smem.index(slot))
+    tma.async_copy_global_to_shared(w_desc, [off_n, k * (BK // 2)], bars.index(slot), w_smem.index(slot))
+
+
+@gluon.jit
+def _w4_gemm_chain_kernel(
+    a_desc, w_desc, z_ptr, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+):
+    BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program (the MMA's N side)
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
+    NK: gl.constexpr = K // BK
+    gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
+
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BM)
+    num_pid_n = gl.cdiv(N, BN)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BM, 32])
+    a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, a_reg))) % N
+    z = gl.broadcast(gl.load(z_ptr + rows).to(gl.uint8)[:, None], gl.zeros((BN, BK // 2), gl.uint8, a_reg))[0]
+
+    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, BK // 2], w_desc.layout)
+    u_smem = gl.allocate_shared_memory(gl.int8, [2, BN, BK], a_desc.layout)  # int8 rows of BK: same swizzle
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, i)
+
+    acc = gl.zeros((BN, BM), gl.int32, mma)
+    for k in range(NK):
+        slot = k % STAGES
+        mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
+        wp = w_smem.index(slot).load(a_reg)
+        lo, hi = gl.inline_asm_elementwise(asm=UNPACK_PTX, constraints="=r,=r,r,r", args=[wp, z],
+                                           dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+        u = u_smem.index(k % 2)  # its last reader, step k-2's wgmma, was retired by the previous wait
+        u.store(gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (BN, BK)))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(u, a_smem.index(slot).permute((1, 0)), acc, use_acc=k > 0, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        if k >= 1 and k - 1 + STAGES < NK:  # step k-1's wgmma is done: refill its slot
+            _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k - 1 + STAGES)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # epilogue as _triton._gemm_store: D[n] * s_i + bias[n], rounded, stored as Y[token, row] (masked)
+    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    d = gl.load(d_ptr + offs_n % N)
+    s = gl.load(s_ptr + offs_m, mask=offs_m < M, other=0.0)
+    out = acc.to(gl.float32) * d[:, None] * s[None, :]
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + offs_n % N).to(gl.float32)[:, None]
+    ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
+                                        warps_per_cta=[1, num_warps], order=[0, 1])  # rows contiguous in Y
+    out = gl.convert_layout(out.to(y_ptr.dtype.element_ty), ol)
+    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
+    om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
+    gl.store(y_ptr + om.to(gl.int64)[None, :] * N + on[:, None], out, mask=(on < N)[:, None] & (om < M)[None, :])
