@@ -60,14 +60,14 @@ def compile_kernel(fn, types, consts, cc, warps, stages):
             "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA", "IMMA", "HMMA") if op in sass}}
 
 
-def compile_chain_gemm():
-    """The sm_90-only Gluon GEMM (kernels/_gluon.py) with configs.CHAIN_SM90 -> (result dict,
+def compile_chain_gemm(cfg=None):
+    """The sm_90-only Gluon GEMM (kernels/_gluon.py) with configs.CHAIN_SM90 (or cfg) -> (result dict,
     ptxas advisories, wgmma wait depths in SASS). It must keep one wgmma in flight (a wait depth
     of 1) and get no ptxas "wgmma ... serialized" advisory (C751x)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from kernels import _gluon as kg
-    cfg = configs.CHAIN_SM90
+    cfg = cfg or configs.CHAIN_SM90
     bm, bn, bk = cfg["BM"], cfg["BN"], ops.layout_group(K, SB)
     a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
     w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8)

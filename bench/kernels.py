@@ -14,6 +14,8 @@ and a sweep of our GEMM tile configurations. Prints a table; --json writes all n
 usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck]
        python bench/kernels.py --act-sweep [--m 32760]   (activation-kernel launch settings only)
        python bench/kernels.py --act-sweep-pow2 [--m 32760]   (pass 2 of granularity pow2 only)
+       python bench/kernels.py --chain-sweep [--m 32760] [--models wan14b]   (tiles of the sm_90 GEMM without
+       per-block scales, on pow2 codes)
 """
 import argparse
 import json
@@ -222,6 +224,39 @@ def act_sweep_pow2(m, dev):
     return out
 
 
+CHAIN_CANDIDATES = [dict(BM=bm, BN=bn, num_warps=w, stages=st, group_m=g) for bm, bn, w, st, g in (
+    (128, 128, 8, 3, 16), (128, 128, 8, 4, 16), (128, 128, 8, 3, 8), (128, 128, 4, 3, 16), (256, 128, 8, 2, 16),
+    (256, 128, 8, 3, 16), (256, 128, 8, 4, 16), (128, 256, 8, 2, 16), (128, 256, 8, 3, 16))]
+
+
+def chain_sweep(m, models, dev):
+    """Tiles of the sm_90 Gluon GEMM (no per-K-block scales) on granularity-pow2 codes: ms and TOP/s,
+    each output checked equal to the shipped tile's (configs.CHAIN_SM90) bit for bit."""
+    out = {}
+    for model in models:
+        for name, n, k in SHAPES[model]:
+            layer = make_layer(n, k, dev)
+            hb, sb = ops.effective_blocks(layer, k)
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            x[:, :: max(1, k // 7)] *= 20
+            q, s, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
+            args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+            ref = ops.w4_gemm_chain(*args)
+            for cfg in CHAIN_CANDIDATES:
+                key = f"{model} {name} " + ",".join(f"{v}" for v in cfg.values())
+                try:
+                    same = torch.equal(ops.w4_gemm_chain(*args, chain_cfg=cfg), ref)
+                    t = bench(lambda: ops.w4_gemm_chain(*args, chain_cfg=cfg))
+                    out[key] = (t, 2.0 * m * n * k / t / 1e12, same)
+                    print(f"{key}: {t * 1e3:.3f} ms {out[key][1]:.0f} TOP/s equal={same}", flush=True)
+                except Exception as e:
+                    out[key] = f"{type(e).__name__}: {str(e)[:150]}"
+                    print(f"{key}: {out[key]}", flush=True)
+            del x, q, s, ref
+            torch.cuda.empty_cache()
+    return out
+
+
 def fmt_row(r):
     def ms(key):
         v = r.get(key)
@@ -249,6 +284,8 @@ def main():
     ap.add_argument("--variants", action="store_true", help="GEMM/activation-kernel variant study only (Wan 14B)")
     ap.add_argument("--act-sweep", action="store_true", help="activation-kernel launch settings only")
     ap.add_argument("--act-sweep-pow2", action="store_true", help="pass-2 settings of granularity pow2 only")
+    ap.add_argument("--chain-sweep", action="store_true",
+                    help="tiles of the sm_90 GEMM without per-block scales (BM,BN,warps,stages,GROUP_M) only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -259,6 +296,12 @@ def main():
     info["comfy_kitchen"] = ck_err or "imported"
     print(json.dumps(info))
     rows = []
+    if args.chain_sweep:
+        res = chain_sweep(args.m[0], args.models, dev)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "chain_sweep": res}, f, indent=1)
+        return
     if args.act_sweep or args.act_sweep_pow2:
         res = (act_sweep if args.act_sweep else act_sweep_pow2)(args.m[0], dev)
         if args.json:

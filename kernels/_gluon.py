@@ -62,7 +62,7 @@ def _w4_gemm_chain_kernel(
     off_n = pid_n * BN
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BM, 32])
+                                                  instr_shape=[16, min(BM, 128), 32])
     a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, a_reg))) % N
     z = gl.broadcast(gl.load(z_ptr + rows).to(gl.uint8)[:, None], gl.zeros((BN, BK // 2), gl.uint8, a_reg))[0]

@@ -186,11 +186,12 @@ def chain_gemm_applies(a, qweight, auto_scale: bool) -> bool:
             and _gluon() is not None)
 
 
-def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None):
-    """Y [M, N] from int8 codes without per-K-block scales, on sm_90 (_gluon._w4_gemm_chain_kernel)."""
+def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, chain_cfg=None):
+    """Y [M, N] from int8 codes without per-K-block scales, on sm_90 (_gluon._w4_gemm_chain_kernel).
+    chain_cfg: a tile other than configs.CHAIN_SM90 (bench/kernels.py --chain-sweep)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    cfg = configs.CHAIN_SM90
+    cfg = chain_cfg or configs.CHAIN_SM90
     m, k = a.shape
     n = qweight.shape[0]
     bk = layout_group(k, sb)
