@@ -9,8 +9,8 @@ to the kernels), then every layer is switched to the DVD-Quant layer math (rotat
 auto-scale blocks of 128): the timed kernels are exactly the dvdq ones.
 
 Reports per variant: seconds per step (median of --steps timed steps after a warm-up), GPU-time
-shares of GEMMs, our activation quantization, attention and everything else (torch.profiler),
-peak GPU memory during the step, and the bytes of the transformer blocks' weights.
+shares of GEMMs, our activation quantization, attention and everything else (torch.profiler; the
+twelve costliest kernels are listed), peak GPU memory during the step, and the bytes of the transformer blocks' weights.
 """
 import argparse
 import dataclasses
@@ -89,14 +89,16 @@ def run_variant(model, inputs, steps, profile):
             with prof(activities=[ProfilerActivity.CUDA]) as p:
                 model(x, t, ctx)
                 torch.cuda.synchronize()
-            tot = {}
+            tot, per_kernel = {}, []
             for ev in p.key_averages():
                 us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
                 if ev.device_type == torch.autograd.DeviceType.CUDA and us:
                     tot[kernel_class(ev.key)] = tot.get(kernel_class(ev.key), 0) + us
+                    per_kernel.append((us, kernel_class(ev.key), ev.key))
             all_us = sum(tot.values()) or 1
             shares = {k: v / all_us for k, v in tot.items()}
             shares["gpu_s"] = all_us / 1e6
+            shares["top_kernels"] = [(round(us / 1e3, 2), c, name[:90]) for us, c, name in sorted(per_kernel)[::-1][:12]]
     times.sort()
     return {"step_s": times[len(times) // 2], "all_s": times, "peak_gib": peak / 2**30, "finite": finite, "shares": shares}
 
@@ -172,7 +174,9 @@ def main():
                 sh = r["shares"]
                 print(f"[{arch}] {variant:5s} {impl_name:5s} step {r['step_s']:.3f} s  peak {r['peak_gib']:.1f} GiB  "
                       f"block weights {r['weight_gib']:.2f} GiB  finite={r['finite']}  shares " +
-                      " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k != "gpu_s"), flush=True)
+                      " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k not in ("gpu_s", "top_kernels")), flush=True)
+                for ms, cls, name in sh.get("top_kernels", []):
+                    print(f"    {ms:9.2f} ms  {cls:9s} {name}")
         del model
         torch.cuda.empty_cache()
     print("\narch  variant attn    step_s  speedup  peak_GiB  weights_GiB  gemm  act_q  attn  other")

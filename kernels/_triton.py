@@ -84,8 +84,9 @@ def _absmax_kernel(
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
         xa = tl.abs(_rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET))
-        if POW2:
-            tl.atomic_max(l_ptr + offs_c, tl.max(xa, axis=0))  # padded rows loaded as 0 never win
+        if POW2:  # padded rows loaded as 0 never win; an atomic only where this tile raises the maximum
+            cm = tl.max(xa, axis=0)  # (the maxima settle within the first programs: most atomics are skipped)
+            tl.atomic_max(l_ptr + offs_c, cm, mask=cm > tl.load(l_ptr + offs_c))
         else:
             rmax = tl.max(tl.reshape(xa, (BM, C // TG, TG)), axis=2)  # [BM, C // TG]
             offs_t = c0 // TG + tl.arange(0, C // TG)
