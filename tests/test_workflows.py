@@ -425,4 +425,9 @@ def test_our_specs_match_the_nodes_package():
             kind = "COMBO" if isinstance(raw[0], list) or raw[0] == "COMBO" else raw[0]
             assert kind == want["type"], f"{type_}.{name}: {kind} vs {want['type']}"
             assert (section == "optional") == bool(want.get("optional")), f"{type_}.{name} optional?"
+            opts = raw[1] if len(raw) > 1 else {}
+            if isinstance(raw[0], list) and "files" not in want:  # the choices and default the front end shows
+                assert raw[0] == want.get("options"), f"{type_}.{name}: options {raw[0]} vs {want.get('options')}"
+            if "default" in opts:
+                assert opts["default"] == want.get("default"), f"{type_}.{name}: default {opts['default']!r}"
         assert list(mappings[type_].RETURN_TYPES) == [o["type"] for o in spec["outputs"]], type_
