@@ -11,8 +11,17 @@ the same noise and prompts for every run, relative error and PSNR of the final c
 precision (and SSIM / task accuracy on the trained model). It does not model the fp8 accumulator's
 own rounding (about 3e-3 relative, bench/RESULTS.md).
 
+The "delta-GBS" rows run the product's default instead of fixed W4A4: W4 with delta-GBS 4/8 (the
+default BitSwitch: delta 0.09, first step 8-bit), with QuantConfig granularity "block" and "pow2"
+(the 4-octave form at the 4-bit steps, "block" at the 8-bit ones); the fixed W4A4 "granularity
+pow2" row is the same product path at 4 bits only. Every row names its granularity (the rows do not
+depend on QuantConfig's default). Where a block row and its pow2 row both ran, a paired per-prompt
+comparison (pow2 minus block) follows the table.
+
 usage: python bench/pow2_scales.py [--models trained,outliers,random] [--prompts 24] [--rows shipped,int8]
        [--device cpu]
+       --rows gbs: only the two delta-GBS rows; --rows "shipped,granularity": block vs pow2, fixed
+       W4A4 and delta-GBS (--rows matches substrings of the row names, case-insensitively)
 """
 import argparse
 import os
@@ -28,6 +37,7 @@ import quality as q  # noqa: E402  (bench/quality.py: models, sampler and metric
 import dvdq_core  # noqa: E402
 from dvdq_core import activations, backends  # noqa: E402
 from dvdq_core.demo import clips  # noqa: E402
+from dvdq_core.demo.metrics import rel_error, ssim  # noqa: E402
 from dvdq_core.demo.model import MiniWanConfig, load_mini_wan  # noqa: E402
 from dvdq_core.demo.run import WEIGHTS, random_model  # noqa: E402
 
@@ -61,6 +71,31 @@ def pow2_window_groups(auto_scale, octaves, group):
     return scaled
 
 
+def per_prompt(res, ref, labels, trained):
+    """Per-prompt rel. err (and SSIM, task hit on the trained model), for the paired comparison."""
+    v = res.video.cpu()
+    out = {"pp_rel_error": [rel_error(v[i], ref.video[i]) for i in range(len(v))]}
+    if trained:
+        out["pp_ssim"] = [ssim(v[i:i + 1], ref.video[i:i + 1]) for i in range(len(v))]
+        out["pp_task"] = (clips.detect(v)["labels"] == labels.cpu()).all(1).tolist()
+    return out
+
+
+def paired(a, b, trained):
+    """pow2 row b minus block row a, per prompt: mean difference, its standard error, wins."""
+    def stat(key, better):
+        d = torch.tensor(b[key]) - torch.tensor(a[key])
+        se = d.std() / len(d) ** 0.5
+        return (f"{key[3:]} {d.mean():+.4f} +- {se:.4f} (s.e.), pow2 better on {int(better(d).sum())}/{len(d)}, "
+                f"per-prompt spread of block {torch.tensor(a[key]).std():.4f}")
+    s = [stat("pp_rel_error", lambda d: d < 0)]
+    if trained:
+        s.append(stat("pp_ssim", lambda d: d > 0))
+        ta, tb = torch.tensor(a["pp_task"]), torch.tensor(b["pp_task"])
+        s.append(f"task: right with pow2 only {int((tb & ~ta).sum())}, with block only {int((ta & ~tb).sum())}")
+    return f"- {b['run']} vs {a['run']}: " + "; ".join(s)
+
+
 def run(label, base, args, trained):
     device = torch.device(args.device)
     base = base.to(device).float().eval()
@@ -72,8 +107,9 @@ def run(label, base, args, trained):
     rows = []
     real = backends.auto_scale
     for name, cfg, patch in (
-            ("block auto-scale (shipped)", dvdq_core.QuantConfig(backend="reference"), None),
-            ("block auto-scale, powers of two", dvdq_core.QuantConfig(backend="reference"), pow2_up(real)),
+            ("block auto-scale (shipped)", dvdq_core.QuantConfig(granularity="block", backend="reference"), None),
+            ("block auto-scale, powers of two", dvdq_core.QuantConfig(granularity="block", backend="reference"),
+             pow2_up(real)),
             ("per-channel auto-scale (paper form)", dvdq_core.QuantConfig(granularity="channel", backend="reference"),
              None),
             ("per-channel auto-scale, powers of two",
@@ -84,16 +120,21 @@ def run(label, base, args, trained):
              dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_window_groups(real, 4, 16)),
             ("8-channel blocks, powers of two within 4 octaves (int8-foldable)",
              dvdq_core.QuantConfig(granularity="channel", backend="reference"), pow2_window_groups(real, 4, 8)),
-            ("no auto-scale (rotation only)", dvdq_core.QuantConfig(auto_scale=False, backend="reference"), None)):
-        if args.rows and not any(r in name for r in args.rows.split(",")):
+            ("no auto-scale (rotation only)", dvdq_core.QuantConfig(auto_scale=False, backend="reference"), None),
+            ("granularity pow2 (the 4-octave row through QuantConfig)",
+             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None),
+            ("delta-GBS 4/8, granularity block", dvdq_core.QuantConfig(granularity="block", backend="reference"), None),
+            ("delta-GBS 4/8, granularity pow2", dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None)):
+        if args.rows and not any(r.lower() in name.lower() for r in args.rows.split(",")):
             continue
         model = q.quantized_copy(base, cfg)
         backends.auto_scale = patch or real
+        bs = dvdq_core.BitSwitch() if name.startswith("delta-GBS") else dvdq_core.BitSwitch(mode="fixed", fixed_bits=4)
         try:
-            res = q.run_sampler(model, noise, ids, args, bitswitch=dvdq_core.BitSwitch(mode="fixed", fixed_bits=4))
+            res = q.run_sampler(model, noise, ids, args, bitswitch=bs)
         finally:
             backends.auto_scale = real
-        rows.append(q.evaluate(name, res, ref, labels, trained))
+        rows.append(q.evaluate(name, res, ref, labels, trained, per_prompt(res, ref, labels, trained)))
         del model
     return rows
 
@@ -109,8 +150,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     assert activations.auto_scale is backends.auto_scale  # the patch point is the one the reference uses
-    print(f"DVD-Quant W4A4 (BGR weights, rotation 128, reference backend), {args.prompts} prompts, {args.steps} steps, "
-          f"device {args.device}\n")
+    print(f"DVD-Quant W4A4 (delta-GBS rows: W4, 4/8) (BGR weights, rotation 128, reference backend), "
+          f"{args.prompts} prompts, {args.steps} steps, device {args.device}\n")
     for which in args.models.split(","):
         t0 = time.time()
         if which == "trained":
@@ -121,11 +162,20 @@ def main():
                 base, label = q.inject_outliers(base, 0), "random weights + injected outlier channels"
         rows = run(label, base, args, trained)
         print(f"### {label} ({time.time() - t0:.0f} s)\n")
-        head = "| auto-scale | rel. err | PSNR dB |" + (" SSIM | task all |" if trained else "")
+        head = "| auto-scale | avg A bits | rel. err | PSNR dB |" + (" SSIM | task all |" if trained else "")
         print(head + "\n|" + "---|" * (head.count("|") - 1))
         for r in rows:
             extra = f" {r['ssim']:.3f} | {r['task_all']:.2f} |" if trained else ""
-            print(f"| {r['run']} | {r['rel_error']:.4f} | {r['psnr_db']:.2f} |" + extra)
+            print(f"| {r['run']} | {r['avg_bits']:.2f} | {r['rel_error']:.4f} | {r['psnr_db']:.2f} |" + extra)
+        print()
+        by = {r["run"]: r for r in rows}
+        for r in rows:
+            if r["run"].startswith("delta-GBS"):
+                print(f"- {r['run']}: schedule {''.join('L' if b == 4 else 'H' for b in r['bits'])}")
+        for a, b in (("block auto-scale (shipped)", "granularity pow2 (the 4-octave row through QuantConfig)"),
+                     ("delta-GBS 4/8, granularity block", "delta-GBS 4/8, granularity pow2")):
+            if a in by and b in by:
+                print(paired(by[a], by[b], trained))
         print(flush=True)
 
 

@@ -74,7 +74,7 @@ def build_parser():
     q.add_argument("--had-block", type=int, default=128)
     q.add_argument("--no-rotate", action="store_true")
     q.add_argument("--no-auto-scale", action="store_true")
-    q.add_argument("--granularity", default="block", choices=GRANULARITIES)
+    q.add_argument("--granularity", default="pow2", choices=GRANULARITIES)
     q.add_argument("--scale-block", type=int, default=128)
     q.add_argument("--include", action="append", default=None, help="glob of layers to quantize (default '*blocks.*')")
     q.add_argument("--override", action="append", default=[], help="per-layer precision, e.g. 'blocks.0.*=8' or 'head.*=skip'")

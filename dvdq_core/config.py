@@ -69,7 +69,7 @@ class QuantConfig:
     rotate: bool = True  # ARQ options (method "dvdq"; quarot always rotates, the others never)
     had_block: int = 128
     auto_scale: bool = True
-    granularity: str = "block"
+    granularity: str = "pow2"  # at 4-bit steps; 6/8-bit steps use "block" (activations.scale_granularity)
     scale_block: int = 128
     include: tuple = ("*blocks.*",)  # globs of Linear layers to quantize
     overrides: dict = field(default_factory=dict)  # glob -> LayerRule (or its text)

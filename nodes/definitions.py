@@ -131,12 +131,12 @@ class DVDQuantARQSettings:
                 "auto_scale": ("BOOLEAN", {"default": True,
                                            "tooltip": "Scale activations per channel block from the current step's "
                                                       "values before quantizing (recomputed every step)."}),
-                "granularity": (GRANULARITIES, {"default": "block",
-                                                "tooltip": "block: one scale per block of channels. pow2: at 4 bits "
-                                                           "one power-of-two scale per channel, folded into the codes "
-                                                           "(faster GPU matmul; blocks at other bit-widths). channel: "
-                                                           "one per channel (the paper's form; slow reference backend "
-                                                           "only)."}),
+                "granularity": (GRANULARITIES, {"default": "pow2",
+                                                "tooltip": "pow2 (default): at 4 bits one power-of-two scale per "
+                                                           "channel, folded into the codes (faster GPU matmul); 6/8-bit "
+                                                           "steps use blocks. block: one scale per block of channels "
+                                                           "at every bit-width. channel: one per channel (the paper's "
+                                                           "form; slow reference backend only)."}),
                 "scale_block": (BLOCKS, {"default": "128", "tooltip": "Channels per auto-scale block."}),
                 "layer_overrides": ("STRING", {"default": "", "multiline": True,
                                                "tooltip": "One 'layer-glob=precision' per line: e.g. blocks.0.*=8 "

@@ -6,7 +6,7 @@ BLOCKS = ["64", "128", "256"]
 GRANULARITIES = ["block", "pow2", "channel"]
 A_BITS = (4, 5, 6, 7, 8, 16)
 
-DEFAULT_ARQ = {"rotate": True, "had_block": 128, "auto_scale": True, "granularity": "block", "scale_block": 128,
+DEFAULT_ARQ = {"rotate": True, "had_block": 128, "auto_scale": True, "granularity": "pow2", "scale_block": 128,
                "layer_overrides": ""}
 
 
@@ -14,7 +14,7 @@ class SettingsError(ValueError):
     """Bad widget values; the message says what to change."""
 
 
-def arq_settings(rotate=True, had_block="128", auto_scale=True, granularity="block", scale_block="128",
+def arq_settings(rotate=True, had_block="128", auto_scale=True, granularity="pow2", scale_block="128",
                  layer_overrides="") -> dict:
     """The ARQ_SETTINGS value: plain data, validated now so a typo shows on the ARQ Settings node."""
     if str(had_block) not in BLOCKS or str(scale_block) not in BLOCKS:

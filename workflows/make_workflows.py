@@ -239,7 +239,7 @@ def wan21_t2v(specs, model_file, prefix, with_arq):
     arq = None
     if with_arq:
         arq = g.add("DVDQuantARQSettings", (-360, 0), rotate=True, had_block="128", auto_scale=True,
-                    granularity="block", scale_block="128", layer_overrides="")
+                    granularity="pow2", scale_block="128", layer_overrides="")
     bits = _dvdq_model(g, model_file, (0, 0), arq=arq)
     shift = g.add("ModelSamplingSD3", (0, 600), shift=8.0)
     g.link(bits["MODEL"], shift, "model")
@@ -260,7 +260,7 @@ def wan22_a14b_t2v(specs):
     KSamplerAdvanced splitting one 20-step schedule at step 10 (high noise, then low noise)."""
     g = Graph(specs)
     arq = g.add("DVDQuantARQSettings", (-360, 0), rotate=True, had_block="128", auto_scale=True,
-                granularity="block", scale_block="128", layer_overrides="")
+                granularity="pow2", scale_block="128", layer_overrides="")
     experts = []
     for k, (name, title) in enumerate([
         ("wan2.2_t2v_high_noise_14B_fp16.safetensors", "DVD-Quant Loader (high noise expert)"),
