@@ -6,8 +6,9 @@ BLOCKS = ["64", "128", "256"]
 GRANULARITIES = ["block", "pow2", "channel"]
 A_BITS = (4, 5, 6, 7, 8, 16)
 
-DEFAULT_ARQ = {"rotate": True, "had_block": 128, "auto_scale": True, "granularity": "pow2", "scale_block": 128,
-               "layer_overrides": ""}
+_CORE = QuantConfig()  # the core's defaults are the nodes' defaults (tests check the widgets follow)
+DEFAULT_ARQ = {"rotate": _CORE.rotate, "had_block": _CORE.had_block, "auto_scale": _CORE.auto_scale,
+               "granularity": _CORE.granularity, "scale_block": _CORE.scale_block, "layer_overrides": ""}
 
 
 class SettingsError(ValueError):

@@ -81,6 +81,13 @@ def test_widget_defaults_and_ranges():
     arq = m["DVDQuantARQSettings"].INPUT_TYPES()["required"]
     assert arq["had_block"][0] == ["64", "128", "256"] and arq["had_block"][1]["default"] == "128"
     assert arq["granularity"][0] == ["block", "pow2", "channel"] and arq["layer_overrides"][1]["multiline"]
+    # the ARQ node's widget defaults, its function's defaults and the loader's (no ARQ node) are the core's
+    core = QuantConfig()
+    widgets = {k: v[1]["default"] for k, v in arq.items()}
+    assert widgets == {"rotate": core.rotate, "had_block": str(core.had_block), "auto_scale": core.auto_scale,
+                       "granularity": core.granularity, "scale_block": str(core.scale_block), "layer_overrides": ""}
+    settings = sub("settings")
+    assert settings.arq_settings() == settings.arq_settings(**widgets) == settings.DEFAULT_ARQ
     bs = m["DVDQuantBitSwitch"].INPUT_TYPES()["required"]
     assert bs["mode"][0] == ["delta", "fixed", "manual"]
     d = bs["delta"][1]
