@@ -40,6 +40,9 @@ from triton.testing import do_bench  # noqa: E402
 import kernels  # noqa: E402
 from kernels import configs, ops  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_clock import ClockMonitor  # noqa: E402
+
 # (name, N, K) of the token-side linear layers of one transformer block.
 SHAPES = {
     "wan1.3b": [("qkvo", 1536, 1536), ("ffn1", 8960, 1536), ("ffn2", 1536, 8960)],
@@ -273,6 +276,15 @@ HEADER = ("model    layer         M      N      K |    bf16     fp8 ours_a8 ours
           " granularity pow2)")
 
 
+def finish(args, info, clock, **payload):
+    """Print the GPU clock report (a throttled run says so) and write --json with it."""
+    info["clock"] = clock.summary()
+    print(clock.report())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, **payload}, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[32760, 75600])
@@ -288,6 +300,11 @@ def main():
                     help="tiles of the sm_90 GEMM without per-block scales (BM,BN,warps,stages,GROUP_M) only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    with ClockMonitor() as clock:
+        run(args, clock)
+
+
+def run(args, clock):
     dev = torch.device("cuda")
     torch.manual_seed(0)
     info = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
@@ -298,15 +315,11 @@ def main():
     rows = []
     if args.chain_sweep:
         res = chain_sweep(args.m[0], args.models, dev)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"info": info, "chain_sweep": res}, f, indent=1)
+        finish(args, info, clock, chain_sweep=res)
         return
     if args.act_sweep or args.act_sweep_pow2:
         res = (act_sweep if args.act_sweep else act_sweep_pow2)(args.m[0], dev)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"info": info, "act_sweep": res}, f, indent=1)
+        finish(args, info, clock, act_sweep=res)
         return
     if args.variants:
         study = {}
@@ -315,9 +328,7 @@ def main():
             study[name] = res
             for key, v in res.items():
                 print(f"{name:5s} {key}: " + (f"{v[0] * 1e3:.3f} ms {v[1]:.0f} {'TB/s' if key.startswith('act') else 'TOP/s'}" if isinstance(v, tuple) else v), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"info": info, "variants": study}, f, indent=1)
+        finish(args, info, clock, variants=study)
         return
     print(HEADER)
     for model in args.models:
@@ -347,9 +358,7 @@ def main():
         best = min(totals, key=totals.get)
         cfg = next(c for c in configs.SM90_CANDIDATES if str(c) == best)
         print(f"BEST_GEMM_CONFIG={cfg.to_env()}  ({best}, {totals[best] * 1e3:.3f} ms over {len(swept)} shapes)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+    finish(args, info, clock, rows=rows)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 ARCH = {  # Wan 2.1 configs (ComfyUI's detection of the released checkpoints)
     "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
@@ -136,6 +137,8 @@ def main():
         except Exception as e:
             print(f"sageattention unavailable: {type(e).__name__}: {e}")
 
+    from gpu_clock import ClockMonitor
+    clock = ClockMonitor().__enter__()  # sampled until the end: a throttled run says so
     results = []
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), flush=True)
@@ -186,6 +189,9 @@ def main():
         print(f"{r['arch']:5s} {r['variant']:7s} {r['attention']:5s} {r['step_s']:7.3f} {base['step_s'] / r['step_s']:7.2f}x "
               f"{r['peak_gib']:9.1f} {r['weight_gib']:11.2f}  {sh.get('gemm', 0):4.0%} {sh.get('act_quant', 0):5.0%} "
               f"{sh.get('attention', 0):5.0%} {sh.get('other', 0):5.0%}")
+    clock.__exit__(None, None, None)
+    info["clock"] = clock.summary()
+    print(clock.report())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=1)
