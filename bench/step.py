@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--comfy", required=True, help="folder holding ComfyUI's comfy/ package")
     ap.add_argument("--arch", nargs="+", default=["14b", "1.3b"])
     ap.add_argument("--variants", nargs="+", default=["bf16", "w4a8", "w4a4", "w4a4p"],
-                    help="w4a4p: W4A4 with granularity pow2")
+                    help="w4a4p: W4A4 with granularity pow2; w4a8n: W4A8 without auto-scale (rotation only)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -160,10 +160,11 @@ def main():
                                                      scale_block=effective_block(128, m.in_features))
                 torch.cuda.empty_cache()
                 print(f"[{arch}] quantized {len(report.layers)} layers in {time.perf_counter() - t0:.1f} s", flush=True)
-            if variant != "bf16":  # w4a8, w4a4, w4a4p (granularity "pow2")
+            if variant != "bf16":  # w4a8, w4a4, w4a4p (granularity "pow2"), w4a8n (no auto-scale)
                 for m in model.modules():
                     if type(m).__name__ == "QuantLinear":
-                        m.spec = dataclasses.replace(m.spec, granularity="pow2" if variant.endswith("p") else "block")
+                        m.spec = dataclasses.replace(m.spec, granularity="pow2" if variant.endswith("p") else "block",
+                                                     auto_scale=not variant.endswith("n"))
                 set_activation_bits(model, int(variant[3]))
             for impl_name, impl in attn_impls.items():
                 wan.optimized_attention = impl
