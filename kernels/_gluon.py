@@ -27,7 +27,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from ._triton import UNPACK_PTX
 
 
-
 @gluon.jit
 def _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k):
     """TMA of K step k's activation codes and packed weight bytes into slot k % STAGES."""
