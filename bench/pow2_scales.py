@@ -18,10 +18,20 @@ pow2" row is the same product path at 4 bits only. Every row names its granulari
 depend on QuantConfig's default). Where a block row and its pow2 row both ran, a paired per-prompt
 comparison (pow2 minus block) follows the table.
 
+The "a8" rows ask whether the 8-bit steps need ARQ's auto-scale at all (rotation + per-token 8-bit
+codes only, which a plain int8 GEMM could run): "fixed W4A8, granularity pow2 (= block at 8 bits)"
+against "fixed W4A8, no auto-scale at 8 bits", and "delta-GBS 4/8, granularity pow2" against
+"delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits". The no-auto-scale rows patch the backend
+(no_auto_scale_at): at 8-bit steps the reference takes the auto_scale=False path (scale None, the
+same arithmetic as l = 1); other steps are untouched. Paired comparisons: each no-auto-scale row
+minus its auto-scaled row.
+
 usage: python bench/pow2_scales.py [--models trained,outliers,random] [--prompts 24] [--rows shipped,int8]
        [--device cpu]
-       --rows gbs: only the two delta-GBS rows; --rows "shipped,granularity": block vs pow2, fixed
-       W4A4 and delta-GBS (--rows matches substrings of the row names, case-insensitively)
+       --rows gbs: only the two delta-GBS rows (block, pow2); --rows a8: the four 8-bit auto-scale
+       rows above; --rows "shipped,granularity": block vs pow2, fixed W4A4 and delta-GBS (and the
+       fixed W4A8 pow2 row). A token naming a set in ROW_SETS (gbs, a8) selects that set's rows;
+       any other token matches substrings of the row names, case-insensitively
 """
 import argparse
 import os
@@ -71,6 +81,43 @@ def pow2_window_groups(auto_scale, octaves, group):
     return scaled
 
 
+def no_auto_scale_at(bits):
+    """Backend patches (for backends.scale_granularity and backends.auto_scale) under which a step at
+    `bits` activation bits has no auto-scale: scale_granularity says so, and auto_scale then returns
+    None, the scale reference_forward has with auto_scale=False. Other bit-widths are unchanged."""
+    real_gran, real_scale = backends.scale_granularity, backends.auto_scale
+    off = object()  # the granularity auto_scale is told at those steps
+
+    def granularity(g, b):
+        return off if b == bits else real_gran(g, b)
+
+    def scale(xr, g, block):
+        return None if g is off else real_scale(xr, g, block)
+    return {"scale_granularity": granularity, "auto_scale": scale}
+
+
+# --rows tokens that name a set of rows (exactly those rows)
+ROW_SETS = {
+    "gbs": ("delta-GBS 4/8, granularity block", "delta-GBS 4/8, granularity pow2"),
+    "a8": ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, no auto-scale at 8 bits",
+           "delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits"),
+}
+# paired comparisons printed after each table: (row a, row b, name of b, name of a), b minus a
+PAIRS = (("block auto-scale (shipped)", "granularity pow2 (the 4-octave row through QuantConfig)", "pow2", "block"),
+         ("delta-GBS 4/8, granularity block", "delta-GBS 4/8, granularity pow2", "pow2", "block"),
+         ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, no auto-scale at 8 bits",
+          "no-scale", "scaled"),
+         ("delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits",
+          "no-scale", "scaled"))
+
+
+def selected(name, rows):
+    """Whether --rows (comma-separated tokens; empty: every row) selects the row `name`."""
+    if not rows:
+        return True
+    return any(name in ROW_SETS[t] if t in ROW_SETS else t.lower() in name.lower() for t in rows.split(","))
+
+
 def per_prompt(res, ref, labels, trained):
     """Per-prompt rel. err (and SSIM, task hit on the trained model), for the paired comparison."""
     v = res.video.cpu()
@@ -81,18 +128,19 @@ def per_prompt(res, ref, labels, trained):
     return out
 
 
-def paired(a, b, trained):
-    """pow2 row b minus block row a, per prompt: mean difference, its standard error, wins."""
+def paired(a, b, trained, nb="pow2", na="block"):
+    """Row b (nb, e.g. pow2) minus row a (na, e.g. block), per prompt: mean difference, its
+    standard error, wins."""
     def stat(key, better):
         d = torch.tensor(b[key]) - torch.tensor(a[key])
         se = d.std() / len(d) ** 0.5
-        return (f"{key[3:]} {d.mean():+.4f} +- {se:.4f} (s.e.), pow2 better on {int(better(d).sum())}/{len(d)}, "
-                f"per-prompt spread of block {torch.tensor(a[key]).std():.4f}")
+        return (f"{key[3:]} {d.mean():+.4f} +- {se:.4f} (s.e.), {nb} better on {int(better(d).sum())}/{len(d)}, "
+                f"per-prompt spread of {na} {torch.tensor(a[key]).std():.4f}")
     s = [stat("pp_rel_error", lambda d: d < 0)]
     if trained:
         s.append(stat("pp_ssim", lambda d: d > 0))
         ta, tb = torch.tensor(a["pp_task"]), torch.tensor(b["pp_task"])
-        s.append(f"task: right with pow2 only {int((tb & ~ta).sum())}, with block only {int((ta & ~tb).sum())}")
+        s.append(f"task: right with {nb} only {int((tb & ~ta).sum())}, with {na} only {int((ta & ~tb).sum())}")
     return f"- {b['run']} vs {a['run']}: " + "; ".join(s)
 
 
@@ -106,6 +154,7 @@ def run(label, base, args, trained):
     ref = q.run_sampler(base, noise, ids, args)
     rows = []
     real = backends.auto_scale
+    real_gran = backends.scale_granularity
     for name, cfg, patch in (
             ("block auto-scale (shipped)", dvdq_core.QuantConfig(granularity="block", backend="reference"), None),
             ("block auto-scale, powers of two", dvdq_core.QuantConfig(granularity="block", backend="reference"),
@@ -124,16 +173,26 @@ def run(label, base, args, trained):
             ("granularity pow2 (the 4-octave row through QuantConfig)",
              dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None),
             ("delta-GBS 4/8, granularity block", dvdq_core.QuantConfig(granularity="block", backend="reference"), None),
-            ("delta-GBS 4/8, granularity pow2", dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None)):
-        if args.rows and not any(r.lower() in name.lower() for r in args.rows.split(",")):
+            ("delta-GBS 4/8, granularity pow2", dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None),
+            ("delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits",
+             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), no_auto_scale_at(8)),
+            ("fixed W4A8, granularity pow2 (= block at 8 bits)",
+             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None),
+            ("fixed W4A8, no auto-scale at 8 bits",
+             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), no_auto_scale_at(8))):
+        if not selected(name, args.rows):
             continue
         model = q.quantized_copy(base, cfg)
-        backends.auto_scale = patch or real
-        bs = dvdq_core.BitSwitch() if name.startswith("delta-GBS") else dvdq_core.BitSwitch(mode="fixed", fixed_bits=4)
+        # patch: a replacement for backends.auto_scale, or a dict of backends attributes to replace
+        patch = patch if isinstance(patch, dict) else {"auto_scale": patch} if patch else {}
+        backends.auto_scale = patch.get("auto_scale", real)
+        backends.scale_granularity = patch.get("scale_granularity", real_gran)
+        bs = (dvdq_core.BitSwitch() if name.startswith("delta-GBS")
+              else dvdq_core.BitSwitch(mode="fixed", fixed_bits=8 if name.startswith("fixed W4A8") else 4))
         try:
             res = q.run_sampler(model, noise, ids, args, bitswitch=bs)
         finally:
-            backends.auto_scale = real
+            backends.auto_scale, backends.scale_granularity = real, real_gran
         rows.append(q.evaluate(name, res, ref, labels, trained, per_prompt(res, ref, labels, trained)))
         del model
     return rows
@@ -146,11 +205,13 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=3.0)
-    p.add_argument("--rows", default="", help="comma-separated substrings: run only the rows whose name has one")
+    p.add_argument("--rows", default="", help="comma-separated substrings, or set names of ROW_SETS (gbs, a8): run only the rows selected")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    assert activations.auto_scale is backends.auto_scale  # the patch point is the one the reference uses
-    print(f"DVD-Quant W4A4 (delta-GBS rows: W4, 4/8) (BGR weights, rotation 128, reference backend), "
+    # the patch points are the ones the reference uses
+    assert activations.auto_scale is backends.auto_scale
+    assert activations.scale_granularity is backends.scale_granularity
+    print(f"DVD-Quant W4A4 (delta-GBS rows: W4, 4/8; fixed W4A8 rows: W4A8) (BGR weights, rotation 128, reference backend), "
           f"{args.prompts} prompts, {args.steps} steps, device {args.device}\n")
     for which in args.models.split(","):
         t0 = time.time()
@@ -172,10 +233,9 @@ def main():
         for r in rows:
             if r["run"].startswith("delta-GBS"):
                 print(f"- {r['run']}: schedule {''.join('L' if b == 4 else 'H' for b in r['bits'])}")
-        for a, b in (("block auto-scale (shipped)", "granularity pow2 (the 4-octave row through QuantConfig)"),
-                     ("delta-GBS 4/8, granularity block", "delta-GBS 4/8, granularity pow2")):
+        for a, b, nb, na in PAIRS:
             if a in by and b in by:
-                print(paired(by[a], by[b], trained))
+                print(paired(by[a], by[b], trained, nb, na))
         print(flush=True)
 
 
