@@ -214,7 +214,15 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     Without per-K-block scales on an H100-class GPU the Gluon GEMM runs (chain_gemm_applies), unless
     a Triton tile or variant is asked for."""
     if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale):
-        return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out)
+        try:
+            return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # Gluon is experimental: a newer triton may change its API under us
+            _gluon_state[:] = [None]
+            warnings.warn(f"DVD-Quant: the Hopper Gluon GEMM failed ({type(e).__name__}: {str(e)[:300]}); the "
+                          f"Triton GEMM runs from now on (same results, about 10% slower). Please report this "
+                          f"with your triton version.", stacklevel=2)
     kt = _triton()
     m, k = a.shape
     n = qweight.shape[0]

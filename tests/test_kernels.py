@@ -281,6 +281,34 @@ def test_chain_gemm_equals_triton_gemm(m, n, k, dtype, bias):
     assert torch.equal(y_chain, y_triton)
 
 
+def test_gluon_gemm_failure_falls_back_loudly_once(monkeypatch):
+    """Gluon is an experimental API: if a newer triton breaks the Gluon GEMM, the Triton GEMM takes
+    over with a warning that says so (same numbers), and the Gluon one is not tried again; running
+    out of memory is not such a failure and propagates."""
+    layer = make_layer(96, 192)
+    x = activations(40, 192, torch.bfloat16)
+    sb = ops.effective_blocks(layer, 192)[1]
+    q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
+    args = (q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False)
+    want = ops.w4_gemm(*args, cfg=configs.INTERPRETER_CONFIG if not ON_GPU else configs.SM90_DEFAULT)
+    monkeypatch.setattr(ops, "_gluon_state", [object()])
+    monkeypatch.setattr(ops, "chain_gemm_applies", lambda *a: ops._gluon_state[0] is not None)
+
+    def broken(*a, **k):
+        raise TypeError("warpgroup_mma() got an unexpected keyword argument")
+    monkeypatch.setattr(ops, "w4_gemm_chain", broken)
+    with pytest.warns(UserWarning, match="Gluon GEMM failed .*TypeError.*Triton GEMM runs from now on"):
+        got = ops.w4_gemm(*args)
+    assert ops._gluon_state == [None] and torch.equal(got, want)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("out of memory")
+    monkeypatch.setattr(ops, "_gluon_state", [object()])
+    monkeypatch.setattr(ops, "w4_gemm_chain", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        ops.w4_gemm(*args)
+
+
 def test_pow2_constants_match_the_core():
     """kernels/ imports nothing from the core, so it repeats these two numbers."""
     from dvdq_core import activations as core
