@@ -40,7 +40,7 @@ from triton.testing import do_bench  # noqa: E402
 import kernels  # noqa: E402
 from kernels import configs, ops  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: this file must not shadow kernels/
 from gpu_clock import ClockMonitor  # noqa: E402
 
 # (name, N, K) of the token-side linear layers of one transformer block.

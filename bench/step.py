@@ -24,7 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.append(os.path.join(ROOT, "bench"))  # after ROOT: bench/kernels.py must not shadow kernels/
 
 ARCH = {  # Wan 2.1 configs (ComfyUI's detection of the released checkpoints)
     "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

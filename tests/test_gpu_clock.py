@@ -1,10 +1,13 @@
 """bench/gpu_clock.py: a throttled benchmark run must be flagged, a clean one not, idle samples ignored."""
+import importlib.util
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-
-from gpu_clock import ClockMonitor  # noqa: E402
+# loaded by path: bench/ on sys.path would shadow the kernels package with bench/kernels.py
+_spec = importlib.util.spec_from_file_location(
+    "gpu_clock", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_clock.py"))
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+ClockMonitor = _mod.ClockMonitor
 
 
 def monitor(samples):
