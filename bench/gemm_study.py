@@ -27,6 +27,8 @@ import triton.language as tl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kernels._triton import UNPACK_PTX  # noqa: E402
+
 SHAPES = [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)]
 M_TOKENS = 32760
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -44,19 +46,8 @@ def _unpack(wp, z):
     if INTERPRET:
         return (wp & 15).to(tl.int8) - z.to(tl.int8), (wp >> 4).to(tl.int8) - z.to(tl.int8)
     zb = tl.broadcast_to(z, wp.shape)
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 nz, t;
-        sub.u32 nz, 0x80808080, $3;
-        and.b32 t, $2, 0x0F0F0F0F;
-        add.u32 t, t, nz;
-        xor.b32 $0, t, 0x80808080;
-        shr.u32 t, $2, 4;
-        and.b32 t, t, 0x0F0F0F0F;
-        add.u32 t, t, nz;
-        xor.b32 $1, t, 0x80808080;
-        }""",
-        constraints="=r,=r,r,r", args=[wp, zb], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(asm=UNPACK_PTX, constraints="=r,=r,r,r", args=[wp, zb],
+                                     dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
 
 
 @triton.jit

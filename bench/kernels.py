@@ -187,38 +187,25 @@ def gemm_variants(m, n, k, dev):
     return out
 
 
-def act_sweep(m, dev):
-    """Activation-kernel launch settings (elements per tile, warps, stages) at the model widths:
-    ms and TB/s over the minimal bytes (X read twice, int8 codes written once)."""
-    out = {}
-    for k in (1536, 3072, 5120, 13824):
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        for act_cfg in [(2048, 4, 2), (2048, 4, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3), (8192, 4, 3),
-                        (8192, 8, 2), (8192, 8, 3), (16384, 8, 3)]:
-            key = f"K={k} act {act_cfg}"
-            try:
-                t = bench(lambda: ops.quantize_activations(x, 128, 128, 4, True, act_cfg=act_cfg))
-                out[key] = (t, (2 * m * k * 2 + m * k) / t / 1e12)
-            except Exception as e:
-                out[key] = f"{type(e).__name__}: {str(e)[:120]}"
-            v = out[key]
-            print(key + ": " + (f"{v[0] * 1e3:.3f} ms {v[1]:.2f} TB/s" if isinstance(v, tuple) else v), flush=True)
-        del x
-    return out
+ACT_SWEEP = [(2048, 4, 2), (2048, 4, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3), (8192, 4, 3), (8192, 8, 2),
+             (8192, 8, 3), (16384, 8, 3)]
+ACT_SWEEP_POW2 = [(2048, 4, 2), (2048, 4, 3), (2048, 8, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3), (8192, 4, 3),
+                  (8192, 8, 3)]
 
 
-def act_sweep_pow2(m, dev):
-    """Pass-2 launch settings of granularity "pow2" (elements per tile, warps, stages): ms of both
-    activation kernels together, TB/s over the bytes they must move (X read three times, codes once)."""
+def act_sweep(m, dev, pow2=False):
+    """Activation-kernel launch settings (elements per tile, warps, stages; with pow2: those of its
+    pass 2) at the model widths, W4A4: ms of both kernels and TB/s over the bytes they must move
+    (X read twice, or three times with pow2, and the int8 codes written once)."""
     out = {}
+    reads = 3 if pow2 else 2
     for k in (1536, 3072, 5120, 13824):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        for act_cfg in [(2048, 4, 2), (2048, 4, 3), (2048, 8, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3),
-                        (8192, 4, 3), (8192, 8, 3)]:
-            key = f"K={k} pow2 pass 2 {act_cfg}"
+        for act_cfg in ACT_SWEEP_POW2 if pow2 else ACT_SWEEP:
+            key = f"K={k} {'pow2 pass 2' if pow2 else 'act'} {act_cfg}"
             try:
-                t = bench(lambda: ops.quantize_activations(x, 128, 128, 4, True, act_cfg=act_cfg, pow2=True))
-                out[key] = (t, (3 * m * k * 2 + m * k) / t / 1e12)
+                t = bench(lambda: ops.quantize_activations(x, 128, 128, 4, True, act_cfg=act_cfg, pow2=pow2))
+                out[key] = (t, (reads * m * k * 2 + m * k) / t / 1e12)
             except Exception as e:
                 out[key] = f"{type(e).__name__}: {str(e)[:120]}"
             v = out[key]
@@ -318,7 +305,7 @@ def run(args, clock):
         finish(args, info, clock, chain_sweep=res)
         return
     if args.act_sweep or args.act_sweep_pow2:
-        res = (act_sweep if args.act_sweep else act_sweep_pow2)(args.m[0], dev)
+        res = act_sweep(args.m[0], dev, pow2=args.act_sweep_pow2)
         finish(args, info, clock, act_sweep=res)
         return
     if args.variants:

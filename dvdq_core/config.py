@@ -8,7 +8,7 @@ from .activations import check_act_bits
 from .weights import check_w_bits
 
 METHODS = ("dvdq", "minmax", "smoothquant", "quarot")
-GRANULARITIES = ("block", "channel", "pow2")
+GRANULARITIES = ("block", "pow2", "channel")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 BACKENDS = ("auto", "reference", "triton")
 

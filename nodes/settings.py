@@ -1,10 +1,11 @@
 """Widget values -> dvdq_core.QuantConfig (no ComfyUI imports, tested in CI)."""
 from dvdq_core import QuantConfig, parse_overrides
+from dvdq_core.activations import ACT_BITS as A_BITS
+from dvdq_core.config import GRANULARITIES as _GRANULARITIES, METHODS as _METHODS
 
-METHODS = ["dvdq", "minmax", "smoothquant", "quarot"]
-BLOCKS = ["64", "128", "256"]
-GRANULARITIES = ["block", "pow2", "channel"]
-A_BITS = (4, 5, 6, 7, 8, 16)
+METHODS = list(_METHODS)  # the core's choices, as lists for ComfyUI's dropdowns
+GRANULARITIES = list(_GRANULARITIES)
+BLOCKS = ["64", "128", "256"]  # the block sizes offered on the node (the core takes 16..256)
 
 _CORE = QuantConfig()  # the core's defaults are the nodes' defaults (tests check the widgets follow)
 DEFAULT_ARQ = {"rotate": _CORE.rotate, "had_block": _CORE.had_block, "auto_scale": _CORE.auto_scale,
