@@ -109,7 +109,8 @@ def main():
     ap.add_argument("--comfy", required=True, help="folder holding ComfyUI's comfy/ package")
     ap.add_argument("--arch", nargs="+", default=["14b", "1.3b"])
     ap.add_argument("--variants", nargs="+", default=["bf16", "w4a8", "w4a4", "w4a4p"],
-                    help="w4a4p: W4A4 with granularity pow2; w4a8n: W4A8 without auto-scale (rotation only)")
+                    help="w4a4p: W4A4 with granularity pow2; w4a8n: W4A8 without auto-scale (rotation only); "
+                         "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -120,6 +121,7 @@ def main():
     import comfy.ldm.modules.attention as attn
     import comfy.ldm.wan.model as wan
     from dvdq_core import QuantConfig, quantize_model, set_activation_bits
+    from dvdq_core.fusion import fuse_gelu, unfuse_gelu
     from dvdq_core.hadamard import effective_block
 
     sage_calls = [0]
@@ -160,12 +162,17 @@ def main():
                                                      scale_block=effective_block(128, m.in_features))
                 torch.cuda.empty_cache()
                 print(f"[{arch}] quantized {len(report.layers)} layers in {time.perf_counter() - t0:.1f} s", flush=True)
-            if variant != "bf16":  # w4a8, w4a4, w4a4p (granularity "pow2"), w4a8n (no auto-scale)
+            if variant != "bf16":  # w4a8, w4a4, w4a4p (granularity "pow2"), w4a8n (no auto-scale); -unfused
+                kind, _, suffix = variant.partition("-")
                 for m in model.modules():
                     if type(m).__name__ == "QuantLinear":
-                        m.spec = dataclasses.replace(m.spec, granularity="pow2" if variant.endswith("p") else "block",
-                                                     auto_scale=not variant.endswith("n"))
-                set_activation_bits(model, int(variant[3]))
+                        m.spec = dataclasses.replace(m.spec, granularity="pow2" if kind.endswith("p") else "block",
+                                                     auto_scale=not kind.endswith("n"))
+                set_activation_bits(model, int(kind[3]))
+                if suffix == "unfused":
+                    unfuse_gelu(model)
+                else:
+                    fuse_gelu(model)
             for impl_name, impl in attn_impls.items():
                 wan.optimized_attention = impl
                 sage_calls[0] = 0
@@ -176,18 +183,18 @@ def main():
                     r["sage_calls"] = sage_calls[0]
                 results.append(r)
                 sh = r["shares"]
-                print(f"[{arch}] {variant:5s} {impl_name:5s} step {r['step_s']:.3f} s  peak {r['peak_gib']:.1f} GiB  "
+                print(f"[{arch}] {variant:13s} {impl_name:5s} step {r['step_s']:.3f} s  peak {r['peak_gib']:.1f} GiB  "
                       f"block weights {r['weight_gib']:.2f} GiB  finite={r['finite']}  shares " +
                       " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k not in ("gpu_s", "top_kernels")), flush=True)
                 for ms, cls, name in sh.get("top_kernels", []):
                     print(f"    {ms:9.2f} ms  {cls:9s} {name}")
         del model
         torch.cuda.empty_cache()
-    print("\narch  variant attn    step_s  speedup  peak_GiB  weights_GiB  gemm  act_q  attn  other")
+    print("\narch  variant       attn    step_s  speedup  peak_GiB  weights_GiB  gemm  act_q  attn  other")
     for r in results:
         base = next(b for b in results if b["arch"] == r["arch"] and b["variant"] == "bf16" and b["attention"] == "sdpa")
         sh = r["shares"]
-        print(f"{r['arch']:5s} {r['variant']:7s} {r['attention']:5s} {r['step_s']:7.3f} {base['step_s'] / r['step_s']:7.2f}x "
+        print(f"{r['arch']:5s} {r['variant']:13s} {r['attention']:5s} {r['step_s']:7.3f} {base['step_s'] / r['step_s']:7.2f}x "
               f"{r['peak_gib']:9.1f} {r['weight_gib']:11.2f}  {sh.get('gemm', 0):4.0%} {sh.get('act_quant', 0):5.0%} "
               f"{sh.get('attention', 0):5.0%} {sh.get('other', 0):5.0%}")
     clock.__exit__(None, None, None)

@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .activations import EPS, auto_scale, quantize_per_token, scale_granularity
 from .hadamard import rotate
@@ -48,7 +49,10 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     y = x @ w.t()
     if layer.bias is not None:
         y = y + layer.bias.float()
-    return y.to(x2d.dtype)
+    y = y.to(x2d.dtype)
+    if layer.act == "gelu_tanh":  # fused GELU (dvdq_core.fusion): the module's own op on the rounded output
+        y = F.gelu(y, approximate="tanh")
+    return y
 
 
 register_backend("reference", reference_forward)

@@ -55,6 +55,7 @@ class QuantLinear(nn.Module):
         self.state = state if state is not None else BitState()
         self.backend = backend
         self.shares_input = SHARE_NONE  # set by whoever knows the layer's name (input_sharing)
+        self.act = None  # "gelu_tanh": the GELU after this layer is applied here (dvdq_core.fusion)
         packed_k = (in_features + 1) // 2 if spec.w_bits <= 4 else in_features
         self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -113,7 +114,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self):
         a = self.spec.a_bits if self.spec.a_bits is not None else "switched"
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.spec.method}, "
-                f"w_bits={self.spec.w_bits}, a_bits={a}, had_block={self.spec.had_block}")
+                f"w_bits={self.spec.w_bits}, a_bits={a}, had_block={self.spec.had_block}"
+                + (f", act={self.act}" if self.act else ""))
 
 
 class _Moved:
@@ -121,7 +123,7 @@ class _Moved:
 
     def __init__(self, layer: QuantLinear, device):
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
-                                                              "shares_input")})
+                                                              "shares_input", "act")})
         for name, buf in layer.named_buffers(recurse=False):
             setattr(self, name, buf.to(device, non_blocking=True))
         if "bias" not in self.__dict__:

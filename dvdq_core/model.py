@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .fusion import fuse_gelu
 from .linear import BitState, QuantLinear, input_sharing
 from .spec import layer_spec
 
@@ -123,5 +124,6 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
                                          time.perf_counter() - t0))
         if progress is not None:
             progress(done, len(todo), name)
+    fuse_gelu(model)
     report.seconds = time.perf_counter() - t_all
     return report

@@ -8,6 +8,7 @@ from torch import nn
 from safetensors import safe_open
 
 from .config import QuantConfig
+from .fusion import fuse_gelu
 from .linear import BitState, QuantLinear, input_sharing
 from .model import quantized_layers
 from .spec import LayerSpec
@@ -141,6 +142,7 @@ def load_quantized(model: nn.Module, path, backend: str | None = None) -> QuantC
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, m)
         raise
+    fuse_gelu(model)
     return config
 
 

@@ -26,7 +26,7 @@ def _define_op():
     op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
 
     @op.register_fake
-    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2):
+    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2, gelu):
         return x2d.new_empty((x2d.shape[0], qweight.shape[0]))
 
     return op
@@ -34,8 +34,9 @@ def _define_op():
 
 def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool, share: int,
-               pow2: bool) -> torch.Tensor:
-    return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share=share, pow2=pow2)
+               pow2: bool, gelu: bool) -> torch.Tensor:
+    return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share=share, pow2=pow2,
+                              gelu=gelu)
 
 
 _w4_linear_op = _define_op()
@@ -48,8 +49,9 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     auto_scale = bool(layer.auto_scale)
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
     pow2 = layer.granularity == "pow2"  # per-channel power-of-two scales folded into the codes (ops)
+    gelu = layer.act == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
-                         share, pow2)
+                         share, pow2, gelu)
 
 
 def _triton_missing():
@@ -70,6 +72,8 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
         return f"activation bits {a_bits} are not supported (4..8 or 16)"
     if layer.auto_scale and layer.granularity == "channel":
         return "granularity 'channel' is reference-only (use 'pow2' or 'block' for the GPU kernels)"
+    if getattr(layer, "act", None) not in (None, "gelu_tanh"):
+        return f"fused activation {layer.act!r} is not implemented by the kernels"
     if x2d.dim() != 2:
         return f"expected a 2-D input, got {x2d.dim()} dims"
     k = x2d.shape[1]

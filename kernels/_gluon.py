@@ -42,6 +42,7 @@ def _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k):
 def _w4_gemm_chain_kernel(
     a_desc, w_desc, z_ptr, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+    GELU: gl.constexpr = False,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program (the MMA's N side)
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -94,7 +95,7 @@ def _w4_gemm_chain_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    # epilogue as _triton._gemm_store: D[n] * s_i + bias[n], rounded, stored as Y[token, row] (masked)
+    # epilogue as _triton._gemm_store: D[n] * s_i + bias[n], rounded (GELU), stored as Y[token, row] (masked)
     offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
     d = gl.load(d_ptr + offs_n % N)
@@ -104,7 +105,12 @@ def _w4_gemm_chain_kernel(
         out += gl.load(bias_ptr + offs_n % N).to(gl.float32)[:, None]
     ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
                                         warps_per_cta=[1, num_warps], order=[0, 1])  # rows contiguous in Y
-    out = gl.convert_layout(out.to(y_ptr.dtype.element_ty), ol)
+    out = out.to(y_ptr.dtype.element_ty)
+    if GELU:  # the fused feed-forward GELU, on the rounded output as _triton.gelu_tanh
+        v = out.to(gl.float32)
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        out = (0.5 * v * (2.0 - 2.0 / (1.0 + gl.exp(gl.minimum(2.0 * u, 80.0))))).to(y_ptr.dtype.element_ty)
+    out = gl.convert_layout(out, ol)
     on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
     om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
     gl.store(y_ptr + om.to(gl.int64)[None, :] * N + on[:, None], out, mask=(on < N)[:, None] & (om < M)[None, :])

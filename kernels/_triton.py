@@ -43,6 +43,15 @@ def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def gelu_tanh(v):
+    """GELU, tanh form, in float32 as torch computes it: 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3),
+    with tanh(u) = 1 - 2 / (1 + exp(2u)) (no tanh in the interpreter). Like torch's, it saturates to
+    exactly 0 for very negative v (tanh(u) = -1); 2u is capped at 80 (tanh(40) = 1 in float32) so exp never overflows."""
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    return 0.5 * v * (2.0 - 2.0 / (1.0 + tl.exp(tl.minimum(2.0 * u, 80.0))))
+
+
+@triton.jit
 def _load_rotation(r_ptr, R: tl.constexpr, INTERPRET: tl.constexpr):
     """The R x R +-1 matrix (blockdiag Hadamard pattern), loaded once per program."""
     offs = tl.arange(0, R)
@@ -242,9 +251,10 @@ def _w4_gemm_kernel(
     a_ptr, w_ptr, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
     SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     A_FLOAT: tl.constexpr, AUTO_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
-    INTERPRET: tl.constexpr, ASM_UNPACK: tl.constexpr = False, SPLIT: tl.constexpr = 1,
+    INTERPRET: tl.constexpr, ASM_UNPACK: tl.constexpr = False, SPLIT: tl.constexpr = 1, GELU: tl.constexpr = False,
 ):
-    """Y = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n].
+    """Y = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n]
+    (GELU: then gelu_tanh(Y rounded to Y's dtype), rounded again: the fused feed-forward GELU).
 
     a: int8 codes [M, K] in the layout of groups of BK columns (module docstring; A_FLOAT: rotated
     activations in bf16/fp16, s = l = 1). w: packed 4-bit codes [N, K // 2] (low nibble = even
@@ -312,9 +322,9 @@ def _w4_gemm_kernel(
         bias = tl.load(bias_ptr + wrows).to(tl.float32)
     else:
         bias = d * 0.0
-    _gemm_store(acc0, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT, SWAP, INTERPRET)
+    _gemm_store(acc0, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU)
     if SPLIT == 2:
-        _gemm_store(acc1, y_ptr, s_ptr, d, bias, offs_m + BM, offs_n, M, N, A_FLOAT, SWAP, INTERPRET)
+        _gemm_store(acc1, y_ptr, s_ptr, d, bias, offs_m + BM, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU)
 
 
 @triton.jit
@@ -344,8 +354,9 @@ def _gemm_step(acc, a_ptrs, w, lb, A_FLOAT: tl.constexpr, INT_ACC: tl.constexpr,
 
 @triton.jit
 def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.constexpr, SWAP: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    """Epilogue of one token sub-tile: D[n] * s_i (* 1 for 16-bit activations) + bias, rounded, masked store."""
+                INTERPRET: tl.constexpr, GELU: tl.constexpr):
+    """Epilogue of one token sub-tile: D[n] * s_i (* 1 for 16-bit activations) + bias, rounded (GELU:
+    gelu_tanh of the rounded value, rounded again), masked store."""
     m_ok = offs_m < M
     acc = acc.to(tl.float32)
     if A_FLOAT:
@@ -357,4 +368,6 @@ def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.co
         out = tl.trans(_round_to(acc * d[:, None] * s[None, :] + bias[:, None], y_ptr.dtype.element_ty, INTERPRET))
     else:
         out = _round_to(acc * d[None, :] * s[:, None] + bias[None, :], y_ptr.dtype.element_ty, INTERPRET)
+    if GELU:
+        out = _round_to(gelu_tanh(out.to(tl.float32)), y_ptr.dtype.element_ty, INTERPRET)
     tl.store(y_ptrs, out, mask=m_ok[:, None] & (offs_n < N)[None, :])

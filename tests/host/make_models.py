@@ -40,7 +40,8 @@ def randomize(sd: dict, seed: int) -> dict:
     return out
 
 
-def build(kind: str, seed: int) -> dict:
+def build_module(kind: str) -> torch.nn.Module:
+    """One of ComfyUI's own model classes at tiny size (weights not initialised: see build)."""
     if kind == "wan21_t2v":
         m = WanModel(model_type="t2v", in_dim=16, out_dim=16, operations=OPS, **WAN)
     elif kind == "wan21_i2v":
@@ -58,7 +59,11 @@ def build(kind: str, seed: int) -> dict:
                  qkv_bias=True, guidance_embed=False, operations=OPS)
     else:
         raise ValueError(kind)
-    sd = randomize(m.state_dict(), seed)
+    return m
+
+
+def build(kind: str, seed: int) -> dict:
+    sd = randomize(build_module(kind).state_dict(), seed)
     if comfy.model_detection.model_config_from_unet(sd, "") is None:
         raise RuntimeError(f"ComfyUI does not detect the tiny {kind} model")
     return sd

@@ -6,6 +6,8 @@ from ComfyUI's own classes (make_models.py). Each prompt runs a few denoising st
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -305,3 +307,16 @@ def test_lowvram_server(host_dir):
         assert "(IMPORT FAILED)" not in s.log()
     finally:
         s.stop()
+
+
+def test_feed_forward_gelu_is_fused_in_comfyui_models(host_dir):
+    """The GELU fusion (dvdq_core.fusion) finds the feed-forward of ComfyUI's own Wan and HunyuanVideo
+    classes; if ComfyUI restructured them, the pack would still be correct but slower: this says so."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.environ["COMFYUI_PATH"])
+    res = subprocess.run([sys.executable, os.path.join(here, "fused_layers.py")], capture_output=True, text=True,
+                         env=env, cwd=host_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fused = json.loads(res.stdout.strip().splitlines()[-1])
+    assert fused["wan21_t2v"] == ["blocks.0.ffn.0", "blocks.1.ffn.0"]
+    assert fused["hunyuan_video"] == ["double_blocks.0.img_mlp.0", "double_blocks.0.txt_mlp.0"]
