@@ -101,8 +101,8 @@ def study(m, k, dev):
     x[:, :: max(1, k // 7)] *= 20
     hb, sb = 128, 128
     g = ops.layout_group(k, sb)
-    r, c, tg, bm = ops._act_tiles(hb, sb, g)
-    nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
+    r, c, tg = ops._act_tiles(hb, sb, g)
+    bm, nw, ns = ops._launch(None, c)
     rmat = ops.rotation_matrix(hb, g, x.dtype, x.device)
     rs = 1.0 / math.sqrt(hb)
     grid = (triton.cdiv(m, bm),)

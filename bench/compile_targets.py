@@ -60,7 +60,7 @@ def compile_kernel(fn, types, consts, cc, warps, stages):
             "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA", "IMMA", "HMMA") if op in sass}}
 
 
-def compile_chain_gemm(cfg=None):
+def compile_chain_gemm(cfg=None, gelu=False):
     """The sm_90-only Gluon GEMM (kernels/_gluon.py) with configs.CHAIN_SM90 (or cfg) -> (result dict,
     ptxas advisories, wgmma wait depths in SASS). It must keep one wgmma in flight (a wait depth
     of 1) and get no ptxas "wgmma ... serialized" advisory (C751x)."""
@@ -76,7 +76,8 @@ def compile_chain_gemm(cfg=None):
     types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "w_desc": f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>",
              "z_ptr": "*u8", "d_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
              "M": "i32", "N": "i32"}
-    consts = dict(K=K, GROUP_M=cfg["group_m"], STAGES=cfg["stages"], HAS_BIAS=True, num_warps=cfg["num_warps"])
+    consts = dict(K=K, GROUP_M=cfg["group_m"], STAGES=cfg["stages"], HAS_BIAS=True, num_warps=cfg["num_warps"],
+                  GELU=gelu)
     sig = {n: types.get(n, "constexpr") for n in names}
     src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})

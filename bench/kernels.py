@@ -13,7 +13,7 @@ and a sweep of our GEMM tile configurations. Prints a table; --json writes all n
 
 usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck]
        python bench/kernels.py --act-sweep [--m 32760]   (activation-kernel launch settings only)
-       python bench/kernels.py --act-sweep-pow2 [--m 32760]   (pass 2 of granularity pow2 only)
+       python bench/kernels.py --act-sweep-pow2 [--m 32760]   (the two passes of granularity pow2)
        python bench/kernels.py --chain-sweep [--m 32760] [--models wan14b]   (tiles of the sm_90 GEMM without
        per-block scales, on pow2 codes)
 """
@@ -187,29 +187,34 @@ def gemm_variants(m, n, k, dev):
     return out
 
 
-ACT_SWEEP = [(2048, 4, 2), (2048, 4, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3), (8192, 4, 3), (8192, 8, 2),
-             (8192, 8, 3), (16384, 8, 3)]
-ACT_SWEEP_POW2 = [(2048, 4, 2), (2048, 4, 3), (2048, 8, 3), (4096, 4, 2), (4096, 4, 3), (4096, 8, 3), (8192, 4, 3),
-                  (8192, 8, 3)]
+ACT_SWEEP = [(4096, 4, 3), (8192, 4, 3), (8192, 4, 4), (8192, 4, 5), (8192, 8, 3), (8192, 8, 4), (16384, 4, 3),
+             (16384, 4, 4), (16384, 8, 3), (16384, 8, 4), (4096, 4, 5), (4096, 2, 4)]
 
 
 def act_sweep(m, dev, pow2=False):
-    """Activation-kernel launch settings (elements per tile, warps, stages; with pow2: those of its
-    pass 2) at the model widths, W4A4: ms of both kernels and TB/s over the bytes they must move
-    (X read twice, or three times with pow2, and the int8 codes written once)."""
+    """Activation-kernel launch settings (elements per tile, warps, stages) at the model widths: ms and
+    TB/s over the bytes each kernel must move. Block granularity (W4A8): both kernels together (X read
+    twice, int8 codes written). pow2 (W4A4): pass 1 (X read once) and pass 2 (X read twice, codes
+    written) timed separately, as they may take different settings."""
     out = {}
-    reads = 3 if pow2 else 2
-    for k in (1536, 3072, 5120, 13824):
+    for k in (1536, 5120, 8960, 13824):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        for act_cfg in ACT_SWEEP_POW2 if pow2 else ACT_SWEEP:
-            key = f"K={k} {'pow2 pass 2' if pow2 else 'act'} {act_cfg}"
-            try:
-                t = bench(lambda: ops.quantize_activations(x, 128, 128, 4, True, act_cfg=act_cfg, pow2=pow2))
-                out[key] = (t, (reads * m * k * 2 + m * k) / t / 1e12)
-            except Exception as e:
-                out[key] = f"{type(e).__name__}: {str(e)[:120]}"
-            v = out[key]
-            print(key + ": " + (f"{v[0] * 1e3:.3f} ms {v[1]:.2f} TB/s" if isinstance(v, tuple) else v), flush=True)
+        x[:, :: max(1, k // 7)] *= 20  # a few massive channels, as in video DiTs
+        cmax = ops.channel_absmax(x, 128, 128)
+        for act_cfg in ACT_SWEEP:
+            runs = ([("pass 1", lambda: ops.channel_absmax(x, 128, 128, act_cfg), m * k * 2),
+                     ("pass 2", lambda: ops.quantize_pow2(x, 128, 128, 4, cmax, act_cfg=act_cfg), 2 * m * k * 2 + m * k)]
+                    if pow2 else
+                    [("act", lambda: ops.quantize_activations(x, 128, 128, 8, True, act_cfg=act_cfg), 2 * m * k * 2 + m * k)])
+            for name, fn, nbytes in runs:
+                key = f"K={k} {'pow2 ' if pow2 else ''}{name} {act_cfg}"
+                try:
+                    t = bench(fn)
+                    out[key] = (t, nbytes / t / 1e12)
+                except Exception as e:
+                    out[key] = f"{type(e).__name__}: {str(e)[:120]}"
+                v = out[key]
+                print(key + ": " + (f"{v[0] * 1e3:.3f} ms {v[1]:.2f} TB/s" if isinstance(v, tuple) else v), flush=True)
         del x
     return out
 
@@ -282,7 +287,7 @@ def main():
     ap.add_argument("--ck-models", nargs="+", default=["wan14b"])
     ap.add_argument("--variants", action="store_true", help="GEMM/activation-kernel variant study only (Wan 14B)")
     ap.add_argument("--act-sweep", action="store_true", help="activation-kernel launch settings only")
-    ap.add_argument("--act-sweep-pow2", action="store_true", help="pass-2 settings of granularity pow2 only")
+    ap.add_argument("--act-sweep-pow2", action="store_true", help="settings of granularity pow2's two passes")
     ap.add_argument("--chain-sweep", action="store_true",
                     help="tiles of the sm_90 GEMM without per-block scales (BM,BN,warps,stages,GROUP_M) only")
     ap.add_argument("--json", default=None)

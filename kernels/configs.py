@@ -83,6 +83,9 @@ ACT_NUM_WARPS = 4
 ACT_NUM_STAGES = 3
 # Pass 2 of granularity "pow2" (_quantize_pow2_kernel, reads its rows twice) uses the same tile:
 # smaller ones (to keep the second read in L2) were slower (bench/kernels.py --act-sweep-pow2).
+# Pass 1 of "pow2" (per-channel maxima only, no stores but K atomics) is 2-6% faster with half the
+# rows per program at every width (same sweep, fifth kernel session); 5 stages were slower everywhere.
+ACT_POW2_PASS1_ELEMS = 4096
 
 
 def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, interpret: bool) -> GemmConfig:

@@ -78,14 +78,48 @@ def unpermute_columns(q: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def _act_tiles(hb: int, sb: int, g: int):
-    """(rotation tile R, column tile C, rowmax granularity TG, rows per program BM)."""
+    """(rotation tile R, column tile C, rowmax granularity TG)."""
     r = max(hb, g)
-    c = r
-    tg = min(r, sb)
-    bm = max(16, configs.ACT_ELEMS_PER_TILE // c)
-    if interpreting():
-        bm = 16
-    return r, c, tg, bm
+    return r, r, min(r, sb)
+
+
+def _launch(act_cfg, c: int):
+    """(rows per program, warps, stages) of an activation kernel over column tiles of c: the shipped
+    setting, or act_cfg = (elements per tile, warps, stages) from a benchmark sweep."""
+    elems, warps, stages = act_cfg or (configs.ACT_ELEMS_PER_TILE, configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES)
+    return (16 if interpreting() else max(16, elems // c)), warps, stages
+
+
+def channel_absmax(x2d, hb: int, sb: int, act_cfg=None):
+    """Pass 1 of granularity "pow2": max_i |Xr_ij| per channel j (float32 [K], permuted layout)."""
+    kt = _triton()
+    m, k = x2d.shape
+    g = layout_group(k, sb)
+    r, c, tg = _act_tiles(hb, sb, g)
+    bm, nw, ns = _launch(act_cfg or (configs.ACT_POW2_PASS1_ELEMS, configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES), c)
+    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
+    cmax = torch.zeros((k,), dtype=torch.float32, device=x2d.device)
+    kt._absmax_kernel[(triton_cdiv(m, bm),)](
+        x2d, rmat, 1.0 / math.sqrt(hb), cmax, cmax, m, k, 1, x2d.stride(0),
+        SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=True, INTERPRET=interpreting(), POW2=True,
+        num_warps=nw, num_stages=ns)
+    return cmax
+
+
+def quantize_pow2(x2d, hb: int, sb: int, a_bits: int, cmax, q=None, s=None, act_cfg=None):
+    """Pass 2 of granularity "pow2" (see _quantize_pow2_kernel) -> (q' int8 [M, K], s' f32 [M])."""
+    kt = _triton()
+    m, k = x2d.shape
+    g = layout_group(k, sb)
+    r, c, _ = _act_tiles(hb, sb, g)
+    bm, nw, ns = _launch(act_cfg, c)
+    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
+    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device) if q is None else q
+    s = torch.empty((m,), dtype=torch.float32, device=x2d.device) if s is None else s
+    kt._quantize_pow2_kernel[(triton_cdiv(m, bm),)](
+        x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0), float(2 ** (a_bits - 1) - 1),
+        C=c, R=r, BM=bm, OCTAVES=POW2_OCTAVES, INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
+    return q, s
 
 
 def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None, act_cfg=None,
@@ -95,33 +129,22 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
     pow2 (granularity "pow2" at POW2_BITS, with auto-scale): per-channel power-of-two scales folded
     into the codes and s (see _quantize_pow2_kernel) -> (q', s', None): the GEMM then runs without
     auto-scale, one int32 sum over all of K.
-    q and s may be given (tests pass poisoned buffers to check every element is written)."""
+    q and s may be given (tests pass poisoned buffers to check every element is written).
+    act_cfg: (elements per tile, warps, stages) instead of the shipped setting (benchmark sweeps;
+    with pow2 it applies to pass 2)."""
+    if pow2:
+        return (*quantize_pow2(x2d, hb, sb, a_bits, channel_absmax(x2d, hb, sb), q, s, act_cfg), None)
     kt = _triton()
     m, k = x2d.shape
     g = layout_group(k, sb)
-    r, c, tg, bm = _act_tiles(hb, sb, g)
-    nw, ns = configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES
+    r, c, tg = _act_tiles(hb, sb, g)
+    bm, nw, ns = _launch(act_cfg, c)
     rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
     if q is None:
         q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     if s is None:
         s = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     qmax = float(2 ** (a_bits - 1) - 1)
-    if pow2:
-        cmax = torch.zeros((k,), dtype=torch.float32, device=x2d.device)
-        kt._absmax_kernel[(triton_cdiv(m, bm),)](
-            x2d, rmat, 1.0 / math.sqrt(hb), cmax, cmax, m, k, 1, x2d.stride(0),
-            SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=True, INTERPRET=interpreting(), POW2=True,
-            num_warps=nw, num_stages=ns)
-        bm2, nw2, ns2 = bm, nw, ns
-        if act_cfg is not None:  # pass 2's (elements per tile, warps, stages): benchmark sweeps
-            bm2, nw2, ns2 = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
-        kt._quantize_pow2_kernel[(triton_cdiv(m, bm2),)](
-            x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0), qmax,
-            C=c, R=r, BM=bm2, OCTAVES=POW2_OCTAVES, INTERPRET=interpreting(), num_warps=nw2, num_stages=ns2)
-        return q, s, None
-    if act_cfg is not None:  # (elements per tile, warps, stages): benchmark sweeps
-        bm, nw, ns = max(16, act_cfg[0] // c), act_cfg[1], act_cfg[2]
     rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
     l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
     kt._absmax_kernel[(triton_cdiv(m, bm),)](
@@ -140,12 +163,12 @@ def rotate_activations(x2d, hb: int):
     kt = _triton()
     m, k = x2d.shape
     g = layout_group(k, GROUP, a_float=True)
-    r, c, _, bm = _act_tiles(hb, GROUP, g)
+    r, c, _ = _act_tiles(hb, GROUP, g)
+    bm, nw, ns = _launch(None, c)
     rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
     xr = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
     kt._rotate_kernel[(triton_cdiv(m, bm),)](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), C=c, R=r, BM=bm,
-                                                  INTERPRET=interpreting(), num_warps=configs.ACT_NUM_WARPS,
-                                                  num_stages=configs.ACT_NUM_STAGES)
+                                                  INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
     return xr
 
 

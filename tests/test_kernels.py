@@ -442,3 +442,11 @@ def test_activation_reuse_inference_mode(monkeypatch):
         assert len(calls) == 3  # not a group member: no reuse without a version counter
     for layer, y in zip((q, k, v), ys):
         assert rel_err(y, reference_forward(layer, x, 4)) < 2e-2
+
+
+def test_gelu_constants():
+    """The epilogue's GELU constants are the tanh form's, folded with log2(e) for exp2."""
+    from kernels import _triton
+    c1 = 2 * math.sqrt(2 / math.pi) * math.log2(math.e)
+    assert _triton.GELU_C1.value == pytest.approx(c1, rel=1e-15)
+    assert _triton.GELU_C2.value == pytest.approx(c1 * 0.044715, rel=1e-15)
