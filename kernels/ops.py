@@ -83,42 +83,46 @@ def _act_tiles(hb: int, sb: int, g: int):
     return r, r, min(r, sb)
 
 
-def _launch(act_cfg, c: int):
-    """(rows per program, warps, stages) of an activation kernel over column tiles of c: the shipped
-    setting, or act_cfg = (elements per tile, warps, stages) from a benchmark sweep."""
+def _act_launch(x2d, hb: int, sb: int, act_cfg=None, g=None):
+    """What every activation kernel launch shares: the rotation matrix, the grid, TG and the launch
+    keywords (C, R, BM, warps, stages). act_cfg = (elements per tile, warps, stages) replaces the
+    shipped setting (benchmark sweeps)."""
+    m, k = x2d.shape
+    g = g or layout_group(k, sb)
+    r, c, tg = _act_tiles(hb, sb, g)
     elems, warps, stages = act_cfg or (configs.ACT_ELEMS_PER_TILE, configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES)
-    return (16 if interpreting() else max(16, elems // c)), warps, stages
+    bm = 16 if interpreting() else max(16, elems // c)
+    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
+    kw = dict(C=c, R=r, BM=bm, INTERPRET=interpreting(), num_warps=warps, num_stages=stages)
+    return rmat, (triton_cdiv(m, bm),), tg, kw
+
+
+def _codes(x2d, q, s):
+    """Output buffers of the quantizers (given ones are used: tests poison them)."""
+    m, k = x2d.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device) if q is None else q
+    s = torch.empty((m,), dtype=torch.float32, device=x2d.device) if s is None else s
+    return q, s
 
 
 def channel_absmax(x2d, hb: int, sb: int, act_cfg=None):
     """Pass 1 of granularity "pow2": max_i |Xr_ij| per channel j (float32 [K], permuted layout)."""
-    kt = _triton()
     m, k = x2d.shape
-    g = layout_group(k, sb)
-    r, c, tg = _act_tiles(hb, sb, g)
-    bm, nw, ns = _launch(act_cfg or (configs.ACT_POW2_PASS1_ELEMS, configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES), c)
-    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
+    rmat, grid, tg, kw = _act_launch(x2d, hb, sb, act_cfg or (configs.ACT_POW2_PASS1_ELEMS, configs.ACT_NUM_WARPS,
+                                                              configs.ACT_NUM_STAGES))
     cmax = torch.zeros((k,), dtype=torch.float32, device=x2d.device)
-    kt._absmax_kernel[(triton_cdiv(m, bm),)](
-        x2d, rmat, 1.0 / math.sqrt(hb), cmax, cmax, m, k, 1, x2d.stride(0),
-        SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=True, INTERPRET=interpreting(), POW2=True,
-        num_warps=nw, num_stages=ns)
+    _triton()._absmax_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), cmax, cmax, m, k, 1, x2d.stride(0),
+                                   SB=sb, TG=tg, AUTO_SCALE=True, POW2=True, **kw)
     return cmax
 
 
 def quantize_pow2(x2d, hb: int, sb: int, a_bits: int, cmax, q=None, s=None, act_cfg=None):
     """Pass 2 of granularity "pow2" (see _quantize_pow2_kernel) -> (q' int8 [M, K], s' f32 [M])."""
-    kt = _triton()
     m, k = x2d.shape
-    g = layout_group(k, sb)
-    r, c, _ = _act_tiles(hb, sb, g)
-    bm, nw, ns = _launch(act_cfg, c)
-    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
-    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device) if q is None else q
-    s = torch.empty((m,), dtype=torch.float32, device=x2d.device) if s is None else s
-    kt._quantize_pow2_kernel[(triton_cdiv(m, bm),)](
-        x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0), float(2 ** (a_bits - 1) - 1),
-        C=c, R=r, BM=bm, OCTAVES=POW2_OCTAVES, INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
+    rmat, grid, _, kw = _act_launch(x2d, hb, sb, act_cfg)
+    q, s = _codes(x2d, q, s)
+    _triton()._quantize_pow2_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0),
+                                          float(2 ** (a_bits - 1) - 1), OCTAVES=POW2_OCTAVES, **kw)
     return q, s
 
 
@@ -136,39 +140,23 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
         return (*quantize_pow2(x2d, hb, sb, a_bits, channel_absmax(x2d, hb, sb), q, s, act_cfg), None)
     kt = _triton()
     m, k = x2d.shape
-    g = layout_group(k, sb)
-    r, c, tg = _act_tiles(hb, sb, g)
-    bm, nw, ns = _launch(act_cfg, c)
-    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
-    if q is None:
-        q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
-    if s is None:
-        s = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    qmax = float(2 ** (a_bits - 1) - 1)
+    rmat, grid, tg, kw = _act_launch(x2d, hb, sb, act_cfg)
+    q, s = _codes(x2d, q, s)
     rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
     l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
-    kt._absmax_kernel[(triton_cdiv(m, bm),)](
-        x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, m, k, k // tg, x2d.stride(0),
-        SB=sb, TG=tg, C=c, R=r, BM=bm, AUTO_SCALE=auto_scale,
-        INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
-    kt._quantize_kernel[(triton_cdiv(m, bm),)](
-        x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, q, s, m, k, k // tg, x2d.stride(0), qmax,
-        SB=sb, TG=tg, C=c, R=r, BM=bm, TB=64, AUTO_SCALE=auto_scale,
-        INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
+    kt._absmax_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, m, k, k // tg, x2d.stride(0),
+                            SB=sb, TG=tg, AUTO_SCALE=auto_scale, **kw)
+    kt._quantize_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, q, s, m, k, k // tg, x2d.stride(0),
+                              float(2 ** (a_bits - 1) - 1), SB=sb, TG=tg, TB=64, AUTO_SCALE=auto_scale, **kw)
     return q, s, l
 
 
 def rotate_activations(x2d, hb: int):
     """16-bit path: Xr in the input dtype, in the layout of layout_group(K, sb, a_float=True)."""
-    kt = _triton()
     m, k = x2d.shape
-    g = layout_group(k, GROUP, a_float=True)
-    r, c, _ = _act_tiles(hb, GROUP, g)
-    bm, nw, ns = _launch(None, c)
-    rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
+    rmat, grid, _, kw = _act_launch(x2d, hb, GROUP, g=layout_group(k, GROUP, a_float=True))
     xr = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
-    kt._rotate_kernel[(triton_cdiv(m, bm),)](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), C=c, R=r, BM=bm,
-                                                  INTERPRET=interpreting(), num_warps=nw, num_stages=ns)
+    _triton()._rotate_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), **kw)
     return xr
 
 
