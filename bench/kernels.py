@@ -66,7 +66,7 @@ def make_layer(n, k, dev, had_block=128, scale_block=128):
         w_zero=torch.randint(0, 16, (n,), dtype=torch.uint8, device=dev),
         bias=torch.randn(n, device=dev, dtype=torch.bfloat16), in_features=k, out_features=n, w_bits=4,
         had_block=had_block, scale_block=scale_block, rotate=True, auto_scale=True, granularity="block",
-        method="dvdq")
+        method="dvdq", act=None)
 
 
 def fp8_operands(x, w):
