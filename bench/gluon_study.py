@@ -15,7 +15,8 @@ promoted. `_w4_gemm_ws_kernel` is warp-specialised instead: a TMA loader warp an
 warps (int8 weight tile into shared memory) feed wgmma warpgroups that do nothing else ("ws";
 "ws-int": without the promotion, one chained int32 sum over K as granularity "pow2" runs).
 CHAIN (no promotion): every warp unpacks into a shared-memory double buffer, then one chained
-int32 wgmma per K step, waited for one step later.
+int32 wgmma per K step, waited for one step later; it became the product's kernels/_gluon.py,
+which the "chain" variants now run.
 Findings (v6 in bench/NOTES-kernels.md): ptxas serialises every wgmma of the PIPE loop anyway
 (advisory C7513-C7515, shown by --compile-only); the serial loop only matches the shipped
 kernel; the warp-specialised one is pipelined but slower (its unpacking warps are the limit);
@@ -49,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from kernels import ops  # noqa: E402
 from kernels._triton import UNPACK_PTX  # noqa: E402
+from bench.compile_targets import compile_chain_gemm  # noqa: E402
 from bench.kernels import make_layer  # noqa: E402
 
 EPS: gl.constexpr = gl.constexpr(1e-8)  # as kernels._triton.EPS: floor of the auto-scale l_b
@@ -110,7 +112,6 @@ def _w4_gemm_wgmma_kernel(
     a_desc, w_desc, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
     SB: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
     AUTO_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, PIPE: gl.constexpr, num_warps: gl.constexpr,
-    CHAIN: gl.constexpr = False,
 ):
     BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -146,28 +147,7 @@ def _w4_gemm_wgmma_kernel(
         _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, i)
 
     acc = gl.zeros((BN, BM), gl.float32, mma)
-    if CHAIN:
-        # No promotion (AUTO_SCALE off): one chained int32 sum over K. The weight tile goes through
-        # a double buffer in shared memory (an int8 register operand cannot be kept alive across
-        # the wait), and each wgmma is waited for one step later.
-        gl.static_assert(not AUTO_SCALE, "CHAIN is the no-promotion loop")
-        u_smem = gl.allocate_shared_memory(gl.int8, [2, BN, BK], a_desc.layout)
-        acc_i = gl.zeros((BN, BM), gl.int32, mma)
-        for k in range(NK):
-            slot = k % STAGES
-            mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
-            lo, hi = _unpack(w_smem.index(slot).load(a_reg), z)
-            u = u_smem.index(k % 2)
-            u.store(gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (BN, BK)))
-            fence_async_shared()
-            gl.thread_barrier()
-            acc_i = warpgroup_mma(u, a_smem.index(slot).permute((1, 0)), acc_i, use_acc=k > 0, is_async=True)
-            acc_i = warpgroup_mma_wait(num_outstanding=1, deps=(acc_i,))
-            if k >= 1 and k - 1 + STAGES < NK:  # step k-1's wgmma is done: refill its slot
-                _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k - 1 + STAGES)
-        acc_i = warpgroup_mma_wait(num_outstanding=0, deps=(acc_i,))
-        acc = acc_i.to(gl.float32)
-    elif PIPE:
+    if PIPE:
         # Two partial sums alternate (even / odd K steps): step k's wgmma runs while step k-1's
         # partial is promoted. Step 0 runs alone so that no register of a wgmma in flight is
         # initialised. (ptxas still serialises this loop, C7514: see bench/NOTES-kernels.md.)
@@ -363,8 +343,9 @@ VARIANTS = [
     (128, 128, 8, 3, "chain"), (128, 128, 8, 2, "chain"), (64, 128, 8, 3, "chain"), (64, 128, 4, 4, "chain"),
     (128, 128, 8, 3, "chain-g16"), (128, 128, 8, 3, "chain-g4"),
 ]
-# "chain": the non-specialised kernel without promotion, unpacking into a shared-memory double
-# buffer, chained int32 wgmmas each waited for one step later.
+# "chain": the loop without promotion, unpacking into a shared-memory double buffer, chained int32
+# wgmmas each waited for one step later. It became the product's sm_90 GEMM: these variants run
+# kernels/_gluon.py's kernel with the given tile (ops.w4_gemm_chain), no copy of it here.
 # "ws-int": the warp-specialised kernel without ARQ's per-block promotion (AUTO_SCALE off: one int32
 # sum over all of K, as granularity "pow2" runs); timed on the same operands, checked against the
 # shipped GEMM with auto_scale off.
@@ -378,6 +359,10 @@ def w4_gemm_gluon(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, a
                   num_warps=8, stages=4, mode="serial", group_m=8):
     """Host side of the study kernels (int8 codes only): the same arguments and result as ops.w4_gemm."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    if mode.startswith("chain"):  # the shipped kernel; "chain-gN": another L2 swizzle group
+        cfg = dict(BM=BM, BN=BN, num_warps=num_warps, stages=stages,
+                   group_m=int(mode[7:]) if mode.startswith("chain-g") else group_m)
+        return ops.w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, chain_cfg=cfg)
     m, k = a.shape
     n = qweight.shape[0]
     bk = ops.layout_group(k, sb)
@@ -387,9 +372,7 @@ def w4_gemm_gluon(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, a
     nk = k // bk
     y = torch.empty((m, n), dtype=out_dtype, device=a.device)
     grid = (ops.triton_cdiv(m, BM) * ops.triton_cdiv(n, BN),)
-    extra = {} if mode.startswith("ws") else {"PIPE": mode == "pipe" and nk >= 2, "CHAIN": mode.startswith("chain")}
-    if mode.startswith("chain-g"):  # another L2 swizzle group
-        group_m = int(mode[7:])
+    extra = {} if mode.startswith("ws") else {"PIPE": mode == "pipe" and nk >= 2}
     stages = stages if mode.startswith("ws") else max(1, min(stages, nk))
     _kernel(mode)[grid](
         a_desc, w_desc, w_zero, w_scale, l if l is not None else w_scale, s, bias if bias is not None else w_scale, y,
@@ -406,6 +389,11 @@ def compile_only():
     nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     print(f"{'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'loop':>6s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  ptxas")
     for bm, bn, warps, stages, mode in VARIANTS:
+        if mode.startswith("chain"):  # the shipped kernel: bench/compile_targets.py compiles it
+            r, adv, waits = compile_chain_gemm(dict(BM=bm, BN=bn, num_warps=warps, stages=stages, group_m=8))
+            print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} {r['regs']:4d} {r['spills']:6d} "
+                  f"{r['smem'] / 1024:7.1f}  {', '.join(adv) or 'no advisory'}; waits {','.join(waits)}")
+            continue
         fn = _kernel(mode)
         names = list(fn.arg_names)
         bk = 128
@@ -414,11 +402,10 @@ def compile_only():
         types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "w_desc": f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>",
                  "z_ptr": "*u8", "d_ptr": "*fp32", "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16",
                  "y_ptr": "*bf16", "M": "i32", "N": "i32"}
-        consts = dict(K=5120, SB=128, GROUP_M=8, STAGES=stages, AUTO_SCALE=not (mode == "ws-int" or mode.startswith("chain")),
-                      HAS_BIAS=True, num_warps=warps)
+        consts = dict(K=5120, SB=128, GROUP_M=8, STAGES=stages, AUTO_SCALE=mode != "ws-int", HAS_BIAS=True,
+                      num_warps=warps)
         if not mode.startswith("ws"):
             consts["PIPE"] = mode == "pipe"
-            consts["CHAIN"] = mode.startswith("chain")
         sig = {n: types.get(n, "constexpr") for n in names}
         src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
                              attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
