@@ -190,22 +190,38 @@ def _pow2_exponents(cmax_ptr, c0, e_lo, C: tl.constexpr):
 def _quantize_pow2_kernel(
     x_ptr, r_ptr, rscale, cmax_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, qmax,
     C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, OCTAVES: tl.constexpr, INTERPRET: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,
 ):
     """Pass 2 of granularity "pow2" (dvdq_core.activations): per-channel scales l_j = 2**e_j,
     e_j = max(ceil(log2 cmax_j), E - OCTAVES), folded into the codes:
         q'_ij = q_ij * 2**(e_j - e_lo) (int8: |q| <= 8, e_j - e_lo <= OCTAVES = 4),  s'_i = s_i * 2**e_lo
     with q, s exactly the reference's (x / 2**e is exact, and 1 / (2**e * s) = 2**-e * (1 / s)), so
     the GEMM sums q' * w in int32 over all of K. Reads X twice: the row scale s_i needs the max of
-    |Xr_ij| / l_j over the whole row before any code can be made."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    m_mask = offs_m < M
-    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
+    |Xr_ij| / l_j over the whole row before any code can be made.
+    PERSISTENT: the grid's programs stride over the blocks of BM rows (GPU only: the interpreter
+    cannot loop to a run-time bound); with few rows per block and one program per SM the second
+    read of a block finds it in L2."""
     gmax = tl.max(tl.load(cmax_ptr + tl.arange(0, C)))
     for c0 in range(C, K, C):
         gmax = tl.maximum(gmax, tl.max(tl.load(cmax_ptr + c0 + tl.arange(0, C))))
     e_lo = _ceil_log2(tl.maximum(gmax, EPS)) - OCTAVES
     rmat = _load_rotation(r_ptr, R, INTERPRET)
+    if PERSISTENT:
+        for rb in range(tl.program_id(0), tl.cdiv(M, BM), tl.num_programs(0)):
+            _quantize_pow2_rows(x_ptr, rmat, rscale, cmax_ptr, q_ptr, s_ptr, rb, e_lo, M, K, stride_xm, qmax,
+                                C, R, BM, INTERPRET)
+    else:
+        _quantize_pow2_rows(x_ptr, rmat, rscale, cmax_ptr, q_ptr, s_ptr, tl.program_id(0), e_lo, M, K, stride_xm,
+                            qmax, C, R, BM, INTERPRET)
+
+
+@triton.jit
+def _quantize_pow2_rows(x_ptr, rmat, rscale, cmax_ptr, q_ptr, s_ptr, rb, e_lo, M, K: tl.constexpr, stride_xm, qmax,
+                        C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, INTERPRET: tl.constexpr):
+    """_quantize_pow2_kernel's work on the block rb of BM rows."""
+    offs_m = rb * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
     amax = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)

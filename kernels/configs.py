@@ -86,6 +86,11 @@ ACT_NUM_STAGES = 3
 # Pass 1 of "pow2" (per-channel maxima only, no stores but K atomics) is 2-6% faster with half the
 # rows per program at every width (same sweep, fifth kernel session); 5 stages were slower everywhere.
 ACT_POW2_PASS1_ELEMS = 4096
+# Pass 2 of "pow2" as a persistent grid, this many programs per SM striding over the row blocks (the
+# same tile; the rotation matrix loaded once per program): 6-7% faster at K = 1536..13824 than one
+# program per block (bench/act_persistent_probe.py on an H100, bit-identical codes). Fewer rows per
+# block so that a block's second read stays in L2 was 1.5-3x slower (too little in flight).
+ACT_POW2_PASS2_PER_SM = 2
 
 
 def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, interpret: bool) -> GemmConfig:

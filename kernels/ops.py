@@ -116,10 +116,26 @@ def channel_absmax(x2d, hb: int, sb: int, act_cfg=None):
     return cmax
 
 
+_sm_count = {}
+
+
+def _programs(device, per_sm: int) -> int:
+    """per_sm programs for every SM of the device (cached: the property query costs host time)."""
+    if device.index not in _sm_count:
+        _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm * _sm_count[device.index]
+
+
 def quantize_pow2(x2d, hb: int, sb: int, a_bits: int, cmax, q=None, s=None, act_cfg=None):
-    """Pass 2 of granularity "pow2" (see _quantize_pow2_kernel) -> (q' int8 [M, K], s' f32 [M])."""
+    """Pass 2 of granularity "pow2" (see _quantize_pow2_kernel) -> (q' int8 [M, K], s' f32 [M]).
+    On the GPU a persistent grid of configs.ACT_POW2_PASS2_PER_SM programs per SM strides over the
+    row blocks (act_cfg's optional 4th entry overrides it; 0 = one program per block)."""
     m, k = x2d.shape
-    rmat, grid, _, kw = _act_launch(x2d, hb, sb, act_cfg)
+    rmat, grid, _, kw = _act_launch(x2d, hb, sb, act_cfg[:3] if act_cfg else None)
+    per_sm = act_cfg[3] if act_cfg and len(act_cfg) > 3 else configs.ACT_POW2_PASS2_PER_SM
+    if per_sm and not interpreting():
+        grid = (min(grid[0], _programs(x2d.device, per_sm)),)
+        kw["PERSISTENT"] = True
     q, s = _codes(x2d, q, s)
     _triton()._quantize_pow2_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0),
                                           float(2 ** (a_bits - 1) - 1), OCTAVES=POW2_OCTAVES, **kw)

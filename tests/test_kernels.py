@@ -314,6 +314,23 @@ def test_chain_gemm_equals_triton_gemm(m, n, k, dtype, bias, gelu):
     assert torch.equal(y_chain, y_triton)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the persistent grid is GPU-only (the interpreter cannot loop to a run-time "
+                                        "bound); on the CPU the pow2 tests check the per-block body it strides over")
+@pytest.mark.parametrize("m,k", [(4097, 5120), (65520, 1536), (333, 13824), (17, 256)])
+def test_pow2_pass2_persistent_grid_equals_one_program_per_block(m, k):
+    """The shipped persistent pass 2 (programs striding over row blocks) writes the same codes and
+    scales as one program per block, bit for bit, including a ragged last block and fewer blocks
+    than programs."""
+    x = activations(m, k, torch.bfloat16)
+    cmax = ops.channel_absmax(x, 128, 128)
+    q0 = torch.full((m, k), 99, dtype=torch.int8, device=DEV)
+    s0 = torch.full((m,), float("nan"), device=DEV)
+    q1, s1 = ops.quantize_pow2(x, 128, 128, 4, cmax, q=q0, s=s0)
+    q2, s2 = ops.quantize_pow2(x, 128, 128, 4, cmax, act_cfg=(configs.ACT_ELEMS_PER_TILE, configs.ACT_NUM_WARPS,
+                                                               configs.ACT_NUM_STAGES, 0))
+    assert torch.equal(q1, q2) and torch.equal(s1, s2)
+
+
 def test_gluon_gemm_failure_falls_back_loudly_once(monkeypatch):
     """Gluon is an experimental API: if a newer triton breaks the Gluon GEMM, the Triton GEMM takes
     over with a warning that says so (same numbers), and the Gluon one is not tried again; running
