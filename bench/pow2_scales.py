@@ -26,11 +26,15 @@ against "fixed W4A8, no auto-scale at 8 bits", and "delta-GBS 4/8, granularity p
 same arithmetic as l = 1); other steps are untouched. Paired comparisons: each no-auto-scale row
 minus its auto-scaled row.
 
+The "a8pow2" rows ask whether the 8-bit steps could take power-of-two BLOCK scales (each l_b
+rounded up to a power of two), which a GEMM could apply once per scale exponent instead of once
+per K block (bench/NOTES-kernels.md, next steps 0b): each against its block-scaled row.
+
 usage: python bench/pow2_scales.py [--models trained,outliers,random] [--prompts 24] [--rows shipped,int8]
        [--device cpu]
        --rows gbs: only the two delta-GBS rows (block, pow2); --rows a8: the four 8-bit auto-scale
-       rows above; --rows "shipped,granularity": block vs pow2, fixed W4A4 and delta-GBS (and the
-       fixed W4A8 pow2 row). A token naming a set in ROW_SETS (gbs, a8) selects that set's rows;
+       rows above; --rows a8pow2: the power-of-two block scales at 8 bits and their block rows; --rows "shipped,granularity": block vs pow2, fixed W4A4 and delta-GBS (and the
+       fixed W4A8 pow2 row). A token naming a set in ROW_SETS (gbs, a8, a8pow2) selects that set's rows;
        any other token matches substrings of the row names, case-insensitively
 """
 import argparse
@@ -101,6 +105,8 @@ ROW_SETS = {
     "gbs": ("delta-GBS 4/8, granularity block", "delta-GBS 4/8, granularity pow2"),
     "a8": ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, no auto-scale at 8 bits",
            "delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits"),
+    "a8pow2": ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, power-of-two block scales at 8 bits",
+               "delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, power-of-two block scales at 8 bits"),
 }
 # paired comparisons printed after each table: (row a, row b, name of b, name of a), b minus a
 PAIRS = (("block auto-scale (shipped)", "granularity pow2 (the 4-octave row through QuantConfig)", "pow2", "block"),
@@ -108,7 +114,11 @@ PAIRS = (("block auto-scale (shipped)", "granularity pow2 (the 4-octave row thro
          ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, no auto-scale at 8 bits",
           "no-scale", "scaled"),
          ("delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits",
-          "no-scale", "scaled"))
+          "no-scale", "scaled"),
+         ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, power-of-two block scales at 8 bits",
+          "pow2-block", "block"),
+         ("delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, power-of-two block scales at 8 bits",
+          "pow2-block", "block"))
 
 
 def selected(name, rows):
@@ -179,7 +189,12 @@ def run(label, base, args, trained):
             ("fixed W4A8, granularity pow2 (= block at 8 bits)",
              dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None),
             ("fixed W4A8, no auto-scale at 8 bits",
-             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), no_auto_scale_at(8))):
+             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), no_auto_scale_at(8)),
+            # pow2_up leaves the 4-bit steps' scales (already powers of two) as they are
+            ("fixed W4A8, power-of-two block scales at 8 bits",
+             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), pow2_up(real)),
+            ("delta-GBS 4/8, pow2 at 4 bits, power-of-two block scales at 8 bits",
+             dvdq_core.QuantConfig(granularity="pow2", backend="reference"), pow2_up(real))):
         if not selected(name, args.rows):
             continue
         model = q.quantized_copy(base, cfg)
@@ -205,7 +220,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=3.0)
-    p.add_argument("--rows", default="", help="comma-separated substrings, or set names of ROW_SETS (gbs, a8): run only the rows selected")
+    p.add_argument("--rows", default="", help="comma-separated substrings, or set names of ROW_SETS (gbs, a8, a8pow2): run only the rows "
+                                           "selected")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     # the patch points are the ones the reference uses
