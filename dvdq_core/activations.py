@@ -7,7 +7,8 @@ ACT_BITS = (4, 5, 6, 7, 8, 16)  # 16 means "not quantized"
 # below the layer's largest. A code q in [-8, 7] times 2**(e_j - e_min) then fits int8
 # (-128..112), so the GPU kernels fold the scales into the codes and the GEMM needs one int32 sum
 # over all of K instead of a float promotion per K-block. Other bit-widths have no such room (an
-# 8-bit code fills int8): there "pow2" means "block".
+# 8-bit code fills int8): there "pow2" means "block", and "pow2-fast" means no auto-scale at all (the
+# GEMM then also runs without promotion: faster, at a small measured quality cost, bench/RESULTS.md).
 POW2_BITS = 4
 POW2_OCTAVES = 4
 
@@ -18,9 +19,12 @@ def check_act_bits(bits: int) -> int:
     return bits
 
 
-def scale_granularity(granularity: str, bits: int) -> str:
-    """The granularity a step at `bits` activation bits actually uses ("pow2" only at POW2_BITS)."""
-    return "block" if granularity == "pow2" and bits != POW2_BITS else granularity
+def scale_granularity(granularity: str, bits: int) -> str | None:
+    """The granularity a step at `bits` activation bits actually uses: "pow2" and "pow2-fast" are
+    "pow2" at POW2_BITS; at other bit-widths "pow2" is "block" and "pow2-fast" is None (no auto-scale)."""
+    if granularity in ("pow2", "pow2-fast"):
+        return "pow2" if bits == POW2_BITS else ("block" if granularity == "pow2" else None)
+    return granularity
 
 
 def ceil_log2(v: torch.Tensor) -> torch.Tensor:

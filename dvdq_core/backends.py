@@ -39,8 +39,9 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
             x = rotate(x, layer.had_block)
         w = layer.dequantized_weight()
         scale = None
-        if layer.auto_scale and a_bits != 16:
-            scale = auto_scale(x, scale_granularity(layer.granularity, a_bits), layer.scale_block)
+        granularity = scale_granularity(layer.granularity, a_bits)  # None: no auto-scale at this bit-width
+        if layer.auto_scale and a_bits != 16 and granularity is not None:
+            scale = auto_scale(x, granularity, layer.scale_block)
     if a_bits != 16:
         q, s_tok = quantize_per_token(x, a_bits, scale)
         x = q.float() * s_tok.unsqueeze(1)

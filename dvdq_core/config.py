@@ -8,7 +8,7 @@ from .activations import check_act_bits
 from .weights import check_w_bits
 
 METHODS = ("dvdq", "minmax", "smoothquant", "quarot")
-GRANULARITIES = ("block", "pow2", "channel")
+GRANULARITIES = ("block", "pow2", "pow2-fast", "channel")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 BACKENDS = ("auto", "reference", "triton")
 
@@ -69,7 +69,7 @@ class QuantConfig:
     rotate: bool = True  # ARQ options (method "dvdq"; quarot always rotates, the others never)
     had_block: int = 128
     auto_scale: bool = True
-    granularity: str = "pow2"  # at 4-bit steps; 6/8-bit steps use "block" (activations.scale_granularity)
+    granularity: str = "pow2"  # at 4-bit steps; 6/8-bit steps use "block" ("pow2-fast": none; scale_granularity)
     scale_block: int = 128
     include: tuple = ("*blocks.*",)  # globs of Linear layers to quantize
     overrides: dict = field(default_factory=dict)  # glob -> LayerRule (or its text)

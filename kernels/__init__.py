@@ -46,9 +46,11 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     """Output of a QuantLinear for a 2-D input (call `unsupported_reason` first; this does not)."""
     k = x2d.shape[1]
     hb, sb = ops.effective_blocks(layer, k)
-    auto_scale = bool(layer.auto_scale)
+    # as dvdq_core.activations.scale_granularity: "pow2" / "pow2-fast" fold per-channel power-of-two
+    # scales into the codes at 4 bits (ops); at other bit-widths "pow2-fast" has no auto-scale
+    pow2 = layer.granularity in ("pow2", "pow2-fast")
+    auto_scale = bool(layer.auto_scale) and not (layer.granularity == "pow2-fast" and a_bits != ops.POW2_BITS)
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
-    pow2 = layer.granularity == "pow2"  # per-channel power-of-two scales folded into the codes (ops)
     gelu = layer.act == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
                          share, pow2, gelu)
@@ -71,7 +73,7 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
     if a_bits not in (4, 5, 6, 7, 8, 16):
         return f"activation bits {a_bits} are not supported (4..8 or 16)"
     if layer.auto_scale and layer.granularity == "channel":
-        return "granularity 'channel' is reference-only (use 'pow2' or 'block' for the GPU kernels)"
+        return "granularity 'channel' is reference-only (use 'pow2', 'pow2-fast' or 'block' for the GPU kernels)"
     if getattr(layer, "act", None) not in (None, "gelu_tanh"):
         return f"fused activation {layer.act!r} is not implemented by the kernels"
     if x2d.dim() != 2:

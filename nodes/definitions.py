@@ -134,9 +134,11 @@ class DVDQuantARQSettings:
                 "granularity": (GRANULARITIES, {"default": "pow2",
                                                 "tooltip": "pow2 (default): at 4 bits one power-of-two scale per "
                                                            "channel, folded into the codes (faster GPU matmul); 6/8-bit "
-                                                           "steps use blocks. block: one scale per block of channels "
-                                                           "at every bit-width. channel: one per channel (the paper's "
-                                                           "form; slow reference backend only)."}),
+                                                           "steps use blocks. pow2-fast: as pow2 at 4 bits, no "
+                                                           "auto-scale at 6/8-bit steps (8-bit steps about 8% faster on "
+                                                           "an H100, slightly lower quality). block: one scale per "
+                                                           "block of channels at every bit-width. channel: one per "
+                                                           "channel (the paper's form; slow reference backend only)."}),
                 "scale_block": (BLOCKS, {"default": "128", "tooltip": "Channels per auto-scale block."}),
                 "layer_overrides": ("STRING", {"default": "", "multiline": True,
                                                "tooltip": "One 'layer-glob=precision' per line: e.g. blocks.0.*=8 "

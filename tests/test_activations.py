@@ -79,3 +79,8 @@ def test_pow2_means_block_above_four_bits():
     assert scale_granularity("pow2", POW2_BITS) == "pow2"
     assert all(scale_granularity("pow2", b) == "block" for b in (5, 6, 7, 8))
     assert scale_granularity("block", 4) == "block" and scale_granularity("channel", 8) == "channel"
+
+
+def test_pow2_fast_has_no_auto_scale_above_four_bits():
+    assert scale_granularity("pow2-fast", POW2_BITS) == "pow2"
+    assert all(scale_granularity("pow2-fast", b) is None for b in (5, 6, 7, 8))

@@ -244,6 +244,19 @@ def test_fused_gelu_epilogue(m, n, k, bits, granularity):
         assert ((y.float() - gz).abs() <= ulps * gz.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pow2_fast_granularity_selects_the_paths(bits):
+    """linear_forward with granularity "pow2-fast" runs the pow2 path at 4 bits and the path without
+    auto-scale at 8 bits (the same kernels, bit for bit), and matches the reference."""
+    m, n, k = (2048, 1000, 1536) if ON_GPU else (21, 40, 256)
+    layer = make_layer(n, k, granularity="pow2-fast")
+    x = activations(m, k, torch.bfloat16)
+    y = kernels.linear_forward(layer, x, bits)
+    same = _with(layer, granularity="pow2") if bits == 4 else _with(layer, auto_scale=False)
+    assert torch.equal(y, kernels.linear_forward(same, x, bits))
+    assert rel_err(y, reference_forward(layer, x, bits)) < 4e-3
+
+
 def test_public_forward_and_backend():
     """linear_forward (the custom op) and the core's QuantLinear with backend 'triton' on CUDA."""
     layer = make_layer(40, 128, bias=False)

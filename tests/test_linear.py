@@ -185,3 +185,21 @@ def test_reference_warning_names_the_reason():
     be._WARNED.clear()
     with pytest.warns(RuntimeWarning, match="reference backend because the input is on cpu"):
         m(torch.randn(1, 3, 16))
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_pow2_fast_granularity(bits):
+    """"pow2-fast": the pow2 model's math at 4-bit steps, the no-auto-scale model's at 6/8-bit steps
+    (same BGR weights in all three: they do not depend on the auto-scale)."""
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for name, kw in (("fast", dict(granularity="pow2-fast")), ("pow2", dict(granularity="pow2")),
+                     ("none", dict(granularity="pow2", auto_scale=False))):
+        torch.manual_seed(0)
+        m = TinyModel()
+        dq.quantize_model(m, dq.QuantConfig(backend="reference", **kw))
+        dq.set_activation_bits(m, bits)
+        with torch.no_grad():
+            out[name] = m(x)
+    assert torch.equal(out["fast"], out["pow2" if bits == 4 else "none"])
+    assert not torch.equal(out["pow2"], out["none"])  # the auto-scale does change these outputs

@@ -80,7 +80,7 @@ def test_widget_defaults_and_ranges():
     assert ld["save_quantized_copy"] == ("BOOLEAN", ld["save_quantized_copy"][1]) and not ld["save_quantized_copy"][1]["default"]
     arq = m["DVDQuantARQSettings"].INPUT_TYPES()["required"]
     assert arq["had_block"][0] == ["64", "128", "256"] and arq["had_block"][1]["default"] == "128"
-    assert arq["granularity"][0] == ["block", "pow2", "channel"] and arq["layer_overrides"][1]["multiline"]
+    assert arq["granularity"][0] == ["block", "pow2", "pow2-fast", "channel"] and arq["layer_overrides"][1]["multiline"]
     # the ARQ node's widget defaults, its function's defaults and the loader's (no ARQ node) are the core's
     core = QuantConfig()
     widgets = {k: v[1]["default"] for k, v in arq.items()}

@@ -77,7 +77,7 @@ OUR_NODES = {
             _inp("rotate", "BOOLEAN", default=True),
             _inp("had_block", "COMBO", options=_BLOCKS, default="128"),
             _inp("auto_scale", "BOOLEAN", default=True),
-            _inp("granularity", "COMBO", options=["block", "pow2", "channel"], default="pow2"),
+            _inp("granularity", "COMBO", options=["block", "pow2", "pow2-fast", "channel"], default="pow2"),
             _inp("scale_block", "COMBO", options=_BLOCKS, default="128"),
             _inp("layer_overrides", "STRING", default=""),
         ],

@@ -320,3 +320,18 @@ def test_feed_forward_gelu_is_fused_in_comfyui_models(host_dir):
     fused = json.loads(res.stdout.strip().splitlines()[-1])
     assert fused["wan21_t2v"] == ["blocks.0.ffn.0", "blocks.1.ffn.0"]
     assert fused["hunyuan_video"] == ["double_blocks.0.img_mlp.0", "double_blocks.0.txt_mlp.0"]
+
+
+def test_pow2_fast_granularity_through_the_nodes(server):
+    """ARQ Settings' granularity "pow2-fast" reaches the layers: 4-bit steps equal the default
+    ("pow2") run, 8-bit steps drop the auto-scale and so differ from it."""
+    def run(prefix, granularity, schedule):
+        g = quant_graph(prefix, mode="manual", schedule=schedule)
+        g["arq"] = node("DVDQuantARQSettings", rotate=True, had_block="128", auto_scale=True, granularity=granularity,
+                        scale_block="128", layer_overrides="")
+        g["load"]["inputs"]["arq_settings"] = ["arq", 0]
+        return latent(server, run_ok(server, g)[0])
+
+    assert torch.equal(run("fast4", "pow2-fast", "4,4,4,4"), run("pow2_4", "pow2", "4,4,4,4"))
+    fast8, pow2_8 = run("fast8", "pow2-fast", "8,8,8,8"), run("pow2_8", "pow2", "8,8,8,8")
+    assert not torch.equal(fast8, pow2_8) and rel(fast8, pow2_8) < 0.05
