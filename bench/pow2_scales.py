@@ -33,9 +33,11 @@ per K block (bench/NOTES-kernels.md, next steps 0b): each against its block-scal
 usage: python bench/pow2_scales.py [--models trained,outliers,random] [--prompts 24] [--rows shipped,int8]
        [--device cpu]
        --rows gbs: only the two delta-GBS rows (block, pow2); --rows a8: the four 8-bit auto-scale
-       rows above; --rows a8pow2: the power-of-two block scales at 8 bits and their block rows; --rows "shipped,granularity": block vs pow2, fixed W4A4 and delta-GBS (and the
-       fixed W4A8 pow2 row). A token naming a set in ROW_SETS (gbs, a8, a8pow2) selects that set's rows;
-       any other token matches substrings of the row names, case-insensitively
+       rows above; --rows a8pow2: the power-of-two block scales at 8 bits and their block rows;
+       --rows fast: the opt-in granularity pow2-fast against the patched no-auto-scale rows it
+       ships (equal numbers expected); --rows "shipped,granularity": block vs pow2 (and pow2-fast),
+       fixed W4A4 and delta-GBS. A token naming a set in ROW_SETS (gbs, a8, a8pow2, fast) selects
+       that set's rows; any other token matches substrings of the row names, case-insensitively
 """
 import argparse
 import os
@@ -105,6 +107,8 @@ ROW_SETS = {
     "gbs": ("delta-GBS 4/8, granularity block", "delta-GBS 4/8, granularity pow2"),
     "a8": ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, no auto-scale at 8 bits",
            "delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits"),
+    "fast": ("delta-GBS 4/8, pow2 at 4 bits, no auto-scale at 8 bits", "delta-GBS 4/8, granularity pow2-fast",
+             "fixed W4A8, no auto-scale at 8 bits", "fixed W4A8, granularity pow2-fast"),
     "a8pow2": ("fixed W4A8, granularity pow2 (= block at 8 bits)", "fixed W4A8, power-of-two block scales at 8 bits",
                "delta-GBS 4/8, granularity pow2", "delta-GBS 4/8, pow2 at 4 bits, power-of-two block scales at 8 bits"),
 }
@@ -190,6 +194,11 @@ def run(label, base, args, trained):
              dvdq_core.QuantConfig(granularity="pow2", backend="reference"), None),
             ("fixed W4A8, no auto-scale at 8 bits",
              dvdq_core.QuantConfig(granularity="pow2", backend="reference"), no_auto_scale_at(8)),
+            # the shipped opt-in form of the two no-auto-scale rows above (must give their numbers)
+            ("delta-GBS 4/8, granularity pow2-fast",
+             dvdq_core.QuantConfig(granularity="pow2-fast", backend="reference"), None),
+            ("fixed W4A8, granularity pow2-fast",
+             dvdq_core.QuantConfig(granularity="pow2-fast", backend="reference"), None),
             # pow2_up leaves the 4-bit steps' scales (already powers of two) as they are
             ("fixed W4A8, power-of-two block scales at 8 bits",
              dvdq_core.QuantConfig(granularity="pow2", backend="reference"), pow2_up(real)),
@@ -220,7 +229,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=3.0)
-    p.add_argument("--rows", default="", help="comma-separated substrings, or set names of ROW_SETS (gbs, a8, a8pow2): run only the rows "
+    p.add_argument("--rows", default="", help="comma-separated substrings, or set names of ROW_SETS (gbs, a8, a8pow2, fast): run only the rows "
                                            "selected")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
