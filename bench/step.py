@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--arch", nargs="+", default=["14b", "1.3b"])
     ap.add_argument("--variants", nargs="+", default=["bf16", "w4a8", "w4a4", "w4a4p"],
                     help="w4a4p: W4A4 with granularity pow2; w4a8n: W4A8 without auto-scale (rotation only); "
+                         "w4a8f / w4a4f: granularity pow2-fast (the opt-in: w4a8f should time as w4a8n); "
                          "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
@@ -162,12 +163,12 @@ def main():
                                                      scale_block=effective_block(128, m.in_features))
                 torch.cuda.empty_cache()
                 print(f"[{arch}] quantized {len(report.layers)} layers in {time.perf_counter() - t0:.1f} s", flush=True)
-            if variant != "bf16":  # w4a8, w4a4, w4a4p (granularity "pow2"), w4a8n (no auto-scale); -unfused
+            if variant != "bf16":  # w4a8, w4a4, w4a4p ("pow2"), w4a8f ("pow2-fast"), w4a8n (no auto-scale); -unfused
                 kind, _, suffix = variant.partition("-")
                 for m in model.modules():
                     if type(m).__name__ == "QuantLinear":
-                        m.spec = dataclasses.replace(m.spec, granularity="pow2" if kind.endswith("p") else "block",
-                                                     auto_scale=not kind.endswith("n"))
+                        gran = {"p": "pow2", "f": "pow2-fast"}.get(kind[-1], "block")
+                        m.spec = dataclasses.replace(m.spec, granularity=gran, auto_scale=not kind.endswith("n"))
                 set_activation_bits(model, int(kind[3]))
                 if suffix == "unfused":
                     unfuse_gelu(model)
