@@ -100,11 +100,8 @@ def study(m, k, dev):
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     x[:, :: max(1, k // 7)] *= 20
     hb, sb = 128, 128
-    g = ops.layout_group(k, sb)
-    r, c, tg = ops._act_tiles(hb, sb, g)
-    kw = ops._act_launch(x, hb, sb)[3]  # the shipped launch setting
-    bm, nw, ns = kw["BM"], kw["num_warps"], kw["num_stages"]
-    rmat = ops.rotation_matrix(hb, g, x.dtype, x.device)
+    rmat, _, tg, kw = ops._act_launch(x, hb, sb)  # the shipped launch setting
+    r, c, bm, nw, ns = kw["R"], kw["C"], kw["BM"], kw["num_warps"], kw["num_stages"]
     rs = 1.0 / math.sqrt(hb)
     grid = (triton.cdiv(m, bm),)
     q = torch.empty((m, k), dtype=torch.int8, device=dev)

@@ -15,9 +15,6 @@ from torch import nn
 
 from .linear import QuantLinear
 
-FUSED_ACTS = ("gelu_tanh",)  # QuantLinear.act values the backends implement
-
-
 class FusedGELU(nn.Identity):
     """Stands where the GELU was: a marker that the preceding QuantLinear applies it."""
 
@@ -29,30 +26,33 @@ class FusedGELU(nn.Identity):
         return f"approximate={self.approximate!r}, applied by the preceding QuantLinear"
 
 
+def _adjacent(model: nn.Module):
+    """(Sequential, first child, name of the second, second child) for every adjacent pair of children."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        children = list(seq._modules.items())
+        for (_, first), (name, second) in zip(children, children[1:]):
+            yield seq, first, name, second
+
+
 def fuse_gelu(model: nn.Module) -> int:
     """Fuse every Sequential's [QuantLinear, GELU(approximate='tanh')] pair; returns how many."""
     if os.environ.get("DVDQ_FUSE_GELU", "1") == "0":
         return 0
     fused = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        children = list(seq._modules.items())
-        for (_, lin), (name, act) in zip(children, children[1:]):
-            if (isinstance(lin, QuantLinear) and lin.act is None and type(act) is nn.GELU
-                    and act.approximate == "tanh"):
-                lin.act = "gelu_tanh"
-                seq._modules[name] = FusedGELU(act.approximate)
-                fused += 1
+    for seq, lin, name, act in _adjacent(model):
+        if isinstance(lin, QuantLinear) and lin.act is None and type(act) is nn.GELU and act.approximate == "tanh":
+            lin.act = "gelu_tanh"
+            seq._modules[name] = FusedGELU(act.approximate)
+            fused += 1
     return fused
 
 
 def unfuse_gelu(model: nn.Module) -> int:
     """Undo fuse_gelu (benchmarks measure what it saves); returns how many GELUs were restored."""
     restored = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        children = list(seq._modules.items())
-        for (_, lin), (name, act) in zip(children, children[1:]):
-            if isinstance(act, FusedGELU) and isinstance(lin, QuantLinear) and lin.act == "gelu_tanh":
-                lin.act = None
-                seq._modules[name] = nn.GELU(approximate=act.approximate)
-                restored += 1
+    for seq, lin, name, act in _adjacent(model):
+        if isinstance(act, FusedGELU) and isinstance(lin, QuantLinear) and lin.act == "gelu_tanh":
+            lin.act = None
+            seq._modules[name] = nn.GELU(approximate=act.approximate)
+            restored += 1
     return restored

@@ -51,7 +51,7 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     pow2 = layer.granularity in ("pow2", "pow2-fast")
     auto_scale = bool(layer.auto_scale) and not (layer.granularity == "pow2-fast" and a_bits != ops.POW2_BITS)
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
-    gelu = layer.act == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
+    gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
                          share, pow2, gelu)
 

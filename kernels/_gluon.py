@@ -24,7 +24,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from ._triton import GELU_C1, GELU_C2, UNPACK_PTX
+from ._triton import UNPACK_PTX, gelu_tanh
 
 
 @gluon.jit
@@ -106,10 +106,8 @@ def _w4_gemm_chain_kernel(
     ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
                                         warps_per_cta=[1, num_warps], order=[0, 1])  # rows contiguous in Y
     out = out.to(y_ptr.dtype.element_ty)
-    if GELU:  # the fused feed-forward GELU, on the rounded output, as _triton.gelu_tanh
-        v = out.to(gl.float32)
-        r = 1.0 / (1.0 + gl.exp2(gl.minimum(v * (GELU_C1 + GELU_C2 * (v * v)), 126.0)))
-        out = (v - v * r).to(y_ptr.dtype.element_ty)
+    if GELU:  # the fused feed-forward GELU, on the rounded output: the Triton GEMM's very function
+        out = gelu_tanh(out.to(gl.float32)).to(y_ptr.dtype.element_ty)
     out = gl.convert_layout(out, ol)
     on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
     om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))

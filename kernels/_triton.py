@@ -44,7 +44,8 @@ def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 # GELU (tanh form) as v * (1 - 1 / (1 + 2**z)), z = 2 sqrt(2/pi) log2(e) (v + 0.044715 v^3): the same
 # function as torch's 0.5 v (1 + tanh(u)) in five FMA-pipe ops and two MUFU ones (ex2, rcp), as it
-# runs in the GEMM's epilogue where every instruction costs (it saturates to -0 like torch's).
+# runs in the GEMM epilogues (this one and _gluon's, which calls it) where every instruction costs;
+# it saturates to -0 like torch's.
 GELU_C1 = tl.constexpr(2.302208198144325)  # 2 sqrt(2/pi) log2(e)
 GELU_C2 = tl.constexpr(0.1029432395800235)  # GELU_C1 * 0.044715
 
@@ -199,8 +200,8 @@ def _quantize_pow2_kernel(
     the GEMM sums q' * w in int32 over all of K. Reads X twice: the row scale s_i needs the max of
     |Xr_ij| / l_j over the whole row before any code can be made.
     PERSISTENT: the grid's programs stride over the blocks of BM rows (GPU only: the interpreter
-    cannot loop to a run-time bound); with few rows per block and one program per SM the second
-    read of a block finds it in L2."""
+    cannot loop to a run-time bound): the rotation matrix and the exponent floor are loaded once per
+    program instead of once per block (configs.ACT_POW2_PASS2_PER_SM says what it measured)."""
     gmax = tl.max(tl.load(cmax_ptr + tl.arange(0, C)))
     for c0 in range(C, K, C):
         gmax = tl.maximum(gmax, tl.max(tl.load(cmax_ptr + c0 + tl.arange(0, C))))

@@ -77,24 +77,19 @@ def unpermute_columns(q: torch.Tensor, g: int) -> torch.Tensor:
     return q.reshape(m, k // g, g)[:, :, inv.to(q.device)].reshape(m, k)
 
 
-def _act_tiles(hb: int, sb: int, g: int):
-    """(rotation tile R, column tile C, rowmax granularity TG)."""
-    r = max(hb, g)
-    return r, r, min(r, sb)
-
-
 def _act_launch(x2d, hb: int, sb: int, act_cfg=None, g=None):
-    """What every activation kernel launch shares: the rotation matrix, the grid, TG and the launch
-    keywords (C, R, BM, warps, stages). act_cfg = (elements per tile, warps, stages) replaces the
-    shipped setting (benchmark sweeps)."""
+    """What every activation kernel launch shares: the rotation matrix, the grid, the row-max
+    granularity TG = min(R, sb) and the launch keywords: the rotation tile R = max(block, layout
+    group) is also the column tile C, BM rows per program, warps, stages. act_cfg = (elements per
+    tile, warps, stages) replaces the shipped setting (benchmark sweeps)."""
     m, k = x2d.shape
     g = g or layout_group(k, sb)
-    r, c, tg = _act_tiles(hb, sb, g)
+    r = max(hb, g)
     elems, warps, stages = act_cfg or (configs.ACT_ELEMS_PER_TILE, configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES)
-    bm = 16 if interpreting() else max(16, elems // c)
+    bm = 16 if interpreting() else max(16, elems // r)
     rmat = rotation_matrix(hb, g, x2d.dtype, x2d.device)
-    kw = dict(C=c, R=r, BM=bm, INTERPRET=interpreting(), num_warps=warps, num_stages=stages)
-    return rmat, (triton_cdiv(m, bm),), tg, kw
+    kw = dict(C=r, R=r, BM=bm, INTERPRET=interpreting(), num_warps=warps, num_stages=stages)
+    return rmat, (triton_cdiv(m, bm),), min(r, sb), kw
 
 
 def _codes(x2d, q, s):
@@ -312,7 +307,8 @@ def clear_activation_cache():
 
 def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
                    gemm_cfg=None, out=None, share: int = 0, pow2: bool = False, gelu: bool = False, **variant):
-    """pow2: the layer's granularity is "pow2" (it applies at POW2_BITS with auto-scale only).
+    """pow2: the layer's granularity folds power-of-two scales into the codes ("pow2", "pow2-fast"; it
+    applies at POW2_BITS with auto-scale only).
     gelu: GELU (tanh form) fused into the GEMM's epilogue (dvdq_core.fusion)."""
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
