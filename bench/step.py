@@ -62,6 +62,17 @@ def build(arch, comfy_dir, dev):
     return model.eval()
 
 
+def pack_rope_fusion():
+    """(fuse_wan_rope, unfuse_wan_rope) of the pack's nodes/wan_attention.py, loaded under its own name
+    (a ComfyUI checkout on sys.path has a top-level `nodes` module of its own)."""
+    import importlib.util
+    path = os.path.join(ROOT, "nodes", "wan_attention.py")
+    spec = importlib.util.spec_from_file_location("dvdq_wan_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.fuse_wan_rope, mod.unfuse_wan_rope
+
+
 def weight_bytes(model):
     return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
                if n.startswith("blocks."))
@@ -111,7 +122,9 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["bf16", "w4a8", "w4a4", "w4a4p"],
                     help="w4a4p: W4A4 with granularity pow2; w4a8n: W4A8 without auto-scale (rotation only); "
                          "w4a8f / w4a4f: granularity pow2-fast (the opt-in: w4a8f should time as w4a8n); "
-                         "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off)")
+                         "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off); "
+                         "quantized variants run Wan's q/k norm + RoPE fused as the loader installs it, suffix "
+                         "-hostrope: ComfyUI's own; bf16-rope: BF16 with the fused one (the split of the gain)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -124,6 +137,7 @@ def main():
     from dvdq_core import QuantConfig, quantize_model, set_activation_bits
     from dvdq_core.fusion import fuse_gelu, unfuse_gelu
     from dvdq_core.hadamard import effective_block
+    fuse_wan_rope, unfuse_wan_rope = pack_rope_fusion()
 
     sage_calls = [0]
     attn_impls = {"sdpa": attn.attention_pytorch}
@@ -152,7 +166,8 @@ def main():
                   torch.tensor([700.0, 700.0], device=dev),
                   torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g))
         for variant in args.variants:
-            if variant != "bf16" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+            kind, *flags = variant.split("-")
+            if kind != "bf16" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
                 t0 = time.perf_counter()
                 report = quantize_model(model, QuantConfig(method="minmax", backend="triton"))
                 torch.cuda.synchronize()
@@ -163,17 +178,20 @@ def main():
                                                      scale_block=effective_block(128, m.in_features))
                 torch.cuda.empty_cache()
                 print(f"[{arch}] quantized {len(report.layers)} layers in {time.perf_counter() - t0:.1f} s", flush=True)
-            if variant != "bf16":  # w4a8, w4a4, w4a4p ("pow2"), w4a8f ("pow2-fast"), w4a8n (no auto-scale); -unfused
-                kind, _, suffix = variant.partition("-")
+            if kind != "bf16":  # w4a8, w4a4, w4a4p ("pow2"), w4a8f ("pow2-fast"), w4a8n (no auto-scale); -unfused
                 for m in model.modules():
                     if type(m).__name__ == "QuantLinear":
                         gran = {"p": "pow2", "f": "pow2-fast"}.get(kind[-1], "block")
                         m.spec = dataclasses.replace(m.spec, granularity=gran, auto_scale=not kind.endswith("n"))
                 set_activation_bits(model, int(kind[3]))
-                if suffix == "unfused":
+                if "unfused" in flags:
                     unfuse_gelu(model)
                 else:
                     fuse_gelu(model)
+            if ("rope" in flags) if kind == "bf16" else ("hostrope" not in flags):
+                fuse_wan_rope(model)
+            else:
+                unfuse_wan_rope(model)
             for impl_name, impl in attn_impls.items():
                 wan.optimized_attention = impl
                 sage_calls[0] = 0

@@ -79,7 +79,7 @@ def load_kernels():
     return _KERNELS
 
 
-def _warn_once(msg):
+def warn_once(msg):
     if msg not in _WARNED:
         _WARNED.add(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
@@ -104,7 +104,7 @@ def get_backend(name: str, layer, x2d, a_bits):
         if name == "triton":
             raise RuntimeError(f"DVD-Quant: the triton backend cannot run this layer: {reason}. "
                                "Use backend 'reference' or 'auto'.")
-        _warn_once(f"DVD-Quant: using the slow PyTorch reference backend because {reason}.")
+        warn_once(f"DVD-Quant: using the slow PyTorch reference backend because {reason}.")
         return _BACKENDS["reference"]
     if name in _BACKENDS:
         return _BACKENDS[name]

@@ -13,7 +13,7 @@ import torch
 
 from . import configs, ops
 
-__all__ = ["linear_forward", "unsupported_reason", "configs", "ops"]
+__all__ = ["linear_forward", "unsupported_reason", "norm_rope", "norm_rope_unsupported_reason", "configs", "ops"]
 
 _SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
 MIN_CAPABILITY = (8, 0)
@@ -40,6 +40,29 @@ def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
 
 
 _w4_linear_op = _define_op()
+
+
+def _define_norm_rope_op():
+    if hasattr(torch.ops.dvdq, "norm_rope"):
+        return torch.ops.dvdq.norm_rope
+    op = torch.library.custom_op("dvdq::norm_rope", mutates_args=())(_norm_rope)
+
+    @op.register_fake
+    def _(x, weight, eps, freqs, heads):
+        b, s, c = x.shape
+        return x.new_empty((b, s, heads, c // heads))
+
+    return op
+
+
+def _norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, freqs: torch.Tensor,
+               heads: int) -> torch.Tensor:
+    return ops.norm_rope(x, weight, eps, freqs, heads)
+
+
+norm_rope = _define_norm_rope_op()
+"""norm_rope(x [B, S, H*D], weight [H*D] or None, eps, freqs [B or 1, S, 1, D/2, 2, 2] f32, heads) -> [B, S, H, D]:
+Wan's q/k RMS norm and rotary embedding in one kernel (dvdq_core.rope has the reference)."""
 
 
 def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
@@ -101,6 +124,32 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
     cap = torch.cuda.get_device_capability(x2d.device)
     if cap < MIN_CAPABILITY:
         return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+    if torch.version.hip is not None:
+        return "ROCm GPUs are not supported by the kernels"
+    return _triton_missing()
+
+
+def norm_rope_unsupported_reason(x: torch.Tensor, weight, freqs: torch.Tensor, heads: int):
+    """None when norm_rope's kernel handles this call, else a short sentence why not."""
+    if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2:
+        return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim]"
+    b, s, c = x.shape
+    d = c // heads
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"
+    if d & (d - 1) or heads > 256:
+        return f"head dim {d} is not a power of two or there are more than 256 heads"
+    if freqs.dtype != torch.float32 or freqs.dim() != 6 or freqs.shape[0] not in (1, b) or \
+            tuple(freqs.shape[1:]) != (s, 1, d // 2, 2, 2) or freqs.stride()[3:] != (4, 2, 1):
+        return f"rotary frequencies of shape {tuple(freqs.shape)} / {freqs.dtype} are not [1 or B, S, 1, D/2, 2, 2] float32"
+    if weight is not None and tuple(weight.shape) != (c,):
+        return f"norm weight of shape {tuple(weight.shape)} is not [{c}]"
+    if any(t.device != x.device for t in (freqs, weight) if t is not None):
+        return "the norm weight or the frequencies are on another device than the input"
+    if x.device.type != "cuda":
+        return f"input on {x.device.type}"
+    if torch.cuda.get_device_capability(x.device) < MIN_CAPABILITY:
+        return "the GPU's compute capability is below {}.{}".format(*MIN_CAPABILITY)
     if torch.version.hip is not None:
         return "ROCm GPUs are not supported by the kernels"
     return _triton_missing()

@@ -393,3 +393,33 @@ def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.co
     if GELU:
         out = _round_to(gelu_tanh(out.to(tl.float32)), y_ptr.dtype.element_ty, INTERPRET)
     tl.store(y_ptrs, out, mask=m_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, y_ptr, S, stride_fb, stride_fs, eps, H: tl.constexpr,
+                      HP: tl.constexpr, HALF_D: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+    """One token per program: its row of H heads x D channels, read once as [HP, HALF_D, 2] (HP = H
+    rounded up to a power of two, masked). NORM: RMS norm over the H * D channels with the weight,
+    rounded to the output dtype (as the host's norm returns it). Then each pair (x0, x1) of a head
+    becomes (f00 x0 + f01 x1, f10 x0 + f11 x1) in float32 with the token's 2 x 2 rotation f (shared by
+    the heads), rounded once."""
+    row = tl.program_id(0).to(tl.int64)
+    D: tl.constexpr = 2 * HALF_D
+    b = row // S
+    h = tl.arange(0, HP)[:, None]
+    c = tl.arange(0, D)[None, :]
+    ok = (h < H) & (c < D)
+    offs = h * D + c
+    x = tl.load(x_ptr + row * (H * D) + offs, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        ms = tl.sum(tl.sum(x * x, axis=1), axis=0) / (H * D)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        x = _round_to(x * (1.0 / tl.sqrt(ms + eps)) * w, y_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, (HP, HALF_D, 2)))
+    fp = f_ptr + b * stride_fb + (row - b * S) * stride_fs + tl.arange(0, HALF_D)[None, :] * 4
+    f00 = tl.load(fp)
+    f01 = tl.load(fp + 1)
+    f10 = tl.load(fp + 2)
+    f11 = tl.load(fp + 3)
+    y = tl.reshape(tl.join(f00 * x0 + f01 * x1, f10 * x0 + f11 * x1), (HP, D))
+    tl.store(y_ptr + row * (H * D) + offs, _round_to(y, y_ptr.dtype.element_ty, INTERPRET), mask=ok)

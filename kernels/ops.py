@@ -175,6 +175,10 @@ def triton_cdiv(a, b):
     return (a + b - 1) // b
 
 
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _capability(device):
     if device.type != "cuda":
         return (0, 0)
@@ -325,3 +329,19 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
         q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
     return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale and not pow2, gemm_cfg, out,
                    gelu, **variant)
+
+
+def norm_rope(x, weight, eps: float, freqs, heads: int, out=None):
+    """Wan's q/k RMS norm (weight None: none) and rotary embedding, one read and one write of x
+    [B, S, H * D] -> [B, S, H, D] (see _norm_rope_kernel; the checks are norm_rope_unsupported_reason's)."""
+    b, s, c = x.shape
+    d = c // heads
+    x = x.contiguous()
+    out = torch.empty((b, s, heads, d), dtype=x.dtype, device=x.device) if out is None else out
+    if x.numel():
+        _triton()._norm_rope_kernel[(b * s,)](
+            x, x if weight is None else weight.to(x.dtype).contiguous(), freqs, out, s,
+            freqs.stride(0) if freqs.shape[0] > 1 else 0, freqs.stride(1), eps,
+            H=heads, HP=triton_next_power_of_2(heads), HALF_D=d // 2, NORM=weight is not None,
+            INTERPRET=interpreting(), num_warps=configs.ROPE_NUM_WARPS)
+    return out

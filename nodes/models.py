@@ -15,6 +15,7 @@ from dvdq_core import set_activation_bits
 from dvdq_core.serialization import SAFETENSORS_DTYPES
 from dvdq_core.spec import layer_spec
 
+from .wan_attention import fuse_wan_rope
 from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
                    guard_outer_sample, quant_device, video_dit_arch)
 
@@ -36,6 +37,9 @@ def prepare_for_comfy(base_model, config, arch: str, source: str):
         names.append("diffusion_model." + name)
     base_model._dvdq_layer_keys = set(names)
     base_model._dvdq_info = {"config": config, "arch": arch, "source": source}
+    if arch == "wan":
+        fused = fuse_wan_rope(dm)
+        log.info("DVD-Quant: q/k norm + rotary embedding fused in %d Wan self-attention modules", fused)
 
 
 def finish_patcher(patcher):

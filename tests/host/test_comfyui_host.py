@@ -84,6 +84,7 @@ def test_w8a8_close_to_float_w4a4_further(server, capsys):
     assert summary["source"] == "quantized" and summary["w_bits"] == 4
     assert summary["bytes_after"] * 3 < summary["bytes_before"]
     assert 0 < summary["mean_rel_error"] < 1
+    assert "q/k norm + rotary embedding fused in 2 Wan self-attention modules" in server.log()
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
@@ -309,9 +310,10 @@ def test_lowvram_server(host_dir):
         s.stop()
 
 
-def test_feed_forward_gelu_is_fused_in_comfyui_models(host_dir):
+def test_fusions_find_comfyui_models(host_dir):
     """The GELU fusion (dvdq_core.fusion) finds the feed-forward of ComfyUI's own Wan and HunyuanVideo
-    classes; if ComfyUI restructured them, the pack would still be correct but slower: this says so."""
+    classes, the rotary fusion Wan's self-attention; if ComfyUI restructured them, the pack would
+    still be correct but slower: this says so."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.environ["COMFYUI_PATH"])
     res = subprocess.run([sys.executable, os.path.join(here, "fused_layers.py")], capture_output=True, text=True,
@@ -320,6 +322,13 @@ def test_feed_forward_gelu_is_fused_in_comfyui_models(host_dir):
     fused = json.loads(res.stdout.strip().splitlines()[-1])
     assert fused["wan21_t2v"] == ["blocks.0.ffn.0", "blocks.1.ffn.0"]
     assert fused["hunyuan_video"] == ["double_blocks.0.img_mlp.0", "double_blocks.0.txt_mlp.0"]
+    # Wan's self-attention with the fused q/k norm + rotary embedding (nodes/wan_attention.py): both
+    # blocks switch (the cross-attentions keep their class), q and k of each block go through the
+    # fused op, and on the CPU (the host's own ops) the output is bit for bit the host's
+    for case, r in fused["rope"].items():
+        assert (r["fused"], r["again"], r["restored"], r["norm_rope_calls"]) == (2, 0, 2, 4), case
+        assert r["equal"] and r["finite"], case
+        assert "DVDQWanSelfAttention" in r["classes"] and "WanSelfAttention" not in r["classes"], case
 
 
 def test_pow2_fast_granularity_through_the_nodes(server):
