@@ -62,15 +62,14 @@ def build(arch, comfy_dir, dev):
     return model.eval()
 
 
-def pack_rope_fusion():
-    """(fuse_wan_rope, unfuse_wan_rope) of the pack's nodes/wan_attention.py, loaded under its own name
-    (a ComfyUI checkout on sys.path has a top-level `nodes` module of its own)."""
+def pack_wan_fusion():
+    """(fuse_wan, unfuse_wan) of the pack's nodes/wan_blocks.py, loaded under its own name (a ComfyUI
+    checkout on sys.path has a top-level `nodes` module of its own)."""
     import importlib.util
-    path = os.path.join(ROOT, "nodes", "wan_attention.py")
-    spec = importlib.util.spec_from_file_location("dvdq_wan_attention", path)
+    spec = importlib.util.spec_from_file_location("dvdq_wan_blocks", os.path.join(ROOT, "nodes", "wan_blocks.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.fuse_wan_rope, mod.unfuse_wan_rope
+    return mod.fuse_wan, mod.unfuse_wan
 
 
 def weight_bytes(model):
@@ -123,8 +122,9 @@ def main():
                     help="w4a4p: W4A4 with granularity pow2; w4a8n: W4A8 without auto-scale (rotation only); "
                          "w4a8f / w4a4f: granularity pow2-fast (the opt-in: w4a8f should time as w4a8n); "
                          "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off); "
-                         "quantized variants run Wan's q/k norm + RoPE fused as the loader installs it, suffix "
-                         "-hostrope: ComfyUI's own; bf16-rope: BF16 with the fused one (the split of the gain)")
+                         "quantized variants run the Wan block's elementwise steps fused as the loader installs them "
+                         "(nodes/wan_blocks.py), suffix -hostops: ComfyUI's own; bf16-fused: BF16 with the fused ones "
+                         "(the split of the gain)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -137,7 +137,7 @@ def main():
     from dvdq_core import QuantConfig, quantize_model, set_activation_bits
     from dvdq_core.fusion import fuse_gelu, unfuse_gelu
     from dvdq_core.hadamard import effective_block
-    fuse_wan_rope, unfuse_wan_rope = pack_rope_fusion()
+    fuse_wan, unfuse_wan = pack_wan_fusion()
 
     sage_calls = [0]
     attn_impls = {"sdpa": attn.attention_pytorch}
@@ -188,10 +188,10 @@ def main():
                     unfuse_gelu(model)
                 else:
                     fuse_gelu(model)
-            if ("rope" in flags) if kind == "bf16" else ("hostrope" not in flags):
-                fuse_wan_rope(model)
+            if ("fused" in flags) if kind == "bf16" else ("hostops" not in flags):
+                fuse_wan(model)
             else:
-                unfuse_wan_rope(model)
+                unfuse_wan(model)
             for impl_name, impl in attn_impls.items():
                 wan.optimized_attention = impl
                 sage_calls[0] = 0

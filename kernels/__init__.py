@@ -3,9 +3,11 @@
 Public API (the core registers `linear_forward` as its "triton" backend):
   linear_forward(layer, x2d, a_bits) -> y2d
   unsupported_reason(layer, a_bits, x2d) -> str | None
+and the Wan block's elementwise steps that dvdq_core.wan_ops dispatches to:
+  norm_rope / modulated_norm / gated_residual(*args), each with <name>_unsupported_reason(*args)
 
 Importing this package needs neither triton nor a GPU; triton is imported on the first forward.
-The forward is a torch custom op (`torch.ops.dvdq.w4_linear`) so torch.compile treats it as one
+Each is a torch custom op (`torch.ops.dvdq.w4_linear`, ...) so torch.compile treats it as one
 opaque call with a known output shape instead of tracing the launches.
 """
 
@@ -13,7 +15,9 @@ import torch
 
 from . import configs, ops
 
-__all__ = ["linear_forward", "unsupported_reason", "norm_rope", "norm_rope_unsupported_reason", "configs", "ops"]
+__all__ = ["linear_forward", "unsupported_reason", "norm_rope", "modulated_norm", "gated_residual",
+           "norm_rope_unsupported_reason", "modulated_norm_unsupported_reason", "gated_residual_unsupported_reason",
+           "configs", "ops"]
 
 _SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
 MIN_CAPABILITY = (8, 0)
@@ -42,16 +46,12 @@ def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
 _w4_linear_op = _define_op()
 
 
-def _define_norm_rope_op():
-    if hasattr(torch.ops.dvdq, "norm_rope"):
-        return torch.ops.dvdq.norm_rope
-    op = torch.library.custom_op("dvdq::norm_rope", mutates_args=())(_norm_rope)
-
-    @op.register_fake
-    def _(x, weight, eps, freqs, heads):
-        b, s, c = x.shape
-        return x.new_empty((b, s, heads, c // heads))
-
+def _wan_op(name, fn, fake):
+    """A torch custom op dvdq::<name> (opaque to torch.compile, output shape from `fake`)."""
+    if hasattr(torch.ops.dvdq, name):
+        return getattr(torch.ops.dvdq, name)
+    op = torch.library.custom_op("dvdq::" + name, mutates_args=())(fn)
+    op.register_fake(fake)
     return op
 
 
@@ -60,9 +60,19 @@ def _norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, freqs: 
     return ops.norm_rope(x, weight, eps, freqs, heads)
 
 
-norm_rope = _define_norm_rope_op()
-"""norm_rope(x [B, S, H*D], weight [H*D] or None, eps, freqs [B or 1, S, 1, D/2, 2, 2] f32, heads) -> [B, S, H, D]:
-Wan's q/k RMS norm and rotary embedding in one kernel (dvdq_core.rope has the reference)."""
+def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return ops.modulated_norm(x, shift, scale, eps)
+
+
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return ops.gated_residual(x, y, gate)
+
+
+# The Wan block's elementwise steps (dvdq_core.wan_ops has the references and the shapes)
+norm_rope = _wan_op("norm_rope", _norm_rope, lambda x, weight, eps, freqs, heads: x.new_empty(
+    (x.shape[0], x.shape[1], heads, x.shape[2] // heads)))
+modulated_norm = _wan_op("modulated_norm", _modulated_norm, lambda x, shift, scale, eps: torch.empty_like(x))
+gated_residual = _wan_op("gated_residual", _gated_residual, lambda x, y, gate: torch.empty_like(x))
 
 
 def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
@@ -129,7 +139,31 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
     return _triton_missing()
 
 
-def norm_rope_unsupported_reason(x: torch.Tensor, weight, freqs: torch.Tensor, heads: int):
+def _gpu_reason(x: torch.Tensor, *others):
+    """Device checks shared by the Wan block's ops: None when x is on a supported GPU with the others."""
+    if any(t.device != x.device for t in others if t is not None):
+        return "the inputs are on different devices"
+    if x.device.type != "cuda":
+        return f"input on {x.device.type}"
+    if torch.cuda.get_device_capability(x.device) < MIN_CAPABILITY:
+        return "the GPU's compute capability is below {}.{}".format(*MIN_CAPABILITY)
+    if torch.version.hip is not None:
+        return "ROCm GPUs are not supported by the kernels"
+    return _triton_missing()
+
+
+def _tokens_reason(x: torch.Tensor, *vectors):
+    """x [B, S, C] in bf16/fp16 and per-sample vectors [B, 1, C] of its dtype with unit channel stride."""
+    if x.dim() != 3 or x.dtype not in (torch.bfloat16, torch.float16):
+        return f"the input ({tuple(x.shape)}, {x.dtype}) is not [batch, tokens, channels] in bf16 or fp16"
+    b, _, c = x.shape
+    for v in vectors:
+        if v.dtype != x.dtype or v.dim() != 3 or tuple(v.shape) != (b, 1, c) or v.stride(2) != 1:
+            return f"a modulation vector ({tuple(v.shape)}, {v.dtype}) is not [{b}, 1, {c}] in {x.dtype}"
+    return None
+
+
+def norm_rope_unsupported_reason(x: torch.Tensor, weight, eps, freqs: torch.Tensor, heads: int):
     """None when norm_rope's kernel handles this call, else a short sentence why not."""
     if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2:
         return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim]"
@@ -144,12 +178,14 @@ def norm_rope_unsupported_reason(x: torch.Tensor, weight, freqs: torch.Tensor, h
         return f"rotary frequencies of shape {tuple(freqs.shape)} / {freqs.dtype} are not [1 or B, S, 1, D/2, 2, 2] float32"
     if weight is not None and tuple(weight.shape) != (c,):
         return f"norm weight of shape {tuple(weight.shape)} is not [{c}]"
-    if any(t.device != x.device for t in (freqs, weight) if t is not None):
-        return "the norm weight or the frequencies are on another device than the input"
-    if x.device.type != "cuda":
-        return f"input on {x.device.type}"
-    if torch.cuda.get_device_capability(x.device) < MIN_CAPABILITY:
-        return "the GPU's compute capability is below {}.{}".format(*MIN_CAPABILITY)
-    if torch.version.hip is not None:
-        return "ROCm GPUs are not supported by the kernels"
-    return _triton_missing()
+    return _gpu_reason(x, freqs, weight)
+
+
+def modulated_norm_unsupported_reason(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps):
+    return _tokens_reason(x, shift, scale) or _gpu_reason(x, shift, scale)
+
+
+def gated_residual_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+    if y.shape != x.shape or y.dtype != x.dtype:
+        return f"the residual's branch ({tuple(y.shape)}, {y.dtype}) does not match x ({tuple(x.shape)}, {x.dtype})"
+    return _tokens_reason(x, gate) or _gpu_reason(x, y, gate)

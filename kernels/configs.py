@@ -91,8 +91,10 @@ ACT_POW2_PASS1_ELEMS = 4096
 # program per block (bench/act_persistent_probe.py on an H100, bit-identical codes). Fewer rows per
 # block so that a block's second read stays in L2 was 1.5-3x slower (too little in flight).
 ACT_POW2_PASS2_PER_SM = 2
-# Wan's q/k norm + rotary embedding (_norm_rope_kernel): one token's whole row per program.
-ROPE_NUM_WARPS = 8
+# The Wan block's elementwise kernels (_norm_rope_kernel, _modulated_norm_kernel,
+# _gated_residual_kernel): one token's whole row per program. bench/rope.py on an H100: the rotation
+# 2.3-2.7 TB/s with 4 or 8 warps, slower with 16.
+WAN_OPS_NUM_WARPS = 4
 
 
 def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, interpret: bool) -> GemmConfig:

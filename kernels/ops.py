@@ -343,5 +343,29 @@ def norm_rope(x, weight, eps: float, freqs, heads: int, out=None):
             x, x if weight is None else weight.to(x.dtype).contiguous(), freqs, out, s,
             freqs.stride(0) if freqs.shape[0] > 1 else 0, freqs.stride(1), eps,
             H=heads, HP=triton_next_power_of_2(heads), HALF_D=d // 2, NORM=weight is not None,
-            INTERPRET=interpreting(), num_warps=configs.ROPE_NUM_WARPS)
+            INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
+    return out
+
+
+def modulated_norm(x, shift, scale, eps: float, out=None):
+    """LayerNorm(x) * (1 + scale) + shift, x [B, S, C], shift/scale [B, 1, C] (_modulated_norm_kernel)."""
+    b, s, c = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x) if out is None else out
+    if x.numel():
+        _triton()._modulated_norm_kernel[(b * s,)](
+            x, shift, scale, out, s, shift.stride(0), eps, C=c, BC=triton_next_power_of_2(c), INTERPRET=interpreting(),
+            num_warps=configs.WAN_OPS_NUM_WARPS)
+    return out
+
+
+def gated_residual(x, y, gate, out=None):
+    """x + y * gate, x/y [B, S, C], gate [B, 1, C] (_gated_residual_kernel)."""
+    b, s, c = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    out = torch.empty_like(x) if out is None else out
+    if x.numel():
+        _triton()._gated_residual_kernel[(b * s,)](
+            x, y, gate, out, s, gate.stride(0), C=c, BC=triton_next_power_of_2(c), INTERPRET=interpreting(),
+            num_warps=configs.WAN_OPS_NUM_WARPS)
     return out

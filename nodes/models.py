@@ -15,9 +15,9 @@ from dvdq_core import set_activation_bits
 from dvdq_core.serialization import SAFETENSORS_DTYPES
 from dvdq_core.spec import layer_spec
 
-from .wan_attention import fuse_wan_rope
 from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
                    guard_outer_sample, quant_device, video_dit_arch)
+from .wan_blocks import fuse_wan
 
 log = logging.getLogger("dvdq")
 VIDEO_IMAGE_MODELS = ("wan2.1", "hunyuan_video")  # unet_config["image_model"] of the accepted families
@@ -38,8 +38,8 @@ def prepare_for_comfy(base_model, config, arch: str, source: str):
     base_model._dvdq_layer_keys = set(names)
     base_model._dvdq_info = {"config": config, "arch": arch, "source": source}
     if arch == "wan":
-        fused = fuse_wan_rope(dm)
-        log.info("DVD-Quant: q/k norm + rotary embedding fused in %d Wan self-attention modules", fused)
+        fused = fuse_wan(dm)
+        log.info("DVD-Quant: elementwise steps fused in %d Wan blocks and self-attention modules", fused)
 
 
 def finish_patcher(patcher):

@@ -1,8 +1,9 @@
 """Print (as JSON) what the pack's fusions change in ComfyUI's own Wan and HunyuanVideo classes (run
 with ComfyUI on sys.path; test_comfyui_host.py runs it): which QuantLinear layers apply the
-feed-forward GELU, and for Wan's self-attention with the fused q/k norm + rotary embedding
-(nodes/wan_attention.py) how many modules switch and whether the model's output stays identical
-(on the CPU the fused forward runs the host's own ops, so it must be bit for bit)."""
+feed-forward GELU, and for Wan's blocks and self-attention with their elementwise steps fused
+(nodes/wan_blocks.py) how many modules switch, how often each fused op runs, and whether the
+model's output stays identical (on the CPU the fused forwards run the host's own ops, so it must be
+bit for bit)."""
 import importlib.util
 import json
 import os
@@ -25,15 +26,20 @@ def pack_module(name):
     return mod
 
 
-def wan_rope(kind, dtype, quantize):
-    wa = pack_module("wan_attention")
-    calls = [0]
-    real = wa.norm_rope
+def counted(module, name, calls):
+    real = getattr(module, name)
 
-    def counted(*a, **k):
-        calls[0] += 1
+    def wrapper(*a, **k):
+        calls[name] = calls.get(name, 0) + 1
         return real(*a, **k)
-    wa.norm_rope = counted
+    setattr(module, name, wrapper)
+
+
+def wan_fused(kind, dtype, quantize):
+    wb = pack_module("wan_blocks")
+    calls = {}
+    for name in ("norm_rope", "modulated_norm", "gated_residual"):
+        counted(wb, name, calls)
     m = build_module(kind)
     m.load_state_dict(randomize(m.state_dict(), 0))
     m.to(dtype).patch_embedding.float()  # ComfyUI runs it in float32 (WanModel.forward_orig casts its input)
@@ -47,12 +53,12 @@ def wan_rope(kind, dtype, quantize):
     clip = torch.randn(1, 257, 1280, generator=g).to(dtype) if kind == "wan21_i2v" else None
     with torch.no_grad():
         before = m(x, t, ctx, clip_fea=clip)
-        fused = wa.fuse_wan_rope(m)
-        again = wa.fuse_wan_rope(m)
+        fused = wb.fuse_wan(m)
+        again = wb.fuse_wan(m)
         after = m(x, t, ctx, clip_fea=clip)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "Attention" in type(mod).__name__})
-        restored = wa.unfuse_wan_rope(m)
-    return {"fused": fused, "again": again, "norm_rope_calls": calls[0], "restored": restored, "equal": bool(torch.equal(before, after)),
+        restored = wb.unfuse_wan(m)
+    return {"fused": fused, "again": again, "calls": calls, "restored": restored, "equal": bool(torch.equal(before, after)),
             "finite": bool(torch.isfinite(after).all()), "classes": classes}
 
 
@@ -62,7 +68,7 @@ for kind in ("wan21_t2v", "hunyuan_video"):
     m.load_state_dict({k: v.float() for k, v in randomize(m.state_dict(), 0).items()})
     dq.quantize_model(m, dq.QuantConfig(backend="reference"))
     out[kind] = sorted(name for name, q in dq.quantized_layers(m) if q.act == "gelu_tanh")
-out["rope"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": wan_rope(kind, dtype, quantize)
+out["wan"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": wan_fused(kind, dtype, quantize)
                for kind, dtype, quantize in [("wan21_t2v", torch.float32, False), ("wan21_t2v", torch.bfloat16, False),
                                              ("wan21_t2v", torch.bfloat16, True), ("wan21_i2v", torch.float32, False)]}
 print(json.dumps(out))

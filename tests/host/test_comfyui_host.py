@@ -84,7 +84,7 @@ def test_w8a8_close_to_float_w4a4_further(server, capsys):
     assert summary["source"] == "quantized" and summary["w_bits"] == 4
     assert summary["bytes_after"] * 3 < summary["bytes_before"]
     assert 0 < summary["mean_rel_error"] < 1
-    assert "q/k norm + rotary embedding fused in 2 Wan self-attention modules" in server.log()
+    assert "elementwise steps fused in 4 Wan blocks and self-attention modules" in server.log()
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
@@ -312,7 +312,7 @@ def test_lowvram_server(host_dir):
 
 def test_fusions_find_comfyui_models(host_dir):
     """The GELU fusion (dvdq_core.fusion) finds the feed-forward of ComfyUI's own Wan and HunyuanVideo
-    classes, the rotary fusion Wan's self-attention; if ComfyUI restructured them, the pack would
+    classes, the Wan fusions (nodes/wan_blocks.py) ComfyUI's Wan blocks; if ComfyUI restructured them, the pack would
     still be correct but slower: this says so."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.environ["COMFYUI_PATH"])
@@ -322,13 +322,15 @@ def test_fusions_find_comfyui_models(host_dir):
     fused = json.loads(res.stdout.strip().splitlines()[-1])
     assert fused["wan21_t2v"] == ["blocks.0.ffn.0", "blocks.1.ffn.0"]
     assert fused["hunyuan_video"] == ["double_blocks.0.img_mlp.0", "double_blocks.0.txt_mlp.0"]
-    # Wan's self-attention with the fused q/k norm + rotary embedding (nodes/wan_attention.py): both
-    # blocks switch (the cross-attentions keep their class), q and k of each block go through the
-    # fused op, and on the CPU (the host's own ops) the output is bit for bit the host's
-    for case, r in fused["rope"].items():
-        assert (r["fused"], r["again"], r["restored"], r["norm_rope_calls"]) == (2, 0, 2, 4), case
+    # Wan's blocks and self-attention with their elementwise steps fused (nodes/wan_blocks.py): both
+    # blocks and both self-attentions switch (the cross-attentions keep their class), each fused op
+    # runs twice per block, and on the CPU (the host's own ops) the output is bit for bit the host's
+    for case, r in fused["wan"].items():
+        assert (r["fused"], r["again"], r["restored"]) == (4, 0, 4), case
+        assert r["calls"] == {"norm_rope": 4, "modulated_norm": 4, "gated_residual": 4}, case
         assert r["equal"] and r["finite"], case
-        assert "DVDQWanSelfAttention" in r["classes"] and "WanSelfAttention" not in r["classes"], case
+        assert {"DVDQWanSelfAttention", "DVDQWanAttentionBlock"} <= set(r["classes"]), case
+        assert not {"WanSelfAttention", "WanAttentionBlock"} & set(r["classes"]), case
 
 
 def test_pow2_fast_granularity_through_the_nodes(server):

@@ -1,0 +1,71 @@
+"""The elementwise steps of a Wan block around its linear layers, each as one kernel.
+
+As the host writes them these are memory-bound chains of PyTorch ops over the full activation
+(B x S x C: 671 MB per tensor for one CFG step of Wan 14B at 480p), some in float32 temporaries,
+some broadcasting a per-sample vector through PyTorch's slow non-vectorised path. Together about a
+fifth of a Wan 14B step on an H100 (bench/RESULTS.md). Each op here reads its inputs once and
+writes its output once.
+
+- norm_rope: q/k RMS norm (with weight) and the rotary embedding of the self-attention.
+- modulated_norm: LayerNorm (no affine) then `shift + norm * (1 + scale)` (adaLN modulation).
+- gated_residual: `x + y * gate` (the gated residual after attention and feed-forward).
+
+The `*_reference` functions are the host's ops (ComfyUI's formulas): the ground truth, and the
+path on the CPU, where results are bit for bit the host's. On a GPU the Triton kernels
+(kernels/) give the same values up to float rounding; a call they cannot take uses the reference
+and says once why.
+
+Shapes: x, y [B, S, C]; shift, scale, gate [B, 1, C] in x's dtype; freqs [B or 1, S, 1, D/2, 2, 2]
+float32 (the 2 x 2 rotation [[cos, -sin], [sin, cos]] of each channel pair, ComfyUI's layout).
+"""
+import torch
+import torch.nn.functional as F
+
+from .backends import load_kernels, warn_once
+
+
+def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, freqs: torch.Tensor,
+                        heads: int) -> torch.Tensor:
+    """RMS norm over the last dim (skipped when weight is None), then each head's channel pairs rotated
+    in float32 -> [B, S, H, D] in x's dtype."""
+    b, s, c = x.shape
+    if weight is not None:
+        x = F.rms_norm(x, (c,), weight=weight.to(x.dtype), eps=eps)
+    pairs = x.view(b, s, heads, c // heads).to(freqs.dtype).reshape(b, s, heads, -1, 1, 2)
+    out = freqs[..., 0] * pairs[..., 0]
+    out.addcmul_(freqs[..., 1], pairs[..., 1])
+    return out.reshape(b, s, heads, c // heads).type_as(x)
+
+
+def modulated_norm_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
+
+
+def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x, y, gate)
+
+
+def _fused(name: str, what: str, reference, *args):
+    """kernels.<name>(*args) where kernels.<name>_unsupported_reason(*args) is None, else the reference
+    (on a GPU with a one-time warning; on the CPU the reference is the expected path)."""
+    if args[0].device.type == "cuda":
+        k = load_kernels()
+        reason = k if isinstance(k, str) else getattr(k, name + "_unsupported_reason")(*args)
+        if reason is None:
+            return getattr(k, name)(*args)
+        warn_once(f"DVD-Quant: {what} runs as the host's PyTorch ops (slower) because {reason}.")
+    return reference(*args)
+
+
+def norm_rope(x, weight, eps, freqs, heads: int) -> torch.Tensor:
+    """norm_rope_reference's result; eps None means the dtype's epsilon (as torch's rms_norm)."""
+    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    return _fused("norm_rope", "the q/k norm and rotary embedding", norm_rope_reference, x, weight, eps, freqs, heads)
+
+
+def modulated_norm(x, shift, scale, eps: float) -> torch.Tensor:
+    return _fused("modulated_norm", "the modulated LayerNorm", modulated_norm_reference, x, shift, scale, float(eps))
+
+
+def gated_residual(x, y, gate) -> torch.Tensor:
+    return _fused("gated_residual", "the gated residual", gated_residual_reference, x, y, gate)

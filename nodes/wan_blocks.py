@@ -1,0 +1,156 @@
+"""ComfyUI's Wan block and self-attention with their elementwise steps as one kernel each.
+
+Around the linear layers, ComfyUI's WanAttentionBlock modulates (LayerNorm, then a per-sample
+shift and scale broadcast through PyTorch's slow non-vectorised path) and adds gated residuals, and
+WanSelfAttention rotates q and k in float32 through full-size temporaries (`apply_rope1`). Together
+about a fifth of a Wan 14B step on an H100 (bench/RESULTS.md). Models that the pack loads or
+quantizes get subclasses whose forwards are the host's with those steps replaced by
+dvdq_core.wan_ops (the same math; on the CPU literally the host's ops). Structure only: nothing is
+stored in files; DVDQ_FUSE_WAN=0 turns it off.
+
+The forwards are copies of the host's, so they are only installed where the host's forward is the
+one copied: same signature and the same names used (a fingerprint of ComfyUI 0.3.x). If ComfyUI
+changes one, the model keeps the host's forward and a warning says so (correct, only slower).
+Subclasses with forwards of their own (VACE, audio blocks, the cross-attentions) are left alone.
+"""
+import inspect
+import logging
+import os
+import sys
+
+import torch
+from torch import nn
+
+from dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
+
+log = logging.getLogger("dvdq")
+
+# what the copied forwards expect of the host's (signature, names used)
+SELF_ATTENTION = (("self", "x", "freqs", "transformer_options"),
+                  {"apply_rope1", "head_dim", "k", "norm_k", "norm_q", "num_heads", "o", "optimized_attention", "q",
+                   "shape", "v", "view"})
+BLOCK = (("self", "x", "e", "freqs", "context", "context_img_len", "transformer_options"),
+         {"addcmul", "cast_to", "chunk", "comfy", "cross_attn", "device", "dtype", "ffn", "model_management",
+          "modulation", "ndim", "norm1", "norm2", "norm3", "repeat_e", "self_attn", "torch", "unbind", "unsqueeze"})
+_FUSED_CLASSES = {}  # host class -> our subclass
+
+
+def _names(code) -> set:
+    """Global and attribute names a function uses, nested functions included."""
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if inspect.iscode(c):
+            out |= _names(c)
+    return out
+
+
+def host_forward_mismatch(cls, expected) -> str | None:
+    """None when cls.forward has the expected (parameters, names), else what differs."""
+    params, names = expected
+    got = tuple(inspect.signature(cls.forward).parameters)
+    if got != params:
+        return f"its forward takes {got}, expected {params}"
+    used = _names(cls.forward.__code__)
+    if used != set(names):
+        return f"its forward uses {sorted(used ^ set(names))} differently"
+    return None
+
+
+def _plain(norm: nn.Module) -> bool:
+    """A norm whose weight the host neither casts nor patches (no low-VRAM offload, no LoRA on it)."""
+    return not (getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None)
+                or getattr(norm, "bias_function", None))
+
+
+def _normed_rotated(norm: nn.Module, y, freqs, heads: int):
+    """norm(y) then the rotation: one norm_rope call where the norm is a plain weighted RMSNorm."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(norm, nn.Identity) and weight is not None and _plain(norm):
+        return norm_rope(y, weight.to(device=y.device, dtype=y.dtype), norm.eps, freqs, heads)
+    return norm_rope(norm(y), None, None, freqs, heads)  # qk_norm off, or the host's own norm forward
+
+
+def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
+    """shift + norm(x) * (1 + scale): one kernel where the norm is a plain LayerNorm without affine
+    and the vectors are one per sample (not per frame, as Wan 2.2 5B's)."""
+    if isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None and _plain(norm) \
+            and tuple(norm.normalized_shape) == (x.shape[-1],) and shift.shape[1] == 1 and scale.shape[1] == 1:
+        return modulated_norm(x, shift, scale, norm.eps)
+    return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))  # the host's expression
+
+
+def _gated(x, y, gate, repeat_e):
+    if gate.shape[1] == 1:
+        return gated_residual(x, y, gate)
+    return torch.addcmul(x, y, repeat_e(gate, x))
+
+
+def _fused_class(cls, kind: str):
+    if cls in _FUSED_CLASSES:
+        return _FUSED_CLASSES[cls]
+    host = sys.modules[cls.__module__]
+    if kind == "self_attention":
+        class Fused(cls):
+            """The host's WanSelfAttention.forward with norm + apply_rope1 fused (dvdq_core.wan_ops)."""
+
+            def forward(self, x, freqs, transformer_options={}):
+                b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
+                q = _normed_rotated(self.norm_q, self.q(x), freqs, n)
+                k = _normed_rotated(self.norm_k, self.k(x), freqs, n)
+                x = host.optimized_attention(q.view(b, s, n * d), k.view(b, s, n * d), self.v(x).view(b, s, n * d),
+                                             heads=self.num_heads, transformer_options=transformer_options)
+                return self.o(x)
+    else:
+        class Fused(cls):
+            """The host's WanAttentionBlock.forward with the modulations and gated residuals fused."""
+
+            def forward(self, x, e, freqs, context, context_img_len=257, transformer_options={}):
+                mod = host.comfy.model_management.cast_to(self.modulation, dtype=x.dtype, device=x.device)
+                e = (mod + e).chunk(6, dim=1) if e.ndim < 4 else (mod.unsqueeze(0) + e).unbind(2)
+                y = self.self_attn(_modulated(self.norm1, x, e[0], e[1], host.repeat_e), freqs,
+                                   transformer_options=transformer_options)
+                x = _gated(x, y, e[2], host.repeat_e)
+                del y
+                x = x + self.cross_attn(self.norm3(x), context, context_img_len=context_img_len,
+                                        transformer_options=transformer_options)
+                y = self.ffn(_modulated(self.norm2, x, e[3], e[4], host.repeat_e))
+                return _gated(x, y, e[5], host.repeat_e)
+    Fused.__name__ = Fused.__qualname__ = "DVDQ" + cls.__name__
+    _FUSED_CLASSES[cls] = Fused
+    return Fused
+
+
+def fuse_wan(diffusion_model: nn.Module) -> int:
+    """Switch ComfyUI's WanSelfAttention and WanAttentionBlock modules (and subclasses that keep their
+    forward) to the fused forwards; returns how many modules. Idempotent."""
+    if os.environ.get("DVDQ_FUSE_WAN", "1") == "0":
+        return 0
+    try:
+        from comfy.ldm.wan.model import WanAttentionBlock, WanSelfAttention
+    except ImportError:  # another host layout: nothing of ours to replace
+        return 0
+    switched = 0
+    for base, kind, expected in ((WanSelfAttention, "self_attention", SELF_ATTENTION), (WanAttentionBlock, "block", BLOCK)):
+        targets = [m for m in diffusion_model.modules() if isinstance(m, base) and type(m).forward is base.forward]
+        if not targets:
+            continue
+        why = host_forward_mismatch(base, expected)
+        if why is not None:
+            log.warning("DVD-Quant: ComfyUI's %s changed (%s); its fused elementwise steps are off for this model. "
+                        "It runs correctly at the host's speed; please report the ComfyUI version.", base.__name__, why)
+            continue
+        for m in targets:
+            m.__class__ = _fused_class(type(m), kind)
+        switched += len(targets)
+    return switched
+
+
+def unfuse_wan(diffusion_model: nn.Module) -> int:
+    """Undo fuse_wan (benchmarks measure what it saves); returns how many modules."""
+    hosts = {fused: host for host, fused in _FUSED_CLASSES.items()}
+    restored = 0
+    for m in diffusion_model.modules():
+        if type(m) in hosts:
+            m.__class__ = hosts[type(m)]
+            restored += 1
+    return restored

@@ -1,0 +1,206 @@
+"""The Wan block's elementwise steps (dvdq_core.wan_ops): each Triton kernel against the host's ops
+(the references), and the references against the textbook math. Interpreter on the CPU (CI),
+compiled on a GPU."""
+import os
+import warnings
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
+
+import kernels  # noqa: E402
+from kernels import ops  # noqa: E402
+from dvdq_core import wan_ops  # noqa: E402
+
+DEV = "cuda" if ON_GPU else "cpu"
+GEN = torch.Generator().manual_seed(77)
+
+
+def wan_freqs(b: int, s: int, d: int, theta=10000.0) -> torch.Tensor:
+    """[b, S, 1, D/2, 2, 2] float32 rotations [[cos, -sin], [sin, cos]] of random positions."""
+    pos = torch.randint(0, 1000, (b, s), generator=GEN).float()
+    omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    a = pos[..., None] * omega.float()
+    f = torch.stack([torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)], -1)
+    return f.view(b, s, 1, d // 2, 2, 2).to(DEV)
+
+
+def inputs(b, s, heads, d, dtype, norm):
+    x = (torch.randn(b, s, heads * d, generator=GEN) * 3).to(dtype).to(DEV)
+    w = (1 + 0.2 * torch.randn(heads * d, generator=GEN)).to(dtype).to(DEV) if norm else None
+    return x, w
+
+
+def assert_close_to_reference(y, ref):
+    """(the rotation) Equal up to one rounding of the output plus float32 rounding: the GPU contracts f00 x0 + f01 x1
+    into an FMA where the host rounds the product first. That differs by float32 ulps of the head's
+    values, which shows where the two terms cancel (an output near zero), else as at most the
+    neighbouring bf16/fp16 value."""
+    assert not torch.isnan(y).any(), "some output elements were not written"
+    r = ref.float()
+    bound = torch.finfo(ref.dtype).eps * r.abs() + 2.0 ** -20 * r.abs().amax(-1, keepdim=True)
+    assert ((y.float() - r).abs() <= bound).all(), (y.float() - r).abs().max().item()
+    assert (y != ref).float().mean().item() < 0.01
+
+
+SHAPES = [(2, 5, 3, 16), (1, 7, 5, 8), (2, 3, 12, 32)] + ([(2, 4097, 40, 128), (1, 333, 12, 128)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("b,s,heads,d", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("freq_batch", [1, 2])
+def test_kernel_matches_host_ops(b, s, heads, d, dtype, norm, freq_batch):
+    x, w = inputs(b, s, heads, d, dtype, norm)
+    f = wan_freqs(min(freq_batch, b), s, d)
+    assert kernels.norm_rope_unsupported_reason(x, w, 1e-6, f, heads) in (None, "input on cpu")
+    out = torch.full((b, s, heads, d), float("nan"), dtype=dtype, device=DEV)
+    y = ops.norm_rope(x, w, 1e-6, f, heads, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close_to_reference(y, wan_ops.norm_rope_reference(x, w, 1e-6, f, heads))
+
+
+def test_reference_is_the_textbook_rotation():
+    """RMS-normalise with the weight, then each head's channel pair (2i, 2i+1) as a complex number
+    times e^(i angle): the reference (ComfyUI's formula) computes exactly this."""
+    b, s, heads, d = 2, 6, 3, 16
+    x, w = inputs(b, s, heads, d, torch.float32, True)
+    f = wan_freqs(1, s, d)
+    angle = torch.atan2(f[..., 1, 0], f[..., 0, 0])  # [1, S, 1, D/2]
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    z = torch.view_as_complex(xn.view(b, s, heads, d // 2, 2).contiguous()) * torch.polar(torch.ones_like(angle), angle)
+    want = torch.view_as_real(z).reshape(b, s, heads, d)
+    torch.testing.assert_close(wan_ops.norm_rope_reference(x, w, 1e-6, f, heads), want, rtol=1e-5, atol=1e-5)
+
+
+def test_core_dispatch():
+    """dvdq_core.wan_ops: the kernels on a GPU, the host's ops on the CPU (silently: there it is
+    the expected path); eps None means the dtype's epsilon, as torch's rms_norm."""
+    x, w = inputs(2, 5, 4, 16, torch.bfloat16, True)
+    f = wan_freqs(1, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = wan_ops.norm_rope(x, w, None, f, 4)
+        e = modulation(2, 64, torch.bfloat16)
+        m = wan_ops.modulated_norm(x, e[0], e[1], 1e-6)
+        g = wan_ops.gated_residual(x, m, e[2])
+    ref = wan_ops.norm_rope_reference(x, w, torch.finfo(torch.bfloat16).eps, f, 4)
+    m_ref = wan_ops.modulated_norm_reference(x, e[0], e[1], 1e-6)
+    if ON_GPU:
+        assert_close_to_reference(y, ref)
+        assert_one_rounding(m, m_ref)
+        assert_one_rounding(g, wan_ops.gated_residual_reference(x, m, e[2]))
+    else:
+        assert torch.equal(y, ref) and torch.equal(m, m_ref)
+        assert torch.equal(g, wan_ops.gated_residual_reference(x, m, e[2]))
+
+
+def test_unsupported_reasons():
+    x, w = inputs(1, 4, 2, 16, torch.bfloat16, True)
+    f = wan_freqs(1, 4, 16)
+    reason = kernels.norm_rope_unsupported_reason
+    assert "float32" in reason(x, w, 1e-6, f.double(), 2)
+    assert "not [1 or B, S" in reason(x, w, 1e-6, f[:, :3], 2)
+    assert "dtype" in reason(x.float(), w, 1e-6, f, 2)
+    assert "heads x even head dim" in reason(x, w, 1e-6, f, 3)
+    assert "power of two" in reason(x[..., :24], w[:24], 1e-6, wan_freqs(1, 4, 12), 2)
+    assert "norm weight" in reason(x, w[:8], 1e-6, f, 2)
+    v = x[:, :1]
+    assert "not [1, 1, 32] in torch.bfloat16" in kernels.modulated_norm_unsupported_reason(x, v.float(), v, 1e-6)
+    assert "not [1, 1, 32]" in kernels.modulated_norm_unsupported_reason(x, x[:, :2], v, 1e-6)
+    assert "not [batch, tokens, channels]" in kernels.gated_residual_unsupported_reason(x[0], x[0], v[0])
+    assert "does not match x" in kernels.gated_residual_unsupported_reason(x, x[:, :2], v)
+    if not ON_GPU:
+        assert reason(x, w, 1e-6, f, 2) == "input on cpu"
+        assert kernels.modulated_norm_unsupported_reason(x, v, v, 1e-6) == "input on cpu"
+        assert kernels.gated_residual_unsupported_reason(x, x, v) == "input on cpu"
+
+
+def modulation(b, c, dtype, per_sample=True):
+    """[B, 1, C] vectors as the host slices them: a chunk of a [B, 6, C] tensor (batch stride 6 C)."""
+    e = (torch.randn(b, 6, c, generator=GEN) * 0.5).to(dtype).to(DEV)
+    return e.chunk(6, dim=1)
+
+
+def assert_one_rounding(y, ref):
+    """Equal up to one rounding of the output (the kernels compute in float32 in another order)."""
+    assert not torch.isnan(y).any(), "some output elements were not written"
+    r = ref.float()
+    bound = torch.finfo(ref.dtype).eps * r.abs() + 2.0 ** -18 * r.abs().amax(-1, keepdim=True)
+    assert ((y.float() - r).abs() <= bound).all(), (y.float() - r).abs().max().item()
+    assert (y != ref).float().mean().item() < 0.02
+
+
+TOKEN_SHAPES = [(2, 5, 48), (1, 7, 256), (2, 3, 320)] + ([(2, 4097, 5120), (1, 333, 1536)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("b,s,c", TOKEN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modulated_norm_matches_host_ops(b, s, c, dtype):
+    x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
+    e = modulation(b, c, dtype)
+    out = torch.full_like(x, float("nan"))
+    y = ops.modulated_norm(x, e[0], e[1], 1e-6, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_one_rounding(y, wan_ops.modulated_norm_reference(x, e[0], e[1], 1e-6))
+
+
+@pytest.mark.parametrize("b,s,c", TOKEN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_residual_matches_host_ops(b, s, c, dtype):
+    x = (torch.randn(b, s, c, generator=GEN) * 4).to(dtype).to(DEV)
+    y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
+    g = modulation(b, c, dtype)[2]
+    out = torch.full_like(x, float("nan"))
+    r = ops.gated_residual(x, y, g, out=out)
+    assert r.data_ptr() == out.data_ptr()
+    assert_one_rounding(r, wan_ops.gated_residual_reference(x, y, g))
+
+
+def test_references_are_the_textbook_formulas():
+    x = torch.randn(2, 5, 32, generator=GEN, dtype=torch.float64)
+    shift, scale, gate = (torch.randn(2, 1, 32, generator=GEN, dtype=torch.float64) for _ in range(3))
+    n = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    torch.testing.assert_close(wan_ops.modulated_norm_reference(x, shift, scale, 1e-6), n * (1 + scale) + shift)
+    y = torch.randn(2, 5, 32, generator=GEN, dtype=torch.float64)
+    torch.testing.assert_close(wan_ops.gated_residual_reference(x, y, gate), x + y * gate)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a CUDA notion: the GPU path warns once when it must use the host's ops")
+def test_gpu_call_the_kernel_cannot_take_warns():
+    x, w = inputs(1, 4, 2, 16, torch.bfloat16, True)
+    with pytest.warns(RuntimeWarning, match="q/k norm and rotary embedding runs as the host's PyTorch ops"):
+        y = wan_ops.norm_rope(x.float(), w.float(), 1e-6, wan_freqs(1, 4, 16), 2)
+    assert y.dtype == torch.float32
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile of the custom op needs the compiled GPU kernels")
+def test_torch_compile():
+    x, w = inputs(2, 64, 4, 32, torch.bfloat16, True)
+    f = wan_freqs(1, 64, 32)
+    fn = torch.compile(lambda a: kernels.norm_rope(a, w, 1e-6, f, 4) * 2, fullgraph=True)
+    assert_close_to_reference(fn(x) / 2, wan_ops.norm_rope_reference(x, w, 1e-6, f, 4))
+
+
+def test_node_patch_refuses_a_changed_host_forward():
+    """nodes/wan_blocks.py installs its copies of the host's forwards only where the host's forward has
+    the signature and the names it copies (the real classes are checked against ComfyUI in tests/host)."""
+    from torch import nn
+    from nodes import wan_blocks as wb
+
+    class OtherSignature(nn.Module):
+        def forward(self, x, context, transformer_options={}, **kwargs):
+            return x
+
+    class ExtraStep(nn.Module):
+        def forward(self, x, freqs, transformer_options={}):
+            return self.o(patch_hook(x, freqs))  # noqa: F821  (never called)
+
+    assert "expected ('self', 'x', 'freqs', 'transformer_options')" in wb.host_forward_mismatch(OtherSignature,
+                                                                                               wb.SELF_ATTENTION)
+    assert "patch_hook" in wb.host_forward_mismatch(ExtraStep, wb.SELF_ATTENTION)
+    assert "expected ('self', 'x', 'e', 'freqs'" in wb.host_forward_mismatch(ExtraStep, wb.BLOCK)
+    assert wb.fuse_wan(nn.Linear(2, 2)) == 0  # no Wan modules (and without ComfyUI: no import)
