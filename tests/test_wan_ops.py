@@ -128,11 +128,12 @@ def modulation(b, c, dtype, per_sample=True):
     return e.chunk(6, dim=1)
 
 
-def assert_one_rounding(y, ref):
-    """Equal up to one rounding of the output (the kernels compute in float32 in another order)."""
+def assert_one_rounding(y, ref, extra=0.0):
+    """Equal up to one rounding of the output (the kernels compute in float32 in another order), plus
+    `extra` where an intermediate may round differently."""
     assert not torch.isnan(y).any(), "some output elements were not written"
     r = ref.float()
-    bound = torch.finfo(ref.dtype).eps * r.abs() + 2.0 ** -18 * r.abs().amax(-1, keepdim=True)
+    bound = torch.finfo(ref.dtype).eps * r.abs() + 2.0 ** -18 * r.abs().amax(-1, keepdim=True) + extra
     assert ((y.float() - r).abs() <= bound).all(), (y.float() - r).abs().max().item()
     assert (y != ref).float().mean().item() < 0.02
 
@@ -148,7 +149,10 @@ def test_modulated_norm_matches_host_ops(b, s, c, dtype):
     out = torch.full_like(x, float("nan"))
     y = ops.modulated_norm(x, e[0], e[1], 1e-6, out=out)
     assert y.data_ptr() == out.data_ptr()
-    assert_one_rounding(y, wan_ops.modulated_norm_reference(x, e[0], e[1], 1e-6))
+    # the kernel's LayerNorm (two passes) and the GPU's (Welford) may round the normed value to
+    # neighbouring values: one ulp of norm * (1 + scale) more where shift cancels that term
+    term = (torch.nn.functional.layer_norm(x, (c,), eps=1e-6).float() * (1 + e[1].float())).abs()
+    assert_one_rounding(y, wan_ops.modulated_norm_reference(x, e[0], e[1], 1e-6), torch.finfo(dtype).eps * term)
 
 
 @pytest.mark.parametrize("b,s,c", TOKEN_SHAPES)
