@@ -15,8 +15,10 @@ path on the CPU, where results are bit for bit the host's. On a GPU the Triton k
 (kernels/) give the same values up to float rounding; a call they cannot take uses the reference
 and says once why.
 
-Shapes: x, y [B, S, C]; shift, scale, gate [B, 1, C] in x's dtype; freqs [B or 1, S, 1, D/2, 2, 2]
-float32 (the 2 x 2 rotation [[cos, -sin], [sin, cos]] of each channel pair, ComfyUI's layout).
+Shapes: x, y [B, S, C]; shift, scale, gate [B, F, C] in x's dtype: one vector per sample (F = 1), or
+per frame / token (Wan 2.2 with per-frame timesteps), spread over the S tokens as ComfyUI's
+`repeat_e` does (`per_token`); freqs [B or 1, S, 1, D/2, 2, 2] float32 (the 2 x 2 rotation
+[[cos, -sin], [sin, cos]] of each channel pair, ComfyUI's layout).
 """
 import torch
 import torch.nn.functional as F
@@ -37,12 +39,24 @@ def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float
     return out.reshape(b, s, heads, c // heads).type_as(x)
 
 
+def per_token(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B, F, C] vectors spread over x's S tokens (ComfyUI's repeat_e): F = 1 broadcasts; else each
+    vector repeats S // F times, or S // F + 1 times cut at S when F does not divide S."""
+    f, s = v.shape[1], x.shape[1]
+    repeats = s // f if f > 1 else 1
+    if repeats == 1:
+        return v
+    if repeats * f == s:
+        return torch.repeat_interleave(v, repeats, dim=1)
+    return torch.repeat_interleave(v, repeats + 1, dim=1)[:, :s]
+
+
 def modulated_norm_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
+    return torch.addcmul(per_token(shift, x), F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + per_token(scale, x))
 
 
 def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(x, y, gate)
+    return torch.addcmul(x, y, per_token(gate, x))
 
 
 def _fused(name: str, what: str, reference, *args):

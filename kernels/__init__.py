@@ -153,13 +153,17 @@ def _gpu_reason(x: torch.Tensor, *others):
 
 
 def _tokens_reason(x: torch.Tensor, *vectors):
-    """x [B, S, C] in bf16/fp16 and per-sample vectors [B, 1, C] of its dtype with unit channel stride."""
+    """x [B, S, C] in bf16/fp16 and modulation vectors [B, F, C] (one per sample, frame or token) of its
+    dtype with unit channel stride."""
     if x.dim() != 3 or x.dtype not in (torch.bfloat16, torch.float16):
         return f"the input ({tuple(x.shape)}, {x.dtype}) is not [batch, tokens, channels] in bf16 or fp16"
-    b, _, c = x.shape
+    b, s, c = x.shape
     for v in vectors:
-        if v.dtype != x.dtype or v.dim() != 3 or tuple(v.shape) != (b, 1, c) or v.stride(2) != 1:
-            return f"a modulation vector ({tuple(v.shape)}, {v.dtype}) is not [{b}, 1, {c}] in {x.dtype}"
+        if v.dtype != x.dtype or v.dim() != 3 or v.shape[0] != b or v.shape[2] != c or v.shape[1] < 1 \
+                or v.stride(2) != 1:
+            return f"a modulation vector ({tuple(v.shape)}, {v.dtype}) is not [{b}, frames, {c}] in {x.dtype}"
+        if 1 < v.shape[1] != s and s // v.shape[1] == 1:  # the host's repeat_e leaves these unspread
+            return f"{v.shape[1]} modulation vectors do not spread over {s} tokens"
     return None
 
 
@@ -182,6 +186,8 @@ def norm_rope_unsupported_reason(x: torch.Tensor, weight, eps, freqs: torch.Tens
 
 
 def modulated_norm_unsupported_reason(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps):
+    if shift.shape != scale.shape:
+        return f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} differ in shape"
     return _tokens_reason(x, shift, scale) or _gpu_reason(x, shift, scale)
 
 

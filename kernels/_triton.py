@@ -426,11 +426,12 @@ def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, y_ptr, S, stride_fb, stride_fs, eps, 
 
 
 @triton.jit
-def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, stride_vb, eps, C: tl.constexpr,
+def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, REP, stride_vb, stride_vf, eps, C: tl.constexpr,
                            BC: tl.constexpr, INTERPRET: tl.constexpr):
     """One token per program: LayerNorm over its C channels (no affine), rounded to the output dtype as
-    the host's norm returns it, then shift + norm * (1 + scale) with the sample's vectors ((1 + scale)
-    rounded too, as the host adds it in the dtype first), rounded once."""
+    the host's norm returns it, then shift + norm * (1 + scale) with its vectors (row (t // REP) of its
+    sample's [F, C] vectors: per sample, per frame or per token; (1 + scale) rounded too, as the host
+    adds it in the dtype first), rounded once."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BC)
     ok = c < C
@@ -440,20 +441,20 @@ def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, stride_vb, eps
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
     dt = y_ptr.dtype.element_ty
     n = _round_to(d * rstd, dt, INTERPRET).to(tl.float32)
-    v = (row // S) * stride_vb + c
+    v = (row // S) * stride_vb + ((row % S) // REP) * stride_vf + c
     shift = tl.load(shift_ptr + v, mask=ok, other=0.0).to(tl.float32)
     one_scale = _round_to(1.0 + tl.load(scale_ptr + v, mask=ok, other=0.0).to(tl.float32), dt, INTERPRET).to(tl.float32)
     tl.store(y_ptr + row * C + c, _round_to(shift + n * one_scale, dt, INTERPRET), mask=ok)
 
 
 @triton.jit
-def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, S, stride_gb, C: tl.constexpr, BC: tl.constexpr,
-                           INTERPRET: tl.constexpr):
-    """One token per program: x + y * gate with the sample's gate vector, rounded once."""
+def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, S, REP, stride_gb, stride_gf, C: tl.constexpr,
+                           BC: tl.constexpr, INTERPRET: tl.constexpr):
+    """One token per program: x + y * gate with its gate vector (as _modulated_norm_kernel's), rounded once."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BC)
     ok = c < C
     x = tl.load(x_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + (row // S) * stride_gb + c, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + (row // S) * stride_gb + ((row % S) // REP) * stride_gf + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * C + c, _round_to(x + y * g, out_ptr.dtype.element_ty, INTERPRET), mask=ok)

@@ -347,25 +347,39 @@ def norm_rope(x, weight, eps: float, freqs, heads: int, out=None):
     return out
 
 
+def tokens_per_vector(s: int, f: int) -> int:
+    """Tokens that share one of F modulation vectors over S tokens, as ComfyUI's repeat_e spreads
+    them: S // F each when that divides, else S // F + 1 (the last vector covers the rest)."""
+    repeats = s // f
+    return repeats if repeats * f == s else repeats + 1
+
+
+def _vector_strides(v, b: int):
+    """(batch stride, vector stride) of [B or 1, F, C] vectors (0 where the dim broadcasts)."""
+    return (v.stride(0) if v.shape[0] > 1 else 0), (v.stride(1) if v.shape[1] > 1 else 0)
+
+
 def modulated_norm(x, shift, scale, eps: float, out=None):
-    """LayerNorm(x) * (1 + scale) + shift, x [B, S, C], shift/scale [B, 1, C] (_modulated_norm_kernel)."""
+    """LayerNorm(x) * (1 + scale) + shift, x [B, S, C], shift/scale [B, F, C] (_modulated_norm_kernel)."""
     b, s, c = x.shape
     x = x.contiguous()
     out = torch.empty_like(x) if out is None else out
+    if shift.stride() != scale.stride():  # both are slices of one tensor in the host; one stride pair serves
+        shift, scale = shift.contiguous(), scale.contiguous()
     if x.numel():
         _triton()._modulated_norm_kernel[(b * s,)](
-            x, shift, scale, out, s, shift.stride(0), eps, C=c, BC=triton_next_power_of_2(c), INTERPRET=interpreting(),
-            num_warps=configs.WAN_OPS_NUM_WARPS)
+            x, shift, scale, out, s, tokens_per_vector(s, shift.shape[1]), *_vector_strides(shift, b), eps, C=c,
+            BC=triton_next_power_of_2(c), INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
     return out
 
 
 def gated_residual(x, y, gate, out=None):
-    """x + y * gate, x/y [B, S, C], gate [B, 1, C] (_gated_residual_kernel)."""
+    """x + y * gate, x/y [B, S, C], gate [B, F, C] (_gated_residual_kernel)."""
     b, s, c = x.shape
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x) if out is None else out
     if x.numel():
         _triton()._gated_residual_kernel[(b * s,)](
-            x, y, gate, out, s, gate.stride(0), C=c, BC=triton_next_power_of_2(c), INTERPRET=interpreting(),
-            num_warps=configs.WAN_OPS_NUM_WARPS)
+            x, y, gate, out, s, tokens_per_vector(s, gate.shape[1]), *_vector_strides(gate, b), C=c,
+            BC=triton_next_power_of_2(c), INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
     return out

@@ -71,18 +71,11 @@ def _normed_rotated(norm: nn.Module, y, freqs, heads: int):
 
 
 def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
-    """shift + norm(x) * (1 + scale): one kernel where the norm is a plain LayerNorm without affine
-    and the vectors are one per sample (not per frame, as Wan 2.2 5B's)."""
+    """shift + norm(x) * (1 + scale): one kernel where the norm is a plain LayerNorm without affine."""
     if isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None and _plain(norm) \
-            and tuple(norm.normalized_shape) == (x.shape[-1],) and shift.shape[1] == 1 and scale.shape[1] == 1:
+            and tuple(norm.normalized_shape) == (x.shape[-1],):
         return modulated_norm(x, shift, scale, norm.eps)
     return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))  # the host's expression
-
-
-def _gated(x, y, gate, repeat_e):
-    if gate.shape[1] == 1:
-        return gated_residual(x, y, gate)
-    return torch.addcmul(x, y, repeat_e(gate, x))
 
 
 def _fused_class(cls, kind: str):
@@ -109,12 +102,12 @@ def _fused_class(cls, kind: str):
                 e = (mod + e).chunk(6, dim=1) if e.ndim < 4 else (mod.unsqueeze(0) + e).unbind(2)
                 y = self.self_attn(_modulated(self.norm1, x, e[0], e[1], host.repeat_e), freqs,
                                    transformer_options=transformer_options)
-                x = _gated(x, y, e[2], host.repeat_e)
+                x = gated_residual(x, y, e[2])
                 del y
                 x = x + self.cross_attn(self.norm3(x), context, context_img_len=context_img_len,
                                         transformer_options=transformer_options)
                 y = self.ffn(_modulated(self.norm2, x, e[3], e[4], host.repeat_e))
-                return _gated(x, y, e[5], host.repeat_e)
+                return gated_residual(x, y, e[5])
     Fused.__name__ = Fused.__qualname__ = "DVDQ" + cls.__name__
     _FUSED_CLASSES[cls] = Fused
     return Fused

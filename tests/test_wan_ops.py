@@ -113,8 +113,10 @@ def test_unsupported_reasons():
     assert "power of two" in reason(x[..., :24], w[:24], 1e-6, wan_freqs(1, 4, 12), 2)
     assert "norm weight" in reason(x, w[:8], 1e-6, f, 2)
     v = x[:, :1]
-    assert "not [1, 1, 32] in torch.bfloat16" in kernels.modulated_norm_unsupported_reason(x, v.float(), v, 1e-6)
-    assert "not [1, 1, 32]" in kernels.modulated_norm_unsupported_reason(x, x[:, :2], v, 1e-6)
+    assert "not [1, frames, 32] in torch.bfloat16" in kernels.modulated_norm_unsupported_reason(x, v.float(), v.float(),
+                                                                                              1e-6)
+    assert "differ in shape" in kernels.modulated_norm_unsupported_reason(x, x[:, :2], v, 1e-6)
+    assert "do not spread over 4 tokens" in kernels.gated_residual_unsupported_reason(x, x, x[:, :3])
     assert "not [batch, tokens, channels]" in kernels.gated_residual_unsupported_reason(x[0], x[0], v[0])
     assert "does not match x" in kernels.gated_residual_unsupported_reason(x, x[:, :2], v)
     if not ON_GPU:
@@ -123,10 +125,21 @@ def test_unsupported_reasons():
         assert kernels.gated_residual_unsupported_reason(x, x, v) == "input on cpu"
 
 
-def modulation(b, c, dtype, per_sample=True):
-    """[B, 1, C] vectors as the host slices them: a chunk of a [B, 6, C] tensor (batch stride 6 C)."""
-    e = (torch.randn(b, 6, c, generator=GEN) * 0.5).to(dtype).to(DEV)
-    return e.chunk(6, dim=1)
+def modulation(b, c, dtype, frames=None):
+    """Six modulation vectors as the host slices them: one per sample, a chunk of a [B, 6, C] tensor
+    (batch stride 6 C), or with `frames` F an unbind of a [B, F, 6, C] tensor (per frame or token)."""
+    if frames is None:
+        return (torch.randn(b, 6, c, generator=GEN) * 0.5).to(dtype).to(DEV).chunk(6, dim=1)
+    return (torch.randn(b, frames, 6, c, generator=GEN) * 0.5).to(dtype).to(DEV).unbind(2)
+
+
+# None: [B, 1, C] chunks of [B, 6, C]; 1: a [B, 1, C] unbind of [B, 1, 6, C]; "third": ceil(S / 3)
+# vectors (S = 5: two, 3 + 2 tokens; S = 7: three, 3 + 3 + 1); "token": one vector per token
+FRAMES = [None, 1, "third", "token"]
+
+
+def frames_for(spec, s):
+    return {None: None, 1: 1, "third": max(1, s // 3 + (s % 3 > 0)), "token": s}[spec]
 
 
 def assert_one_rounding(y, ref, extra=0.0):
@@ -144,28 +157,45 @@ TOKEN_SHAPES = [(2, 5, 48), (1, 7, 256), (2, 3, 320)] + ([(2, 4097, 5120), (1, 3
 
 @pytest.mark.parametrize("b,s,c", TOKEN_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_modulated_norm_matches_host_ops(b, s, c, dtype):
+@pytest.mark.parametrize("frames", FRAMES)
+def test_modulated_norm_matches_host_ops(b, s, c, dtype, frames):
     x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
-    e = modulation(b, c, dtype)
+    e = modulation(b, c, dtype, frames_for(frames, s))
+    assert kernels.modulated_norm_unsupported_reason(x, e[0], e[1], 1e-6) in (None, "input on cpu")
     out = torch.full_like(x, float("nan"))
     y = ops.modulated_norm(x, e[0], e[1], 1e-6, out=out)
     assert y.data_ptr() == out.data_ptr()
     # the kernel's LayerNorm (two passes) and the GPU's (Welford) may round the normed value to
     # neighbouring values: one ulp of norm * (1 + scale) more where shift cancels that term
-    term = (torch.nn.functional.layer_norm(x, (c,), eps=1e-6).float() * (1 + e[1].float())).abs()
+    term = (torch.nn.functional.layer_norm(x, (c,), eps=1e-6).float() * (1 + wan_ops.per_token(e[1], x).float())).abs()
     assert_one_rounding(y, wan_ops.modulated_norm_reference(x, e[0], e[1], 1e-6), torch.finfo(dtype).eps * term)
 
 
 @pytest.mark.parametrize("b,s,c", TOKEN_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gated_residual_matches_host_ops(b, s, c, dtype):
+@pytest.mark.parametrize("frames", FRAMES)
+def test_gated_residual_matches_host_ops(b, s, c, dtype, frames):
     x = (torch.randn(b, s, c, generator=GEN) * 4).to(dtype).to(DEV)
     y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
-    g = modulation(b, c, dtype)[2]
+    g = modulation(b, c, dtype, frames_for(frames, s))[2]
+    assert kernels.gated_residual_unsupported_reason(x, y, g) in (None, "input on cpu")
     out = torch.full_like(x, float("nan"))
     r = ops.gated_residual(x, y, g, out=out)
     assert r.data_ptr() == out.data_ptr()
     assert_one_rounding(r, wan_ops.gated_residual_reference(x, y, g))
+
+
+def test_per_token_spreads_like_comfyui_repeat_e():
+    """ComfyUI's repeat_e (comfy/ldm/wan/model.py), spelled out: token t of S takes vector t // r of
+    F, r = S / F when F divides S, else S // F + 1; and the kernels' tokens_per_vector agrees."""
+    for s, f in [(12, 1), (12, 3), (12, 5), (12, 12), (7, 2), (10, 4), (6, 20)]:
+        v = torch.arange(f, dtype=torch.float32).view(1, f, 1)
+        r = s // f if (s // f) * f == s else s // f + 1
+        want = torch.tensor([t // r if f > 1 else 0 for t in range(s)], dtype=torch.float32)
+        got = wan_ops.per_token(v, torch.zeros(1, s, 1)).expand(1, s, 1).flatten()
+        assert torch.equal(got, want), (s, f)
+        if f > 1:
+            assert ops.tokens_per_vector(s, f) == r
 
 
 def test_references_are_the_textbook_formulas():

@@ -31,6 +31,8 @@ def counted(module, name, calls):
 
     def wrapper(*a, **k):
         calls[name] = calls.get(name, 0) + 1
+        if name == "gated_residual":  # how many modulation vectors per sample (frames)
+            calls["gate_vectors"] = sorted(set(calls.get("gate_vectors", [])) | {a[2].shape[1]})
         return real(*a, **k)
     setattr(module, name, wrapper)
 
@@ -49,7 +51,9 @@ def wan_fused(kind, dtype, quantize):
     in_dim = m.patch_embedding.in_channels
     x = torch.randn(1, in_dim, 2, 8, 8, generator=g).to(dtype)
     ctx = torch.randn(1, 8, 4096, generator=g).to(dtype)
-    t = torch.tensor([500.0])
+    # Wan 2.2 with an image latent runs per-frame timesteps (model_base.WAN22.process_timestep): the
+    # blocks then get one modulation vector per latent frame
+    t = torch.tensor([[500.0, 300.0]]) if kind == "wan22_5b" else torch.tensor([500.0])
     clip = torch.randn(1, 257, 1280, generator=g).to(dtype) if kind == "wan21_i2v" else None
     with torch.no_grad():
         before = m(x, t, ctx, clip_fea=clip)
@@ -70,5 +74,6 @@ for kind in ("wan21_t2v", "hunyuan_video"):
     out[kind] = sorted(name for name, q in dq.quantized_layers(m) if q.act == "gelu_tanh")
 out["wan"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": wan_fused(kind, dtype, quantize)
                for kind, dtype, quantize in [("wan21_t2v", torch.float32, False), ("wan21_t2v", torch.bfloat16, False),
-                                             ("wan21_t2v", torch.bfloat16, True), ("wan21_i2v", torch.float32, False)]}
+                                             ("wan21_t2v", torch.bfloat16, True), ("wan21_i2v", torch.float32, False),
+                                             ("wan22_5b", torch.bfloat16, False)]}
 print(json.dumps(out))
