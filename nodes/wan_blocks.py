@@ -71,8 +71,9 @@ def _normed_rotated(norm: nn.Module, y, freqs, heads: int):
 
 
 def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
-    """shift + norm(x) * (1 + scale): one kernel where the norm is a plain LayerNorm without affine."""
-    if isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None and _plain(norm) \
+    """shift + norm(x) * (1 + scale): one kernel where the norm is a LayerNorm without affine (Wan's
+    norm1 / norm2; with no weight there is nothing for the host to cast or patch)."""
+    if isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None \
             and tuple(norm.normalized_shape) == (x.shape[-1],):
         return modulated_norm(x, shift, scale, norm.eps)
     return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))  # the host's expression

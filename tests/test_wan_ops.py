@@ -233,6 +233,25 @@ def test_torch_compile():
     assert (got != want).float().mean().item() < 0.05
 
 
+@pytest.mark.skipif(not ON_GPU, reason="host synchronisation is a CUDA notion; needs the compiled GPU kernels")
+def test_no_host_sync():
+    x, w = inputs(2, 64, 4, 32, torch.bfloat16, True)
+    f = wan_freqs(1, 64, 32)
+    e = modulation(2, 128, torch.bfloat16, 4)
+
+    def ops_once():
+        h = wan_ops.modulated_norm(x, e[0], e[1], 1e-6)
+        return wan_ops.gated_residual(x, wan_ops.norm_rope(h, w, 1e-6, f, 4).flatten(2), e[2])
+
+    ops_once()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops_once()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_node_patch_refuses_a_changed_host_forward():
     """nodes/wan_blocks.py installs its copies of the host's forwards only where the host's forward has
     the signature and the names it copies (the real classes are checked against ComfyUI in tests/host)."""
