@@ -155,13 +155,16 @@ def _gpu_reason(x: torch.Tensor, *others):
 def _tokens_reason(x: torch.Tensor, *vectors):
     """x [B, S, C] in bf16/fp16 and modulation vectors [B, F, C] (one per sample, frame or token) of its
     dtype with unit channel stride."""
-    if x.dim() != 3 or x.dtype not in (torch.bfloat16, torch.float16):
-        return f"the input ({tuple(x.shape)}, {x.dtype}) is not [batch, tokens, channels] in bf16 or fp16"
+    if x.dtype not in (torch.bfloat16, torch.float16):  # (no shapes in the sentences that repeat per call:
+        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"  # the warning is once per sentence)
+    if x.dim() != 3:
+        return f"the input of shape {tuple(x.shape)} is not [batch, tokens, channels]"
     b, s, c = x.shape
     for v in vectors:
-        if v.dtype != x.dtype or v.dim() != 3 or v.shape[0] != b or v.shape[2] != c or v.shape[1] < 1 \
-                or v.stride(2) != 1:
-            return f"a modulation vector ({tuple(v.shape)}, {v.dtype}) is not [{b}, frames, {c}] in {x.dtype}"
+        if v.dtype != x.dtype:
+            return f"modulation vectors in {v.dtype} need the host's type promotion (activations in {x.dtype})"
+        if v.dim() != 3 or v.shape[0] != b or v.shape[2] != c or v.shape[1] < 1 or v.stride(2) != 1:
+            return f"a modulation vector of shape {tuple(v.shape)} is not [{b}, frames, {c}]"
         if 1 < v.shape[1] != s and s // v.shape[1] == 1:  # the host's repeat_e leaves these unspread
             return f"{v.shape[1]} modulation vectors do not spread over {s} tokens"
     return None
@@ -169,12 +172,12 @@ def _tokens_reason(x: torch.Tensor, *vectors):
 
 def norm_rope_unsupported_reason(x: torch.Tensor, weight, eps, freqs: torch.Tensor, heads: int):
     """None when norm_rope's kernel handles this call, else a short sentence why not."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"
     if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2:
         return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim]"
     b, s, c = x.shape
     d = c // heads
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"
     if d & (d - 1) or heads > 256:
         return f"head dim {d} is not a power of two or there are more than 256 heads"
     if freqs.dtype != torch.float32 or freqs.dim() != 6 or freqs.shape[0] not in (1, b) or \

@@ -113,11 +113,12 @@ def test_unsupported_reasons():
     assert "power of two" in reason(x[..., :24], w[:24], 1e-6, wan_freqs(1, 4, 12), 2)
     assert "norm weight" in reason(x, w[:8], 1e-6, f, 2)
     v = x[:, :1]
-    assert "not [1, frames, 32] in torch.bfloat16" in kernels.modulated_norm_unsupported_reason(x, v.float(), v.float(),
-                                                                                              1e-6)
+    assert "need the host's type promotion" in kernels.modulated_norm_unsupported_reason(x, v.float(), v.float(), 1e-6)
+    assert "is not [1, frames, 32]" in kernels.modulated_norm_unsupported_reason(x, v[..., :16], v[..., :16], 1e-6)
     assert "differ in shape" in kernels.modulated_norm_unsupported_reason(x, x[:, :2], v, 1e-6)
     assert "do not spread over 4 tokens" in kernels.gated_residual_unsupported_reason(x, x, x[:, :3])
     assert "not [batch, tokens, channels]" in kernels.gated_residual_unsupported_reason(x[0], x[0], v[0])
+    assert "bf16 or fp16 only" in kernels.gated_residual_unsupported_reason(x.float(), x.float(), v.float())
     assert "does not match x" in kernels.gated_residual_unsupported_reason(x, x[:, :2], v)
     if not ON_GPU:
         assert reason(x, w, 1e-6, f, 2) == "input on cpu"
