@@ -137,6 +137,18 @@ def cases(cc):
     out.append(("act rotate (16-bit)", kt._rotate_kernel,
                 {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "y_ptr": "*bf16", "M": "i32", "stride_xm": "i32"},
                 base, w, s, None))
+    # the Wan block's elementwise kernels at Wan 14B's width (40 heads x 128), as ops launches them
+    ww, bc, vec = configs.WAN_OPS_NUM_WARPS, triton.next_power_of_2(K), {"S": "i32", "REP": "i32"}
+    out.append(("wan norm_rope", kt._norm_rope_kernel,
+                {"x_ptr": "*bf16", "w_ptr": "*bf16", "f_ptr": "*fp32", "y_ptr": "*bf16", "S": "i32", "stride_fb": "i32",
+                 "stride_fs": "i32", "eps": "fp32"},
+                dict(H=K // 128, HP=triton.next_power_of_2(K // 128), HALF_D=64, NORM=True, INTERPRET=False), ww, 3, None))
+    out.append(("wan modulated_norm", kt._modulated_norm_kernel,
+                {"x_ptr": "*bf16", "shift_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": "*bf16", **vec,
+                 "stride_vb": "i32", "stride_vf": "i32", "eps": "fp32"}, dict(C=K, BC=bc, INTERPRET=False), ww, 3, None))
+    out.append(("wan gated_residual", kt._gated_residual_kernel,
+                {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*bf16", **vec, "stride_gb": "i32",
+                 "stride_gf": "i32"}, dict(C=K, BC=bc, INTERPRET=False), ww, 3, None))
     return out
 
 
@@ -159,9 +171,8 @@ def main(argv=None):
                 continue
             print(f"sm_{cc:<3d} {label:58s} {r['regs']:4d} {r['spills']:6d} {r['smem'] / 1024:7.1f}  {r['mma']}")
             # The fused-GELU Triton GEMM spills in its epilogue only (sm_90, SPLIT 2: both sub-tiles'
-            # accumulators are live). Its Wan 14B 8-bit step GEMM time, 2.02 s (fifth session, call 7),
-            # matches earlier unfused calls' ~2.0 s; not an A/B in one call (NOTES v8). A spill among
-            # the MMAs is always a problem.
+            # accumulators are live); measured harmless: the Wan 14B W4A8 step with the GELU fused vs
+            # unfused in one call, 5.474 vs 5.481 s (NOTES v9). A spill among the MMAs is always a problem.
             if r["loop_spills"] or (r["spills"] and "GELU" not in label):
                 problems.append(f"sm_{cc} {label}: {r['spills']} register spill stores ({r['loop_spills']} in the K loop)")
             if r["smem"] > SMEM_LIMIT[cc]:
