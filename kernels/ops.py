@@ -354,7 +354,7 @@ def tokens_per_vector(s: int, f: int) -> int:
     return repeats if repeats * f == s else repeats + 1
 
 
-def _vector_strides(v, b: int):
+def _vector_strides(v):
     """(batch stride, vector stride) of [B or 1, F, C] vectors (0 where the dim broadcasts)."""
     return (v.stride(0) if v.shape[0] > 1 else 0), (v.stride(1) if v.shape[1] > 1 else 0)
 
@@ -368,7 +368,7 @@ def modulated_norm(x, shift, scale, eps: float, out=None):
         shift, scale = shift.contiguous(), scale.contiguous()
     if x.numel():
         _triton()._modulated_norm_kernel[(b * s,)](
-            x, shift, scale, out, s, tokens_per_vector(s, shift.shape[1]), *_vector_strides(shift, b), eps, C=c,
+            x, shift, scale, out, s, tokens_per_vector(s, shift.shape[1]), *_vector_strides(shift), eps, C=c,
             BC=triton_next_power_of_2(c), INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
     return out
 
@@ -380,6 +380,6 @@ def gated_residual(x, y, gate, out=None):
     out = torch.empty_like(x) if out is None else out
     if x.numel():
         _triton()._gated_residual_kernel[(b * s,)](
-            x, y, gate, out, s, tokens_per_vector(s, gate.shape[1]), *_vector_strides(gate, b), C=c,
+            x, y, gate, out, s, tokens_per_vector(s, gate.shape[1]), *_vector_strides(gate), C=c,
             BC=triton_next_power_of_2(c), INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
     return out
