@@ -38,8 +38,16 @@ def prepare_for_comfy(base_model, config, arch: str, source: str):
     base_model._dvdq_layer_keys = set(names)
     base_model._dvdq_info = {"config": config, "arch": arch, "source": source}
     if arch == "wan":
-        fused = fuse_wan(dm)
-        log.info("DVD-Quant: elementwise steps fused in %d Wan blocks and self-attention modules", fused)
+        fused, off = fuse_wan(dm)
+        base_model._dvdq_info.update(fused_steps=fused, fusion_off=off)
+        log.info("DVD-Quant: elementwise steps fused in %d Wan blocks and self-attention modules%s", fused,
+                 f" ({off})" if off else "")
+
+
+def fusion_fields(base_model) -> dict:
+    """The quant summary's fields on the fused Wan steps (None for models without them)."""
+    info = base_model._dvdq_info
+    return {"fused_steps": info.get("fused_steps"), "fusion_off": info.get("fusion_off")}
 
 
 def finish_patcher(patcher):
@@ -100,7 +108,7 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
     emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(report.layers), "w_bits": config.w_bits,
                                 "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
                                 "mean_rel_error": report.mean_rel_error, "seconds": report.seconds,
-                                "source": "quantized"})
+                                "source": "quantized", **fusion_fields(base_model)})
     log.info("DVD-Quant: %s: %d layers, %.1f MiB -> %.1f MiB, mean rel. error %.4f, %.1f s", source_name,
              len(report.layers), report.bytes_before / 2**20, report.bytes_after / 2**20, report.mean_rel_error,
              report.seconds)
@@ -310,7 +318,7 @@ def load_prequantized(path, a_bits, node_id):
     before = sum(e["out"] * e["in"] * elt + (e["out"] * elt if e["bias"] else 0) for e in layers.values())
     emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(layers), "w_bits": config.w_bits,
                                 "bytes_before": before, "bytes_after": qbytes, "mean_rel_error": None,
-                                "seconds": time.perf_counter() - t0, "source": "loaded"})
+                                "seconds": time.perf_counter() - t0, "source": "loaded", **fusion_fields(base)})
     return finish_patcher(patcher)
 
 

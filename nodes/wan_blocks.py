@@ -114,16 +114,17 @@ def _fused_class(cls, kind: str):
     return Fused
 
 
-def fuse_wan(diffusion_model: nn.Module) -> int:
+def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
     """Switch ComfyUI's WanSelfAttention and WanAttentionBlock modules (and subclasses that keep their
-    forward) to the fused forwards; returns how many modules. Idempotent."""
+    forward) to the fused forwards. Returns (modules switched, None) or, where a class was left
+    alone, a short reason for the UI as the second item (the log has the details). Idempotent."""
     if os.environ.get("DVDQ_FUSE_WAN", "1") == "0":
-        return 0
+        return 0, "turned off by DVDQ_FUSE_WAN=0"
     try:
         from comfy.ldm.wan.model import WanAttentionBlock, WanSelfAttention
     except ImportError:  # another host layout: nothing of ours to replace
-        return 0
-    switched = 0
+        return 0, None
+    switched, off = 0, None
     for base, kind, expected in ((WanSelfAttention, "self_attention", SELF_ATTENTION), (WanAttentionBlock, "block", BLOCK)):
         targets = [m for m in diffusion_model.modules() if isinstance(m, base) and type(m).forward is base.forward]
         if not targets:
@@ -132,11 +133,12 @@ def fuse_wan(diffusion_model: nn.Module) -> int:
         if why is not None:
             log.warning("DVD-Quant: ComfyUI's %s changed (%s); its fused elementwise steps are off for this model. "
                         "It runs correctly at the host's speed; please report the ComfyUI version.", base.__name__, why)
+            off = "ComfyUI's Wan code changed (see the log)"
             continue
         for m in targets:
             m.__class__ = _fused_class(type(m), kind)
         switched += len(targets)
-    return switched
+    return switched, off
 
 
 def unfuse_wan(diffusion_model: nn.Module) -> int:

@@ -274,4 +274,9 @@ def test_node_patch_refuses_a_changed_host_forward():
                                                                                                wb.SELF_ATTENTION)
     assert "patch_hook" in wb.host_forward_mismatch(ExtraStep, wb.SELF_ATTENTION)
     assert "expected ('self', 'x', 'e', 'freqs'" in wb.host_forward_mismatch(ExtraStep, wb.BLOCK)
-    assert wb.fuse_wan(nn.Linear(2, 2)) == 0  # no Wan modules (and without ComfyUI: no import)
+    assert wb.fuse_wan(nn.Linear(2, 2)) == (0, None)  # no Wan modules (and without ComfyUI: no import)
+    os.environ["DVDQ_FUSE_WAN"] = "0"
+    try:
+        assert wb.fuse_wan(nn.Linear(2, 2)) == (0, "turned off by DVDQ_FUSE_WAN=0")
+    finally:
+        del os.environ["DVDQ_FUSE_WAN"]

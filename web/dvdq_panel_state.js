@@ -179,6 +179,9 @@ export function applySummaryEvent(q, ev) {
       meanRelError: ev.mean_rel_error == null ? null : Number(ev.mean_rel_error),
       seconds: Number(ev.seconds),
       source: ev.source === "loaded" ? "loaded" : "quantized",
+      // Wan only: the block's elementwise steps run as fused kernels (null for other models)
+      fusedSteps: ev.fused_steps == null ? null : Number(ev.fused_steps),
+      fusionOff: ev.fusion_off ?? null,
     },
   };
 }
@@ -218,11 +221,14 @@ export function summaryLines(s) {
   const ratio = s.bytesAfter > 0 ? ` (${trimNumber(s.bytesBefore / s.bytesAfter, 1)}×)` : "";
   const how = s.source === "loaded" ? "loaded pre-quantized" : "quantized";
   const err = s.meanRelError == null || !Number.isFinite(s.meanRelError) ? "–" : formatSmall(s.meanRelError);
-  return [
+  const lines = [
     `W${s.wBits} · ${s.layers} layers ${how} in ${formatSeconds(s.seconds)}`,
     `${formatBytes(s.bytesBefore)} → ${formatBytes(s.bytesAfter)}${ratio}`,
     `mean rel. error ${err}`,
   ];
+  if (s.fusionOff) lines.push(`fused Wan steps off: ${s.fusionOff}`);
+  else if (s.fusedSteps > 0) lines.push(`Wan steps fused in ${s.fusedSteps} modules`);
+  return lines;
 }
 
 /** Shortens text from the left ("…ks.12.ffn.0") until measure(text) fits maxWidth. */

@@ -57,12 +57,12 @@ def wan_fused(kind, dtype, quantize):
     clip = torch.randn(1, 257, 1280, generator=g).to(dtype) if kind == "wan21_i2v" else None
     with torch.no_grad():
         before = m(x, t, ctx, clip_fea=clip)
-        fused = wb.fuse_wan(m)
-        again = wb.fuse_wan(m)
+        fused, off = wb.fuse_wan(m)
+        again, _ = wb.fuse_wan(m)
         after = m(x, t, ctx, clip_fea=clip)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "Attention" in type(mod).__name__})
         restored = wb.unfuse_wan(m)
-    return {"fused": fused, "again": again, "calls": calls, "restored": restored, "equal": bool(torch.equal(before, after)),
+    return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored, "equal": bool(torch.equal(before, after)),
             "finite": bool(torch.isfinite(after).all()), "classes": classes}
 
 

@@ -85,6 +85,7 @@ def test_w8a8_close_to_float_w4a4_further(server, capsys):
     assert summary["bytes_after"] * 3 < summary["bytes_before"]
     assert 0 < summary["mean_rel_error"] < 1
     assert "elementwise steps fused in 4 Wan blocks and self-attention modules" in server.log()
+    assert (summary["fused_steps"], summary["fusion_off"]) == (4, None)  # shown in the web panel
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
@@ -154,6 +155,7 @@ def test_saved_copy_loads_to_identical_results(server):
     assert torch.equal(latent(server, hist_a), latent(server, hist_b))
     (summary,) = events(msgs, "dvdq.quant_summary")
     assert summary["source"] == "loaded" and summary["mean_rel_error"] is None
+    assert (summary["fused_steps"], summary["fusion_off"]) == (4, None)  # a loaded file gets them too
     # the Save node never overwrites: two saves of one model give two files
     save = {"load": loader(T2V), "s1": node("DVDQuantSave", model=["load", 0], filename_prefix="dvdq/tiny_saved")}
     run_ok(server, save)
@@ -179,6 +181,7 @@ def test_hunyuan_saved_copy_and_arq_overrides(server):
     assert torch.equal(latent(server, hist_a), latent(server, hist_b))
     (loaded,) = events(msgs_b, "dvdq.quant_summary")
     assert loaded["layers"] == summary["layers"] and loaded["bytes_after"] == summary["bytes_after"]
+    assert loaded["fused_steps"] is None and summary["fused_steps"] is None  # Wan only
     # *.img_mlp.* skipped: its two Linear layers of the one double block stay float
     full = run_ok(server, quant_graph("hy_c", name=name, cond=HY_COND, cfg=1.0))[1]
     assert summary["layers"] == events(full, "dvdq.quant_summary")[0]["layers"] - 2
@@ -327,7 +330,7 @@ def test_fusions_find_comfyui_models(host_dir):
     # runs twice per block (Wan 2.2 with per-frame modulation vectors too), and on the CPU (the host's
     # own ops) the output is bit for bit the host's
     for case, r in fused["wan"].items():
-        assert (r["fused"], r["again"], r["restored"]) == (4, 0, 4), case
+        assert (r["fused"], r["off"], r["again"], r["restored"]) == (4, None, 0, 4), case
         vectors = [2] if case.startswith("wan22_5b") else [1]  # Wan 2.2: per-frame timesteps, 2 latent frames
         assert r["calls"] == {"norm_rope": 4, "modulated_norm": 4, "gated_residual": 4, "gate_vectors": vectors}, case
         assert r["equal"] and r["finite"], case
