@@ -129,24 +129,18 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
         return f"scale block {sb} < 64 is not supported by the kernels (the GEMM's K-tile is at least 64)"
     if x2d.dtype not in (torch.bfloat16, torch.float16):
         return f"input dtype {x2d.dtype} is not supported (bf16 or fp16 only)"
-    if x2d.device.type != "cuda":
-        return f"input on {x2d.device.type}"
-    cap = torch.cuda.get_device_capability(x2d.device)
-    if cap < MIN_CAPABILITY:
-        return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
-    if torch.version.hip is not None:
-        return "ROCm GPUs are not supported by the kernels"
-    return _triton_missing()
+    return _gpu_reason(x2d)
 
 
 def _gpu_reason(x: torch.Tensor, *others):
-    """Device checks shared by the Wan block's ops: None when x is on a supported GPU with the others."""
+    """Device checks of every kernel: None when x (and the others) are on a GPU the kernels run on."""
     if any(t.device != x.device for t in others if t is not None):
         return "the inputs are on different devices"
     if x.device.type != "cuda":
         return f"input on {x.device.type}"
-    if torch.cuda.get_device_capability(x.device) < MIN_CAPABILITY:
-        return "the GPU's compute capability is below {}.{}".format(*MIN_CAPABILITY)
+    cap = torch.cuda.get_device_capability(x.device)
+    if cap < MIN_CAPABILITY:
+        return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     if torch.version.hip is not None:
         return "ROCm GPUs are not supported by the kernels"
     return _triton_missing()

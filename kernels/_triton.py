@@ -426,6 +426,12 @@ def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, y_ptr, S, stride_fb, stride_fs, eps, 
 
 
 @triton.jit
+def _vector_row(row, S, REP, stride_b, stride_f):
+    """Offset of token `row`'s modulation vector: its sample's row (t // REP) of [F, C] vectors."""
+    return (row // S) * stride_b + ((row % S) // REP) * stride_f
+
+
+@triton.jit
 def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, REP, stride_vb, stride_vf, eps, C: tl.constexpr,
                            BC: tl.constexpr, INTERPRET: tl.constexpr):
     """One token per program: LayerNorm over its C channels (no affine), rounded to the output dtype as
@@ -441,7 +447,7 @@ def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, REP, stride_vb
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
     dt = y_ptr.dtype.element_ty
     n = _round_to(d * rstd, dt, INTERPRET).to(tl.float32)
-    v = (row // S) * stride_vb + ((row % S) // REP) * stride_vf + c
+    v = _vector_row(row, S, REP, stride_vb, stride_vf) + c
     shift = tl.load(shift_ptr + v, mask=ok, other=0.0).to(tl.float32)
     one_scale = _round_to(1.0 + tl.load(scale_ptr + v, mask=ok, other=0.0).to(tl.float32), dt, INTERPRET).to(tl.float32)
     tl.store(y_ptr + row * C + c, _round_to(shift + n * one_scale, dt, INTERPRET), mask=ok)
@@ -456,5 +462,5 @@ def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, S, REP, stride_gb, stri
     ok = c < C
     x = tl.load(x_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + (row // S) * stride_gb + ((row % S) // REP) * stride_gf + c, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + _vector_row(row, S, REP, stride_gb, stride_gf) + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * C + c, _round_to(x + y * g, out_ptr.dtype.element_ty, INTERPRET), mask=ok)

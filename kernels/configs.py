@@ -92,8 +92,8 @@ ACT_POW2_PASS1_ELEMS = 4096
 # block so that a block's second read stays in L2 was 1.5-3x slower (too little in flight).
 ACT_POW2_PASS2_PER_SM = 2
 # The Wan block's elementwise kernels (_norm_rope_kernel, _modulated_norm_kernel,
-# _gated_residual_kernel): one token's whole row per program. bench/rope.py on an H100: the rotation
-# 2.3-2.7 TB/s with 4 or 8 warps, slower with 16.
+# _gated_residual_kernel): one token's whole row per program. bench/wan_ops.py on an H100: 2.3-2.8
+# TB/s at C = 5120 with 4 warps; 8 no faster (but for the rotation without norm, by 1%), 16 slower.
 WAN_OPS_NUM_WARPS = 4
 
 
