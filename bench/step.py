@@ -1,4 +1,5 @@
-"""One CFG denoising step (batch 2) of ComfyUI's own WanModel at 480p x 81 frames (32760 tokens),
+"""One denoising step of ComfyUI's own WanModel (CFG batch of 2) or HunyuanVideo (batch 1: its
+guidance is embedded, ComfyUI's workflows run it at CFG 1) at 480p x 81 frames (32760 video tokens),
 random weights: BF16 vs DVD-Quant W4A8 / W4A4 / W4A4 with granularity "pow2" (triton backend), PyTorch SDPA
 or SageAttention.
 
@@ -26,9 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "bench"))  # after ROOT: bench/kernels.py must not shadow kernels/
 
-ARCH = {  # Wan 2.1 configs (ComfyUI's detection of the released checkpoints)
+ARCH = {  # ComfyUI's detection of the released checkpoints: Wan 2.1 14B / 1.3B, HunyuanVideo (13B)
     "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "hunyuan": dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                    hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=20, depth_single_blocks=40,
+                    axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True,
+                    byt5=False, meanflow=False),
 }
 LATENT = (16, 21, 60, 104)  # 480 x 832, 81 frames -> 21 x 30 x 52 = 32760 tokens after 1x2x2 patches
 
@@ -44,18 +49,23 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def build(arch, comfy_dir, dev):
+def build(arch, dev):
     import comfy.ops
-    from comfy.ldm.wan.model import WanModel
-    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, freq_dim=256, text_dim=4096,
-                     out_dim=16, device=dev, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **ARCH[arch])
+    ops = comfy.ops.disable_weight_init
+    if arch == "hunyuan":
+        from comfy.ldm.hunyuan_video.model import HunyuanVideo
+        model = HunyuanVideo(device=dev, dtype=torch.bfloat16, operations=ops, **ARCH[arch])
+    else:
+        from comfy.ldm.wan.model import WanModel
+        model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, freq_dim=256, text_dim=4096,
+                         out_dim=16, device=dev, dtype=torch.bfloat16, operations=ops, **ARCH[arch])
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 fan_in = p[0].numel()
                 p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
-            elif "norm" in name:
+            elif "norm" in name:  # Wan's norm weights, HunyuanVideo's QKNorm scales
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
@@ -74,21 +84,38 @@ def pack_wan_fusion():
 
 def weight_bytes(model):
     return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
-               if n.startswith("blocks."))
+               if n.split(".")[0].endswith("blocks"))  # Wan's blocks, HunyuanVideo's double_/single_blocks
+
+
+def make_inputs(arch, dev):
+    """(args, kwargs) of one step: the CFG pair for Wan; HunyuanVideo's text (256 tokens of its LLM's 4096-wide
+    states, no padding mask), pooled CLIP vector and embedded guidance for one sample."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    b = 1 if arch == "hunyuan" else 2
+    x = torch.randn(b, *LATENT, device=dev, dtype=torch.bfloat16, generator=g)
+    t = torch.full((b,), 700.0 if arch != "hunyuan" else 0.7, device=dev)
+    if arch == "hunyuan":
+        ctx = torch.randn(b, 256, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+        y = torch.randn(b, 768, device=dev, dtype=torch.bfloat16, generator=g)
+        return (x, t, ctx), {"y": y, "guidance": torch.full((b,), 6.0, device=dev)}
+    return (x, t, torch.randn(b, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)), {}
 
 
 def run_variant(model, inputs, steps, profile):
-    x, t, ctx = inputs
+    args, kwargs = inputs
+
+    def step():
+        return model(*args, **kwargs)
     torch.cuda.synchronize()
     with torch.inference_mode():  # as ComfyUI samples (the kernels' q/k/v reuse must work there)
-        model(x, t, ctx)  # warm-up: compiles the kernels of every shape
+        step()  # warm-up: compiles the kernels of every shape
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            out = model(x, t, ctx)
+            out = step()
             b.record()
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
@@ -98,7 +125,7 @@ def run_variant(model, inputs, steps, profile):
         if profile:
             from torch.profiler import ProfilerActivity, profile as prof
             with prof(activities=[ProfilerActivity.CUDA]) as p:
-                model(x, t, ctx)
+                step()
                 torch.cuda.synchronize()
             tot, per_kernel = {}, []
             for ev in p.key_averages():
@@ -133,7 +160,10 @@ def main():
     sys.path.insert(0, os.path.abspath(args.comfy))
     dev = torch.device("cuda")
     import comfy.ldm.modules.attention as attn
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.hunyuan_video.model as hunyuan
     import comfy.ldm.wan.model as wan
+    attention_users = {"hunyuan": (flux_math, hunyuan)}  # modules whose optimized_attention the step calls
     from dvdq_core import QuantConfig, quantize_model, set_activation_bits
     from dvdq_core.fusion import fuse_gelu, unfuse_gelu
     from dvdq_core.hadamard import effective_block
@@ -160,11 +190,8 @@ def main():
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), flush=True)
     for arch in args.arch:
-        model = build(arch, args.comfy, dev)
-        g = torch.Generator(device=dev).manual_seed(1)
-        inputs = (torch.randn(2, *LATENT, device=dev, dtype=torch.bfloat16, generator=g),
-                  torch.tensor([700.0, 700.0], device=dev),
-                  torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g))
+        model = build(arch, dev)
+        inputs = make_inputs(arch, dev)
         for variant in args.variants:
             kind, *flags = variant.split("-")
             if kind != "bf16" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
@@ -189,11 +216,13 @@ def main():
                 else:
                     fuse_gelu(model)
             if ("fused" in flags) if kind == "bf16" else ("hostops" not in flags):
-                fuse_wan(model)
+                fused = fuse_wan(model)[0]
             else:
-                unfuse_wan(model)
+                fused = -unfuse_wan(model)
+            print(f"[{arch}] {variant}: fused elementwise steps in {max(fused, 0)} modules", flush=True)
             for impl_name, impl in attn_impls.items():
-                wan.optimized_attention = impl
+                for mod in attention_users.get(arch, (wan,)):
+                    mod.optimized_attention = impl
                 sage_calls[0] = 0
                 torch.cuda.empty_cache()
                 r = run_variant(model, inputs, args.steps, not args.no_profile)
