@@ -136,7 +136,7 @@ def run_variant(model, inputs, steps, profile):
             all_us = sum(tot.values()) or 1
             shares = {k: v / all_us for k, v in tot.items()}
             shares["gpu_s"] = all_us / 1e6
-            shares["top_kernels"] = [(round(us / 1e3, 2), c, name[:90]) for us, c, name in sorted(per_kernel)[::-1][:12]]
+            shares["top_kernels"] = [(round(us / 1e3, 2), c, name[:200]) for us, c, name in sorted(per_kernel)[::-1][:12]]
     times.sort()
     return {"step_s": times[len(times) // 2], "all_s": times, "peak_gib": peak / 2**30, "finite": finite, "shares": shares}
 
