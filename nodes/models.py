@@ -22,6 +22,9 @@ from .wan_blocks import fuse_wan
 
 log = logging.getLogger("dvdq")
 VIDEO_IMAGE_MODELS = ("wan2.1", "hunyuan_video")  # unet_config["image_model"] of the accepted families
+# arch -> (function that fuses the blocks' elementwise steps, what it switches: for the log)
+FUSED_BLOCKS = {"wan": (fuse_wan, "Wan blocks and self-attention modules"),
+                "hunyuan_video": (fuse_hunyuan, "HunyuanVideo double- and single-stream blocks")}
 
 
 def prepare_for_comfy(base_model, config, arch: str, source: str):
@@ -43,11 +46,6 @@ def prepare_for_comfy(base_model, config, arch: str, source: str):
         fused, off = fusion[0](dm)
         base_model._dvdq_info.update(fused_steps=fused, fusion_off=off)
         log.info("DVD-Quant: elementwise steps fused in %d %s%s", fused, fusion[1], f" ({off})" if off else "")
-
-
-# arch -> (function that fuses the block's elementwise steps, what it switches: for the log)
-FUSED_BLOCKS = {"wan": (fuse_wan, "Wan blocks and self-attention modules"),
-                "hunyuan_video": (fuse_hunyuan, "HunyuanVideo double- and single-stream blocks")}
 
 
 def fusion_fields(base_model) -> dict:
