@@ -63,15 +63,15 @@ def gated_add_inplace_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Te
 
 
 def head_norm_rope(x, weight, eps: float, pe, heads: int, x2=None, weight2=None) -> torch.Tensor:
-    return _fused("head_norm_rope", "the q/k norm and rotary embedding", head_norm_rope_reference, x, weight,
-                  float(eps), pe, heads, x2, weight2)
+    return _fused("head_norm_rope", "HunyuanVideo's per-head q/k norm and rotary embedding", head_norm_rope_reference,
+                  x, weight, float(eps), pe, heads, x2, weight2)
 
 
 def gated_add(x, y, gate) -> torch.Tensor:
-    return _fused("gated_add", "the gated residual", gated_add_reference, x, y, gate)
+    return _fused("gated_add", "HunyuanVideo's gated residual", gated_add_reference, x, y, gate)
 
 
 def gated_add_(x, y, gate) -> torch.Tensor:
     """x += y * gate in place; returns x."""
-    _fused("gated_add_inplace", "the gated residual (in place)", gated_add_inplace_reference, x, y, gate)
+    _fused("gated_add_inplace", "HunyuanVideo's gated residual (in place)", gated_add_inplace_reference, x, y, gate)
     return x
