@@ -3,8 +3,10 @@
 Public API (the core registers `linear_forward` as its "triton" backend):
   linear_forward(layer, x2d, a_bits) -> y2d
   unsupported_reason(layer, a_bits, x2d) -> str | None
-and the Wan block's elementwise steps that dvdq_core.wan_ops dispatches to:
+the Wan block's elementwise steps that dvdq_core.wan_ops dispatches to:
   norm_rope / modulated_norm / gated_residual(*args), each with <name>_unsupported_reason(*args)
+and HunyuanVideo's (dvdq_core.hunyuan_ops; its modulation is modulated_norm):
+  head_norm_rope / gated_add / gated_add_inplace(*args), each with <name>_unsupported_reason(*args)
 
 Importing this package needs neither triton nor a GPU; triton is imported on the first forward.
 Each is a torch custom op (`torch.ops.dvdq.w4_linear`, ...) so torch.compile treats it as one
@@ -17,7 +19,8 @@ from . import configs, ops
 
 __all__ = ["linear_forward", "unsupported_reason", "norm_rope", "modulated_norm", "gated_residual",
            "norm_rope_unsupported_reason", "modulated_norm_unsupported_reason", "gated_residual_unsupported_reason",
-           "configs", "ops"]
+           "head_norm_rope", "gated_add", "gated_add_inplace", "head_norm_rope_unsupported_reason",
+           "gated_add_unsupported_reason", "gated_add_inplace_unsupported_reason", "configs", "ops"]
 
 _SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
 MIN_CAPABILITY = (8, 0)
@@ -46,11 +49,11 @@ def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
 _w4_linear_op = _define_op()
 
 
-def _wan_op(name, fn, fake):
+def _wan_op(name, fn, fake, mutates_args=()):
     """A torch custom op dvdq::<name> (opaque to torch.compile, output shape from `fake`)."""
     if hasattr(torch.ops.dvdq, name):
         return getattr(torch.ops.dvdq, name)
-    op = torch.library.custom_op("dvdq::" + name, mutates_args=())(fn)
+    op = torch.library.custom_op("dvdq::" + name, mutates_args=mutates_args)(fn)
     op.register_fake(fake)
     return op
 
@@ -73,6 +76,26 @@ norm_rope = _wan_op("norm_rope", _norm_rope, lambda x, weight, eps, freqs, heads
     (x.shape[0], x.shape[1], heads, x.shape[2] // heads)))
 modulated_norm = _wan_op("modulated_norm", _modulated_norm, lambda x, shift, scale, eps: torch.empty_like(x))
 gated_residual = _wan_op("gated_residual", _gated_residual, lambda x, y, gate: torch.empty_like(x))
+
+
+def _head_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, pe: torch.Tensor, heads: int,
+                    x2: torch.Tensor | None, weight2: torch.Tensor | None) -> torch.Tensor:
+    return ops.head_norm_rope(x, weight, eps, pe, heads, x2, weight2)
+
+
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return ops.gated_residual(x, y, gate, round_product=True)
+
+
+def _gated_add_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+    ops.gated_residual(x, y, gate, out=x, round_product=True)
+
+
+# HunyuanVideo's block steps (dvdq_core.hunyuan_ops has the references and the shapes)
+head_norm_rope = _wan_op("head_norm_rope", _head_norm_rope, lambda x, weight, eps, pe, heads, x2, weight2: x.new_empty(
+    (x.shape[0], heads, x.shape[1] + (0 if x2 is None else x2.shape[1]), x.shape[2] // heads)))
+gated_add = _wan_op("gated_add", _gated_add, lambda x, y, gate: torch.empty_like(x))
+gated_add_inplace = _wan_op("gated_add_inplace", _gated_add_inplace, lambda x, y, gate: None, mutates_args=("x",))
 
 
 def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
@@ -192,3 +215,46 @@ def gated_residual_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: to
     if y.shape != x.shape or y.dtype != x.dtype:
         return f"the residual's branch ({tuple(y.shape)}, {y.dtype}) does not match x ({tuple(x.shape)}, {x.dtype})"
     return _tokens_reason(x, gate) or _gpu_reason(x, y, gate)
+
+
+def _heads_reason(x: torch.Tensor, heads: int):
+    """x [B, L, H x D] in bf16/fp16 with unit channel stride, D an even power of two, at most 256 heads."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"
+    if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2 or x.stride(2) != 1:
+        return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim] with unit channel stride"
+    d = x.shape[-1] // heads
+    if d & (d - 1) or heads > 256:
+        return f"head dim {d} is not a power of two or there are more than 256 heads"
+    return None
+
+
+def head_norm_rope_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, eps, pe: torch.Tensor, heads: int,
+                                      x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None):
+    """None when head_norm_rope's kernel handles this call, else a short sentence why not."""
+    why = _heads_reason(x, heads)
+    if why is None and x2 is not None:
+        if x2.dtype != x.dtype or x2.dim() != 3 or x2.shape[0] != x.shape[0] or x2.shape[2] != x.shape[2]:
+            return f"the second part ({tuple(x2.shape)}, {x2.dtype}) does not match the first ({tuple(x.shape)}, {x.dtype})"
+        why = _heads_reason(x2, heads)
+    if why is not None:
+        return why
+    b, l, c = x.shape
+    total, d = l + (0 if x2 is None else x2.shape[1]), c // heads
+    if pe.dtype != torch.float32 or pe.dim() != 6 or pe.shape[0] not in (1, b) or \
+            tuple(pe.shape[1:]) != (1, total, d // 2, 2, 2) or pe.stride()[3:] != (4, 2, 1):
+        return f"rotary frequencies of shape {tuple(pe.shape)} / {pe.dtype} are not [1 or B, 1, L, D/2, 2, 2] float32"
+    for w in (weight, weight2) if x2 is not None else (weight,):
+        if w is None or tuple(w.shape) != (d,):
+            return f"norm weight of shape {None if w is None else tuple(w.shape)} is not [{d}]"
+    return _gpu_reason(x, pe, weight, x2, weight2)
+
+
+def gated_add_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+    return gated_residual_unsupported_reason(x, y, gate)
+
+
+def gated_add_inplace_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+    if not x.is_contiguous():
+        return "the residual updated in place is not contiguous"
+    return gated_residual_unsupported_reason(x, y, gate)

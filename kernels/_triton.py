@@ -415,14 +415,47 @@ def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, y_ptr, S, stride_fb, stride_fs, eps, 
         ms = tl.sum(tl.sum(x * x, axis=1), axis=0) / (H * D)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         x = _round_to(x * (1.0 / tl.sqrt(ms + eps)) * w, y_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+    y = _rotate_pairs(x, f_ptr + b * stride_fb + (row - b * S) * stride_fs, HP, HALF_D)
+    tl.store(y_ptr + row * (H * D) + offs, _round_to(y, y_ptr.dtype.element_ty, INTERPRET), mask=ok)
+
+
+@triton.jit
+def _rotate_pairs(x, f_row, HP: tl.constexpr, HALF_D: tl.constexpr):
+    """x [HP, D] float32: each channel pair (x0, x1) of each head becomes (f00 x0 + f01 x1,
+    f10 x0 + f11 x1) with the token's 2 x 2 rotations f ([D/2, 2, 2] float32 at f_row, shared by the
+    heads); float32 [HP, D]."""
     x0, x1 = tl.split(tl.reshape(x, (HP, HALF_D, 2)))
-    fp = f_ptr + b * stride_fb + (row - b * S) * stride_fs + tl.arange(0, HALF_D)[None, :] * 4
+    fp = f_row + tl.arange(0, HALF_D)[None, :] * 4
     f00 = tl.load(fp)
     f01 = tl.load(fp + 1)
     f10 = tl.load(fp + 2)
     f11 = tl.load(fp + 3)
-    y = tl.reshape(tl.join(f00 * x0 + f01 * x1, f10 * x0 + f11 * x1), (HP, D))
-    tl.store(y_ptr + row * (H * D) + offs, _round_to(y, y_ptr.dtype.element_ty, INTERPRET), mask=ok)
+    return tl.reshape(tl.join(f00 * x0 + f01 * x1, f10 * x0 + f11 * x1), (HP, 2 * HALF_D))
+
+
+@triton.jit
+def _head_norm_rope_kernel(x_ptr, w_ptr, f_ptr, y_ptr, L, L_OUT, L0, stride_xb, stride_xl, stride_fb, stride_fl, eps,
+                           H: tl.constexpr, HP: tl.constexpr, HALF_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """HunyuanVideo's q (or k): one token per program, its H heads x D channels read in place from the
+    qkv projection's output (token stride stride_xl, unit channel stride) as [HP, D]. RMS norm over
+    each head's D channels with the weight [D], rounded to the output dtype (as the host's norm
+    returns it), then rotated as in _norm_rope_kernel with pe's row L0 + t, rounded once, and
+    written to y [B, H, L_OUT, D] at token L0 + t: the double block's image and text parts fill one
+    buffer (L0 = 0 and L0 = image tokens), so the host's torch.cat disappears."""
+    pid = tl.program_id(0).to(tl.int64)
+    D: tl.constexpr = 2 * HALF_D
+    b = pid // L
+    t = pid - b * L
+    h = tl.arange(0, HP)[:, None]
+    c = tl.arange(0, D)[None, :]
+    ok = (h < H) & (c < D)
+    x = tl.load(x_ptr + b * stride_xb + t * stride_xl + h * D + c, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [HP]
+    w = tl.load(w_ptr + c).to(tl.float32)
+    dt = y_ptr.dtype.element_ty
+    x = _round_to(x * rstd[:, None] * w, dt, INTERPRET).to(tl.float32)
+    y = _rotate_pairs(x, f_ptr + b * stride_fb + (L0 + t) * stride_fl, HP, HALF_D)
+    tl.store(y_ptr + ((b * H + h) * L_OUT + L0 + t) * D + c, _round_to(y, dt, INTERPRET), mask=ok)
 
 
 @triton.jit
@@ -455,12 +488,19 @@ def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, REP, stride_vb
 
 @triton.jit
 def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, S, REP, stride_gb, stride_gf, C: tl.constexpr,
-                           BC: tl.constexpr, INTERPRET: tl.constexpr):
-    """One token per program: x + y * gate with its gate vector (as _modulated_norm_kernel's), rounded once."""
+                           BC: tl.constexpr, INTERPRET: tl.constexpr, ROUND_PRODUCT: tl.constexpr = False):
+    """One token per program: x + y * gate with its gate vector (as _modulated_norm_kernel's), rounded
+    once (Wan's addcmul). ROUND_PRODUCT: y * gate rounded to the output dtype first, as the host's
+    `x + y * gate` (HunyuanVideo) rounds it; for bf16/fp16 that is the host's result bit for bit (the
+    product is exact in float32, the sum is rounded from float32 as torch's). out may be x (in place)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BC)
     ok = c < C
+    dt = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + _vector_row(row, S, REP, stride_gb, stride_gf) + c, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * C + c, _round_to(x + y * g, out_ptr.dtype.element_ty, INTERPRET), mask=ok)
+    p = y * g
+    if ROUND_PRODUCT:
+        p = _round_to(p, dt, INTERPRET).to(tl.float32)
+    tl.store(out_ptr + row * C + c, _round_to(x + p, dt, INTERPRET), mask=ok)

@@ -373,13 +373,35 @@ def modulated_norm(x, shift, scale, eps: float, out=None):
     return out
 
 
-def gated_residual(x, y, gate, out=None):
-    """x + y * gate, x/y [B, S, C], gate [B, F, C] (_gated_residual_kernel)."""
+def gated_residual(x, y, gate, out=None, round_product=False):
+    """x + y * gate, x/y [B, S, C], gate [B, F, C] (_gated_residual_kernel); round_product: y * gate
+    rounded first (HunyuanVideo's `x + y * gate`). out may be x (contiguous) for the in-place update."""
     b, s, c = x.shape
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x) if out is None else out
     if x.numel():
         _triton()._gated_residual_kernel[(b * s,)](
             x, y, gate, out, s, tokens_per_vector(s, gate.shape[1]), *_vector_strides(gate), C=c,
-            BC=triton_next_power_of_2(c), INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
+            BC=triton_next_power_of_2(c), INTERPRET=interpreting(), ROUND_PRODUCT=round_product,
+            num_warps=configs.WAN_OPS_NUM_WARPS)
+    return out
+
+
+def head_norm_rope(x, weight, eps: float, pe, heads: int, x2=None, weight2=None, out=None):
+    """HunyuanVideo's q (or k): per-head RMS norm with weight [D], then the rotary embedding, of x
+    [B, L, H * D] (the q or k columns of the qkv projection's output, read in place: any token and
+    batch stride) -> [B, H, L + L2, D], x2 [B, L2, H * D] with weight2 (the double block's text
+    part) after x's tokens. pe [B or 1, 1, L + L2, D/2, 2, 2] float32 (_head_norm_rope_kernel; the
+    checks are head_norm_rope_unsupported_reason's)."""
+    b, l, c = x.shape
+    total = l + (0 if x2 is None else x2.shape[1])
+    d = c // heads
+    out = torch.empty((b, heads, total, d), dtype=x.dtype, device=x.device) if out is None else out
+    for part, w, l0 in ((x, weight, 0), (x2, weight2, l)):
+        if part is None or part.numel() == 0:
+            continue
+        _triton()._head_norm_rope_kernel[(b * part.shape[1],)](
+            part, w.to(part.dtype).contiguous(), pe, out, part.shape[1], total, l0, part.stride(0), part.stride(1),
+            pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2), eps, H=heads, HP=triton_next_power_of_2(heads),
+            HALF_D=d // 2, INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
     return out

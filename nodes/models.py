@@ -17,10 +17,14 @@ from dvdq_core.spec import layer_spec
 
 from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
                    guard_outer_sample, quant_device, video_dit_arch)
+from .hunyuan_blocks import fuse_hunyuan
 from .wan_blocks import fuse_wan
 
 log = logging.getLogger("dvdq")
 VIDEO_IMAGE_MODELS = ("wan2.1", "hunyuan_video")  # unet_config["image_model"] of the accepted families
+# arch -> (function that fuses the blocks' elementwise steps, what it switches: for the log)
+FUSED_BLOCKS = {"wan": (fuse_wan, "Wan blocks and self-attention modules"),
+                "hunyuan_video": (fuse_hunyuan, "HunyuanVideo double- and single-stream blocks")}
 
 
 def prepare_for_comfy(base_model, config, arch: str, source: str):
@@ -37,15 +41,15 @@ def prepare_for_comfy(base_model, config, arch: str, source: str):
         names.append("diffusion_model." + name)
     base_model._dvdq_layer_keys = set(names)
     base_model._dvdq_info = {"config": config, "arch": arch, "source": source}
-    if arch == "wan":
-        fused, off = fuse_wan(dm)
+    fusion = FUSED_BLOCKS.get(arch)
+    if fusion:
+        fused, off = fusion[0](dm)
         base_model._dvdq_info.update(fused_steps=fused, fusion_off=off)
-        log.info("DVD-Quant: elementwise steps fused in %d Wan blocks and self-attention modules%s", fused,
-                 f" ({off})" if off else "")
+        log.info("DVD-Quant: elementwise steps fused in %d %s%s", fused, fusion[1], f" ({off})" if off else "")
 
 
 def fusion_fields(base_model) -> dict:
-    """The quant summary's fields on the fused Wan steps (None for models without them)."""
+    """The quant summary's fields on the fused block steps (None for models without them)."""
     info = base_model._dvdq_info
     return {"fused_steps": info.get("fused_steps"), "fusion_off": info.get("fusion_off")}
 

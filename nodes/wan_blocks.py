@@ -6,7 +6,8 @@ WanSelfAttention rotates q and k in float32 through full-size temporaries (`appl
 about a fifth of a Wan 14B step on an H100 (bench/RESULTS.md). Models that the pack loads or
 quantizes get subclasses whose forwards are the host's with those steps replaced by
 dvdq_core.wan_ops (the same math; on the CPU literally the host's ops). Structure only: nothing is
-stored in files; DVDQ_FUSE_WAN=0 turns it off.
+stored in files; DVDQ_FUSE_BLOCKS=0 (or its earlier name DVDQ_FUSE_WAN=0) turns it off, here and
+for HunyuanVideo (nodes/hunyuan_blocks.py, which shares this module's checks).
 
 The forwards are copies of the host's, so they are only installed where the host's forward is the
 one copied: same signature and the same names used (a fingerprint of ComfyUI 0.3.x). If ComfyUI
@@ -44,15 +45,35 @@ def _names(code) -> set:
     return out
 
 
+def host_function_mismatch(fn, expected, subject: str = "it") -> str | None:
+    """None when the function has the expected (parameters, names[, constants it must hold]), else
+    what differs."""
+    params, names, *consts = expected
+    got = tuple(inspect.signature(fn).parameters)
+    if got != params:
+        return f"{subject} takes {got}, expected {params}"
+    used = _names(fn.__code__)
+    if used != set(names):
+        return f"{subject} uses {sorted(used ^ set(names))} differently"
+    missing = [c for c in (consts[0] if consts else ()) if c not in fn.__code__.co_consts]
+    if missing:
+        return f"{subject} no longer has the constants {missing}"
+    return None
+
+
 def host_forward_mismatch(cls, expected) -> str | None:
     """None when cls.forward has the expected (parameters, names), else what differs."""
-    params, names = expected
-    got = tuple(inspect.signature(cls.forward).parameters)
-    if got != params:
-        return f"its forward takes {got}, expected {params}"
-    used = _names(cls.forward.__code__)
-    if used != set(names):
-        return f"its forward uses {sorted(used ^ set(names))} differently"
+    return host_function_mismatch(cls.forward, expected, "its forward")
+
+
+SWITCHES = ("DVDQ_FUSE_BLOCKS", "DVDQ_FUSE_WAN")  # either =0 turns the fused block steps off (Wan and HunyuanVideo)
+
+
+def switched_off() -> str | None:
+    """The UI's reason when an environment switch turns the fused block steps off, else None."""
+    for name in SWITCHES:
+        if os.environ.get(name, "1") == "0":
+            return f"turned off by {name}=0"
     return None
 
 
@@ -118,8 +139,9 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
     """Switch ComfyUI's WanSelfAttention and WanAttentionBlock modules (and subclasses that keep their
     forward) to the fused forwards. Returns (modules switched, None) or, where a class was left
     alone, a short reason for the UI as the second item (the log has the details). Idempotent."""
-    if os.environ.get("DVDQ_FUSE_WAN", "1") == "0":
-        return 0, "turned off by DVDQ_FUSE_WAN=0"
+    off = switched_off()
+    if off:
+        return 0, off
     try:
         from comfy.ldm.wan.model import WanAttentionBlock, WanSelfAttention
     except ImportError:  # another host layout: nothing of ours to replace
@@ -143,7 +165,12 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
 
 def unfuse_wan(diffusion_model: nn.Module) -> int:
     """Undo fuse_wan (benchmarks measure what it saves); returns how many modules."""
-    hosts = {fused: host for host, fused in _FUSED_CLASSES.items()}
+    return restore_classes(diffusion_model, _FUSED_CLASSES)
+
+
+def restore_classes(diffusion_model: nn.Module, fused_classes: dict) -> int:
+    """Give the modules switched to fused_classes' values (host class -> ours) their host class back."""
+    hosts = {fused: host for host, fused in fused_classes.items()}
     restored = 0
     for m in diffusion_model.modules():
         if type(m) in hosts:

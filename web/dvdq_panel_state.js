@@ -179,7 +179,7 @@ export function applySummaryEvent(q, ev) {
       meanRelError: ev.mean_rel_error == null ? null : Number(ev.mean_rel_error),
       seconds: Number(ev.seconds),
       source: ev.source === "loaded" ? "loaded" : "quantized",
-      // Wan only: the block's elementwise steps run as fused kernels (null for other models)
+      // Wan and HunyuanVideo: the block's elementwise steps run as fused kernels (null for other models)
       fusedSteps: ev.fused_steps == null ? null : Number(ev.fused_steps),
       fusionOff: ev.fusion_off ?? null,
     },
@@ -226,8 +226,8 @@ export function summaryLines(s) {
     `${formatBytes(s.bytesBefore)} → ${formatBytes(s.bytesAfter)}${ratio}`,
     `mean rel. error ${err}`,
   ];
-  if (s.fusionOff) lines.push(`fused Wan steps off: ${s.fusionOff}`);
-  else if (s.fusedSteps > 0) lines.push(`Wan steps fused in ${s.fusedSteps} modules`);
+  if (s.fusionOff) lines.push(`fused elementwise steps off: ${s.fusionOff}`);
+  else if (s.fusedSteps > 0) lines.push(`elementwise steps fused in ${s.fusedSteps} modules`);
   return lines;
 }
 

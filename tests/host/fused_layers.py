@@ -1,13 +1,14 @@
 """Print (as JSON) what the pack's fusions change in ComfyUI's own Wan and HunyuanVideo classes (run
 with ComfyUI on sys.path; test_comfyui_host.py runs it): which QuantLinear layers apply the
-feed-forward GELU, and for Wan's blocks and self-attention with their elementwise steps fused
-(nodes/wan_blocks.py) how many modules switch, how often each fused op runs, and whether the
-model's output stays identical (on the CPU the fused forwards run the host's own ops, so it must be
-bit for bit)."""
-import importlib.util
+feed-forward GELU, and for Wan's blocks and self-attention and HunyuanVideo's double- and
+single-stream blocks with their elementwise steps fused (nodes/wan_blocks.py, nodes/hunyuan_blocks.py)
+how many modules switch, how often each fused op runs, and whether the model's output stays
+identical (on the CPU the fused forwards run the host's own ops, so it must be bit for bit)."""
+import importlib
 import json
 import os
 import sys
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -19,29 +20,37 @@ import dvdq_core as dq  # noqa: E402
 
 
 def pack_module(name):
-    """nodes/<name>.py of the pack (ComfyUI has a top-level `nodes` module of its own)."""
-    spec = importlib.util.spec_from_file_location("dvdq_" + name, os.path.join(ROOT, "nodes", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """nodes/<name>.py of the pack, as dvdq_nodes.<name> (ComfyUI has a top-level `nodes` module of its
+    own; the pack's nodes/__init__.py is not run)."""
+    if "dvdq_nodes" not in sys.modules:
+        pkg = types.ModuleType("dvdq_nodes")
+        pkg.__path__ = [os.path.join(ROOT, "nodes")]
+        sys.modules["dvdq_nodes"] = pkg
+    return importlib.import_module("dvdq_nodes." + name)
 
 
-def counted(module, name, calls):
+CALLS = {}
+
+
+def counted(module, name):
     real = getattr(module, name)
 
     def wrapper(*a, **k):
-        calls[name] = calls.get(name, 0) + 1
+        CALLS[name] = CALLS.get(name, 0) + 1
         if name == "gated_residual":  # how many modulation vectors per sample (frames)
-            calls["gate_vectors"] = sorted(set(calls.get("gate_vectors", [])) | {a[2].shape[1]})
+            CALLS["gate_vectors"] = sorted(set(CALLS.get("gate_vectors", [])) | {a[2].shape[1]})
         return real(*a, **k)
     setattr(module, name, wrapper)
 
 
+wb, hb = pack_module("wan_blocks"), pack_module("hunyuan_blocks")
+for module, names in ((wb, ("norm_rope", "modulated_norm", "gated_residual")),
+                      (hb, ("head_norm_rope", "gated_add", "gated_add_"))):
+    for name in names:
+        counted(module, name)
+
+
 def wan_fused(kind, dtype, quantize):
-    wb = pack_module("wan_blocks")
-    calls = {}
-    for name in ("norm_rope", "modulated_norm", "gated_residual"):
-        counted(wb, name, calls)
     m = build_module(kind)
     m.load_state_dict(randomize(m.state_dict(), 0))
     m.to(dtype).patch_embedding.float()  # ComfyUI runs it in float32 (WanModel.forward_orig casts its input)
@@ -59,11 +68,47 @@ def wan_fused(kind, dtype, quantize):
         before = m(x, t, ctx, clip_fea=clip)
         fused, off = wb.fuse_wan(m)
         again, _ = wb.fuse_wan(m)
+        CALLS.clear()
         after = m(x, t, ctx, clip_fea=clip)
+        calls = dict(CALLS)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "Attention" in type(mod).__name__})
         restored = wb.unfuse_wan(m)
     return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored, "equal": bool(torch.equal(before, after)),
             "finite": bool(torch.isfinite(after).all()), "classes": classes}
+
+
+def hunyuan_fused(dtype, quantize):
+    """HunyuanVideo (one double- and one single-stream block) with a text mask, fused vs the host's; then
+    with a guiding frame (I2V: per-frame modulation, modulation_dims), which the fused forwards hand
+    to the host's."""
+    m = build_module("hunyuan_video")
+    m.load_state_dict(randomize(m.state_dict(), 0))
+    m.to(dtype)
+    if quantize:
+        dq.quantize_model(m, dq.QuantConfig(backend="reference"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g).to(dtype)
+    ctx = torch.randn(1, 7, 4096, generator=g).to(dtype)
+    kw = dict(y=torch.randn(1, 768, generator=g).to(dtype), guidance=torch.tensor([4.0]),
+              attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0]]))
+    t = torch.tensor([500.0])
+    guiding = dict(kw, guiding_frame_index=torch.tensor([0.0], dtype=dtype))
+    with torch.no_grad():
+        before, before_guided = m(x, t, ctx, **kw), m(x, t, ctx, **guiding)
+        fused, off = hb.fuse_hunyuan(m)
+        again, _ = hb.fuse_hunyuan(m)
+        CALLS.clear()
+        after = m(x, t, ctx, **kw)
+        calls = dict(CALLS)
+        CALLS.clear()
+        after_guided = m(x, t, ctx, **guiding)
+        guided_calls = dict(CALLS)
+        classes = sorted({type(mod).__name__ for mod in m.modules() if "StreamBlock" in type(mod).__name__})
+        restored = hb.unfuse_hunyuan(m)
+    return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored,
+            "equal": bool(torch.equal(before, after)), "finite": bool(torch.isfinite(after).all()), "classes": classes,
+            "guided_calls": guided_calls, "guided_equal": bool(torch.equal(before_guided, after_guided)),
+            "guided_differs": not torch.equal(before, before_guided)}
 
 
 out = {}
@@ -76,4 +121,7 @@ out["wan"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}":
                for kind, dtype, quantize in [("wan21_t2v", torch.float32, False), ("wan21_t2v", torch.bfloat16, False),
                                              ("wan21_t2v", torch.bfloat16, True), ("wan21_i2v", torch.float32, False),
                                              ("wan22_5b", torch.bfloat16, False)]}
+out["hunyuan"] = {f"{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": hunyuan_fused(dtype, quantize)
+                  for dtype, quantize in [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+                                          (torch.bfloat16, True)]}
 print(json.dumps(out))

@@ -181,7 +181,9 @@ def test_hunyuan_saved_copy_and_arq_overrides(server):
     assert torch.equal(latent(server, hist_a), latent(server, hist_b))
     (loaded,) = events(msgs_b, "dvdq.quant_summary")
     assert loaded["layers"] == summary["layers"] and loaded["bytes_after"] == summary["bytes_after"]
-    assert loaded["fused_steps"] is None and summary["fused_steps"] is None  # Wan only
+    # the double- and single-stream block switch to the fused forwards (nodes/hunyuan_blocks.py)
+    assert (loaded["fused_steps"], loaded["fusion_off"]) == (summary["fused_steps"], summary["fusion_off"]) == (2, None)
+    assert "elementwise steps fused in 2 HunyuanVideo double- and single-stream blocks" in server.log()
     # *.img_mlp.* skipped: its two Linear layers of the one double block stay float
     full = run_ok(server, quant_graph("hy_c", name=name, cond=HY_COND, cfg=1.0))[1]
     assert summary["layers"] == events(full, "dvdq.quant_summary")[0]["layers"] - 2
@@ -315,8 +317,9 @@ def test_lowvram_server(host_dir):
 
 def test_fusions_find_comfyui_models(host_dir):
     """The GELU fusion (dvdq_core.fusion) finds the feed-forward of ComfyUI's own Wan and HunyuanVideo
-    classes, the Wan fusions (nodes/wan_blocks.py) ComfyUI's Wan blocks; if ComfyUI restructured them, the pack would
-    still be correct but slower: this says so."""
+    classes, the block fusions (nodes/wan_blocks.py, nodes/hunyuan_blocks.py) ComfyUI's Wan and
+    HunyuanVideo blocks; if ComfyUI restructured them, the pack would still be correct but slower:
+    this says so."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.environ["COMFYUI_PATH"])
     res = subprocess.run([sys.executable, os.path.join(here, "fused_layers.py")], capture_output=True, text=True,
@@ -336,6 +339,18 @@ def test_fusions_find_comfyui_models(host_dir):
         assert r["equal"] and r["finite"], case
         assert {"DVDQWanSelfAttention", "DVDQWanAttentionBlock"} <= set(r["classes"]), case
         assert not {"WanSelfAttention", "WanAttentionBlock"} & set(r["classes"]), case
+    # HunyuanVideo's double- and single-stream blocks (nodes/hunyuan_blocks.py), float32 / bf16 / fp16
+    # (the host's nan_to_num) / quantized, with a text mask: per call 5 modulations (4 double, 1
+    # single), q and k of both blocks, 2 out-of-place gates (image) and 3 in place (text, single
+    # stream); bit for bit the host's on the CPU. With a guiding frame (modulation_dims) every block
+    # hands the call to the host's forward: no fused op runs and the output is the host's
+    assert set(fused["hunyuan"]) == {"float32/float", "bfloat16/float", "float16/float", "bfloat16/quantized"}
+    for case, r in fused["hunyuan"].items():
+        assert (r["fused"], r["off"], r["again"], r["restored"]) == (2, None, 0, 2), case
+        assert r["calls"] == {"modulated_norm": 5, "head_norm_rope": 4, "gated_add": 2, "gated_add_": 3}, case
+        assert r["equal"] and r["finite"], case
+        assert r["classes"] == ["DVDQDoubleStreamBlock", "DVDQSingleStreamBlock"], case
+        assert r["guided_calls"] == {} and r["guided_equal"] and r["guided_differs"], case
 
 
 def test_pow2_fast_granularity_through_the_nodes(server):

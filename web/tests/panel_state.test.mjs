@@ -126,16 +126,18 @@ test("a loaded file's summary says so; missing error shows a dash", () => {
   assert.equal(lines[0], "W4 · 2 layers loaded pre-quantized in 0.50 s");
   assert.equal(lines[1], "2 KiB → 600 B (3.4×)");
   assert.equal(lines[2], "mean rel. error –");
-  assert.equal(lines.length, 3);  // no fused-steps fields: not a Wan model
+  assert.equal(lines.length, 3);  // no fused-steps fields: a model without fused block steps
 });
 
-test("a Wan model's summary says whether its elementwise steps are fused", () => {
+test("a Wan or HunyuanVideo model's summary says whether its elementwise steps are fused", () => {
   const ev = { layers: 2, w_bits: 4, bytes_before: 2048, bytes_after: 600, mean_rel_error: 0.01, seconds: 1,
     source: "quantized" };
   let q = S.applySummaryEvent(S.emptyQuant(), { ...ev, fused_steps: 80, fusion_off: null });
-  assert.equal(S.summaryLines(q.summary)[3], "Wan steps fused in 80 modules");
-  q = S.applySummaryEvent(S.emptyQuant(), { ...ev, fused_steps: 0, fusion_off: "turned off by DVDQ_FUSE_WAN=0" });
-  assert.equal(S.summaryLines(q.summary)[3], "fused Wan steps off: turned off by DVDQ_FUSE_WAN=0");
+  assert.equal(S.summaryLines(q.summary)[3], "elementwise steps fused in 80 modules");
+  q = S.applySummaryEvent(S.emptyQuant(), { ...ev, fused_steps: 0, fusion_off: "turned off by DVDQ_FUSE_BLOCKS=0" });
+  assert.equal(S.summaryLines(q.summary)[3], "fused elementwise steps off: turned off by DVDQ_FUSE_BLOCKS=0");
+  q = S.applySummaryEvent(S.emptyQuant(), { ...ev, fused_steps: 0, fusion_off: "ComfyUI's HunyuanVideo code changed (see the log)" });
+  assert.equal(S.summaryLines(q.summary)[3], "fused elementwise steps off: ComfyUI's HunyuanVideo code changed (see the log)");
   q = S.applySummaryEvent(S.emptyQuant(), { ...ev, fused_steps: null, fusion_off: null });
   assert.equal(S.summaryLines(q.summary).length, 3);
 });

@@ -1,0 +1,334 @@
+"""HunyuanVideo's block steps (dvdq_core.hunyuan_ops): each Triton kernel against the host's ops (the
+references), and the references against the textbook math. Interpreter on the CPU (CI), compiled on
+a GPU. The whole model against ComfyUI's own classes: tests/host (fused_layers.py)."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
+
+import kernels  # noqa: E402
+from kernels import ops  # noqa: E402
+from dvdq_core import hunyuan_ops, wan_ops  # noqa: E402
+
+DEV = "cuda" if ON_GPU else "cpu"
+GEN = torch.Generator().manual_seed(78)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def flux_pe(b: int, n: int, d: int, theta=256.0) -> torch.Tensor:
+    """[b, 1, n, D/2, 2, 2] float32 rotations [[cos, -sin], [sin, cos]] of random positions (the layout of
+    ComfyUI's flux EmbedND; text tokens have position 0 there, so the rotation is the identity)."""
+    pos = torch.randint(0, 100, (b, n), generator=GEN).float()
+    pos[:, -2:] = 0
+    omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    a = pos[..., None] * omega.float()
+    f = torch.stack([torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)], -1)
+    return f.view(b, 1, n, d // 2, 2, 2).to(DEV)
+
+
+def qkv_output(b, n, heads, d, dtype, extra=0):
+    """A qkv projection's output [b, n, 3 H D] (and `extra` more columns, as the single block's linear1
+    whose split leaves the q/k/v columns with a longer token stride)."""
+    t = (torch.randn(b, n, 3 * heads * d + extra, generator=GEN) * 3).to(dtype).to(DEV)
+    return t[..., :3 * heads * d]
+
+
+def norm_weight(d, dtype):
+    return (1 + 0.2 * torch.randn(d, generator=GEN)).to(dtype).to(DEV)
+
+
+def assert_close_to_reference(y, ref):
+    """Equal up to float rounding (as test_wan_ops' check): each output is c x0 - s x1 (or s x0 + c x1) of
+    its pair, whose length m the rotation keeps; the kernel's norm may land x0 or x1 on the
+    neighbouring value (one ulp of m) and the GPU contracts the products into an FMA."""
+    assert not torch.isnan(y).any(), "some output elements were not written"
+    r = ref.float()
+    m = r.unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, dim=-1)
+    eps = torch.finfo(ref.dtype).eps
+    bound = eps * r.abs() + 2 * eps * m
+    assert ((y.float() - r).abs() <= bound).all(), (y.float() - r).abs().max().item()
+    if ref.dtype != torch.float32:  # (in float32 the rsqrt and the order of the sums show in most elements)
+        assert (y != ref).float().mean().item() < 0.02
+
+
+# (batch, image tokens, text tokens or None for the single block, heads, head dim, extra columns)
+SHAPES = [(2, 5, 3, 3, 16, 0), (1, 7, None, 5, 8, 40), (2, 3, 1, 2, 32, 0), (1, 1, None, 3, 16, 0),
+          (2, 6, None, 4, 16, 64)] + \
+    ([(2, 4097, 256, 24, 128, 0), (1, 3333, None, 24, 128, 4 * 3072)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("b,n,n2,heads,d,extra", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("pe_batch", [1, 2])
+def test_head_norm_rope_matches_host_ops(b, n, n2, heads, d, extra, dtype, which, pe_batch):
+    """q (which 0) or k (1) of the qkv output read in place, the double block's text part (n2 tokens,
+    its own norm weight) after the image tokens in one buffer; every output element written."""
+    c = heads * d
+    qkv, w = qkv_output(b, n, heads, d, dtype, extra), norm_weight(d, dtype)
+    x = qkv[..., which * c:(which + 1) * c]
+    x2 = w2 = None
+    if n2 is not None:
+        x2, w2 = qkv_output(b, n2, heads, d, dtype)[..., which * c:(which + 1) * c], norm_weight(d, dtype)
+    pe = flux_pe(min(pe_batch, b), n + (n2 or 0), d)
+    reason = kernels.head_norm_rope_unsupported_reason(x, w, 1e-6, pe, heads, x2, w2)
+    assert reason in (None, "input on cpu") if dtype != torch.float32 else "bf16 or fp16 only" in reason
+    out = torch.full((b, heads, n + (n2 or 0), d), float("nan"), dtype=dtype, device=DEV)
+    y = ops.head_norm_rope(x, w, 1e-6, pe, heads, x2, w2, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close_to_reference(y, hunyuan_ops.head_norm_rope_reference(x, w, 1e-6, pe, heads, x2, w2))
+
+
+def test_head_norm_rope_reference_is_the_host_and_the_textbook():
+    """The reference is ComfyUI's chain spelled out (view + permute of the qkv output, QKNorm's
+    rms_norm, torch.cat of image then text, flux.math.attention's rotation), bit for bit; and that is
+    the textbook math: each head RMS-normed with the weight, its channel pairs (2i, 2i+1) as complex
+    numbers times e^(i angle)."""
+    b, n, n2, heads, d = 2, 5, 3, 3, 16
+    c = heads * d
+    for dtype in DTYPES:
+        qkv, qkv2 = qkv_output(b, n, heads, d, dtype), qkv_output(b, n2, heads, d, dtype)
+        w, w2 = norm_weight(d, dtype), norm_weight(d, dtype)
+        pe = flux_pe(b, n + n2, d)
+        host = []
+        for t, wt in ((qkv, w), (qkv2, w2)):
+            k = t.view(t.shape[0], t.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)[1]
+            host.append(torch.nn.functional.rms_norm(k, wt.shape, weight=wt.to(k.dtype), eps=1e-6).to(t))
+        k = torch.cat(host, dim=2).to(dtype=pe.dtype).reshape(b, heads, n + n2, -1, 1, 2)
+        want = (pe[..., 0] * k[..., 0] + pe[..., 1] * k[..., 1]).reshape(b, heads, n + n2, d).type_as(qkv)
+        got = hunyuan_ops.head_norm_rope_reference(qkv[..., c:2 * c], w, 1e-6, pe, heads, qkv2[..., c:2 * c], w2)
+        assert torch.equal(got, want), dtype
+    x = torch.randn(b, n, c, generator=GEN, dtype=torch.float64)
+    w = torch.randn(d, generator=GEN, dtype=torch.float64)
+    pe = flux_pe(1, n, d).cpu()
+    angle = torch.atan2(pe[..., 1, 0], pe[..., 0, 0]).double()  # [1, 1, n, D/2]
+    xh = x.view(b, n, heads, d).transpose(1, 2)
+    xn = xh * torch.rsqrt(xh.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    z = torch.view_as_complex(xn.reshape(b, heads, n, d // 2, 2).contiguous()) * torch.polar(torch.ones_like(angle), angle)
+    got = hunyuan_ops.head_norm_rope_reference(x, w, 1e-6, pe.double(), heads)
+    torch.testing.assert_close(got, torch.view_as_real(z).reshape(b, heads, n, d), rtol=1e-5, atol=1e-5)
+
+
+def modulation(b, c, dtype, chunks=6):
+    """HunyuanVideo's modulation vectors: Modulation.forward's chunks along the last dim of one
+    [B, 1, chunks C] tensor (unit channel stride, token dim 1, batch stride chunks C)."""
+    return (torch.randn(b, 1, chunks * c, generator=GEN) * 0.5).to(dtype).to(DEV).chunk(chunks, dim=-1)
+
+
+TOKEN_SHAPES = [(2, 5, 48), (1, 7, 256), (2, 3, 320), (1, 1, 64)] + ([(2, 4353, 3072), (1, 333, 3072)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("b,s,c", TOKEN_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("round_product", [True, False])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_gated_residual_kernel_both_roundings(b, s, c, dtype, round_product, in_place):
+    """ROUND_PRODUCT: HunyuanVideo's `x + y * gate` (the product rounded to the dtype first), for bf16
+    and fp16 the host's result bit for bit (the product is exact in float32 and the sum rounds from
+    float32 as torch's); without it Wan's addcmul, one rounding. In place (out = x) as `txt +=`."""
+    x = (torch.randn(b, s, c, generator=GEN) * 4).to(dtype).to(DEV)
+    y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
+    gate = modulation(b, c, dtype, 3)[2]
+    ref = hunyuan_ops.gated_add_reference(x, y, gate) if round_product else wan_ops.gated_residual_reference(x, y, gate)
+    out = x.clone() if in_place else torch.full_like(x, float("nan"))
+    r = ops.gated_residual(out if in_place else x, y, gate, out=out, round_product=round_product)
+    assert r.data_ptr() == out.data_ptr() and not torch.isnan(r).any()
+    if round_product and (dtype != torch.float32 or not ON_GPU):  # (a GPU may contract float32's x + y * g)
+        assert torch.equal(r, ref)
+    else:
+        bound = torch.finfo(dtype).eps * ref.float().abs() + 2.0 ** -18 * ref.float().abs().amax(-1, keepdim=True)
+        assert ((r.float() - ref.float()).abs() <= bound).all()
+    if round_product and dtype == torch.bfloat16 and s * c > 200:  # the two formulas do differ
+        assert not torch.equal(ref, wan_ops.gated_residual_reference(x, y, gate))
+
+
+@pytest.mark.parametrize("b,s,c", TOKEN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modulated_norm_with_hunyuan_vectors(b, s, c, dtype):
+    """Wan's modulated_norm kernel with HunyuanVideo's shift / scale (chunks of [B, 1, 6 C] along the
+    channels): apply_mod(norm(x), 1 + scale, shift) is wan_ops.modulated_norm_reference's formula."""
+    x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
+    shift, scale = modulation(b, c, dtype)[:2]
+    ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
+    host = torch.addcmul(shift, ln, 1 + scale)  # flux apply_mod(tensor, m_mult, m_add) with modulation_dims None
+    assert torch.equal(wan_ops.modulated_norm_reference(x, shift, scale, 1e-6), host)
+    assert kernels.modulated_norm_unsupported_reason(x, shift, scale, 1e-6) in (None, "input on cpu")
+    out = torch.full_like(x, float("nan"))
+    y = ops.modulated_norm(x, shift, scale, 1e-6, out=out)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    term = (ln.float() * (1 + scale.float())).abs()  # one ulp of norm * (1 + scale) where the LayerNorms round apart
+    bound = torch.finfo(dtype).eps * (host.float().abs() + term) + 2.0 ** -18 * host.float().abs().amax(-1, keepdim=True)
+    assert ((y.float() - host.float()).abs() <= bound).all()
+
+
+def test_core_dispatch():
+    """dvdq_core.hunyuan_ops: the kernels on a GPU, the host's ops on the CPU (silently: there it is the
+    expected path); gated_add_ updates x in place and returns it."""
+    b, n, n2, heads, d = 2, 5, 3, 4, 16
+    c = heads * d
+    qkv, qkv2 = qkv_output(b, n, heads, d, torch.bfloat16), qkv_output(b, n2, heads, d, torch.bfloat16)
+    w, w2 = norm_weight(d, torch.bfloat16), norm_weight(d, torch.bfloat16)
+    pe = flux_pe(b, n + n2, d)
+    x = (torch.randn(b, n, c, generator=GEN) * 4).to(torch.bfloat16).to(DEV)
+    gate = modulation(b, c, torch.bfloat16, 3)[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = hunyuan_ops.head_norm_rope(qkv[..., :c], w, 1e-6, pe, heads, qkv2[..., :c], w2)
+        y = qkv[..., 2 * c:]
+        g = hunyuan_ops.gated_add(x, y, gate)
+        x2 = x.clone()
+        assert hunyuan_ops.gated_add_(x2, y, gate) is x2
+    ref = hunyuan_ops.head_norm_rope_reference(qkv[..., :c], w, 1e-6, pe, heads, qkv2[..., :c], w2)
+    if ON_GPU:
+        assert_close_to_reference(q, ref)
+    else:
+        assert torch.equal(q, ref)
+    assert torch.equal(g, x + y * gate) and torch.equal(x2, g)  # bf16: bit for bit on the GPU too
+
+
+def test_unsupported_reasons():
+    heads, d = 2, 16
+    c = heads * d
+    qkv, w = qkv_output(1, 4, heads, d, torch.bfloat16), norm_weight(d, torch.bfloat16)
+    x, pe = qkv[..., :c], flux_pe(1, 4, d)
+    reason = kernels.head_norm_rope_unsupported_reason
+    assert "float32" in reason(x, w, 1e-6, pe.double(), heads)
+    assert "not [1 or B, 1, L" in reason(x, w, 1e-6, pe[:, :, :3], heads)
+    assert "not [1 or B, 1, L" in reason(x, w, 1e-6, pe, heads, x[:, :2], w)  # pe must cover both parts
+    assert "bf16 or fp16 only" in reason(x.float(), w, 1e-6, pe, heads)
+    assert "heads x even head dim" in reason(x, w, 1e-6, pe, 3)
+    assert "unit channel stride" in reason(qkv[..., ::2][..., :c], w, 1e-6, pe, heads)
+    assert "power of two" in reason(x[..., :24], w[:12], 1e-6, flux_pe(1, 4, 12), heads)
+    assert "norm weight" in reason(x, w[:8], 1e-6, pe, heads)
+    assert "norm weight" in reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2], None)
+    assert "does not match the first" in reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2].half(), w)
+    v = x[:, :1]
+    assert "does not match x" in kernels.gated_add_unsupported_reason(x, x[:, :2], v)
+    assert "bf16 or fp16 only" in kernels.gated_add_unsupported_reason(x.float(), x.float(), v.float())
+    assert "not contiguous" in kernels.gated_add_inplace_unsupported_reason(x, x, v)  # a view of the qkv output
+    if not ON_GPU:
+        assert reason(x, w, 1e-6, pe, heads) == "input on cpu"
+        assert reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2], w) == "input on cpu"
+        assert kernels.gated_add_unsupported_reason(x, x, v) == "input on cpu"
+        assert kernels.gated_add_inplace_unsupported_reason(x.contiguous(), x, v) == "input on cpu"
+
+
+def test_kernels_compile_for_all_targets():
+    """The new kernels compile for sm_80/86/89/90 at HunyuanVideo's size (24 heads x 128, C = 3072),
+    without register spills (bench/compile_targets.py's check, CPU only, run without the interpreter)."""
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']\n"
+        "import compile_targets as ct\n"
+        "from kernels import _triton as kt, configs\n"
+        "for cc in (80, 86, 89, 90):\n"
+        "    for fn, types, consts in (\n"
+        "        (kt._head_norm_rope_kernel, {'x_ptr': '*bf16', 'w_ptr': '*bf16', 'f_ptr': '*fp32', 'y_ptr': '*bf16',\n"
+        "         'L': 'i32', 'L_OUT': 'i32', 'L0': 'i32', 'stride_xb': 'i64', 'stride_xl': 'i32', 'stride_fb': 'i32',\n"
+        "         'stride_fl': 'i32', 'eps': 'fp32'}, dict(H=24, HP=32, HALF_D=64, INTERPRET=False)),\n"
+        "        (kt._gated_residual_kernel, {'x_ptr': '*bf16', 'y_ptr': '*bf16', 'g_ptr': '*bf16', 'out_ptr': '*bf16',\n"
+        "         'S': 'i32', 'REP': 'i32', 'stride_gb': 'i32', 'stride_gf': 'i32'},\n"
+        "         dict(C=3072, BC=4096, INTERPRET=False, ROUND_PRODUCT=True))):\n"
+        "        r = ct.compile_kernel(fn, types, consts, cc, configs.WAN_OPS_NUM_WARPS, 3)\n"
+        "        print(f'sm_{cc}', fn.__name__, r)\n"
+        "        assert r['spills'] == 0 and r['smem'] <= ct.SMEM_LIMIT[cc], r\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("sm_") == 8
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a CUDA notion: the GPU path warns once when it must use the host's ops")
+def test_gpu_call_the_kernel_cannot_take_warns():
+    qkv, w = qkv_output(1, 4, 2, 16, torch.bfloat16), norm_weight(16, torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="HunyuanVideo's per-head q/k norm and rotary embedding runs as the host's"):
+        y = hunyuan_ops.head_norm_rope(qkv[..., :32].float(), w.float(), 1e-6, flux_pe(1, 4, 16), 2)
+    assert y.dtype == torch.float32 and y.shape == (1, 2, 4, 16)
+    x = qkv[..., :32]  # a view: the in-place update needs a contiguous residual
+    with pytest.warns(RuntimeWarning, match="HunyuanVideo's gated residual \\(in place\\) runs as the host's PyTorch ops"):
+        want = x + x * x[:, :1]
+        hunyuan_ops.gated_add_(x, x.clone(), x[:, :1].clone())
+    assert torch.equal(x, want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile of the custom ops needs the compiled GPU kernels")
+def test_torch_compile():
+    """The custom ops in a compiled graph (dvdq::gated_add_inplace mutates its first argument)."""
+    b, n, n2, heads, d = 2, 64, 16, 4, 32
+    c = heads * d
+    qkv, qkv2 = qkv_output(b, n, heads, d, torch.bfloat16), qkv_output(b, n2, heads, d, torch.bfloat16)
+    w, w2 = norm_weight(d, torch.bfloat16), norm_weight(d, torch.bfloat16)
+    pe = flux_pe(b, n + n2, d)
+    gate = modulation(b, c, torch.bfloat16, 3)[2]
+
+    def step(a, t):
+        q = kernels.head_norm_rope(a[..., :c], w, 1e-6, pe, heads, t[..., :c], w2)
+        h = q.transpose(1, 2).flatten(2)  # [B, L, C]
+        r = kernels.gated_add(h[:, :n], a[..., c:2 * c], gate)
+        res = h[:, n:].contiguous()
+        kernels.gated_add_inplace(res, t[..., 2 * c:], gate)
+        return r, res
+
+    got = torch.compile(step, fullgraph=True)(qkv, qkv2)
+    want = step(qkv, qkv2)
+    assert all(torch.equal(g, e) for g, e in zip(got, want))  # the same kernels, called by the compiled graph
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host synchronisation is a CUDA notion; needs the compiled GPU kernels")
+def test_no_host_sync_and_only_outputs_allocated():
+    b, n, n2, heads, d = 2, 64, 16, 4, 32
+    c = heads * d
+    qkv, qkv2 = qkv_output(b, n, heads, d, torch.bfloat16), qkv_output(b, n2, heads, d, torch.bfloat16)
+    w, w2 = norm_weight(d, torch.bfloat16), norm_weight(d, torch.bfloat16)
+    pe = flux_pe(b, n + n2, d)
+    gate = modulation(b, c, torch.bfloat16, 3)[2]
+    res = (torch.randn(b, n2, c, generator=GEN)).to(torch.bfloat16).to(DEV)
+    x, y, y2 = qkv[..., 2 * c:].contiguous(), qkv[..., c:2 * c].contiguous(), qkv2[..., 2 * c:].contiguous()
+
+    def ops_once():
+        q = hunyuan_ops.head_norm_rope(qkv[..., :c], w, 1e-6, pe, heads, qkv2[..., :c], w2)
+        hunyuan_ops.gated_add_(res, y2, gate)
+        return hunyuan_ops.gated_add(x, y, gate), q
+
+    ops_once()  # compiles the kernels
+    torch.cuda.synchronize()
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops_once()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # the q buffer (q and k of the image and text parts in one) and gated_add's output; the in-place update none
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] - allocations == 2
+
+
+def test_node_patch_refuses_a_changed_host():
+    """nodes/hunyuan_blocks.py installs its copies only where the host's code is the one copied (the
+    real classes are checked against ComfyUI in tests/host); the eps of RMSNorm.forward is a constant
+    there and is checked too. One switch turns the Wan and HunyuanVideo fusions off."""
+    from torch import nn
+    from nodes import hunyuan_blocks as hb
+    from nodes import wan_blocks as wb
+
+    changed = {}  # host code with another eps, and an attention without the rotation (source: never called)
+    exec("def rms_forward(self, x):\n    return comfy.ldm.common_dit.rms_norm(x, self.scale, 1e-5)\n"
+         "def attention(q, k, v, pe, mask=None, transformer_options={}):\n"
+         "    return optimized_attention(q, k, v, q.shape[1], skip_reshape=True)\n", changed)
+    assert "no longer has the constants [1e-06]" in wb.host_function_mismatch(changed["rms_forward"], hb.RMS_NORM)
+    assert "uses ['dtype', 'reshape', 'to', 'type_as'] differently" in \
+        wb.host_function_mismatch(changed["attention"], hb.ATTENTION)
+    assert "expected ('self', 'img', 'txt'" in wb.host_function_mismatch(changed["rms_forward"], hb.DOUBLE_BLOCK)
+    assert hb.fuse_hunyuan(nn.Linear(2, 2)) == (0, None)  # no HunyuanVideo (and without ComfyUI: no import)
+    for name in ("DVDQ_FUSE_BLOCKS", "DVDQ_FUSE_WAN"):
+        os.environ[name] = "0"
+        try:
+            assert hb.fuse_hunyuan(nn.Linear(2, 2)) == wb.fuse_wan(nn.Linear(2, 2)) == (0, f"turned off by {name}=0")
+        finally:
+            del os.environ[name]
