@@ -72,13 +72,20 @@ def build(arch, dev):
     return model.eval()
 
 
-def pack_wan_fusion():
-    """(fuse_wan, unfuse_wan) of the pack's nodes/wan_blocks.py, loaded under its own name (a ComfyUI
-    checkout on sys.path has a top-level `nodes` module of its own)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("dvdq_wan_blocks", os.path.join(ROOT, "nodes", "wan_blocks.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def pack_block_fusion(arch):
+    """(fuse, unfuse) of the pack's fused block steps for arch (nodes/wan_blocks.py, nodes/hunyuan_blocks.py),
+    imported from a bare package named dvdq_nodes: a ComfyUI checkout on sys.path has a top-level `nodes`
+    module of its own, and the pack's nodes/__init__.py registers ComfyUI nodes (not wanted here)."""
+    import importlib
+    import types
+    if "dvdq_nodes" not in sys.modules:
+        pkg = types.ModuleType("dvdq_nodes")
+        pkg.__path__ = [os.path.join(ROOT, "nodes")]
+        sys.modules["dvdq_nodes"] = pkg
+    if arch == "hunyuan":
+        mod = importlib.import_module("dvdq_nodes.hunyuan_blocks")
+        return mod.fuse_hunyuan, mod.unfuse_hunyuan
+    mod = importlib.import_module("dvdq_nodes.wan_blocks")
     return mod.fuse_wan, mod.unfuse_wan
 
 
@@ -149,8 +156,8 @@ def main():
                     help="w4a4p: W4A4 with granularity pow2; w4a8n: W4A8 without auto-scale (rotation only); "
                          "w4a8f / w4a4f: granularity pow2-fast (the opt-in: w4a8f should time as w4a8n); "
                          "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off); "
-                         "quantized variants run the Wan block's elementwise steps fused as the loader installs them "
-                         "(nodes/wan_blocks.py), suffix -hostops: ComfyUI's own; bf16-fused: BF16 with the fused ones "
+                         "quantized variants run the blocks' elementwise steps fused as the loader installs them "
+                         "(nodes/wan_blocks.py, nodes/hunyuan_blocks.py), suffix -hostops: ComfyUI's own; bf16-fused: BF16 with the fused ones "
                          "(the split of the gain)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
@@ -167,7 +174,6 @@ def main():
     from dvdq_core import QuantConfig, quantize_model, set_activation_bits
     from dvdq_core.fusion import fuse_gelu, unfuse_gelu
     from dvdq_core.hadamard import effective_block
-    fuse_wan, unfuse_wan = pack_wan_fusion()
 
     sage_calls = [0]
     attn_impls = {"sdpa": attn.attention_pytorch}
@@ -191,6 +197,7 @@ def main():
     print(json.dumps(info), flush=True)
     for arch in args.arch:
         model = build(arch, dev)
+        fuse_blocks, unfuse_blocks = pack_block_fusion(arch)
         inputs = make_inputs(arch, dev)
         for variant in args.variants:
             kind, *flags = variant.split("-")
@@ -216,9 +223,9 @@ def main():
                 else:
                     fuse_gelu(model)
             if ("fused" in flags) if kind == "bf16" else ("hostops" not in flags):
-                fused = fuse_wan(model)[0]
+                fused = fuse_blocks(model)[0]
             else:
-                fused = -unfuse_wan(model)
+                fused = -unfuse_blocks(model)
             print(f"[{arch}] {variant}: fused elementwise steps in {max(fused, 0)} modules", flush=True)
             for impl_name, impl in attn_impls.items():
                 for mod in attention_users.get(arch, (wan,)):
