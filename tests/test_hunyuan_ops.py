@@ -53,7 +53,9 @@ def assert_close_to_reference(y, ref):
     r = ref.float()
     m = r.unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, dim=-1)
     eps = torch.finfo(ref.dtype).eps
-    bound = eps * r.abs() + 2 * eps * m
+    # float32 (a kernel-only check: the ops send float32 to the host): the GPU's approximate rsqrt and
+    # another summation order over D give a few ulps of m (H100: up to 1.4e-6 at m ~ 4)
+    bound = eps * r.abs() + (8 if ref.dtype == torch.float32 else 2) * eps * m
     assert ((y.float() - r).abs() <= bound).all(), (y.float() - r).abs().max().item()
     if ref.dtype != torch.float32:  # (in float32 the rsqrt and the order of the sums show in most elements)
         assert (y != ref).float().mean().item() < 0.02
