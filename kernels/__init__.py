@@ -49,7 +49,7 @@ def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
 _w4_linear_op = _define_op()
 
 
-def _wan_op(name, fn, fake, mutates_args=()):
+def _block_op(name, fn, fake, mutates_args=()):
     """A torch custom op dvdq::<name> (opaque to torch.compile, output shape from `fake`)."""
     if hasattr(torch.ops.dvdq, name):
         return getattr(torch.ops.dvdq, name)
@@ -72,10 +72,10 @@ def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> tor
 
 
 # The Wan block's elementwise steps (dvdq_core.wan_ops has the references and the shapes)
-norm_rope = _wan_op("norm_rope", _norm_rope, lambda x, weight, eps, freqs, heads: x.new_empty(
+norm_rope = _block_op("norm_rope", _norm_rope, lambda x, weight, eps, freqs, heads: x.new_empty(
     (x.shape[0], x.shape[1], heads, x.shape[2] // heads)))
-modulated_norm = _wan_op("modulated_norm", _modulated_norm, lambda x, shift, scale, eps: torch.empty_like(x))
-gated_residual = _wan_op("gated_residual", _gated_residual, lambda x, y, gate: torch.empty_like(x))
+modulated_norm = _block_op("modulated_norm", _modulated_norm, lambda x, shift, scale, eps: torch.empty_like(x))
+gated_residual = _block_op("gated_residual", _gated_residual, lambda x, y, gate: torch.empty_like(x))
 
 
 def _head_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, pe: torch.Tensor, heads: int,
@@ -92,10 +92,10 @@ def _gated_add_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> 
 
 
 # HunyuanVideo's block steps (dvdq_core.hunyuan_ops has the references and the shapes)
-head_norm_rope = _wan_op("head_norm_rope", _head_norm_rope, lambda x, weight, eps, pe, heads, x2, weight2: x.new_empty(
+head_norm_rope = _block_op("head_norm_rope", _head_norm_rope, lambda x, weight, eps, pe, heads, x2, weight2: x.new_empty(
     (x.shape[0], heads, x.shape[1] + (0 if x2 is None else x2.shape[1]), x.shape[2] // heads)))
-gated_add = _wan_op("gated_add", _gated_add, lambda x, y, gate: torch.empty_like(x))
-gated_add_inplace = _wan_op("gated_add_inplace", _gated_add_inplace, lambda x, y, gate: None, mutates_args=("x",))
+gated_add = _block_op("gated_add", _gated_add, lambda x, y, gate: torch.empty_like(x))
+gated_add_inplace = _block_op("gated_add_inplace", _gated_add_inplace, lambda x, y, gate: None, mutates_args=("x",))
 
 
 def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
