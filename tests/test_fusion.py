@@ -91,3 +91,63 @@ def test_offloaded_layer_view_keeps_the_fused_gelu():
     assert view.act == "gelu_tanh"
     x = torch.randn(7, lin.in_features)
     assert torch.equal(reference_forward(view, x, 8), reference_forward(lin, x, 8))
+    lin = _quantize(_parallel_model()).single_blocks[0].linear1  # and a GELU from a column on
+    view = _Moved(lin, torch.device("cpu"))
+    assert view.act_from == 96
+    assert torch.equal(reference_forward(view, x[:, :32], 8), reference_forward(lin, x[:, :32], 8))
+
+
+class ParallelBlock(nn.Module):
+    """The shape of HunyuanVideo's single-stream block (ComfyUI's flux SingleStreamBlock): linear1 gives
+    [qkv | mlp], mlp_act runs on the mlp columns, linear2 reads [attention | GELU(mlp)]."""
+
+    def __init__(self, hidden=32, mlp=64, act=None):
+        super().__init__()
+        self.hidden_size, self.mlp_hidden_dim = hidden, mlp
+        self.linear1 = nn.Linear(hidden, 3 * hidden + mlp)
+        self.linear2 = nn.Linear(hidden + mlp, hidden)
+        self.mlp_act = act if act is not None else nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        qkv, mlp = torch.split(self.linear1(x), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        return x + self.linear2(torch.cat((qkv[..., :self.hidden_size], self.mlp_act(mlp)), -1))
+
+
+def _parallel_model(act=None):
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.single_blocks = nn.ModuleList([ParallelBlock(act=act), ParallelBlock(act=act)])
+    return m
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_parallel_block_gelu_fused_from_the_mlp_columns(monkeypatch, bits):
+    """linear1 applies the GELU to its columns from 3 x hidden on; the block's mlp_act passes through;
+    the outputs equal the unfused model's bit for bit."""
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    fused = _quantize(_parallel_model())
+    for block in fused.single_blocks:
+        assert block.linear1.act == "gelu_tanh" and block.linear1.act_from == 96
+        assert isinstance(block.mlp_act, FusedGELU) and block.linear2.act is None
+    monkeypatch.setenv("DVDQ_FUSE_GELU", "0")
+    plain = _quantize(_parallel_model())
+    assert type(plain.single_blocks[0].mlp_act) is nn.GELU and plain.single_blocks[0].linear1.act is None
+    for m in (fused, plain):
+        dq.set_activation_bits(m, bits)
+    with torch.no_grad():
+        assert torch.equal(fused.single_blocks[0](x), plain.single_blocks[0](x))
+    monkeypatch.delenv("DVDQ_FUSE_GELU")
+    assert fuse_gelu(fused) == 0  # idempotent
+    assert unfuse_gelu(fused) == 2 and type(fused.single_blocks[1].mlp_act) is nn.GELU
+    assert fused.single_blocks[1].linear1.act is None and fused.single_blocks[1].linear1.act_from == 0
+    assert fuse_gelu(fused) == 2
+
+
+def test_parallel_block_other_activation_or_shape_not_fused():
+    m = _quantize(_parallel_model(act=nn.GELU()))  # exact (erf) GELU: the kernels' epilogue is the tanh form
+    assert m.single_blocks[0].linear1.act is None and type(m.single_blocks[0].mlp_act) is nn.GELU
+    m = _parallel_model()
+    m.single_blocks[0].mlp_hidden_dim = 60  # linear1's width no longer [qkv | mlp]
+    _quantize(m)
+    assert m.single_blocks[0].linear1.act is None and type(m.single_blocks[0].mlp_act) is nn.GELU
+    assert m.single_blocks[1].linear1.act == "gelu_tanh"
