@@ -78,7 +78,7 @@ def compile_chain_gemm(cfg=None, gelu=False):
     names = list(fn.arg_names)
     types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "w_desc": f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>",
              "z_ptr": "*u8", "d_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
-             "M": "i32", "N": "i32", "GELU_FROM": "i32"}
+             "M": "i32", "N": "i32"}
     consts = dict(K=K, GROUP_M=cfg["group_m"], STAGES=cfg["stages"], HAS_BIAS=True, num_warps=cfg["num_warps"],
                   GELU=gelu)
     sig = {n: types.get(n, "constexpr") for n in names}
@@ -111,8 +111,7 @@ def cases(cc):
         if a_float:
             flags["SPLIT"] = 1
         types = {"a_ptr": "*bf16" if a_float else "*i8", "w_ptr": "*u8", "z_ptr": "*u8", "d_ptr": "*fp32",
-                 "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-                 "GELU_FROM": "i32"}
+                 "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32"}
         consts = dict(K=K, SB=SB, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
                       A_FLOAT=a_float, AUTO_SCALE=not a_float, HAS_BIAS=True, SWAP=cfg.SWAP, INTERPRET=False,
                       ASM_UNPACK=flags["ASM_UNPACK"], SPLIT=flags["SPLIT"], GELU=gelu)

@@ -52,9 +52,7 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
         y = y + layer.bias.float()
     y = y.to(x2d.dtype)
     if layer.act == "gelu_tanh":  # fused GELU (dvdq_core.fusion): the module's own op on the rounded output
-        n0 = getattr(layer, "act_from", 0)
-        y = F.gelu(y, approximate="tanh") if n0 == 0 else \
-            torch.cat((y[:, :n0], F.gelu(y[:, n0:], approximate="tanh")), dim=1)
+        y = F.gelu(y, approximate="tanh")
     return y
 
 

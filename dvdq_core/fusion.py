@@ -1,9 +1,5 @@
-"""Epilogue fusion: a GELU that directly follows a QuantLinear is computed by the QuantLinear itself:
-- inside an nn.Sequential (the feed-forward of Wan and HunyuanVideo: Linear -> GELU(tanh) -> Linear);
-- in a parallel block whose `linear1` computes [qkv | mlp] and whose `mlp_act` is applied to the mlp
-  columns (HunyuanVideo's single-stream block, as ComfyUI's flux layers write it): the GELU covers
-  linear1's output columns from 3 x hidden_size on (QuantLinear.act_from), and the block's own
-  mlp_act becomes a pass-through, so its forward, whichever runs, applies the GELU once.
+"""Epilogue fusion: a GELU that directly follows a QuantLinear inside an nn.Sequential (the feed-forward
+of Wan and HunyuanVideo: Linear -> GELU(tanh) -> Linear) is computed by the QuantLinear itself.
 
 On the GPU the GEMM applies it to each output tile before storing it, which saves the separate GELU
 kernel's read and write of the widest hidden tensor of the block. The result is the same as the
@@ -38,34 +34,15 @@ def _adjacent(model: nn.Module):
             yield seq, first, name, second
 
 
-def _parallel(model: nn.Module):
-    """(block, linear1, first mlp column) of every block with a [qkv | mlp] linear1 and an mlp_act."""
-    for m in model.modules():
-        lin, hidden, mlp = getattr(m, "linear1", None), getattr(m, "hidden_size", None), getattr(m, "mlp_hidden_dim", None)
-        if isinstance(lin, QuantLinear) and isinstance(getattr(m, "mlp_act", None), nn.Module) \
-                and isinstance(hidden, int) and isinstance(mlp, int) and lin.out_features == 3 * hidden + mlp:
-            yield m, lin, 3 * hidden
-
-
-def _is_tanh_gelu(act) -> bool:
-    return type(act) is nn.GELU and act.approximate == "tanh"
-
-
 def fuse_gelu(model: nn.Module) -> int:
-    """Fuse every Sequential's [QuantLinear, GELU(approximate='tanh')] pair and every parallel block's
-    linear1 + mlp_act (module docstring); returns how many."""
+    """Fuse every Sequential's [QuantLinear, GELU(approximate='tanh')] pair; returns how many."""
     if os.environ.get("DVDQ_FUSE_GELU", "1") == "0":
         return 0
     fused = 0
     for seq, lin, name, act in _adjacent(model):
-        if isinstance(lin, QuantLinear) and lin.act is None and _is_tanh_gelu(act):
-            lin.act, lin.act_from = "gelu_tanh", 0
+        if isinstance(lin, QuantLinear) and lin.act is None and type(act) is nn.GELU and act.approximate == "tanh":
+            lin.act = "gelu_tanh"
             seq._modules[name] = FusedGELU(act.approximate)
-            fused += 1
-    for block, lin, first in _parallel(model):
-        if lin.act is None and _is_tanh_gelu(block.mlp_act):
-            lin.act, lin.act_from = "gelu_tanh", first
-            block.mlp_act = FusedGELU(block.mlp_act.approximate)
             fused += 1
     return fused
 
@@ -77,10 +54,5 @@ def unfuse_gelu(model: nn.Module) -> int:
         if isinstance(act, FusedGELU) and isinstance(lin, QuantLinear) and lin.act == "gelu_tanh":
             lin.act = None
             seq._modules[name] = nn.GELU(approximate=act.approximate)
-            restored += 1
-    for block, lin, _ in _parallel(model):
-        if isinstance(block.mlp_act, FusedGELU) and lin.act == "gelu_tanh":
-            lin.act, lin.act_from = None, 0
-            block.mlp_act = nn.GELU(approximate=block.mlp_act.approximate)
             restored += 1
     return restored

@@ -56,7 +56,6 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.shares_input = SHARE_NONE  # set by whoever knows the layer's name (input_sharing)
         self.act = None  # "gelu_tanh": the GELU after this layer is applied here (dvdq_core.fusion)
-        self.act_from = 0  # first output column act applies to (a parallel block's [qkv | mlp] projection)
         packed_k = (in_features + 1) // 2 if spec.w_bits <= 4 else in_features
         self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -124,7 +123,7 @@ class _Moved:
 
     def __init__(self, layer: QuantLinear, device):
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
-                                                              "shares_input", "act", "act_from")})
+                                                              "shares_input", "act")})
         for name, buf in layer.named_buffers(recurse=False):
             setattr(self, name, buf.to(device, non_blocking=True))
         if "bias" not in self.__dict__:

@@ -33,7 +33,7 @@ def _define_op():
     op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
 
     @op.register_fake
-    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2, gelu, gelu_from):
+    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2, gelu):
         return x2d.new_empty((x2d.shape[0], qweight.shape[0]))
 
     return op
@@ -41,9 +41,9 @@ def _define_op():
 
 def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool, share: int,
-               pow2: bool, gelu: bool, gelu_from: int) -> torch.Tensor:
+               pow2: bool, gelu: bool) -> torch.Tensor:
     return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share=share, pow2=pow2,
-                              gelu=gelu, gelu_from=gelu_from)
+                              gelu=gelu)
 
 
 _w4_linear_op = _define_op()
@@ -109,7 +109,7 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
     gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
-                         share, pow2, gelu, int(getattr(layer, "act_from", 0)))
+                         share, pow2, gelu)
 
 
 def _triton_missing():

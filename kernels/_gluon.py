@@ -40,7 +40,7 @@ def _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k):
 
 @gluon.jit
 def _w4_gemm_chain_kernel(
-    a_desc, w_desc, z_ptr, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, GELU_FROM, K: gl.constexpr,
+    a_desc, w_desc, z_ptr, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
     GELU: gl.constexpr = False,
 ):
@@ -106,9 +106,8 @@ def _w4_gemm_chain_kernel(
     ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
                                         warps_per_cta=[1, num_warps], order=[0, 1])  # rows contiguous in Y
     out = out.to(y_ptr.dtype.element_ty)
-    if GELU:  # the fused GELU on the rounded output in rows n >= GELU_FROM: the Triton GEMM's very function
-        g = gelu_tanh(out.to(gl.float32)).to(y_ptr.dtype.element_ty)
-        out = gl.where((offs_n >= GELU_FROM)[:, None], g, out)
+    if GELU:  # the fused feed-forward GELU, on the rounded output: the Triton GEMM's very function
+        out = gelu_tanh(out.to(gl.float32)).to(y_ptr.dtype.element_ty)
     out = gl.convert_layout(out, ol)
     on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
     om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))

@@ -284,14 +284,13 @@ def _unpack_asm(wp, z):
 
 @triton.jit
 def _w4_gemm_kernel(
-    a_ptr, w_ptr, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, GELU_FROM, K: tl.constexpr,
+    a_ptr, w_ptr, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
     SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     A_FLOAT: tl.constexpr, AUTO_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr, ASM_UNPACK: tl.constexpr = False, SPLIT: tl.constexpr = 1, GELU: tl.constexpr = False,
 ):
     """Y = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n]
-    (GELU: then gelu_tanh(Y rounded to Y's dtype), rounded again, in the columns n >= GELU_FROM: the
-    fused feed-forward GELU, or the parallel block's on the MLP part of [qkv | mlp]).
+    (GELU: then gelu_tanh(Y rounded to Y's dtype), rounded again: the fused feed-forward GELU).
 
     a: int8 codes [M, K] in the layout of groups of BK columns (module docstring; A_FLOAT: rotated
     activations in bf16/fp16, s = l = 1). w: packed 4-bit codes [N, K // 2] (low nibble = even
@@ -359,10 +358,9 @@ def _w4_gemm_kernel(
         bias = tl.load(bias_ptr + wrows).to(tl.float32)
     else:
         bias = d * 0.0
-    _gemm_store(acc0, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU, GELU_FROM)
+    _gemm_store(acc0, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU)
     if SPLIT == 2:
-        _gemm_store(acc1, y_ptr, s_ptr, d, bias, offs_m + BM, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU,
-                    GELU_FROM)
+        _gemm_store(acc1, y_ptr, s_ptr, d, bias, offs_m + BM, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU)
 
 
 @triton.jit
@@ -392,9 +390,9 @@ def _gemm_step(acc, a_ptrs, w, lb, A_FLOAT: tl.constexpr, INT_ACC: tl.constexpr,
 
 @triton.jit
 def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.constexpr, SWAP: tl.constexpr,
-                INTERPRET: tl.constexpr, GELU: tl.constexpr, gelu_from):
+                INTERPRET: tl.constexpr, GELU: tl.constexpr):
     """Epilogue of one token sub-tile: D[n] * s_i (* 1 for 16-bit activations) + bias, rounded (GELU:
-    gelu_tanh of the rounded value, rounded again, in the columns n >= gelu_from), masked store."""
+    gelu_tanh of the rounded value, rounded again), masked store."""
     m_ok = offs_m < M
     acc = acc.to(tl.float32)
     if A_FLOAT:
@@ -407,8 +405,7 @@ def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.co
     else:
         out = _round_to(acc * d[None, :] * s[:, None] + bias[None, :], y_ptr.dtype.element_ty, INTERPRET)
     if GELU:
-        g = _round_to(gelu_tanh(out.to(tl.float32)), y_ptr.dtype.element_ty, INTERPRET)
-        out = tl.where((offs_n >= gelu_from)[None, :], g, out)
+        out = _round_to(gelu_tanh(out.to(tl.float32)), y_ptr.dtype.element_ty, INTERPRET)
     tl.store(y_ptrs, out, mask=m_ok[:, None] & (offs_n < N)[None, :])
 
 

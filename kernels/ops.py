@@ -212,11 +212,9 @@ def chain_gemm_applies(a, qweight, auto_scale: bool) -> bool:
             and _gluon() is not None)
 
 
-def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, chain_cfg=None, gelu=False,
-                  gelu_from=0):
+def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, chain_cfg=None, gelu=False):
     """Y [M, N] from int8 codes without per-K-block scales, on sm_90 (_gluon._w4_gemm_chain_kernel).
-    chain_cfg: a tile other than configs.CHAIN_SM90 (bench/kernels.py --chain-sweep). gelu, gelu_from: as
-    w4_gemm."""
+    chain_cfg: a tile other than configs.CHAIN_SM90 (bench/kernels.py --chain-sweep). gelu: as w4_gemm."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     cfg = chain_cfg or configs.CHAIN_SM90
@@ -230,22 +228,21 @@ def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=
     y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
     grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
     _gluon()._w4_gemm_chain_kernel[grid](
-        a_desc, w_desc, w_zero, w_scale, s, bias if bias is not None else w_scale, y, m, n, gelu_from, k,
+        a_desc, w_desc, w_zero, w_scale, s, bias if bias is not None else w_scale, y, m, n, k,
         GROUP_M=cfg["group_m"], STAGES=min(cfg["stages"], k // bk), HAS_BIAS=bias is not None,
         num_warps=cfg["num_warps"], GELU=gelu)
     return y
 
 
 def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, cfg=None, out=None,
-            gelu=False, gelu_from=0, **variant):
+            gelu=False, **variant):
     """Y [M, N] from activation codes a (or 16-bit Xr), packed 4-bit weights and the scales; gelu: the
-    epilogue applies GELU (tanh form) to the rounded output's columns >= gelu_from (dvdq_core.fusion).
+    epilogue applies GELU (tanh form) to the rounded output (dvdq_core.fusion).
     Without per-K-block scales on an H100-class GPU the Gluon GEMM runs (chain_gemm_applies), unless
     a Triton tile or variant is asked for."""
     if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale):
         try:
-            return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu,
-                                 gelu_from=gelu_from)
+            return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # Gluon is experimental: a newer triton may change its API under us
@@ -270,7 +267,7 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     dummy = w_scale  # never read when the matching flag is off
     kt._w4_gemm_kernel[grid](
         a, qweight, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
-        bias if bias is not None else dummy, y, m, n, gelu_from, k,
+        bias if bias is not None else dummy, y, m, n, k,
         SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
         AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,
         INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, GELU=gelu,
@@ -313,12 +310,10 @@ def clear_activation_cache():
 
 
 def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
-                   gemm_cfg=None, out=None, share: int = 0, pow2: bool = False, gelu: bool = False, gelu_from: int = 0,
-                   **variant):
+                   gemm_cfg=None, out=None, share: int = 0, pow2: bool = False, gelu: bool = False, **variant):
     """pow2: the layer's granularity folds power-of-two scales into the codes ("pow2", "pow2-fast"; it
     applies at POW2_BITS with auto-scale only).
-    gelu: GELU (tanh form) fused into the GEMM's epilogue, on the output columns >= gelu_from
-    (dvdq_core.fusion)."""
+    gelu: GELU (tanh form) fused into the GEMM's epilogue (dvdq_core.fusion)."""
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     if x2d.shape[0] == 0:  # no tokens: nothing to launch (GELU(empty) is empty too)
@@ -326,14 +321,14 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
     if a_bits == 16:
         xr = rotate_activations(x2d, hb)
         return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, gelu,
-                       gelu_from, **variant)
+                       **variant)
     pow2 = pow2 and auto_scale and a_bits == POW2_BITS
     if out is None:
         q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share, pow2)
     else:  # tests: always run the activation kernels
         q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
     return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale and not pow2, gemm_cfg, out,
-                   gelu, gelu_from, **variant)
+                   gelu, **variant)
 
 
 def norm_rope(x, weight, eps: float, freqs, heads: int, out=None):

@@ -64,8 +64,7 @@ def run_linear(layer, x, bits, cfg=None, **variant):
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=x.device)
     y = ops.w4_linear_impl(x, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, bits, layer.had_block,
                            layer.scale_block, layer.auto_scale, gemm_cfg=cfg, out=out,
-                           pow2=layer.granularity == "pow2", gelu=layer.act == "gelu_tanh",
-                           gelu_from=getattr(layer, "act_from", 0), **variant)
+                           pow2=layer.granularity == "pow2", gelu=layer.act == "gelu_tanh", **variant)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(y).any(), "some output elements were not written"
     return y
@@ -216,38 +215,33 @@ def test_gemm_configs(cfg, split, asm, k):
 
 
 @pytest.mark.parametrize("m,n,k", SMALL_SHAPES + ([(4097, 13824, 5120), (333, 8960, 1536)] if ON_GPU else []))
-@pytest.mark.parametrize("bits,granularity,act_from", [(4, "pow2", 0), (8, "pow2", 0), (4, "block", 0), (16, "block", 0),
-                                                       (4, "pow2", 37), (4, "block", 37), (16, "block", 37)])
-def test_fused_gelu_epilogue(m, n, k, bits, granularity, act_from):
+@pytest.mark.parametrize("bits,granularity", [(4, "pow2"), (8, "pow2"), (4, "block"), (16, "block")])
+def test_fused_gelu_epilogue(m, n, k, bits, granularity):
     """A QuantLinear with act "gelu_tanh" (dvdq_core.fusion) equals the reference's linear then
     F.gelu, through every GEMM path: the Gluon one (4-bit pow2 on an H100), the Triton int8 one
     with and without K-block scales, and the 16-bit one. Only float rounding may differ (the
-    kernels' exp-based tanh vs torch's). act_from: the GELU covers the output columns from there on
-    (a parallel block's [qkv | mlp] projection; 37 is inside a tile), the others are the plain output."""
+    kernels' exp-based tanh vs torch's)."""
     dtype = torch.bfloat16 if m % 2 else torch.float16
     layer = make_layer(n, k, had_block=64 if k % 128 else 128, scale_block=64 if k == 320 else 128,
                        dtype=dtype, granularity=granularity)
     x = activations(m, k, dtype)
     plain = reference_forward(layer, x, bits)
-    layer.act, layer.act_from = "gelu_tanh", act_from
+    layer.act = "gelu_tanh"
     ref = reference_forward(layer, x, bits)
-    n0 = act_from
-    assert torch.equal(ref[:, :n0], plain[:, :n0])
-    assert torch.equal(ref[:, n0:], torch.nn.functional.gelu(plain[:, n0:], approximate="tanh"))
+    assert torch.equal(ref, torch.nn.functional.gelu(plain, approximate="tanh"))
     y = run_linear(layer, x, bits)
     # the 16-bit path rounds the rotated activations to the input dtype (the reference keeps float32)
     tol = (4e-3 if dtype == torch.bfloat16 else 1e-3) * (2 if bits == 16 else 1)
     assert rel_err(y, ref) < tol
-    assert rel_err(y[:, n0:], plain[:, n0:]) > 0.1  # the GELU really ran
+    assert rel_err(y, plain) > 0.1  # the GELU really ran
     if not ON_GPU:  # the epilogue alone: the same GEMM without GELU, then torch's GELU
         layer.act = None
         z = run_linear(layer, x, bits)
-        assert torch.equal(y[:, :n0], z[:, :n0])  # no GELU before act_from
         gz = torch.nn.functional.gelu(z, approximate="tanh").float()
         # one or two output ulps, plus 1e-6 absolute: for v near -4..-5 both forms compute
         # 1 + tanh(u) ~ 1e-5 by cancellation in float32 (measured differences up to 5e-7)
         ulps = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -9
-        assert ((y[:, n0:].float() - gz[:, n0:]).abs() <= ulps * gz[:, n0:].abs() + 1e-6).all()
+        assert ((y.float() - gz).abs() <= ulps * gz.abs() + 1e-6).all()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -316,21 +310,20 @@ HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 @pytest.mark.parametrize("m,n,k", [(333, 5120, 5120), (4097, 1000, 1600), (2048, 13824, 5120), (200, 256, 128),
                                    (65, 96, 192)])
 @pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, True), (torch.float16, False)])
-@pytest.mark.parametrize("gelu,gelu_from", [(False, 0), (True, 0), (True, 37)])
-def test_chain_gemm_equals_triton_gemm(m, n, k, dtype, bias, gelu, gelu_from):
+@pytest.mark.parametrize("gelu", [False, True])
+def test_chain_gemm_equals_triton_gemm(m, n, k, dtype, bias, gelu):
     """Without per-K-block scales the sm_90 Gluon GEMM computes what the Triton GEMM does, bit for
-    bit (exact int32 sums, the same epilogue, fused GELU or not, on all columns or from gelu_from
-    on), including ragged M and N and 64-wide layout groups."""
+    bit (exact int32 sums, the same epilogue, fused GELU or not), including ragged M and N and
+    64-wide layout groups."""
     layer = make_layer(n, k, bias=bias, dtype=dtype)
     x = activations(m, k, dtype)
     sb = ops.effective_blocks(layer, k)[1]
     q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
     assert ops.chain_gemm_applies(q, layer.qweight, False)
     y_chain = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
-                          out=torch.full((m, n), float("nan"), dtype=dtype, device=DEV), gelu=gelu,
-                          gelu_from=gelu_from)
+                          out=torch.full((m, n), float("nan"), dtype=dtype, device=DEV), gelu=gelu)
     y_triton = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
-                           cfg=configs.SM90_DEFAULT, gelu=gelu, gelu_from=gelu_from)
+                           cfg=configs.SM90_DEFAULT, gelu=gelu)
     assert torch.equal(y_chain, y_triton)
 
 

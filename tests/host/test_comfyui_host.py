@@ -326,12 +326,8 @@ def test_fusions_find_comfyui_models(host_dir):
                          env=env, cwd=host_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     fused = json.loads(res.stdout.strip().splitlines()[-1])
-    assert fused["wan21_t2v"] == ["blocks.0.ffn.0@0", "blocks.1.ffn.0@0"]
-    # HunyuanVideo: the double block's feed-forwards, and the single block's linear1 from its MLP
-    # columns on (3 x hidden 256); undoing them gives the same output bit for bit
-    assert fused["hunyuan_video"] == ["double_blocks.0.img_mlp.0@0", "double_blocks.0.txt_mlp.0@0",
-                                      "single_blocks.0.linear1@768"]
-    assert fused["hunyuan_unfused_gelus"] == 3 and fused["hunyuan_gelu_fusion_equal"]
+    assert fused["wan21_t2v"] == ["blocks.0.ffn.0", "blocks.1.ffn.0"]
+    assert fused["hunyuan_video"] == ["double_blocks.0.img_mlp.0", "double_blocks.0.txt_mlp.0"]
     # Wan's blocks and self-attention with their elementwise steps fused (nodes/wan_blocks.py): both
     # blocks and both self-attentions switch (the cross-attentions keep their class), each fused op
     # runs twice per block (Wan 2.2 with per-frame modulation vectors too), and on the CPU (the host's
