@@ -18,13 +18,15 @@ QUERY = "clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu"
 
 
 class ClockMonitor:
+    query = QUERY  # nvidia-smi fields of one sample (summary() reads these four)
+
     def __init__(self, period_s: float = 2.0, gpu: int = 0):
         self.period_s, self.gpu, self.samples = period_s, gpu, []
         self._stop = threading.Event()
         self._thread = None
 
     def _sample(self):
-        out = subprocess.run(["nvidia-smi", "-i", str(self.gpu), f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "-i", str(self.gpu), f"--query-gpu={self.query}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout
         return [float(v) for v in out.strip().split(",")]
 

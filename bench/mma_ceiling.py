@@ -17,47 +17,26 @@ Run: `python bench/mma_ceiling.py [--json FILE]` (H100; needs triton >= 3.5 for 
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "bench"))
+from gpu_clock import ClockMonitor  # noqa: E402
 
 
-class PowerClock:
-    """nvidia-smi samples (SM clock MHz, power W, power limit W, temperature C) while a block runs."""
+class PowerClock(ClockMonitor):
+    """Samples (SM clock MHz, power W, power limit W, temperature C) every 0.2 s while a block runs."""
+    query = "clocks.sm,power.draw,power.limit,temperature.gpu"
 
-    def __init__(self, period_s=0.2):
-        self.period_s, self.samples, self._stop = period_s, [], threading.Event()
+    def __init__(self):
+        super().__init__(period_s=0.2)
 
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "-i", "0", "--query-gpu=clocks.sm,power.draw,power.limit,temperature.gpu",
-                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
-                self.samples.append([float(v) for v in out.strip().split(",")])
-            except (OSError, ValueError, subprocess.SubprocessError):
-                pass
-            self._stop.wait(self.period_s)
-
-    def __enter__(self):
-        if shutil.which("nvidia-smi"):
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if shutil.which("nvidia-smi"):
-            self._thread.join()
-
-    def summary(self):
+    def line(self):
         if not self.samples:
             return "no nvidia-smi samples"
         clk, pw, lim, temp = zip(*self.samples)
@@ -82,7 +61,7 @@ def sustained(fn, seconds=1.5):
             b.record()
             times.append((a, b))
         torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in times), pc.summary()
+    return statistics.median(a.elapsed_time(b) for a, b in times), pc.line()
 
 
 def mma_loop_kernel():
@@ -175,7 +154,7 @@ def cublas_rows(shapes):
             rows.append({"what": f"cuBLAS {name}", "shape": [m, n, k], "ms": ms, "tflops": 2 * m * n * k / ms / 1e9,
                          "seen": seen})
             print(f"{rows[-1]['what']:45s} {m:6d}x{n:6d}x{k:6d} {ms:8.3f} ms {rows[-1]['tflops']:7.0f} T/s   {seen}", flush=True)
-        del x, w, x8, w8, xi, wi
+        x = w = x8 = w8 = xi = wi = None  # free this shape's operands before the next
         torch.cuda.empty_cache()
     return rows
 
