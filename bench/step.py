@@ -35,6 +35,7 @@ ARCH = {  # ComfyUI's detection of the released checkpoints: Wan 2.1 14B / 1.3B,
                     axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True,
                     byt5=False, meanflow=False),
 }
+ARCH["hunyuan-i2v"] = ARCH["hunyuan"]  # the same model called with a guiding frame (I2V "v2 (replace)")
 LATENT = (16, 21, 60, 104)  # 480 x 832, 81 frames -> 21 x 30 x 52 = 32760 tokens after 1x2x2 patches
 
 
@@ -52,7 +53,7 @@ def kernel_class(name: str) -> str:
 def build(arch, dev):
     import comfy.ops
     ops = comfy.ops.disable_weight_init
-    if arch == "hunyuan":
+    if arch.startswith("hunyuan"):
         from comfy.ldm.hunyuan_video.model import HunyuanVideo
         model = HunyuanVideo(device=dev, dtype=torch.bfloat16, operations=ops, **ARCH[arch])
     else:
@@ -82,7 +83,7 @@ def pack_block_fusion(arch):
         pkg = types.ModuleType("dvdq_nodes")
         pkg.__path__ = [os.path.join(ROOT, "nodes")]
         sys.modules["dvdq_nodes"] = pkg
-    if arch == "hunyuan":
+    if arch.startswith("hunyuan"):
         mod = importlib.import_module("dvdq_nodes.hunyuan_blocks")
         return mod.fuse_hunyuan, mod.unfuse_hunyuan
     mod = importlib.import_module("dvdq_nodes.wan_blocks")
@@ -96,15 +97,20 @@ def weight_bytes(model):
 
 def make_inputs(arch, dev):
     """(args, kwargs) of one step: the CFG pair for Wan; HunyuanVideo's text (256 tokens of its LLM's 4096-wide
-    states, no padding mask), pooled CLIP vector and embedded guidance for one sample."""
+    states, no padding mask), pooled CLIP vector and embedded guidance for one sample; hunyuan-i2v adds
+    a guiding frame (latent frame 0: its tokens get their own modulation vectors, `modulation_dims`)."""
     g = torch.Generator(device=dev).manual_seed(1)
-    b = 1 if arch == "hunyuan" else 2
+    hy = arch.startswith("hunyuan")
+    b = 1 if hy else 2
     x = torch.randn(b, *LATENT, device=dev, dtype=torch.bfloat16, generator=g)
-    t = torch.full((b,), 700.0 if arch != "hunyuan" else 0.7, device=dev)
-    if arch == "hunyuan":
+    t = torch.full((b,), 0.7 if hy else 700.0, device=dev)
+    if hy:
         ctx = torch.randn(b, 256, 4096, device=dev, dtype=torch.bfloat16, generator=g)
         y = torch.randn(b, 768, device=dev, dtype=torch.bfloat16, generator=g)
-        return (x, t, ctx), {"y": y, "guidance": torch.full((b,), 6.0, device=dev)}
+        kw = {"y": y, "guidance": torch.full((b,), 6.0, device=dev)}
+        if arch == "hunyuan-i2v":
+            kw["guiding_frame_index"] = torch.zeros(b, device=dev, dtype=torch.bfloat16)
+        return (x, t, ctx), kw
     return (x, t, torch.randn(b, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)), {}
 
 
@@ -170,7 +176,8 @@ def main():
     import comfy.ldm.flux.math as flux_math
     import comfy.ldm.hunyuan_video.model as hunyuan
     import comfy.ldm.wan.model as wan
-    attention_users = {"hunyuan": (flux_math, hunyuan)}  # modules whose optimized_attention the step calls
+    attention_users = {"hunyuan": (flux_math, hunyuan), "hunyuan-i2v": (flux_math, hunyuan)}  # modules whose
+    # optimized_attention the step calls
     from dvdq_core import QuantConfig, quantize_model, set_activation_bits
     from dvdq_core.fusion import fuse_gelu, unfuse_gelu
     from dvdq_core.hadamard import effective_block
