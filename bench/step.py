@@ -94,9 +94,11 @@ def weight_bytes(model):
                if n.split(".")[0].endswith("blocks"))  # Wan's blocks, HunyuanVideo's double_/single_blocks
 
 
-def make_inputs(arch, dev):
+def make_inputs(arch, dev, guiding_frame=False):
     """(args, kwargs) of one step: the CFG pair for Wan; HunyuanVideo's text (256 tokens of its LLM's 4096-wide
-    states, no padding mask), pooled CLIP vector and embedded guidance for one sample."""
+    states, no padding mask), pooled CLIP vector and embedded guidance for one sample; guiding_frame:
+    HunyuanVideo I2V "v2 (replace)" (guiding_frame_index 0: the first latent frame's tokens modulated
+    apart, modulation_dims)."""
     g = torch.Generator(device=dev).manual_seed(1)
     b = 1 if arch == "hunyuan" else 2
     x = torch.randn(b, *LATENT, device=dev, dtype=torch.bfloat16, generator=g)
@@ -104,7 +106,10 @@ def make_inputs(arch, dev):
     if arch == "hunyuan":
         ctx = torch.randn(b, 256, 4096, device=dev, dtype=torch.bfloat16, generator=g)
         y = torch.randn(b, 768, device=dev, dtype=torch.bfloat16, generator=g)
-        return (x, t, ctx), {"y": y, "guidance": torch.full((b,), 6.0, device=dev)}
+        kw = {"y": y, "guidance": torch.full((b,), 6.0, device=dev)}
+        if guiding_frame:  # (bf16: forward_orig embeds it without casting to the model's dtype)
+            kw["guiding_frame_index"] = torch.zeros(1, device=dev, dtype=torch.bfloat16)
+        return (x, t, ctx), kw
     return (x, t, torch.randn(b, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)), {}
 
 
@@ -160,6 +165,8 @@ def main():
                          "(nodes/wan_blocks.py, nodes/hunyuan_blocks.py), suffix -hostops: ComfyUI's own; bf16-fused: BF16 with the fused ones "
                          "(the split of the gain)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
+    ap.add_argument("--guiding-frame", action="store_true",
+                    help="HunyuanVideo: an I2V guiding frame (per-frame modulation, modulation_dims)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--json", default=None)
@@ -198,7 +205,7 @@ def main():
     for arch in args.arch:
         model = build(arch, dev)
         fuse_blocks, unfuse_blocks = pack_block_fusion(arch)
-        inputs = make_inputs(arch, dev)
+        inputs = make_inputs(arch, dev, args.guiding_frame)
         for variant in args.variants:
             kind, *flags = variant.split("-")
             if kind != "bf16" and not any(type(m).__name__ == "QuantLinear" for m in model.modules()):
@@ -233,7 +240,8 @@ def main():
                 sage_calls[0] = 0
                 torch.cuda.empty_cache()
                 r = run_variant(model, inputs, args.steps, not args.no_profile)
-                r.update(arch=arch, variant=variant, attention=impl_name, weight_gib=weight_bytes(model) / 2**30)
+                r.update(arch=arch, variant=variant, attention=impl_name, weight_gib=weight_bytes(model) / 2**30,
+                         guiding_frame=args.guiding_frame and arch == "hunyuan")
                 if impl_name == "sage":
                     r["sage_calls"] = sage_calls[0]
                 results.append(r)
