@@ -138,7 +138,7 @@ def cases(cc):
                 {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "y_ptr": "*bf16", "M": "i32", "stride_xm": "i32"},
                 base, w, s, None))
     # the Wan block's elementwise kernels at Wan 14B's width (40 heads x 128), as ops launches them
-    ww, bc, vec = configs.WAN_OPS_NUM_WARPS, triton.next_power_of_2(K), {"S": "i32", "REP": "i32"}
+    ww, bc, vec = configs.WAN_OPS_NUM_WARPS, triton.next_power_of_2(K), {"S": "i32", "REP": "i32", "LAST": "i32"}
     out.append(("wan norm_rope", kt._norm_rope_kernel,
                 {"x_ptr": "*bf16", "w_ptr": "*bf16", "f_ptr": "*fp32", "y_ptr": "*bf16", "S": "i32", "stride_fb": "i32",
                  "stride_fs": "i32", "eps": "fp32"},
@@ -149,6 +149,10 @@ def cases(cc):
     out.append(("wan gated_residual", kt._gated_residual_kernel,
                 {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*bf16", **vec, "stride_gb": "i32",
                  "stride_gf": "i32"}, dict(C=K, BC=bc, INTERPRET=False), ww, 3, None))
+    # HunyuanVideo's (hunyuan_ops; the q/k norm is tests/test_hunyuan_ops.py's): the same two kernels
+    # with the product rounded apart (its gates; its modulation with an I2V guiding frame)
+    for label, (fn, types) in (("hunyuan modulated_norm (dims)", out[-2][1:3]), ("hunyuan gated_add", out[-1][1:3])):
+        out.append((label, fn, types, dict(C=K, BC=bc, INTERPRET=False, ROUND_PRODUCT=True), ww, 3, None))
     return out
 
 

@@ -59,16 +59,17 @@ def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tenso
     return torch.addcmul(x, y, per_token(gate, x))
 
 
-def _fused(name: str, what: str, reference, *args):
+def _fused(name: str, what: str, reference, *args, reference_args: tuple | None = None):
     """kernels.<name>(*args) where kernels.<name>_unsupported_reason(*args) is None, else the reference
-    (on a GPU with a one-time warning; on the CPU the reference is the expected path)."""
+    (on a GPU with a one-time warning; on the CPU the reference is the expected path), called with
+    reference_args where the kernel takes the call in another form (hunyuan_ops), else with args."""
     if args[0].device.type == "cuda":
         k = load_kernels()
         reason = k if isinstance(k, str) else getattr(k, name + "_unsupported_reason")(*args)
         if reason is None:
             return getattr(k, name)(*args)
         warn_once(f"DVD-Quant: {what} runs as the host's PyTorch ops (slower) because {reason}.")
-    return reference(*args)
+    return reference(*(args if reference_args is None else reference_args))
 
 
 def norm_rope(x, weight, eps, freqs, heads: int) -> torch.Tensor:

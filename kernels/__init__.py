@@ -5,8 +5,10 @@ Public API (the core registers `linear_forward` as its "triton" backend):
   unsupported_reason(layer, a_bits, x2d) -> str | None
 the Wan block's elementwise steps that dvdq_core.wan_ops dispatches to:
   norm_rope / modulated_norm / gated_residual(*args), each with <name>_unsupported_reason(*args)
-and HunyuanVideo's (dvdq_core.hunyuan_ops; its modulation is modulated_norm):
-  head_norm_rope / gated_add / gated_add_inplace(*args), each with <name>_unsupported_reason(*args)
+and HunyuanVideo's (dvdq_core.hunyuan_ops; its modulation is modulated_norm, or with an I2V guiding
+frame's modulation_dims modulated_norm_dims):
+  head_norm_rope / modulated_norm_dims / gated_add / gated_add_inplace(*args), each with
+  <name>_unsupported_reason(*args)
 
 Importing this package needs neither triton nor a GPU; triton is imported on the first forward.
 Each is a torch custom op (`torch.ops.dvdq.w4_linear`, ...) so torch.compile treats it as one
@@ -19,7 +21,8 @@ from . import configs, ops
 
 __all__ = ["linear_forward", "unsupported_reason", "norm_rope", "modulated_norm", "gated_residual",
            "norm_rope_unsupported_reason", "modulated_norm_unsupported_reason", "gated_residual_unsupported_reason",
-           "head_norm_rope", "gated_add", "gated_add_inplace", "head_norm_rope_unsupported_reason",
+           "head_norm_rope", "modulated_norm_dims", "gated_add", "gated_add_inplace",
+           "head_norm_rope_unsupported_reason", "modulated_norm_dims_unsupported_reason",
            "gated_add_unsupported_reason", "gated_add_inplace_unsupported_reason", "configs", "ops"]
 
 _SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
@@ -83,19 +86,29 @@ def _head_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, pe: torch
     return ops.head_norm_rope(x, weight, eps, pe, heads, x2, weight2)
 
 
-def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return ops.gated_residual(x, y, gate, round_product=True)
+def _modulated_norm_dims(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                         first_tokens: int) -> torch.Tensor:
+    return ops.modulated_norm(x, shift, scale, eps, first_tokens=first_tokens, round_product=True)
 
 
-def _gated_add_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
-    ops.gated_residual(x, y, gate, out=x, round_product=True)
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int) -> torch.Tensor:
+    return ops.gated_residual(x, y, gate, round_product=True, first_tokens=first_tokens)
 
 
-# HunyuanVideo's block steps (dvdq_core.hunyuan_ops has the references and the shapes)
+def _gated_add_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int) -> None:
+    ops.gated_residual(x, y, gate, out=x, round_product=True, first_tokens=first_tokens)
+
+
+# HunyuanVideo's block steps (dvdq_core.hunyuan_ops has the references and the shapes). first_tokens:
+# 0 = the vectors spread as Wan's (one per sample in practice); > 0 = two vectors, the first for that
+# many tokens (an I2V guiding frame), the second for the rest (ops._vector_rows)
 head_norm_rope = _block_op("head_norm_rope", _head_norm_rope, lambda x, weight, eps, pe, heads, x2, weight2: x.new_empty(
     (x.shape[0], heads, x.shape[1] + (0 if x2 is None else x2.shape[1]), x.shape[2] // heads)))
-gated_add = _block_op("gated_add", _gated_add, lambda x, y, gate: torch.empty_like(x))
-gated_add_inplace = _block_op("gated_add_inplace", _gated_add_inplace, lambda x, y, gate: None, mutates_args=("x",))
+modulated_norm_dims = _block_op("modulated_norm_dims", _modulated_norm_dims,
+                                lambda x, shift, scale, eps, first_tokens: torch.empty_like(x))
+gated_add = _block_op("gated_add", _gated_add, lambda x, y, gate, first_tokens: torch.empty_like(x))
+gated_add_inplace = _block_op("gated_add_inplace", _gated_add_inplace, lambda x, y, gate, first_tokens: None,
+                              mutates_args=("x",))
 
 
 def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
@@ -169,9 +182,10 @@ def _gpu_reason(x: torch.Tensor, *others):
     return _triton_missing()
 
 
-def _tokens_reason(x: torch.Tensor, *vectors):
+def _tokens_reason(x: torch.Tensor, *vectors, first_tokens: int = 0):
     """x [B, S, C] in bf16/fp16 and modulation vectors [B, F, C] (one per sample, frame or token) of its
-    dtype with unit channel stride."""
+    dtype with unit channel stride; first_tokens > 0: two vectors per sample, the first for that many
+    tokens (ops._vector_rows)."""
     if x.dtype not in (torch.bfloat16, torch.float16):  # (no shapes in the sentences that repeat per call:
         return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"  # the warning is once per sentence)
     if x.dim() != 3:
@@ -182,8 +196,12 @@ def _tokens_reason(x: torch.Tensor, *vectors):
             return f"modulation vectors in {v.dtype} need the host's type promotion (activations in {x.dtype})"
         if v.dim() != 3 or v.shape[0] != b or v.shape[2] != c or v.shape[1] < 1 or v.stride(2) != 1:
             return f"a modulation vector of shape {tuple(v.shape)} is not [{b}, frames, {c}]"
-        if 1 < v.shape[1] != s and s // v.shape[1] == 1:  # the host's repeat_e leaves these unspread
-            return f"{v.shape[1]} modulation vectors do not spread over {s} tokens"
+        if first_tokens > 0 and v.shape[1] != 2:
+            return "modulation vectors split at a token must be two per sample"
+        if not first_tokens and 1 < v.shape[1] != s and s // v.shape[1] == 1:  # the host's repeat_e leaves these
+            return f"{v.shape[1]} modulation vectors do not spread over {s} tokens"  # unspread
+    if first_tokens < 0:
+        return "a negative count of first tokens"
     return None
 
 
@@ -205,16 +223,22 @@ def norm_rope_unsupported_reason(x: torch.Tensor, weight, eps, freqs: torch.Tens
     return _gpu_reason(x, freqs, weight)
 
 
-def modulated_norm_unsupported_reason(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps):
+def modulated_norm_unsupported_reason(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps,
+                                      first_tokens: int = 0):
     if shift.shape != scale.shape:
         return f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} differ in shape"
-    return _tokens_reason(x, shift, scale) or _gpu_reason(x, shift, scale)
+    return _tokens_reason(x, shift, scale, first_tokens=first_tokens) or _gpu_reason(x, shift, scale)
 
 
-def gated_residual_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+def modulated_norm_dims_unsupported_reason(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps,
+                                           first_tokens: int):
+    return modulated_norm_unsupported_reason(x, shift, scale, eps, first_tokens)
+
+
+def gated_residual_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int = 0):
     if y.shape != x.shape or y.dtype != x.dtype:
         return f"the residual's branch ({tuple(y.shape)}, {y.dtype}) does not match x ({tuple(x.shape)}, {x.dtype})"
-    return _tokens_reason(x, gate) or _gpu_reason(x, y, gate)
+    return _tokens_reason(x, gate, first_tokens=first_tokens) or _gpu_reason(x, y, gate)
 
 
 def _heads_reason(x: torch.Tensor, heads: int):
@@ -250,11 +274,11 @@ def head_norm_rope_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, eps
     return _gpu_reason(x, pe, weight, x2, weight2)
 
 
-def gated_add_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
-    return gated_residual_unsupported_reason(x, y, gate)
+def gated_add_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int):
+    return gated_residual_unsupported_reason(x, y, gate, first_tokens)
 
 
-def gated_add_inplace_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+def gated_add_inplace_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int):
     if not x.is_contiguous():
         return "the residual updated in place is not contiguous"
-    return gated_residual_unsupported_reason(x, y, gate)
+    return gated_residual_unsupported_reason(x, y, gate, first_tokens)

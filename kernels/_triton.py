@@ -473,18 +473,23 @@ def _head_norm_rope_kernel(x_ptr, w_ptr, f_ptr, y_ptr, L, L_OUT, L0, stride_xb, 
 
 
 @triton.jit
-def _vector_row(row, S, REP, stride_b, stride_f):
-    """Offset of token `row`'s modulation vector: its sample's row (t // REP) of [F, C] vectors."""
-    return (row // S) * stride_b + ((row % S) // REP) * stride_f
+def _vector_row(row, S, REP, LAST, stride_b, stride_f):
+    """Offset of token `row`'s modulation vector: its sample's row min(t // REP, LAST) of [F, C] vectors
+    (LAST = F - 1: with REP from ops.tokens_per_vector it never binds; with REP = T0 and two vectors
+    it gives vector 0 to the first T0 tokens and vector 1 to the rest)."""
+    return (row // S) * stride_b + tl.minimum((row % S) // REP, LAST) * stride_f
 
 
 @triton.jit
-def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, REP, stride_vb, stride_vf, eps, C: tl.constexpr,
-                           BC: tl.constexpr, INTERPRET: tl.constexpr):
+def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, REP, LAST, stride_vb, stride_vf, eps,
+                           C: tl.constexpr, BC: tl.constexpr, INTERPRET: tl.constexpr,
+                           ROUND_PRODUCT: tl.constexpr = False):
     """One token per program: LayerNorm over its C channels (no affine), rounded to the output dtype as
-    the host's norm returns it, then shift + norm * (1 + scale) with its vectors (row (t // REP) of its
-    sample's [F, C] vectors: per sample, per frame or per token; (1 + scale) rounded too, as the host
-    adds it in the dtype first), rounded once."""
+    the host's norm returns it, then shift + norm * (1 + scale) with its vectors (_vector_row: per
+    sample, per frame or per token, or split at a token; (1 + scale) rounded too, as the host adds it
+    in the dtype first), rounded once (addcmul). ROUND_PRODUCT: norm * (1 + scale) rounded to the
+    output dtype first, as the host's apply_mod with modulation_dims (`*=` then `+=`) rounds it
+    (exact product in float32, opaque rounding as in _gated_residual_kernel)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BC)
     ok = c < C
@@ -494,14 +499,17 @@ def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, S, REP, stride_vb
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
     dt = y_ptr.dtype.element_ty
     n = _round_to(d * rstd, dt, INTERPRET).to(tl.float32)
-    v = _vector_row(row, S, REP, stride_vb, stride_vf) + c
+    v = _vector_row(row, S, REP, LAST, stride_vb, stride_vf) + c
     shift = tl.load(shift_ptr + v, mask=ok, other=0.0).to(tl.float32)
     one_scale = _round_to(1.0 + tl.load(scale_ptr + v, mask=ok, other=0.0).to(tl.float32), dt, INTERPRET).to(tl.float32)
-    tl.store(y_ptr + row * C + c, _round_to(shift + n * one_scale, dt, INTERPRET), mask=ok)
+    p = n * one_scale
+    if ROUND_PRODUCT:
+        p = _rounded_apart(p, dt, INTERPRET)
+    tl.store(y_ptr + row * C + c, _round_to(shift + p, dt, INTERPRET), mask=ok)
 
 
 @triton.jit
-def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, S, REP, stride_gb, stride_gf, C: tl.constexpr,
+def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, S, REP, LAST, stride_gb, stride_gf, C: tl.constexpr,
                            BC: tl.constexpr, INTERPRET: tl.constexpr, ROUND_PRODUCT: tl.constexpr = False):
     """One token per program: x + y * gate with its gate vector (as _modulated_norm_kernel's), rounded
     once (Wan's addcmul). ROUND_PRODUCT: y * gate rounded to the output dtype first, as the host's
@@ -513,7 +521,7 @@ def _gated_residual_kernel(x_ptr, y_ptr, g_ptr, out_ptr, S, REP, stride_gb, stri
     dt = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * C + c, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + _vector_row(row, S, REP, stride_gb, stride_gf) + c, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + _vector_row(row, S, REP, LAST, stride_gb, stride_gf) + c, mask=ok, other=0.0).to(tl.float32)
     p = y * g
     if ROUND_PRODUCT:
         p = _rounded_apart(p, dt, INTERPRET)

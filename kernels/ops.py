@@ -359,8 +359,18 @@ def _vector_strides(v):
     return (v.stride(0) if v.shape[0] > 1 else 0), (v.stride(1) if v.shape[1] > 1 else 0)
 
 
-def modulated_norm(x, shift, scale, eps: float, out=None):
-    """LayerNorm(x) * (1 + scale) + shift, x [B, S, C], shift/scale [B, F, C] (_modulated_norm_kernel)."""
+def _vector_rows(s: int, v, first_tokens: int):
+    """_vector_row's (REP, LAST) for S tokens and [B, F, C] vectors: first_tokens 0 spreads the F
+    vectors as repeat_e (tokens_per_vector); first_tokens > 0 (F = 2) gives vector 0 to the first
+    first_tokens tokens and vector 1 to the rest (the host's modulation_dims of an I2V guiding frame)."""
+    f = v.shape[1]
+    return (first_tokens if first_tokens > 0 else tokens_per_vector(s, f)), f - 1
+
+
+def modulated_norm(x, shift, scale, eps: float, out=None, first_tokens: int = 0, round_product: bool = False):
+    """LayerNorm(x) * (1 + scale) + shift, x [B, S, C], shift/scale [B, F, C] (_modulated_norm_kernel);
+    first_tokens: as _vector_rows; round_product: the product rounded first (the host's apply_mod with
+    modulation_dims)."""
     b, s, c = x.shape
     x = x.contiguous()
     out = torch.empty_like(x) if out is None else out
@@ -368,20 +378,22 @@ def modulated_norm(x, shift, scale, eps: float, out=None):
         shift, scale = shift.contiguous(), scale.contiguous()
     if x.numel():
         _triton()._modulated_norm_kernel[(b * s,)](
-            x, shift, scale, out, s, tokens_per_vector(s, shift.shape[1]), *_vector_strides(shift), eps, C=c,
-            BC=triton_next_power_of_2(c), INTERPRET=interpreting(), num_warps=configs.WAN_OPS_NUM_WARPS)
+            x, shift, scale, out, s, *_vector_rows(s, shift, first_tokens), *_vector_strides(shift), eps, C=c,
+            BC=triton_next_power_of_2(c), INTERPRET=interpreting(), ROUND_PRODUCT=round_product,
+            num_warps=configs.WAN_OPS_NUM_WARPS)
     return out
 
 
-def gated_residual(x, y, gate, out=None, round_product=False):
+def gated_residual(x, y, gate, out=None, round_product=False, first_tokens: int = 0):
     """x + y * gate, x/y [B, S, C], gate [B, F, C] (_gated_residual_kernel); round_product: y * gate
-    rounded first (HunyuanVideo's `x + y * gate`). out may be x (contiguous) for the in-place update."""
+    rounded first (HunyuanVideo's `x + y * gate`); first_tokens: as _vector_rows. out may be x
+    (contiguous) for the in-place update."""
     b, s, c = x.shape
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x) if out is None else out
     if x.numel():
         _triton()._gated_residual_kernel[(b * s,)](
-            x, y, gate, out, s, tokens_per_vector(s, gate.shape[1]), *_vector_strides(gate), C=c,
+            x, y, gate, out, s, *_vector_rows(s, gate, first_tokens), *_vector_strides(gate), C=c,
             BC=triton_next_power_of_2(c), INTERPRET=interpreting(), ROUND_PRODUCT=round_product,
             num_warps=configs.WAN_OPS_NUM_WARPS)
     return out

@@ -14,10 +14,13 @@ the host's, installed only where the host's code is the one copied: the block fo
 and `apply_mod` of comfy.ldm.flux, and the QKNorm / RMSNorm forwards (eps 1e-6) have the signature
 and the names fingerprinted here (ComfyUI 0.3.x). Otherwise the model keeps the host's forwards and
 a warning says so. Only the blocks inside a HunyuanVideo model switch (Flux shares the classes).
-A call the fused forward does not take runs the host's forward: per-frame modulation
-(`modulation_dims`, I2V guiding frames: the host updates slices in place), no rotary embedding,
-q/k norms that are not the host's plain RMSNorm, or flux's `attention` / `apply_mod` replaced after
-fusing. DVDQ_FUSE_BLOCKS=0 (or DVDQ_FUSE_WAN=0) turns it off.
+I2V guiding frames (`modulation_dims`: the first latent frame's tokens modulated by one vector, the
+rest by another, which the host applies to slices in place) run fused too, for a batch of one and
+the two forms HunyuanVideo.forward_orig passes (dvdq_core.hunyuan_ops.kernel_dims), with the host's
+roundings. A call the fused forward does not take runs the host's forward: other `modulation_dims`
+(or a larger batch with them), no rotary embedding, q/k norms that are not the host's plain RMSNorm,
+or flux's `attention` / `apply_mod` replaced after fusing. DVDQ_FUSE_BLOCKS=0 (or DVDQ_FUSE_WAN=0)
+turns it off.
 """
 import logging
 import sys
@@ -25,9 +28,9 @@ import sys
 import torch
 from torch import nn
 
-from dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope
+from dvdq_core.hunyuan_ops import apply_mod, gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
 
-from .wan_blocks import _modulated, _plain, host_function_mismatch, restore_classes, switched_off
+from .wan_blocks import _bare_layer_norm, _plain, host_function_mismatch, restore_classes, switched_off
 
 log = logging.getLogger("dvdq")
 
@@ -52,8 +55,12 @@ _FUSED_CLASSES = {}  # host class -> our subclass
 _HOST = {}  # the host functions fingerprinted when fusing (calls go to the host's forward if they change)
 
 
-def _same(v, x):
-    return v  # one modulation vector per sample: nothing to spread (wan_blocks._modulated's repeat_e)
+def _modulated(norm: nn.Module, x, mod, dims):
+    """The host's apply_mod(norm(x), 1 + mod.scale, mod.shift, dims): one kernel where the norm is a bare
+    LayerNorm (wan_blocks), else the host's expression."""
+    if _bare_layer_norm(norm, x):
+        return modulated_norm(x, mod.shift, mod.scale, norm.eps, dims)
+    return apply_mod(norm(x), 1 + mod.scale, mod.shift, dims)
 
 
 def _qk_weights(qk_norm: nn.Module):
@@ -65,10 +72,12 @@ def _qk_weights(qk_norm: nn.Module):
     return norms[0].scale, norms[1].scale
 
 
-def _host_call(host, pe, *modulation_dims) -> bool:
-    """Whether this call goes to the host's forward (see the module docstring)."""
-    return (pe is None or any(d is not None for d in modulation_dims) or host.attention is not _HOST["attention"]
-            or host.apply_mod is not _HOST["apply_mod"])
+def _host_call(host, pe, x, vec, *modulation_dims) -> bool:
+    """Whether this call goes to the host's forward (see the module docstring); x: the block's (image)
+    tokens, vec: what its Modulation takes ([B, C], or [B, F, C]: F vectors per sample)."""
+    vectors = vec.shape[1] if vec.ndim == 3 else 1
+    return (pe is None or any(d is not None and kernel_dims(d, x.shape[0], vectors) is None for d in modulation_dims)
+            or host.attention is not _HOST["attention"] or host.apply_mod is not _HOST["apply_mod"])
 
 
 def _v(qkv, heads: int):
@@ -96,7 +105,8 @@ def _fused_class(cls, kind: str, host):
             def forward(self, img, txt, vec, pe, attn_mask=None, modulation_dims_img=None, modulation_dims_txt=None,
                         transformer_options={}):
                 iw = tw = None
-                if self.flipped_img_txt and not _host_call(host, pe, modulation_dims_img, modulation_dims_txt):
+                dims_i, dims_t = modulation_dims_img, modulation_dims_txt
+                if self.flipped_img_txt and not _host_call(host, pe, img, vec, dims_i, dims_t):
                     iw, tw = _qk_weights(self.img_attn.norm), _qk_weights(self.txt_attn.norm)
                 if iw is None or tw is None:
                     return super().forward(img, txt, vec, pe, attn_mask=attn_mask,
@@ -105,8 +115,8 @@ def _fused_class(cls, kind: str, host):
                                            transformer_options=transformer_options)
                 img_mod1, img_mod2 = self.img_mod(vec)
                 txt_mod1, txt_mod2 = self.txt_mod(vec)
-                img_qkv = self.img_attn.qkv(_modulated(self.img_norm1, img, img_mod1.shift, img_mod1.scale, _same))
-                txt_qkv = self.txt_attn.qkv(_modulated(self.txt_norm1, txt, txt_mod1.shift, txt_mod1.scale, _same))
+                img_qkv = self.img_attn.qkv(_modulated(self.img_norm1, img, img_mod1, dims_i))
+                txt_qkv = self.txt_attn.qkv(_modulated(self.txt_norm1, txt, txt_mod1, dims_t))
                 c, h = img_qkv.shape[-1] // 3, self.num_heads
                 q = head_norm_rope(img_qkv[..., :c], iw[0], RMS_EPS, pe, h, txt_qkv[..., :c], tw[0])
                 k = head_norm_rope(img_qkv[..., c:2 * c], iw[1], RMS_EPS, pe, h, txt_qkv[..., c:2 * c], tw[1])
@@ -115,12 +125,11 @@ def _fused_class(cls, kind: str, host):
                 attn = _attention(host, q, k, v, attn_mask, transformer_options)
                 del q, k, v
                 img_attn, txt_attn = attn[:, :img.shape[1]], attn[:, img.shape[1]:]
-                img = gated_add(img, self.img_attn.proj(img_attn), img_mod1.gate)
-                img = gated_add(img, self.img_mlp(_modulated(self.img_norm2, img, img_mod2.shift, img_mod2.scale,
-                                                             _same)), img_mod2.gate)
-                gated_add_(txt, self.txt_attn.proj(txt_attn), txt_mod1.gate)
-                gated_add_(txt, self.txt_mlp(_modulated(self.txt_norm2, txt, txt_mod2.shift, txt_mod2.scale, _same)),
-                           txt_mod2.gate)
+                img = gated_add(img, self.img_attn.proj(img_attn), img_mod1.gate, dims_i)
+                img = gated_add(img, self.img_mlp(_modulated(self.img_norm2, img, img_mod2, dims_i)), img_mod2.gate,
+                                dims_i)
+                gated_add_(txt, self.txt_attn.proj(txt_attn), txt_mod1.gate, dims_t)
+                gated_add_(txt, self.txt_mlp(_modulated(self.txt_norm2, txt, txt_mod2, dims_t)), txt_mod2.gate, dims_t)
                 if txt.dtype == torch.float16:
                     txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
                 return img, txt
@@ -130,12 +139,12 @@ def _fused_class(cls, kind: str, host):
             residual fused."""
 
             def forward(self, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
-                w = None if _host_call(host, pe, modulation_dims) else _qk_weights(self.norm)
+                w = None if _host_call(host, pe, x, vec, modulation_dims) else _qk_weights(self.norm)
                 if w is None:
                     return super().forward(x, vec, pe, attn_mask=attn_mask, modulation_dims=modulation_dims,
                                            transformer_options=transformer_options)
                 mod, _ = self.modulation(vec)
-                qkv, mlp = torch.split(self.linear1(_modulated(self.pre_norm, x, mod.shift, mod.scale, _same)),
+                qkv, mlp = torch.split(self.linear1(_modulated(self.pre_norm, x, mod, modulation_dims)),
                                        [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
                 c, h = self.hidden_size, self.num_heads
                 q = head_norm_rope(qkv[..., :c], w[0], RMS_EPS, pe, h)
@@ -143,7 +152,7 @@ def _fused_class(cls, kind: str, host):
                 attn = _attention(host, q, k, _v(qkv, h), attn_mask, transformer_options)
                 del q, k, qkv
                 output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
-                gated_add_(x, output, mod.gate)
+                gated_add_(x, output, mod.gate, modulation_dims)
                 if x.dtype == torch.float16:
                     x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
                 return x

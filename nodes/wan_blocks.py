@@ -91,11 +91,16 @@ def _normed_rotated(norm: nn.Module, y, freqs, heads: int):
     return norm_rope(norm(y), None, None, freqs, heads)  # qk_norm off, or the host's own norm forward
 
 
+def _bare_layer_norm(norm: nn.Module, x) -> bool:
+    """A LayerNorm over x's channels without affine (Wan's norm1 / norm2, HunyuanVideo's img_norm1 ...;
+    with no weight there is nothing for the host to cast or patch): the modulation kernels' norm."""
+    return isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None \
+        and tuple(norm.normalized_shape) == (x.shape[-1],)
+
+
 def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
-    """shift + norm(x) * (1 + scale): one kernel where the norm is a LayerNorm without affine (Wan's
-    norm1 / norm2; with no weight there is nothing for the host to cast or patch)."""
-    if isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None \
-            and tuple(norm.normalized_shape) == (x.shape[-1],):
+    """shift + norm(x) * (1 + scale): one kernel where the norm is a bare LayerNorm."""
+    if _bare_layer_norm(norm, x):
         return modulated_norm(x, shift, scale, norm.eps)
     return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))  # the host's expression
 

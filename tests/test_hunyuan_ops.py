@@ -196,6 +196,211 @@ def test_core_dispatch():
     assert torch.equal(g, x + y * gate) and torch.equal(x2, g)  # bf16: bit for bit on the GPU too
 
 
+def host_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
+    """comfy.ldm.flux.layers.apply_mod of ComfyUI 0.3.64, literally (the ground truth of the tests below;
+    tests/host checks that the pack's copy is the host's bytecode)."""
+    if modulation_dims is None:
+        if m_add is not None:
+            return torch.addcmul(m_add, tensor, m_mult)
+        else:
+            return tensor * m_mult
+    else:
+        for d in modulation_dims:
+            tensor[:, d[0]:d[1]] *= m_mult[:, d[2]]
+            if m_add is not None:
+                tensor[:, d[0]:d[1]] += m_add[:, d[2]]
+        return tensor
+
+
+def guided_modulation(b, c, dtype, chunks=6):
+    """Modulation.forward's chunks with an I2V guiding frame: vec [B, 2, C] (HunyuanVideo.forward_orig's
+    two vectors per sample) -> chunks of [B, 2, C] (token-vector stride chunks C)."""
+    return (torch.randn(b, 2, chunks * c, generator=GEN) * 0.5).to(dtype).to(DEV).chunk(chunks, dim=-1)
+
+
+def guided(t0):
+    """forward_orig's modulation_dims for image tokens after a guiding frame of t0 tokens."""
+    return [(0, t0, 0), (t0, None, 1)]
+
+
+def per_token(v, s, t0):
+    """[B, 2, C] vectors as [B, S, C]: vector 0 for the first t0 tokens, vector 1 after."""
+    return torch.where(torch.arange(s, device=v.device)[None, :, None] < t0, v[:, :1], v[:, 1:2])
+
+
+def host_split(fn, x, *vectors, dims):
+    """fn(x, *vectors, dims) of the host for each sample on its own (the kernels' batch semantics; the
+    host's slices only mean that for a batch of one), concatenated."""
+    return torch.cat([fn(x[i:i + 1].clone(), *(v[i:i + 1] for v in vectors), dims) for i in range(x.shape[0])])
+
+
+def host_modulation(x, shift, scale, dims):
+    return host_apply_mod(torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6), 1 + scale, shift, dims)
+
+
+def host_gate(x, y, gate, dims):
+    return x + host_apply_mod(y.clone(), gate, None, dims)
+
+
+def test_kernel_dims():
+    """The two modulation_dims forms of HunyuanVideo.forward_orig with a guiding frame, for a batch of one,
+    map to the kernels' (vectors, first_tokens); anything else is left to the host."""
+    kd = hunyuan_ops.kernel_dims
+    assert kd(guided(16), 1, 2) == (slice(0, 2), 16)
+    assert kd(guided(1), 1, 2) == (slice(0, 2), 1)
+    assert kd([(0, None, 1)], 1, 2) == (slice(1, 2), 0)
+    assert kd(((0, None, 0),), 1, 1) == (slice(0, 1), 0)
+    for dims, batch, vectors in (
+            (guided(16), 2, 2), ([(0, None, 1)], 2, 2),  # a batch: the host's slices broadcast it over the tokens
+            (guided(16), 1, 1), ([(0, None, 2)], 1, 2), ([(0, None, -1)], 1, 2), ([(0, None, None)], 1, 2),
+            (guided(0), 1, 2), ([(0, 16, 1), (16, None, 0)], 1, 2), ([(0, 16, 0), (17, None, 1)], 1, 2),
+            ([(0, 16, 0), (16, 32, 1)], 1, 2), ([(1, None, 0)], 1, 2), ([(0, 16, 0)], 1, 2), ([], 1, 2),
+            ([(0, 4, 0), (4, 8, 1), (8, None, 1)], 1, 2), ([(0, True, 0), (True, None, 1)], 1, 2),
+            ([(0, torch.tensor(4), 0), (torch.tensor(4), None, 1)], 1, 2), ([(0, None)], 1, 2), ("dims", 1, 2)):
+        assert kd(dims, batch, vectors) is None, (dims, batch, vectors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dims_references_are_the_host(dtype):
+    """With modulation_dims the references are the host's apply_mod (its loop: the product rounded, then
+    the sum); for the kernels' forms that is each token's vector applied with those two roundings, which
+    differs from the addcmul without dims (one rounding)."""
+    b, s, c = 1, 7, 48
+    x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
+    y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
+    shift, scale, gate = guided_modulation(b, c, dtype, 3)
+    for dims, t0 in ((guided(3), 3), (guided(1), 1), (guided(9), 9), ([(0, None, 1)], 0), ([(0, None, 0)], s)):
+        want = host_modulation(x, shift, scale, dims)
+        assert torch.equal(hunyuan_ops.modulated_norm_reference(x, shift, scale, 1e-6, dims), want), dims
+        ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
+        assert torch.equal(ln * (1 + per_token(scale, s, t0)) + per_token(shift, s, t0), want), dims
+        want = host_gate(x, y, gate, dims)
+        assert torch.equal(hunyuan_ops.gated_add_reference(x, y.clone(), gate, dims), want), dims
+        x2 = x.clone()
+        assert hunyuan_ops.gated_add_inplace_reference(x2, y.clone(), gate, dims) is x2 and torch.equal(x2, want)
+        assert torch.equal(x + y * per_token(gate, s, t0), want), dims
+    assert torch.equal(hunyuan_ops.modulated_norm_reference(x, shift[:, :1], scale[:, :1], 1e-6),
+                       wan_ops.modulated_norm_reference(x, shift[:, :1], scale[:, :1], 1e-6))  # without dims: addcmul
+    if dtype == torch.bfloat16:
+        one_rounding = torch.addcmul(per_token(shift, s, 3), ln, 1 + per_token(scale, s, 3))
+        assert not torch.equal(host_modulation(x, shift, scale, guided(3)), one_rounding)
+
+
+# (batch, tokens, channels, first tokens T0): T0 = 1, ragged, a batch of two (the kernels' per-sample
+# vectors), T0 = S, T0 > S (every token on vector 0), one token
+SPLITS = [(1, 7, 48, 1), (1, 7, 256, 3), (2, 5, 320, 2), (1, 5, 64, 5), (1, 4, 48, 9), (1, 1, 64, 1)] + \
+    ([(1, 4608, 3072, 1536), (1, 333, 3072, 100)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("b,s,c,t0", SPLITS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("round_product", [True, False])
+def test_modulated_norm_kernel_split_at_a_token(b, s, c, t0, dtype, round_product):
+    """ops.modulated_norm with first_tokens: vector 0 for the first T0 tokens, vector 1 after; with
+    round_product the host's apply_mod with dims (product, then sum, rounded), else addcmul with those
+    vectors. Every output element written. Equal up to the LayerNorm's own rounding (the kernel sums in
+    another order): see the exact test below."""
+    x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
+    shift, scale = guided_modulation(b, c, dtype)[:2]
+    assert kernels.modulated_norm_dims_unsupported_reason(x, shift, scale, 1e-6, t0) in (None, "input on cpu")
+    ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
+    if round_product:
+        host = host_split(host_modulation, x, shift, scale, dims=guided(t0))
+    else:
+        host = torch.addcmul(per_token(shift, s, t0), ln, 1 + per_token(scale, s, t0))
+    out = torch.full_like(x, float("nan"))
+    y = ops.modulated_norm(x, shift, scale, 1e-6, out=out, first_tokens=t0, round_product=round_product)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    term = (ln.float() * (1 + per_token(scale, s, t0).float())).abs()
+    bound = torch.finfo(dtype).eps * (host.float().abs() + term) + 2.0 ** -18 * host.float().abs().amax(-1, keepdim=True)
+    assert ((y.float() - host.float()).abs() <= bound).all()
+    assert (y != host).float().mean().item() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t0", [1, 6, 40])
+def test_modulated_norm_kernel_rounds_as_the_host(dtype, t0):
+    """Where the kernel's LayerNorm and the host's agree (rows of +-1 and +-3 times a power of two: mean
+    0, variance 5, norms far from a rounding tie), ROUND_PRODUCT is the host's apply_mod with dims bit for
+    bit: the product rounded apart (on a GPU not contracted into an FMA with the sum), then the sum.
+    The single rounding of addcmul differs on the same data."""
+    s, c = 48, 256
+    base = torch.tensor([-3.0, -1.0, 1.0, 3.0]).repeat(c // 4)
+    x = torch.stack([base[torch.randperm(c, generator=GEN)] * 2.0 ** (i % 5 - 2) for i in range(s)])[None]
+    x = x.to(dtype).to(DEV)
+    shift, scale = guided_modulation(1, c, dtype)[:2]
+    out = torch.full_like(x, float("nan"))
+    y = ops.modulated_norm(x, shift, scale, 1e-6, out=out, first_tokens=t0, round_product=True)
+    assert torch.equal(y, host_modulation(x, shift, scale, guided(t0)))
+    one = ops.modulated_norm(x, shift, scale, 1e-6, first_tokens=t0)
+    ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
+    assert torch.equal(one, torch.addcmul(per_token(shift, s, t0), ln, 1 + per_token(scale, s, t0)))
+    assert not torch.equal(one, y)
+
+
+@pytest.mark.parametrize("b,s,c,t0", SPLITS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("round_product", [True, False])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_gated_residual_kernel_split_at_a_token(b, s, c, t0, dtype, round_product, in_place):
+    """ops.gated_residual with first_tokens: ROUND_PRODUCT is the host's `x + apply_mod(y, gate, None,
+    dims)` bit for bit (in place as `txt +=`), without it addcmul with each token's vector."""
+    x = (torch.randn(b, s, c, generator=GEN) * 4).to(dtype).to(DEV)
+    y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
+    gate = guided_modulation(b, c, dtype, 3)[2]
+    assert kernels.gated_add_unsupported_reason(x, y, gate, t0) in (None, "input on cpu")
+    if round_product:
+        ref = host_split(host_gate, x, y, gate, dims=guided(t0))
+    else:
+        ref = torch.addcmul(x, y, per_token(gate, s, t0))
+    out = x.clone() if in_place else torch.full_like(x, float("nan"))
+    r = ops.gated_residual(out if in_place else x, y, gate, out=out, round_product=round_product, first_tokens=t0)
+    assert r.data_ptr() == out.data_ptr() and not torch.isnan(r).any()
+    if round_product:
+        assert torch.equal(r, ref)
+    else:
+        bound = torch.finfo(dtype).eps * ref.float().abs() + 2.0 ** -18 * ref.float().abs().amax(-1, keepdim=True)
+        assert ((r.float() - ref.float()).abs() <= bound).all()
+
+
+def test_dims_dispatch():
+    """dvdq_core.hunyuan_ops with modulation_dims: the forms of a guiding frame run the kernels on a GPU
+    (no warning: they take the call) and the host's apply_mod on the CPU, bit for bit; other dims, and a
+    batch of two (where the host's slices broadcast the batch over the tokens: with B = 2 tokens per
+    slice it runs, each token of a slice on another sample's vector), are the host's ops everywhere."""
+    b, s, c, t0 = 1, 9, 64, 4
+    dt = torch.bfloat16
+    x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dt).to(DEV)
+    y = (torch.randn(b, s, c, generator=GEN) * 2).to(dt).to(DEV)
+    shift, scale, gate = guided_modulation(b, c, dt, 3)
+    for dims, first in ((guided(t0), t0), ([(0, None, 1)], 0)):  # (first: per_token's split of each form)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m = hunyuan_ops.modulated_norm(x, shift, scale, 1e-6, dims)
+            g = hunyuan_ops.gated_add(x, y.clone(), gate, dims)  # (y a temporary: the host's path scales it in place)
+            x2 = x.clone()
+            assert hunyuan_ops.gated_add_(x2, y.clone(), gate, dims) is x2
+        want = host_modulation(x, shift, scale, dims)
+        if ON_GPU:  # one ulp of norm * (1 + scale) where the LayerNorms round apart
+            ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
+            term = (ln.float() * (1 + per_token(scale, s, first).float())).abs()
+            assert ((m.float() - want.float()).abs() <= torch.finfo(dt).eps * (want.float().abs() + term)).all()
+        else:
+            assert torch.equal(m, want)
+        assert torch.equal(g, host_gate(x, y, gate, dims)) and torch.equal(x2, g)  # bf16: bit for bit on a GPU too
+    others = [[(0, 3, 1), (3, None, 0)], [(0, 2, 0), (2, 5, 1), (5, None, 0)], [(0, 4, 0)], [(2, None, 1)]]
+    x4 = (torch.randn(2, 4, c, generator=GEN) * 4 + 1).to(dt).to(DEV)
+    y4 = (torch.randn(2, 4, c, generator=GEN) * 2).to(dt).to(DEV)
+    v4 = guided_modulation(2, c, dt, 3)
+    for x, y, (shift, scale, gate), dims in [(x, y, (shift, scale, gate), d) for d in others] + \
+            [(x4, y4, v4, d) for d in (guided(2), [(0, 2, 1), (2, None, 0)])]:
+        assert torch.equal(hunyuan_ops.modulated_norm(x, shift, scale, 1e-6, dims), host_modulation(x, shift, scale, dims))
+        assert torch.equal(hunyuan_ops.gated_add(x, y.clone(), gate, dims), host_gate(x, y, gate, dims))
+        x2 = x.clone()
+        assert torch.equal(hunyuan_ops.gated_add_(x2, y.clone(), gate, dims), host_gate(x, y, gate, dims))
+    assert not torch.equal(host_gate(x4, y4, v4[2], guided(2)), host_split(host_gate, x4, y4, v4[2], dims=guided(2)))
+
+
 def test_unsupported_reasons():
     heads, d = 2, 16
     c = heads * d
@@ -213,19 +418,32 @@ def test_unsupported_reasons():
     assert "norm weight" in reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2], None)
     assert "does not match the first" in reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2].half(), w)
     v = x[:, :1]
-    assert "does not match x" in kernels.gated_add_unsupported_reason(x, x[:, :2], v)
-    assert "bf16 or fp16 only" in kernels.gated_add_unsupported_reason(x.float(), x.float(), v.float())
-    assert "not contiguous" in kernels.gated_add_inplace_unsupported_reason(x, x, v)  # a view of the qkv output
+    assert "does not match x" in kernels.gated_add_unsupported_reason(x, x[:, :2], v, 0)
+    assert "bf16 or fp16 only" in kernels.gated_add_unsupported_reason(x.float(), x.float(), v.float(), 0)
+    assert "not contiguous" in kernels.gated_add_inplace_unsupported_reason(x, x, v, 0)  # a view of the qkv output
+    # split at a token (I2V guiding frame): two vectors per sample, then any token count (no repeat_e spreading)
+    x3, v2 = x[:, :3].contiguous(), x[:, :2]
+    dims_reason = kernels.modulated_norm_dims_unsupported_reason
+    assert dims_reason(x3, v, v, 1e-6, 2) == kernels.gated_add_unsupported_reason(x3, x3, v, 2) == \
+        "modulation vectors split at a token must be two per sample"
+    assert "negative count of first tokens" in kernels.gated_add_inplace_unsupported_reason(x3, x3, v2, -1)
+    assert "do not spread over 3 tokens" in dims_reason(x3, v2, v2, 1e-6, 0)
+    assert "differ in shape" in dims_reason(x3, v2, v, 1e-6, 1)
+    assert "bf16 or fp16 only" in dims_reason(x3.float(), v2.float(), v2.float(), 1e-6, 1)
+    for first in (1, 2, 3, 7):
+        assert dims_reason(x3, v2, v2, 1e-6, first) in (None, "input on cpu")
+        assert kernels.gated_add_unsupported_reason(x3, x3, v2, first) in (None, "input on cpu")
     if not ON_GPU:
         assert reason(x, w, 1e-6, pe, heads) == "input on cpu"
         assert reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2], w) == "input on cpu"
-        assert kernels.gated_add_unsupported_reason(x, x, v) == "input on cpu"
-        assert kernels.gated_add_inplace_unsupported_reason(x.contiguous(), x, v) == "input on cpu"
+        assert kernels.gated_add_unsupported_reason(x, x, v, 0) == "input on cpu"
+        assert kernels.gated_add_inplace_unsupported_reason(x.contiguous(), x, v, 0) == "input on cpu"
 
 
 def test_kernels_compile_for_all_targets():
     """The new kernels compile for sm_80/86/89/90 at HunyuanVideo's size (24 heads x 128, C = 3072),
-    without register spills (bench/compile_targets.py's check, CPU only, run without the interpreter)."""
+    without register spills (bench/compile_targets.py's check, CPU only, run without the interpreter):
+    the q/k norm, the gate and the modulation of a guiding frame (both with the product rounded apart)."""
     code = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']\n"
         "import compile_targets as ct\n"
@@ -236,15 +454,18 @@ def test_kernels_compile_for_all_targets():
         "         'L': 'i32', 'L_OUT': 'i32', 'L0': 'i32', 'stride_xb': 'i64', 'stride_xl': 'i32', 'stride_fb': 'i32',\n"
         "         'stride_fl': 'i32', 'eps': 'fp32'}, dict(H=24, HP=32, HALF_D=64, INTERPRET=False)),\n"
         "        (kt._gated_residual_kernel, {'x_ptr': '*bf16', 'y_ptr': '*bf16', 'g_ptr': '*bf16', 'out_ptr': '*bf16',\n"
-        "         'S': 'i32', 'REP': 'i32', 'stride_gb': 'i32', 'stride_gf': 'i32'},\n"
-        "         dict(C=3072, BC=4096, INTERPRET=False, ROUND_PRODUCT=True))):\n"
+        "         'S': 'i32', 'REP': 'i32', 'LAST': 'i32', 'stride_gb': 'i32', 'stride_gf': 'i32'},\n"
+        "         dict(C=3072, BC=4096, INTERPRET=False, ROUND_PRODUCT=True)),\n"
+        "        (kt._modulated_norm_kernel, {'x_ptr': '*bf16', 'shift_ptr': '*bf16', 'scale_ptr': '*bf16',\n"
+        "         'y_ptr': '*bf16', 'S': 'i32', 'REP': 'i32', 'LAST': 'i32', 'stride_vb': 'i32', 'stride_vf': 'i32',\n"
+        "         'eps': 'fp32'}, dict(C=3072, BC=4096, INTERPRET=False, ROUND_PRODUCT=True))):\n"
         "        r = ct.compile_kernel(fn, types, consts, cc, configs.WAN_OPS_NUM_WARPS, 3)\n"
         "        print(f'sm_{cc}', fn.__name__, r)\n"
         "        assert r['spills'] == 0 and r['smem'] <= ct.SMEM_LIMIT[cc], r\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("sm_") == 8
+    assert r.stdout.count("sm_") == 12
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a CUDA notion: the GPU path warns once when it must use the host's ops")
@@ -262,21 +483,24 @@ def test_gpu_call_the_kernel_cannot_take_warns():
 
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile of the custom ops needs the compiled GPU kernels")
 def test_torch_compile():
-    """The custom ops in a compiled graph (dvdq::gated_add_inplace mutates its first argument)."""
+    """The custom ops in a compiled graph (dvdq::gated_add_inplace mutates its first argument), with and
+    without a guiding frame's split of the modulation vectors."""
     b, n, n2, heads, d = 2, 64, 16, 4, 32
     c = heads * d
     qkv, qkv2 = qkv_output(b, n, heads, d, torch.bfloat16), qkv_output(b, n2, heads, d, torch.bfloat16)
     w, w2 = norm_weight(d, torch.bfloat16), norm_weight(d, torch.bfloat16)
     pe = flux_pe(b, n + n2, d)
     gate = modulation(b, c, torch.bfloat16, 3)[2]
+    shift, scale, gate2 = guided_modulation(b, c, torch.bfloat16, 3)
 
     def step(a, t):
         q = kernels.head_norm_rope(a[..., :c], w, 1e-6, pe, heads, t[..., :c], w2)
         h = q.transpose(1, 2).flatten(2)  # [B, L, C]
-        r = kernels.gated_add(h[:, :n], a[..., c:2 * c], gate)
+        r = kernels.gated_add(h[:, :n], a[..., c:2 * c], gate, 0)
         res = h[:, n:].contiguous()
-        kernels.gated_add_inplace(res, t[..., 2 * c:], gate)
-        return r, res
+        kernels.gated_add_inplace(res, t[..., 2 * c:], gate2, 5)  # a guiding frame of 5 tokens
+        m = kernels.modulated_norm_dims(r, shift, scale, 1e-6, 7)
+        return r, res, kernels.gated_add(m, r, gate2, 7)
 
     got = torch.compile(step, fullgraph=True)(qkv, qkv2)
     want = step(qkv, qkv2)

@@ -45,7 +45,7 @@ def counted(module, name):
 
 wb, hb = pack_module("wan_blocks"), pack_module("hunyuan_blocks")
 for module, names in ((wb, ("norm_rope", "modulated_norm", "gated_residual")),
-                      (hb, ("head_norm_rope", "gated_add", "gated_add_"))):
+                      (hb, ("head_norm_rope", "modulated_norm", "gated_add", "gated_add_"))):
     for name in names:
         counted(module, name)
 
@@ -77,10 +77,24 @@ def wan_fused(kind, dtype, quantize):
             "finite": bool(torch.isfinite(after).all()), "classes": classes}
 
 
+def outcome(f):
+    """f()'s tensor, or its error as a string."""
+    try:
+        return f()
+    except Exception as e:  # noqa: BLE001 (compared with the host's)
+        return f"{type(e).__name__}: {e}"
+
+
+def same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+
+
 def hunyuan_fused(dtype, quantize):
     """HunyuanVideo (one double- and one single-stream block) with a text mask, fused vs the host's; then
-    with a guiding frame (I2V: per-frame modulation, modulation_dims), which the fused forwards hand
-    to the host's."""
+    with a guiding frame (I2V: two modulation vectors, the first latent frame's tokens on the first,
+    modulation_dims), which the fused forwards take too; and a batch of two with a guiding frame,
+    which they hand to the host's forward (whatever that does: ComfyUI 0.3.64 fails, its slices
+    broadcast the batch of vectors over the tokens)."""
     m = build_module("hunyuan_video")
     m.load_state_dict(randomize(m.state_dict(), 0))
     m.to(dtype)
@@ -93,8 +107,11 @@ def hunyuan_fused(dtype, quantize):
               attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0]]))
     t = torch.tensor([500.0])
     guiding = dict(kw, guiding_frame_index=torch.tensor([0.0], dtype=dtype))
+    two = [torch.cat((v, v)) for v in (x, t, ctx)]
+    guiding2 = dict(guiding, y=torch.cat((kw["y"], kw["y"])), attention_mask=None)  # (the host's mask is for one)
     with torch.no_grad():
         before, before_guided = m(x, t, ctx, **kw), m(x, t, ctx, **guiding)
+        before_two = outcome(lambda: m(*two, **guiding2))
         fused, off = hb.fuse_hunyuan(m)
         again, _ = hb.fuse_hunyuan(m)
         CALLS.clear()
@@ -103,15 +120,25 @@ def hunyuan_fused(dtype, quantize):
         CALLS.clear()
         after_guided = m(x, t, ctx, **guiding)
         guided_calls = dict(CALLS)
+        CALLS.clear()
+        after_two = outcome(lambda: m(*two, **guiding2))
+        two_calls = dict(CALLS)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "StreamBlock" in type(mod).__name__})
         restored = hb.unfuse_hunyuan(m)
     return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored,
             "equal": bool(torch.equal(before, after)), "finite": bool(torch.isfinite(after).all()), "classes": classes,
             "guided_calls": guided_calls, "guided_equal": bool(torch.equal(before_guided, after_guided)),
-            "guided_differs": not torch.equal(before, before_guided)}
+            "guided_differs": not torch.equal(before, before_guided), "batch2_calls": two_calls,
+            "batch2_same": same(before_two, after_two),
+            "batch2_host": before_two if isinstance(before_two, str) else "ran"}
 
 
 out = {}
+host_fn = importlib.import_module("comfy.ldm.flux.layers").apply_mod
+copy_fn = importlib.import_module("dvdq_core.hunyuan_ops").apply_mod  # the pack's copy (no docstring: same constants)
+out["apply_mod_copied"] = all(getattr(host_fn.__code__, k) == getattr(copy_fn.__code__, k)
+                              for k in ("co_code", "co_consts", "co_names", "co_varnames")) and \
+    host_fn.__defaults__ == copy_fn.__defaults__
 for kind in ("wan21_t2v", "hunyuan_video"):
     m = build_module(kind)
     m.load_state_dict({k: v.float() for k, v in randomize(m.state_dict(), 0).items()})

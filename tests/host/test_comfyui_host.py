@@ -342,15 +342,20 @@ def test_fusions_find_comfyui_models(host_dir):
     # HunyuanVideo's double- and single-stream blocks (nodes/hunyuan_blocks.py), float32 / bf16 / fp16
     # (the host's nan_to_num) / quantized, with a text mask: per call 5 modulations (4 double, 1
     # single), q and k of both blocks, 2 out-of-place gates (image) and 3 in place (text, single
-    # stream); bit for bit the host's on the CPU. With a guiding frame (modulation_dims) every block
-    # hands the call to the host's forward: no fused op runs and the output is the host's
+    # stream); bit for bit the host's on the CPU. With a guiding frame (I2V, modulation_dims: the
+    # first latent frame's tokens on one vector, the rest and the text on another) the same fused ops
+    # run, still bit for bit the host's (its roundings: product, then sum). A batch of two with a
+    # guiding frame goes to the host's forward (no fused op runs; ComfyUI 0.3.64 itself fails there,
+    # and the fused model fails alike). The pack's copy of flux's apply_mod is the host's bytecode.
+    assert fused["apply_mod_copied"]
     assert set(fused["hunyuan"]) == {"float32/float", "bfloat16/float", "float16/float", "bfloat16/quantized"}
     for case, r in fused["hunyuan"].items():
         assert (r["fused"], r["off"], r["again"], r["restored"]) == (2, None, 0, 2), case
         assert r["calls"] == {"modulated_norm": 5, "head_norm_rope": 4, "gated_add": 2, "gated_add_": 3}, case
         assert r["equal"] and r["finite"], case
         assert r["classes"] == ["DVDQDoubleStreamBlock", "DVDQSingleStreamBlock"], case
-        assert r["guided_calls"] == {} and r["guided_equal"] and r["guided_differs"], case
+        assert r["guided_calls"] == r["calls"] and r["guided_equal"] and r["guided_differs"], case
+        assert r["batch2_calls"] == {} and r["batch2_same"], case
 
 
 def test_pow2_fast_granularity_through_the_nodes(server):
