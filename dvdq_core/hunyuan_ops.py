@@ -27,7 +27,7 @@ broadcasts the [B, C] vectors as [1, B, C], over the tokens, which is per sample
 other batches, and any other dims, run the references (the host's loop).
 
 The `*_reference` functions are the host's ops (ComfyUI's formulas, same order, views and dtypes;
-apply_mod is flux's, copied): the path on the CPU, bit for bit the host's; on a GPU the Triton
+`modulate` is flux's apply_mod, written out): the path on the CPU, bit for bit the host's; on a GPU the Triton
 kernels (kernels/) give the same values up to float rounding, and a call they cannot take uses the
 reference and says once why.
 
@@ -41,25 +41,23 @@ import torch.nn.functional as F
 from . import wan_ops
 from .wan_ops import _fused
 
-__all__ = ["modulated_norm", "head_norm_rope", "gated_add", "gated_add_", "apply_mod", "kernel_dims",
+__all__ = ["modulated_norm", "head_norm_rope", "gated_add", "gated_add_", "modulate", "kernel_dims",
            "modulated_norm_reference", "head_norm_rope_reference", "gated_add_reference", "gated_add_inplace_reference"]
 
 
-# ComfyUI's comfy.ldm.flux.layers.apply_mod (0.3.x), copied (no docstring: tests/host compares the bytecode
-# with the host's): with modulation_dims each slice of tokens is multiplied by its vector in place
-# (rounded to the dtype), then its shift is added (rounded again).
-def apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
-    if modulation_dims is None:
-        if m_add is not None:
-            return torch.addcmul(m_add, tensor, m_mult)
-        else:
-            return tensor * m_mult
-    else:
-        for d in modulation_dims:
-            tensor[:, d[0]:d[1]] *= m_mult[:, d[2]]
-            if m_add is not None:
-                tensor[:, d[0]:d[1]] += m_add[:, d[2]]
-        return tensor
+def modulate(t: torch.Tensor, mult: torch.Tensor, add: torch.Tensor | None = None, dims=None) -> torch.Tensor:
+    """The host's modulation (what flux's `apply_mod` computes in ComfyUI 0.3.x; tests/host compares
+    the two on the same inputs). Without dims: add + t * mult rounded once (addcmul), or t * mult.
+    With dims, for each (start, end, i): t's tokens [start, end) are scaled by mult[:, i] in place
+    (rounded to t's dtype), then shifted by add[:, i] (rounded again); returns t."""
+    if dims is None:
+        return t * mult if add is None else torch.addcmul(add, t, mult)
+    for start, end, i in dims:
+        part = t[:, start:end]
+        part.mul_(mult[:, i])
+        if add is not None:
+            part.add_(add[:, i])
+    return t
 
 
 def _entry(e) -> bool:
@@ -95,7 +93,7 @@ def _kernel_form(dims, x: torch.Tensor, v: torch.Tensor):
 def modulated_norm_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                              dims=None) -> torch.Tensor:
     """The host's `apply_mod(norm(x), 1 + scale, shift, dims)` with its LayerNorm (no affine)."""
-    return apply_mod(F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale, shift, dims)
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale, shift, dims)
 
 
 def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
@@ -120,12 +118,12 @@ def head_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, 
 
 def gated_add_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, dims=None) -> torch.Tensor:
     """The host's `img + apply_mod(y, gate, None, dims)` (with dims y is scaled in place, as there)."""
-    return x + apply_mod(y, gate, None, dims)
+    return x + modulate(y, gate, None, dims)
 
 
 def gated_add_inplace_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, dims=None) -> torch.Tensor:
     """The host's `txt += apply_mod(y, gate, None, dims)`."""
-    x += apply_mod(y, gate, None, dims)
+    x += modulate(y, gate, None, dims)
     return x
 
 

@@ -4,15 +4,15 @@ elementwise steps as one kernel each.
 Around the linear layers the host modulates (LayerNorm, then a per-sample shift and scale), norms q
 and k per head on a strided view of the qkv output, rotates them in float32 temporaries inside
 flux.math.attention, concatenates the image and text q/k/v of the double block, and adds gated
-residuals. Models that the pack loads or quantizes get subclasses whose forwards are the host's
-with those steps replaced by dvdq_core.hunyuan_ops (the same math; on the CPU literally the host's
+residuals. Models that the pack loads or quantizes get subclasses whose forwards do the host's
+steps with those replaced by dvdq_core.hunyuan_ops (the same math; on the CPU the same PyTorch
 ops): the q/k norm and rotation write the attention's [B, H, L, D] input directly (no torch.cat for
 q and k), and the text / single-stream residuals are still updated in place as the host's `+=` do.
 
-As for Wan (nodes/wan_blocks.py, whose checks and switch this shares), the forwards are copies of
-the host's, installed only where the host's code is the one copied: the block forwards, `attention`
-and `apply_mod` of comfy.ldm.flux, and the QKNorm / RMSNorm forwards (eps 1e-6) have the signature
-and the names fingerprinted here (ComfyUI 0.3.x). Otherwise the model keeps the host's forwards and
+As for Wan (nodes/wan_blocks.py, whose checks and switch this shares), the forwards are the pack's
+own versions of the host's (same steps, same order), installed only where the host's code is the one
+they follow: the block forwards, `attention` and `apply_mod` of comfy.ldm.flux, and the QKNorm /
+RMSNorm forwards (eps 1e-6) have the signature and the names fingerprinted here (ComfyUI 0.3.x). Otherwise the model keeps the host's forwards and
 a warning says so. Only the blocks inside a HunyuanVideo model switch (Flux shares the classes).
 I2V guiding frames (`modulation_dims`: the first latent frame's tokens modulated by one vector, the
 rest by another, which the host applies to slices in place) run fused too, for a batch of one and
@@ -28,13 +28,13 @@ import sys
 import torch
 from torch import nn
 
-from dvdq_core.hunyuan_ops import apply_mod, gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
+from dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
 
 from .wan_blocks import _bare_layer_norm, _plain, host_function_mismatch, restore_classes, switched_off
 
 log = logging.getLogger("dvdq")
 
-# what the copied forwards expect of the host's (signature, names used[, constants])
+# what our forwards expect of the host's (signature, names used[, constants])
 DOUBLE_BLOCK = (("self", "img", "txt", "vec", "pe", "attn_mask", "modulation_dims_img", "modulation_dims_txt",
                  "transformer_options"),
                 {"apply_mod", "attention", "cat", "dtype", "flipped_img_txt", "float16", "gate", "img_attn", "img_mlp",
@@ -57,10 +57,10 @@ _HOST = {}  # the host functions fingerprinted when fusing (calls go to the host
 
 def _modulated(norm: nn.Module, x, mod, dims):
     """The host's apply_mod(norm(x), 1 + mod.scale, mod.shift, dims): one kernel where the norm is a bare
-    LayerNorm (wan_blocks), else the host's expression."""
+    LayerNorm (wan_blocks), else the host's own apply_mod."""
     if _bare_layer_norm(norm, x):
         return modulated_norm(x, mod.shift, mod.scale, norm.eps, dims)
-    return apply_mod(norm(x), 1 + mod.scale, mod.shift, dims)
+    return _HOST["apply_mod"](norm(x), 1 + mod.scale, mod.shift, dims)
 
 
 def _qk_weights(qk_norm: nn.Module):
@@ -162,7 +162,7 @@ def _fused_class(cls, kind: str, host):
 
 
 def host_mismatch(layers) -> str | None:
-    """None when comfy.ldm.flux.layers (`layers`) has the code the fused forwards copy, else what differs."""
+    """None when comfy.ldm.flux.layers (`layers`) has the code the fused forwards follow, else what differs."""
     for what, fn, expected in (("DoubleStreamBlock.forward", layers.DoubleStreamBlock.forward, DOUBLE_BLOCK),
                                ("SingleStreamBlock.forward", layers.SingleStreamBlock.forward, SINGLE_BLOCK),
                                ("attention", layers.attention, ATTENTION), ("apply_mod", layers.apply_mod, APPLY_MOD),

@@ -4,13 +4,14 @@ Around the linear layers, ComfyUI's WanAttentionBlock modulates (LayerNorm, then
 shift and scale broadcast through PyTorch's slow non-vectorised path) and adds gated residuals, and
 WanSelfAttention rotates q and k in float32 through full-size temporaries (`apply_rope1`). Together
 about a fifth of a Wan 14B step on an H100 (bench/RESULTS.md). Models that the pack loads or
-quantizes get subclasses whose forwards are the host's with those steps replaced by
-dvdq_core.wan_ops (the same math; on the CPU literally the host's ops). Structure only: nothing is
+quantizes get subclasses whose forwards do the host's steps with those replaced by
+dvdq_core.wan_ops (the same math; on the CPU the same PyTorch ops). Structure only: nothing is
 stored in files; DVDQ_FUSE_BLOCKS=0 (or its earlier name DVDQ_FUSE_WAN=0) turns it off, here and
 for HunyuanVideo (nodes/hunyuan_blocks.py, which shares this module's checks).
 
-The forwards are copies of the host's, so they are only installed where the host's forward is the
-one copied: same signature and the same names used (a fingerprint of ComfyUI 0.3.x). If ComfyUI
+The forwards are the pack's own, written to compute what the host's compute (same steps in the same
+order, with the fused ops), so they are only installed where the host's forward is the one they
+follow: same signature and the same names used (a fingerprint of ComfyUI 0.3.x). If ComfyUI
 changes one, the model keeps the host's forward and a warning says so (correct, only slower).
 Subclasses with forwards of their own (VACE, audio blocks, the cross-attentions) are left alone.
 """
@@ -26,7 +27,7 @@ from dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
 
 log = logging.getLogger("dvdq")
 
-# what the copied forwards expect of the host's (signature, names used)
+# what our forwards expect of the host's (signature, names used)
 SELF_ATTENTION = (("self", "x", "freqs", "transformer_options"),
                   {"apply_rope1", "head_dim", "k", "norm_k", "norm_q", "num_heads", "o", "optimized_attention", "q",
                    "shape", "v", "view"})

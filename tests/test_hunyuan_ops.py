@@ -197,19 +197,19 @@ def test_core_dispatch():
 
 
 def host_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
-    """comfy.ldm.flux.layers.apply_mod of ComfyUI 0.3.64, literally (the ground truth of the tests below;
-    tests/host checks that the pack's copy is the host's bytecode)."""
+    """What the host's modulation (flux's apply_mod, ComfyUI 0.3.x) computes, written out on its own as
+    the ground truth of the tests below (tests/host compares the pack's hunyuan_ops.modulate with the
+    real one): without dims `m_add + tensor * m_mult` rounded once; with dims, each token range
+    [a, b) times its vector rounded to the dtype, then plus its shift rounded again."""
     if modulation_dims is None:
-        if m_add is not None:
-            return torch.addcmul(m_add, tensor, m_mult)
-        else:
-            return tensor * m_mult
-    else:
-        for d in modulation_dims:
-            tensor[:, d[0]:d[1]] *= m_mult[:, d[2]]
-            if m_add is not None:
-                tensor[:, d[0]:d[1]] += m_add[:, d[2]]
-        return tensor
+        return tensor * m_mult if m_add is None else torch.addcmul(m_add, tensor, m_mult)
+    out = tensor.clone()
+    for a, b, i in modulation_dims:
+        seg = (tensor[:, a:b].float() * m_mult[:, i].float()).to(tensor.dtype)  # [B, C] over the tokens, as
+        if m_add is not None:  # the host's slices broadcast it (per sample for a batch of one only)
+            seg = (seg.float() + m_add[:, i].float()).to(tensor.dtype)
+        out[:, a:b] = seg
+    return out
 
 
 def guided_modulation(b, c, dtype, chunks=6):
@@ -536,7 +536,7 @@ def test_no_host_sync_and_only_outputs_allocated():
 
 
 def test_node_patch_refuses_a_changed_host():
-    """nodes/hunyuan_blocks.py installs its copies only where the host's code is the one copied (the
+    """nodes/hunyuan_blocks.py installs its forwards only where the host's code is the one they follow (the
     real classes are checked against ComfyUI in tests/host); the eps of RMSNorm.forward is a constant
     there and is checked too. One switch turns the Wan and HunyuanVideo fusions off."""
     from torch import nn

@@ -257,7 +257,7 @@ def test_no_host_sync_and_only_outputs_allocated():
 
 
 def test_node_patch_refuses_a_changed_host_forward():
-    """nodes/wan_blocks.py installs its copies of the host's forwards only where the host's forward has
+    """nodes/wan_blocks.py installs its versions of the host's forwards only where the host's forward has
     the signature and the names it copies (the real classes are checked against ComfyUI in tests/host)."""
     from torch import nn
     from nodes import wan_blocks as wb

@@ -135,10 +135,20 @@ def hunyuan_fused(dtype, quantize):
 
 out = {}
 host_fn = importlib.import_module("comfy.ldm.flux.layers").apply_mod
-copy_fn = importlib.import_module("dvdq_core.hunyuan_ops").apply_mod  # the pack's copy (no docstring: same constants)
-out["apply_mod_copied"] = all(getattr(host_fn.__code__, k) == getattr(copy_fn.__code__, k)
-                              for k in ("co_code", "co_consts", "co_names", "co_varnames")) and \
-    host_fn.__defaults__ == copy_fn.__defaults__
+pack_fn = importlib.import_module("dvdq_core.hunyuan_ops").modulate  # the pack's version of the host's math
+
+
+def modulate_same(dtype, dims, add):
+    g = torch.Generator().manual_seed(7)
+    t = (torch.randn(1, 9, 16, generator=g) * 3).to(dtype)
+    m, a = (torch.randn(1, 2, 16, generator=g) + 1).to(dtype), torch.randn(1, 2, 16, generator=g).to(dtype)
+    if dims is None:
+        m, a = m[:, :1], a[:, :1]
+    return torch.equal(host_fn(t.clone(), m, a if add else None, dims), pack_fn(t.clone(), m, a if add else None, dims))
+
+
+out["modulate_same"] = all(modulate_same(dtype, dims, add) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                           for dims in (None, [(0, 4, 0), (4, None, 1)], [(0, None, 1)]) for add in (True, False))
 for kind in ("wan21_t2v", "hunyuan_video"):
     m = build_module(kind)
     m.load_state_dict({k: v.float() for k, v in randomize(m.state_dict(), 0).items()})

@@ -346,8 +346,9 @@ def test_fusions_find_comfyui_models(host_dir):
     # first latent frame's tokens on one vector, the rest and the text on another) the same fused ops
     # run, still bit for bit the host's (its roundings: product, then sum). A batch of two with a
     # guiding frame goes to the host's forward (no fused op runs; ComfyUI 0.3.64 itself fails there,
-    # and the fused model fails alike). The pack's copy of flux's apply_mod is the host's bytecode.
-    assert fused["apply_mod_copied"]
+    # and the fused model fails alike). The pack's modulate computes what flux's apply_mod does, bit
+    # for bit (float32 / bf16 / fp16, with and without dims and shift).
+    assert fused["modulate_same"]
     assert set(fused["hunyuan"]) == {"float32/float", "bfloat16/float", "float16/float", "bfloat16/quantized"}
     for case, r in fused["hunyuan"].items():
         assert (r["fused"], r["off"], r["again"], r["restored"]) == (2, None, 0, 2), case
