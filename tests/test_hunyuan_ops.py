@@ -312,8 +312,11 @@ def test_modulated_norm_kernel_split_at_a_token(b, s, c, t0, dtype, round_produc
     y = ops.modulated_norm(x, shift, scale, 1e-6, out=out, first_tokens=t0, round_product=round_product)
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
     term = (ln.float() * (1 + per_token(scale, s, t0).float())).abs()
-    bound = torch.finfo(dtype).eps * (host.float().abs() + term) + 2.0 ** -18 * host.float().abs().amax(-1, keepdim=True)
-    assert ((y.float() - host.float()).abs() <= bound).all()
+    # where the GPU's LayerNorm rounds the normed value one ulp apart: with round_product that ulp, times
+    # (1 + scale), can move the rounded product by two of its ulps (an H100 showed it), then the sum rounds
+    bound = torch.finfo(dtype).eps * (host.float().abs() + (2 if round_product else 1) * term) + \
+        2.0 ** -18 * host.float().abs().amax(-1, keepdim=True)
+    assert ((y.float() - host.float()).abs() <= bound).all(), ((y.float() - host.float()).abs() / bound).max().item()
     assert (y != host).float().mean().item() < 0.02
 
 
