@@ -23,6 +23,7 @@ from dvdq_core.activations import POW2_OCTAVES, auto_scale, quantize_per_token  
 from dvdq_core.backends import reference_forward  # noqa: E402
 from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
 from dvdq_core.linear import BitState  # noqa: E402
+from gpu_checks import allocations_without_host_sync  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(1234)  # one stream: every test draws fresh inputs
@@ -412,16 +413,12 @@ def test_no_host_sync_in_forward():
     debug mode raises on any synchronising call."""
     layer = make_layer(512, 1536)
     x = activations(300, 1536, torch.bfloat16)
-    for bits in (4, 8, 16):
-        kernels.linear_forward(layer, x, bits)  # compile outside the checked region
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def forwards():
         with torch.inference_mode():
             for bits in (4, 8, 16):
                 kernels.linear_forward(layer, x, bits)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    allocations_without_host_sync(forwards)
 
 
 def test_activation_reuse():

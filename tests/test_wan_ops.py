@@ -14,6 +14,7 @@ if not ON_GPU:
 import kernels  # noqa: E402
 from kernels import ops  # noqa: E402
 from dvdq_core import wan_ops  # noqa: E402
+from gpu_checks import allocations_without_host_sync  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(77)
@@ -244,16 +245,8 @@ def test_no_host_sync_and_only_outputs_allocated():
         h = wan_ops.modulated_norm(x, e[0], e[1], 1e-6)
         return wan_ops.gated_residual(x, wan_ops.norm_rope(h, w, 1e-6, f, 4).flatten(2), e[2])
 
-    ops_once()  # compiles the kernels
-    torch.cuda.synchronize()
-    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        ops_once()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     # nothing but the three outputs (and the norm_rope output's flatten is a view)
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] - allocations == 3
+    assert allocations_without_host_sync(ops_once) == 3
 
 
 def test_node_patch_refuses_a_changed_host_forward():
