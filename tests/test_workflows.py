@@ -40,6 +40,11 @@ EXPECTED = {
         "models": ["hunyuan_video_t2v_720p_bf16.safetensors"],
         "files": {"clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors", "hunyuan_video_vae_bf16.safetensors"},
     },
+    "hunyuan_video_i2v_dvdq.json": {
+        "models": ["hunyuan_video_v2_replace_image_to_video_720p_bf16.safetensors"],
+        "files": {"clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors", "hunyuan_video_vae_bf16.safetensors",
+                  "llava_llama3_vision.safetensors"},
+    },
 }
 
 
@@ -53,9 +58,10 @@ def load(path):
 def check_widget_value(where, w, v):
     t = w["type"]
     if t == "COMBO":
-        if "files" in w:
-            ok = isinstance(v, str) and v.endswith(".safetensors")
-            return [] if ok else [f"{where}: {v!r} is not a .safetensors file name"]
+        if "files" in w:  # a model file, or an image of the input folder
+            ext = (".png", ".jpg", ".jpeg", ".webp") if w["files"] == "input" else (".safetensors",)
+            ok = isinstance(v, str) and v.endswith(ext)
+            return [] if ok else [f"{where}: {v!r} is not a {' / '.join(ext)} file name"]
         return [] if v in w["options"] else [f"{where}: {v!r} not in {w['options']}"]
     if t == "BOOLEAN":
         return [] if isinstance(v, bool) else [f"{where}: {v!r} is not a boolean"]
@@ -126,6 +132,10 @@ def check_ui(wf):
                 if node_specs.has_control(w):
                     if values[k] not in CONTROL_VALUES:
                         problems.append(f"{where}.{w['name']}: control {values[k]!r} not in {sorted(CONTROL_VALUES)}")
+                    k += 1
+                if node_specs.upload_value(w) is not None:
+                    if values[k] != node_specs.upload_value(w):
+                        problems.append(f"{where}.{w['name']}: upload widget {values[k]!r}")
                     k += 1
         # Each input's link is a real link that ends here.
         for slot, i in enumerate(n.get("inputs", [])):
@@ -207,6 +217,8 @@ def check_api(api, ui):
                 api_values.append(inputs.get(w["name"]))
                 if node_specs.has_control(w):
                     api_values.append(ui_values[len(api_values)] if len(api_values) < len(ui_values) else None)
+                if node_specs.upload_value(w) is not None:  # UI-only too
+                    api_values.append(node_specs.upload_value(w))
             if api_values != ui_values:
                 problems.append(f"{where}: widget values {api_values} differ from the UI's {ui_values}")
     return problems
@@ -260,7 +272,7 @@ def test_our_nodes_replace_the_plain_loader(path):
     expected = EXPECTED[os.path.basename(path)]
     loaders = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "DVDQuantLoader"]
     assert sorted(loaders) == sorted(expected["models"])
-    files = {v for n in wf["nodes"] if n["type"] in ("CLIPLoader", "DualCLIPLoader", "VAELoader")
+    files = {v for n in wf["nodes"] if n["type"] in ("CLIPLoader", "DualCLIPLoader", "VAELoader", "CLIPVisionLoader")
              for v in n["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")}
     assert files == expected["files"]
 

@@ -27,6 +27,7 @@ WAN_NEGATIVE = (
 WAN_PROMPT = (
     "a fox moving quickly in a beautiful winter scenery nature trees mountains daytime tracking camera"
 )
+HUNYUAN_I2V_PROMPT = "the person in the picture turns towards the camera and smiles, the wind moves the hair"
 HUNYUAN_PROMPT = (
     "anime style anime girl with massive fennec ears and one big fluffy tail, she has blonde hair long "
     "hair blue eyes wearing a pink sweater and a long blue skirt walking in a beautiful outdoor "
@@ -139,6 +140,8 @@ class Graph:
                 values.append(n.values[w["name"]])
                 if node_specs.has_control(w):
                     values.append(n.controls.get(w["name"], "fixed"))
+                if node_specs.upload_value(w) is not None:
+                    values.append(node_specs.upload_value(w))
             d = {
                 "id": n.id,
                 "type": n.type,
@@ -182,7 +185,7 @@ class Graph:
 
 
 # Heights of the panels the web extension draws under the widgets of our nodes.
-_PANEL_H = {"DVDQuantBitSwitch": 80, "DVDQuantLoader": 66, "DVDQuantApply": 66}
+_PANEL_H = {"DVDQuantBitSwitch": 80, "DVDQuantLoader": 66, "DVDQuantApply": 66, "LoadImage": 300}  # + the image preview
 _WIDE = {"CLIPTextEncode": (420, 180)}
 
 
@@ -220,9 +223,10 @@ def _wan_text(g, pos):
     return pos_enc, neg_enc
 
 
-def _decode_save(g, latent, vae_file, pos, fps, prefix, tiled=False, vae_pos=None):
+def _decode_save(g, latent, vae_file, pos, fps, prefix, tiled=False, vae_pos=None, vae=None):
+    """VAE decode (tiled for HunyuanVideo) and save; vae: a VAELoader the graph already has."""
     x, y = pos
-    vae = g.add("VAELoader", vae_pos or (x - 360, y + 480), vae_name=vae_file)
+    vae = vae or g.add("VAELoader", vae_pos or (x - 360, y + 480), vae_name=vae_file)
     if tiled:
         dec = g.add("VAEDecodeTiled", (x, y), tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8)
     else:
@@ -322,11 +326,57 @@ def hunyuan_t2v(specs):
     return g
 
 
+def hunyuan_i2v(specs):
+    """ComfyUI's HunyuanVideo image-to-video "v2 (replace)" example with DVD-Quant: the start image
+    replaces the first latent frame (a guiding frame: its tokens get their own modulation, which the
+    pack's fused block steps take too); replace example.png with your image."""
+    g = Graph(specs)
+    bits = _dvdq_model(g, "hunyuan_video_v2_replace_image_to_video_720p_bf16.safetensors", (0, 0))
+    shift = g.add("ModelSamplingSD3", (0, 600), shift=7.0)
+    g.link(bits["MODEL"], shift, "model")
+    clip = g.add("DualCLIPLoader", (360, 0), clip_name1="clip_l.safetensors",
+                 clip_name2="llava_llama3_fp8_scaled.safetensors", type="hunyuan_video", device="default")
+    vision = g.add("CLIPVisionLoader", (360, 200), clip_name="llava_llama3_vision.safetensors")
+    image = g.add("LoadImage", (0, 760), title="Start image", image="example.png")
+    seen = g.add("CLIPVisionEncode", (360, 320), crop="none")
+    g.link(vision["CLIP_VISION"], seen, "clip_vision")
+    g.link(image["IMAGE"], seen, "image")
+    enc = g.add("TextEncodeHunyuanVideo_ImageToVideo", (720, 0), title="Prompt", prompt=HUNYUAN_I2V_PROMPT,
+                image_interleave=2)
+    g.link(clip["CLIP"], enc, "clip")
+    g.link(seen["CLIP_VISION_OUTPUT"], enc, "clip_vision_output")
+    guidance = g.add("FluxGuidance", (720, 260), guidance=6.0)
+    g.link(enc["CONDITIONING"], guidance, "conditioning")
+    vae = g.add("VAELoader", (720, 380), vae_name="hunyuan_video_vae_bf16.safetensors")
+    i2v = g.add("HunyuanImageToVideo", (720, 500), width=848, height=480, length=53, batch_size=1,
+                guidance_type="v2 (replace)")
+    g.link(guidance["CONDITIONING"], i2v, "positive")
+    g.link(vae["VAE"], i2v, "vae")
+    g.link(image["IMAGE"], i2v, "start_image")
+    guider = g.add("BasicGuider", (1180, 0))
+    g.link(shift["MODEL"], guider, "model")
+    g.link(i2v["positive"], guider, "conditioning")
+    sampler = g.add("KSamplerSelect", (1180, 120), sampler_name="euler")
+    sched = g.add("BasicScheduler", (1180, 230), scheduler="simple", steps=20, denoise=1.0)
+    g.link(shift["MODEL"], sched, "model")
+    noise = g.add("RandomNoise", (1180, 400), controls={"noise_seed": "randomize"}, noise_seed=1)
+    adv = g.add("SamplerCustomAdvanced", (1540, 0))
+    g.link(noise["NOISE"], adv, "noise")
+    g.link(guider["GUIDER"], adv, "guider")
+    g.link(sampler["SAMPLER"], adv, "sampler")
+    g.link(sched["SIGMAS"], adv, "sigmas")
+    g.link(i2v["latent"], adv, "latent_image")
+    _decode_save(g, adv["output"], None, (1900, 0), fps=24.0, prefix="video/hunyuan_video_i2v_dvdq", tiled=True,
+                 vae=vae)
+    return g
+
+
 WORKFLOWS = {
     "wan2.1_t2v_1.3B_dvdq": lambda s: wan21_t2v(s, "wan2.1_t2v_1.3B_fp16.safetensors", "video/wan2.1_1.3B_dvdq", False),
     "wan2.1_t2v_14B_dvdq": lambda s: wan21_t2v(s, "wan2.1_t2v_14B_fp16.safetensors", "video/wan2.1_14B_dvdq", True),
     "wan2.2_t2v_A14B_dvdq": wan22_a14b_t2v,
     "hunyuan_video_t2v_dvdq": hunyuan_t2v,
+    "hunyuan_video_i2v_dvdq": hunyuan_i2v,
 }
 
 
@@ -363,10 +413,11 @@ def write_core_spec(object_info_path, types, version):
 
 # Core node types the workflows use (and the tiny test graphs: SaveLatent, ConditioningZeroOut).
 CORE_TYPES = [
-    "BasicGuider", "BasicScheduler", "CLIPLoader", "CLIPTextEncode", "DualCLIPLoader",
-    "EmptyHunyuanLatentVideo", "FluxGuidance", "KSampler", "KSamplerAdvanced", "KSamplerSelect",
-    "ModelSamplingSD3", "RandomNoise", "SamplerCustomAdvanced", "SaveAnimatedWEBP", "SaveLatent",
-    "UNETLoader", "VAEDecode", "VAEDecodeTiled", "VAELoader", "ConditioningZeroOut",
+    "BasicGuider", "BasicScheduler", "CLIPLoader", "CLIPTextEncode", "CLIPVisionEncode", "CLIPVisionLoader",
+    "DualCLIPLoader", "EmptyHunyuanLatentVideo", "FluxGuidance", "HunyuanImageToVideo", "KSampler",
+    "KSamplerAdvanced", "KSamplerSelect", "LoadImage", "ModelSamplingSD3", "RandomNoise", "SamplerCustomAdvanced",
+    "SaveAnimatedWEBP", "SaveLatent", "TextEncodeHunyuanVideo_ImageToVideo", "UNETLoader", "VAEDecode",
+    "VAEDecodeTiled", "VAELoader", "ConditioningZeroOut",
 ]
 
 

@@ -17,7 +17,8 @@ CORE_SPEC_PATH = os.path.join(HERE, "core_nodes.json")
 # Types the front end draws as a widget rather than a socket.
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
-# COMBO inputs whose options are the files of a model folder (empty on a server without models).
+# COMBO inputs whose options are the files of a model folder (empty on a server without models),
+# by input name, and where one node's input of that name reads another folder.
 FILE_INPUTS = {
     "unet_name": "diffusion_models",
     "clip_name": "text_encoders",
@@ -26,6 +27,12 @@ FILE_INPUTS = {
     "vae_name": "vae",
     "model_name": "diffusion_models",
 }
+NODE_FILE_INPUTS = {("CLIPVisionLoader", "clip_name"): "clip_vision", ("LoadImage", "image"): "input"}
+
+
+def file_folder(node_type: str, name: str) -> str | None:
+    """The folder whose files a node's COMBO input lists, or None for a fixed list of choices."""
+    return NODE_FILE_INPUTS.get((node_type, name)) or FILE_INPUTS.get(name)
 
 
 def _inp(name, type_, *, widget=None, optional=False, **limits):
@@ -121,8 +128,9 @@ def spec_from_object_info(info):
             if isinstance(type_, list) or type_ == "COMBO":
                 d["type"] = "COMBO"
                 options = type_ if isinstance(type_, list) else opts.get("options", [])
-                if name in FILE_INPUTS:
-                    d["files"] = FILE_INPUTS[name]
+                folder = file_folder(info.get("name", ""), name)
+                if folder:
+                    d["files"] = folder
                 else:
                     d["options"] = list(options)
             else:
@@ -133,6 +141,8 @@ def spec_from_object_info(info):
                     d[key] = opts[key]
             if opts.get("control_after_generate"):
                 d["control_after_generate"] = True
+            if opts.get("image_upload"):  # the front end adds an upload button whose value is "image"
+                d["upload"] = "image"
             if section == "optional":
                 d["optional"] = True
             inputs.append(d)
@@ -172,6 +182,12 @@ def has_control(w):
     return w.get("type") == "INT" and bool(w.get("control_after_generate") or w["name"] in ("seed", "noise_seed"))
 
 
+def upload_value(w):
+    """The value of the upload button the front end adds after this widget (LoadImage: "image"), or None."""
+    return w.get("upload")
+
+
 def widget_value_count(spec):
-    """Length of a node's `widgets_values`: one per widget, plus one after each seed-like INT."""
-    return sum(2 if has_control(w) else 1 for w in widgets(spec))
+    """Length of a node's `widgets_values`: one per widget, plus one after each seed-like INT and each
+    widget with an upload button."""
+    return sum(1 + has_control(w) + (upload_value(w) is not None) for w in widgets(spec))

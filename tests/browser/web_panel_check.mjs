@@ -11,7 +11,8 @@ const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR, "noop.j
 const { chromium } = require("playwright-core");
 
 const OUT = process.env.OUT_DIR;
-const NAMES = ["wan2.1_t2v_1.3B_dvdq", "wan2.1_t2v_14B_dvdq", "wan2.2_t2v_A14B_dvdq", "hunyuan_video_t2v_dvdq"];
+const NAMES = ["wan2.1_t2v_1.3B_dvdq", "wan2.1_t2v_14B_dvdq", "wan2.2_t2v_A14B_dvdq", "hunyuan_video_t2v_dvdq",
+               "hunyuan_video_i2v_dvdq"];
 const readJson = (p) => JSON.parse(fs.readFileSync(p, "utf8"));
 fs.mkdirSync(OUT, { recursive: true });
 

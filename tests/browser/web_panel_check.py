@@ -177,7 +177,8 @@ def validate_api_workflows(url):
             for nid, ne in body.get("node_errors", {}).items():
                 for err in ne.get("errors", []):
                     name = err.get("extra_info", {}).get("input_name")
-                    if not (err.get("type") == "value_not_in_list" and name in node_specs.FILE_INPUTS):
+                    if not (err.get("type") == "value_not_in_list"
+                            and node_specs.file_folder(ne.get("class_type", ""), name)):
                         bad.append(f"node {nid} {ne.get('class_type')}: {err.get('type')} {err.get('details')}")
             if not body.get("node_errors"):
                 bad.append(f"rejected: {body.get('error')}")
@@ -208,6 +209,8 @@ def main():
         f.write(COND_NODE)
     models = os.path.join(base, "models", "diffusion_models")
     os.makedirs(models)
+    os.makedirs(os.path.join(base, "input"))  # the I2V example's start image: ComfyUI's own example.png
+    shutil.copy(os.path.join(args.comfyui, "input", "example.png"), os.path.join(base, "input", "example.png"))
     for seed, name in enumerate((TINY_MODEL, TINY_MODEL_2)):
         subprocess.run([args.python, "-c", BUILD_TINY, os.path.join(models, name), str(seed)], cwd=args.comfyui,
                        check=True)
