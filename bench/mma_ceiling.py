@@ -71,7 +71,8 @@ def mma_loop_kernel():
 
     @gluon.jit
     def _mma_loop(a_ptr, b_ptr, out_ptr, ITERS, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                  INSTR_N: gl.constexpr, INSTR_K: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr, num_warps: gl.constexpr):
+                  INSTR_N: gl.constexpr, INSTR_K: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr,
+                  num_warps: gl.constexpr):
         blk: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])
         ra = gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
         rb = gl.arange(0, BN, layout=gl.SliceLayout(1, blk))

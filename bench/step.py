@@ -163,8 +163,8 @@ def main():
                          "w4a8f / w4a4f: granularity pow2-fast (the opt-in: w4a8f should time as w4a8n); "
                          "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off); "
                          "quantized variants run the blocks' elementwise steps fused as the loader installs them "
-                         "(nodes/wan_blocks.py, nodes/hunyuan_blocks.py), suffix -hostops: ComfyUI's own; bf16-fused: BF16 with the fused ones "
-                         "(the split of the gain)")
+                         "(nodes/wan_blocks.py, nodes/hunyuan_blocks.py), suffix -hostops: ComfyUI's own; "
+                         "bf16-fused: BF16 with the fused ones (the split of the gain)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")

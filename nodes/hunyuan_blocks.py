@@ -12,8 +12,8 @@ q and k), and the text / single-stream residuals are still updated in place as t
 As for Wan (nodes/wan_blocks.py, whose checks and switch this shares), the forwards are the pack's
 own versions of the host's (same steps, same order), installed only where the host's code is the one
 they follow: the block forwards, `attention` and `apply_mod` of comfy.ldm.flux, and the QKNorm /
-RMSNorm forwards (eps 1e-6) have the signature and the names fingerprinted here (ComfyUI 0.3.x). Otherwise the model keeps the host's forwards and
-a warning says so. Only the blocks inside a HunyuanVideo model switch (Flux shares the classes).
+RMSNorm forwards (eps 1e-6) have the signature and the names fingerprinted here (ComfyUI 0.3.x).
+Otherwise the model keeps the host's forwards and a warning says so. Only the blocks inside a HunyuanVideo model switch (Flux shares the classes).
 I2V guiding frames (`modulation_dims`: the first latent frame's tokens modulated by one vector, the
 rest by another, which the host applies to slices in place) run fused too, for a batch of one and
 the two forms HunyuanVideo.forward_orig passes (dvdq_core.hunyuan_ops.kernel_dims), with the host's
