@@ -19,8 +19,8 @@ rest by another, which the host applies to slices in place) run fused too, for a
 the two forms HunyuanVideo.forward_orig passes (dvdq_core.hunyuan_ops.kernel_dims), with the host's
 roundings. A call the fused forward does not take runs the host's forward: other `modulation_dims`
 (or a larger batch with them), no rotary embedding, q/k norms that are not the host's plain RMSNorm,
-or flux's `attention` / `apply_mod` replaced after fusing. DVDQ_FUSE_BLOCKS=0 (or DVDQ_FUSE_WAN=0)
-turns it off.
+or flux's `attention` / `apply_mod` replaced after fusing; the log says which, once per reason.
+DVDQ_FUSE_BLOCKS=0 (or DVDQ_FUSE_WAN=0) turns it off.
 """
 import logging
 import sys
@@ -63,6 +63,9 @@ def _modulated(norm: nn.Module, x, mod, dims):
     return _HOST["apply_mod"](norm(x), 1 + mod.scale, mod.shift, dims)
 
 
+_PATCHED_NORMS = "q/k norms that ComfyUI casts or patches (low-VRAM offload, a LoRA on them)"
+
+
 def _qk_weights(qk_norm: nn.Module):
     """(query weight, key weight) of the host's QKNorm of two plain host RMSNorms, else None."""
     norms = (getattr(qk_norm, "query_norm", None), getattr(qk_norm, "key_norm", None))
@@ -72,12 +75,27 @@ def _qk_weights(qk_norm: nn.Module):
     return norms[0].scale, norms[1].scale
 
 
-def _host_call(host, pe, x, vec, *modulation_dims) -> bool:
-    """Whether this call goes to the host's forward (see the module docstring); x: the block's (image)
-    tokens, vec: what its Modulation takes ([B, C], or [B, F, C]: F vectors per sample)."""
+_SAID = set()  # the reasons already logged
+
+
+def _host_reason(host, pe, x, vec, *modulation_dims) -> str | None:
+    """Why this call goes to the host's forward (see the module docstring), None when the fused one
+    takes it; x: the block's (image) tokens, vec: what its Modulation takes ([B, C], or [B, F, C])."""
     vectors = vec.shape[1] if vec.ndim == 3 else 1
-    return (pe is None or any(d is not None and kernel_dims(d, x.shape[0], vectors) is None for d in modulation_dims)
-            or host.attention is not _HOST["attention"] or host.apply_mod is not _HOST["apply_mod"])
+    if pe is None:
+        return "a call without rotary embedding"
+    if any(d is not None and kernel_dims(d, x.shape[0], vectors) is None for d in modulation_dims):
+        return "per-frame modulation (modulation_dims) of another form than an I2V guiding frame's with a batch of one"
+    if host.attention is not _HOST["attention"] or host.apply_mod is not _HOST["apply_mod"]:
+        return "flux's attention or apply_mod replaced after loading (by another extension?)"
+    return None
+
+
+def _to_host(reason: str) -> None:
+    """Log once per reason that calls run the host's forward: correct, at the host's speed."""
+    if reason not in _SAID:
+        _SAID.add(reason)
+        log.warning("DVD-Quant: HunyuanVideo blocks run ComfyUI's own forward (correct, slower) for %s.", reason)
 
 
 def _v(qkv, heads: int):
@@ -104,11 +122,12 @@ def _fused_class(cls, kind: str, host):
 
             def forward(self, img, txt, vec, pe, attn_mask=None, modulation_dims_img=None, modulation_dims_txt=None,
                         transformer_options={}):
-                iw = tw = None
                 dims_i, dims_t = modulation_dims_img, modulation_dims_txt
-                if self.flipped_img_txt and not _host_call(host, pe, img, vec, dims_i, dims_t):
-                    iw, tw = _qk_weights(self.img_attn.norm), _qk_weights(self.txt_attn.norm)
-                if iw is None or tw is None:
+                why = _host_reason(host, pe, img, vec, dims_i, dims_t) or \
+                    (None if self.flipped_img_txt else "text tokens before the image tokens (flipped_img_txt off)")
+                iw, tw = (None, None) if why else (_qk_weights(self.img_attn.norm), _qk_weights(self.txt_attn.norm))
+                if why or iw is None or tw is None:
+                    _to_host(why or _PATCHED_NORMS)
                     return super().forward(img, txt, vec, pe, attn_mask=attn_mask,
                                            modulation_dims_img=modulation_dims_img,
                                            modulation_dims_txt=modulation_dims_txt,
@@ -139,8 +158,10 @@ def _fused_class(cls, kind: str, host):
             residual fused."""
 
             def forward(self, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
-                w = None if _host_call(host, pe, x, vec, modulation_dims) else _qk_weights(self.norm)
+                why = _host_reason(host, pe, x, vec, modulation_dims)
+                w = None if why else _qk_weights(self.norm)
                 if w is None:
+                    _to_host(why or _PATCHED_NORMS)
                     return super().forward(x, vec, pe, attn_mask=attn_mask, modulation_dims=modulation_dims,
                                            transformer_options=transformer_options)
                 mod, _ = self.modulation(vec)

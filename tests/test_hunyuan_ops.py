@@ -554,3 +554,35 @@ def test_node_patch_refuses_a_changed_host():
             assert hb.fuse_hunyuan(nn.Linear(2, 2)) == wb.fuse_wan(nn.Linear(2, 2)) == (0, f"turned off by {name}=0")
         finally:
             del os.environ[name]
+
+
+def test_calls_for_the_host_forward_say_why_once(monkeypatch, caplog):
+    """A block call the fused forward does not take runs ComfyUI's own forward, and the log says why,
+    once per reason (no silent slow path)."""
+    import logging
+    from types import SimpleNamespace
+    from nodes import hunyuan_blocks as hb
+
+    def attention():
+        return None
+
+    def apply_mod():
+        return None
+    monkeypatch.setitem(hb._HOST, "attention", attention)
+    monkeypatch.setitem(hb._HOST, "apply_mod", apply_mod)
+    monkeypatch.setattr(hb, "_SAID", set())
+    host, pe = SimpleNamespace(attention=attention, apply_mod=apply_mod), torch.zeros(1)
+    one, two = torch.zeros(1, 8, 4), torch.zeros(2, 8, 4)
+    guided_img, guided_txt = [(0, 3, 0), (3, None, 1)], [(0, None, 1)]
+    assert hb._host_reason(host, pe, one, torch.zeros(1, 4), None, None) is None
+    assert hb._host_reason(host, pe, one, torch.zeros(1, 2, 4), guided_img, guided_txt) is None
+    assert "modulation_dims" in hb._host_reason(host, pe, two, torch.zeros(2, 2, 4), guided_img, guided_txt)
+    assert "modulation_dims" in hb._host_reason(host, pe, one, torch.zeros(1, 2, 4), [(0, 3, 1), (3, None, 0)])
+    assert "rotary" in hb._host_reason(host, None, one, torch.zeros(1, 4), None)
+    other = SimpleNamespace(attention=attention, apply_mod=lambda: None)
+    assert "replaced" in hb._host_reason(other, pe, one, torch.zeros(1, 4), None)
+    with caplog.at_level(logging.WARNING, logger="dvdq"):
+        for reason in ("reason a", "reason a", "reason b"):
+            hb._to_host(reason)
+    said = [r.getMessage() for r in caplog.records if r.name == "dvdq"]
+    assert len(said) == 2 and "ComfyUI's own forward (correct, slower) for reason a" in said[0]
