@@ -63,22 +63,28 @@ def compile_kernel(fn, types, consts, cc, warps, stages):
             "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA", "IMMA", "HMMA") if op in sass}}
 
 
-def compile_chain_gemm(cfg=None, gelu=False):
-    """The sm_90-only Gluon GEMM (kernels/_gluon.py) with configs.CHAIN_SM90 (or cfg) -> (result dict,
+def compile_gluon_gemm(kind="chain", cfg=None, gelu=False):
+    """One of the sm_90-only Gluon GEMMs (kernels/_gluon.py: "chain" on packed weights with
+    configs.CHAIN_SM90, "u8" on the int8 workspace with configs.U8_SM90, or cfg) -> (result dict,
     ptxas advisories, wgmma wait depths in SASS). It must keep one wgmma in flight (a wait depth
     of 1) and get no ptxas "wgmma ... serialized" advisory (C751x)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from kernels import _gluon as kg
-    cfg = cfg or configs.CHAIN_SM90
+    cfg = cfg or (configs.CHAIN_SM90 if kind == "chain" else configs.U8_SM90)
     bm, bn, bk = cfg["BM"], cfg["BN"], ops.layout_group(K, SB)
     a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
-    w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8)
-    fn = kg._w4_gemm_chain_kernel
+    types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "d_ptr": "*fp32", "s_ptr": "*fp32",
+             "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32"}
+    if kind == "chain":
+        fn = kg._w4_gemm_chain_kernel
+        w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8)
+        types.update(w_desc=f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>", z_ptr="*u8")
+    else:
+        fn = kg._w4_gemm_u8_kernel
+        w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
+        types.update(w_desc=f"tensordesc<i8[{bn}, {bk}],{w_lay!r}>")
     names = list(fn.arg_names)
-    types = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_lay!r}>", "w_desc": f"tensordesc<u8[{bn}, {bk // 2}],{w_lay!r}>",
-             "z_ptr": "*u8", "d_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
-             "M": "i32", "N": "i32"}
     consts = dict(K=K, GROUP_M=cfg["group_m"], STAGES=cfg["stages"], HAS_BIAS=True, num_warps=cfg["num_warps"],
                   GELU=gelu)
     sig = {n: types.get(n, "constexpr") for n in names}
@@ -134,6 +140,8 @@ def cases(cc):
                 {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "cmax_ptr": "*fp32", "q_ptr": "*i8",
                  "s_ptr": "*fp32", "M": "i32", "stride_xm": "i32", "qmax": "fp32"},
                 {**base, "OCTAVES": 4, "PERSISTENT": True}, w, s, None))  # as ops.quantize_pow2 on a GPU
+    out.append(("unpack weights (u8 workspace)", kt._unpack_weights_kernel, {"w_ptr": "*u8", "z_ptr": "*u8",
+                "out_ptr": "*i8", "N": "i32"}, dict(K=K, G=128, BR=32, GPP=2), 4, 3, None))  # as ops.unpack_weights
     out.append(("act rotate (16-bit)", kt._rotate_kernel,
                 {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "y_ptr": "*bf16", "M": "i32", "stride_xm": "i32"},
                 base, w, s, None))
@@ -183,11 +191,11 @@ def main(argv=None):
                 problems.append(f"sm_{cc} {label}: {r['smem']} B shared memory > the {SMEM_LIMIT[cc]} B limit")
             if want and not r["mma"].get(want):
                 problems.append(f"sm_{cc} {label}: no {want} instruction (got {r['mma']})")
-        for gelu in (False, True) if cc == 90 else ():
-            label = ("gemm chain (Gluon) " + ",".join(str(v) for v in configs.CHAIN_SM90.values())
-                     + (" + GELU" if gelu else ""))
+        for kind, gelu in (("chain", False), ("chain", True), ("u8", False), ("u8", True)) if cc == 90 else ():
+            cfg = configs.CHAIN_SM90 if kind == "chain" else configs.U8_SM90
+            label = f"gemm {kind} (Gluon) " + ",".join(str(v) for v in cfg.values()) + (" + GELU" if gelu else "")
             try:
-                r, advisories, waits = compile_chain_gemm(gelu=gelu)
+                r, advisories, waits = compile_gluon_gemm(kind, gelu=gelu)
             except Exception as e:  # noqa: BLE001 (reported, and a failure under --check)
                 problems.append(f"sm_90 {label}: compile failed: {type(e).__name__}: {str(e)[:300]}")
                 print(f"sm_90  {label} FAILED")

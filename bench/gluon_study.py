@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from kernels import ops  # noqa: E402
 from kernels._triton import UNPACK_PTX  # noqa: E402
-from bench.compile_targets import compile_chain_gemm  # noqa: E402
+from bench.compile_targets import compile_gluon_gemm  # noqa: E402
 from bench.kernels import make_layer  # noqa: E402
 
 EPS: gl.constexpr = gl.constexpr(1e-8)  # as kernels._triton.EPS: floor of the auto-scale l_b
@@ -390,7 +390,7 @@ def compile_only():
     print(f"{'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'loop':>6s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  ptxas")
     for bm, bn, warps, stages, mode in VARIANTS:
         if mode.startswith("chain"):  # the shipped kernel: bench/compile_targets.py compiles it
-            r, adv, waits = compile_chain_gemm(dict(BM=bm, BN=bn, num_warps=warps, stages=stages, group_m=8))
+            r, adv, waits = compile_gluon_gemm("chain", dict(BM=bm, BN=bn, num_warps=warps, stages=stages, group_m=8))
             print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} {r['regs']:4d} {r['spills']:6d} "
                   f"{r['smem'] / 1024:7.1f}  {', '.join(adv) or 'no advisory'}; waits {','.join(waits)}")
             continue

@@ -1,4 +1,4 @@
-"""Hopper (sm_90) GEMM for the int8 codes when no per-K-block scale is applied (granularity "pow2"
+"""Hopper (sm_90) GEMMs for the int8 codes when no per-K-block scale is applied (granularity "pow2"
 at 4 bits, and methods without auto-scale), written in Gluon (imported lazily: needs triton 3.5+).
 
     Y[i, n] = D[n] * s_i * sum_k q[i, k] * (u[n, k] - z[n]) + bias[n]
@@ -6,18 +6,24 @@ at 4 bits, and methods without auto-scale), written in Gluon (imported lazily: n
 Same result as `_triton._w4_gemm_kernel` without AUTO_SCALE (exact int32 sums, the same epilogue
 arithmetic: the GPU tests compare them bit for bit), faster because the K loop is really
 pipelined: Triton 3.6 waits for every int8 `tl.dot` before the next one (bench/NOTES-kernels.md),
-here each wgmma is waited for one K step later while the next weight tile is unpacked. Per K step
-(BK = the activation layout group):
-  - TMA brings the activation codes [BM, BK] and the packed weight bytes [BN, BK/2] into a ring of
-    STAGES shared-memory slots (out-of-range rows read as zeros);
-  - the packed bytes are read in the MMA's A-operand layout (a thread then holds byte column c
-    where it holds K columns c and BK/2 + c), unpacked four per 32-bit op, and the
-    [low plane | high plane] int8 tile goes to a double buffer in shared memory (an int8 register
-    operand cannot be kept alive across Triton's wgmma wait, so ptxas would serialise);
-  - one wgmma (weights as the M side, tokens as the N side) accumulates into the int32 sum.
-This is bench/gluon_study.py's "chain" loop. Not runnable in Triton's interpreter: the CPU tests
-check the math through `_w4_gemm_kernel` and compile this kernel for sm_90
-(bench/compile_targets.py: no spills, one wgmma kept in flight, no ptxas serialisation advisory).
+here each wgmma is waited for one K step later. Weights are the MMA's M side, tokens its N side.
+Two kernels, ops.w4_gemm picks by the number of tokens:
+- `_w4_gemm_u8_kernel` (many tokens): the weights were unpacked by `_triton._unpack_weights_kernel`
+  into an int8 workspace [N, K] (1.5 N K bytes of traffic, ~1-3% of the GEMM at 32760 tokens), so
+  the loop only has TMA and wgmma: both tiles come into a ring of STAGES shared-memory slots.
+  1.25-1.3x faster than the chain kernel at the Wan 14B shapes (bench/workspace_study.py), which
+  moved ~56 KB of shared memory and unpacked 16 KB per K step on the same pipes.
+- `_w4_gemm_chain_kernel` (fewer tokens, where that pass would not pay): TMA brings the activation
+  codes [BM, BK] and the packed weight bytes [BN, BK/2]; the bytes are read in the MMA's A-operand
+  layout (a thread then holds byte column c where it holds K columns c and BK/2 + c), unpacked four
+  per 32-bit op, and the [low plane | high plane] int8 tile goes to a double buffer in shared
+  memory (an int8 register operand cannot be kept alive across Triton's wgmma wait, so ptxas
+  would serialise).
+A slot of the ring is refilled only after a barrier of all warps that follows their wait: every
+warpgroup has then retired its wgmma on that slot (the TMA is issued by one thread).
+Not runnable in Triton's interpreter: the CPU tests check the math through `_w4_gemm_kernel` and
+compile these kernels for sm_90 (bench/compile_targets.py: no spills, one wgmma kept in flight, no
+ptxas serialisation advisory).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -29,27 +35,20 @@ from ._triton import UNPACK_PTX, gelu_tanh
 
 @gluon.jit
 def _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k):
-    """TMA of K step k's activation codes and packed weight bytes into slot k % STAGES."""
+    """TMA of K step k's activation codes and weight tile (packed bytes: half as many columns) into
+    slot k % STAGES."""
     STAGES: gl.constexpr = a_smem.shape[0]
     BK: gl.constexpr = a_smem.shape[2]
+    WK: gl.constexpr = w_smem.shape[2]
     slot = k % STAGES
     mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], bars.index(slot), a_smem.index(slot))
-    tma.async_copy_global_to_shared(w_desc, [off_n, k * (BK // 2)], bars.index(slot), w_smem.index(slot))
+    tma.async_copy_global_to_shared(w_desc, [off_n, k * WK], bars.index(slot), w_smem.index(slot))
 
 
 @gluon.jit
-def _w4_gemm_chain_kernel(
-    a_desc, w_desc, z_ptr, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
-    GELU: gl.constexpr = False,
-):
-    BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program (the MMA's N side)
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
-    NK: gl.constexpr = K // BK
-    gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
-
+def _tile_offsets(M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+    """(first token, first weight row) of this program; GROUP_M token tiles share their weight tiles in L2."""
     pid = gl.program_id(0)
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
@@ -58,11 +57,94 @@ def _w4_gemm_chain_kernel(
     size_m = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    off_m = pid_m * BM
-    off_n = pid_n * BN
+    return pid_m * BM, pid_n * BN
 
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, min(BM, 128), 32])
+
+@gluon.constexpr_function
+def _mma_layout(BM, num_warps):
+    """The wgmma accumulator's layout for BM tokens (Triton's int8 wgmma is at most 128 wide)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, min(BM, 128), 32])
+
+
+@gluon.jit
+def _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
+                num_warps: gl.constexpr):
+    """Epilogue as _triton._gemm_store: D[n] * s_i + bias[n] on the int32 sums acc [BN rows, BM
+    tokens], rounded (GELU of the rounded value, rounded again), stored as Y[token, row] (masked)."""
+    BN: gl.constexpr = acc.shape[0]
+    BM: gl.constexpr = acc.shape[1]
+    mma: gl.constexpr = _mma_layout(BM, num_warps)
+    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    d = gl.load(d_ptr + offs_n % N)
+    s = gl.load(s_ptr + offs_m, mask=offs_m < M, other=0.0)
+    out = acc.to(gl.float32) * d[:, None] * s[None, :]
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + offs_n % N).to(gl.float32)[:, None]
+    ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
+                                        warps_per_cta=[1, num_warps], order=[0, 1])  # rows contiguous in Y
+    out = out.to(y_ptr.dtype.element_ty)
+    if GELU:  # the fused feed-forward GELU, on the rounded output: the Triton GEMM's very function
+        out = gelu_tanh(out.to(gl.float32)).to(y_ptr.dtype.element_ty)
+    out = gl.convert_layout(out, ol)
+    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
+    om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
+    gl.store(y_ptr + om.to(gl.int64)[None, :] * N + on[:, None], out, mask=(on < N)[:, None] & (om < M)[None, :])
+
+
+@gluon.jit
+def _w4_gemm_u8_kernel(
+    a_desc, w_desc, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+    GELU: gl.constexpr = False,
+):
+    """w_desc: the unpacked int8 weights (u - z) [N, K] in the codes' layout."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program (the MMA's N side)
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
+    NK: gl.constexpr = K // BK
+    gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
+    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
+
+    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, i)
+
+    acc = gl.zeros((BN, BM), gl.int32, _mma_layout(BM, num_warps))
+    for k in range(NK):
+        slot = k % STAGES
+        mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
+        acc = warpgroup_mma(w_smem.index(slot), a_smem.index(slot).permute((1, 0)), acc, use_acc=k > 0,
+                            is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        if k >= 1 and k - 1 + STAGES < NK:  # step k-1's wgmma is done in every warpgroup: refill its slot
+            gl.thread_barrier()
+            _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k - 1 + STAGES)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS, GELU, num_warps)
+
+
+@gluon.jit
+def _w4_gemm_chain_kernel(
+    a_desc, w_desc, z_ptr, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+    GELU: gl.constexpr = False,
+):
+    """w_desc: the packed weight bytes [N, K/2]; z_ptr: the zero points."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program (the MMA's N side)
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
+    NK: gl.constexpr = K // BK
+    gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
+    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
+
+    mma: gl.constexpr = _mma_layout(BM, num_warps)
     a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, a_reg))) % N
     z = gl.broadcast(gl.load(z_ptr + rows).to(gl.uint8)[:, None], gl.zeros((BN, BK // 2), gl.uint8, a_reg))[0]
@@ -83,32 +165,18 @@ def _w4_gemm_chain_kernel(
         wp = w_smem.index(slot).load(a_reg)
         lo, hi = gl.inline_asm_elementwise(asm=UNPACK_PTX, constraints="=r,=r,r,r", args=[wp, z],
                                            dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
-        u = u_smem.index(k % 2)  # its last reader, step k-2's wgmma, was retired by the previous wait
+        # a warpgroup writes only the rows its own wgmma reads; their last reader, step k-2's
+        # wgmma, was retired by the previous wait
+        u = u_smem.index(k % 2)
         u.store(gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (BN, BK)))
         fence_async_shared()
         gl.thread_barrier()
         acc = warpgroup_mma(u, a_smem.index(slot).permute((1, 0)), acc, use_acc=k > 0, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        if k >= 1 and k - 1 + STAGES < NK:  # step k-1's wgmma is done: refill its slot
+        if k >= 1 and k - 1 + STAGES < NK:  # step k-1's wgmma is done in every warpgroup: refill its slot
+            gl.thread_barrier()
             _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k - 1 + STAGES)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-
-    # epilogue as _triton._gemm_store: D[n] * s_i + bias[n], rounded (GELU), stored as Y[token, row] (masked)
-    offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-    offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
-    d = gl.load(d_ptr + offs_n % N)
-    s = gl.load(s_ptr + offs_m, mask=offs_m < M, other=0.0)
-    out = acc.to(gl.float32) * d[:, None] * s[None, :]
-    if HAS_BIAS:
-        out += gl.load(bias_ptr + offs_n % N).to(gl.float32)[:, None]
-    ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
-                                        warps_per_cta=[1, num_warps], order=[0, 1])  # rows contiguous in Y
-    out = out.to(y_ptr.dtype.element_ty)
-    if GELU:  # the fused feed-forward GELU, on the rounded output: the Triton GEMM's very function
-        out = gelu_tanh(out.to(gl.float32)).to(y_ptr.dtype.element_ty)
-    out = gl.convert_layout(out, ol)
-    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, ol))
-    om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
-    gl.store(y_ptr + om.to(gl.int64)[None, :] * N + on[:, None], out, mask=(on < N)[:, None] & (om < M)[None, :])
+    _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS, GELU, num_warps)

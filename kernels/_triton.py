@@ -283,6 +283,26 @@ def _unpack_asm(wp, z):
 
 
 @triton.jit
+def _unpack_weights_kernel(w_ptr, z_ptr, out_ptr, N, K: tl.constexpr, G: tl.constexpr, BR: tl.constexpr,
+                           GPP: tl.constexpr):
+    """Packed 4-bit weights [N, K/2] -> int8 (u - z) [N, K] in the codes' layout (module docstring:
+    per group of G columns, the G/2 even columns then the G/2 odd ones = the low nibbles of G/2
+    bytes, then their high nibbles). A program covers BR rows x GPP groups; the last row block is
+    masked. The workspace of the sm_90 GEMM (kernels/_gluon.py, _w4_gemm_u8_kernel)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    mask = (rows < N)[:, None]
+    z = tl.load(z_ptr + rows, mask=rows < N, other=0).to(tl.int16)[:, None]
+    cols = tl.arange(0, G // 2)
+    for i in tl.static_range(GPP):
+        g = tl.program_id(1) * GPP + i
+        b = tl.load(w_ptr + rows.to(tl.int64)[:, None] * (K // 2) + g * (G // 2) + cols[None, :], mask=mask,
+                    other=0).to(tl.int16)
+        dst = out_ptr + rows.to(tl.int64)[:, None] * K + g * G + cols[None, :]
+        tl.store(dst, ((b & 15) - z).to(tl.int8), mask=mask)
+        tl.store(dst + G // 2, ((b >> 4) - z).to(tl.int8), mask=mask)
+
+
+@triton.jit
 def _w4_gemm_kernel(
     a_ptr, w_ptr, z_ptr, d_ptr, l_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
     SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,

@@ -73,6 +73,13 @@ INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
 # GROUP_M 16 was 2-5% faster than 8). Used for M > CHAIN_MIN_M; DVDQ_GEMM_IMPL=triton turns it off.
 CHAIN_SM90 = {"BM": 128, "BN": 128, "num_warps": 8, "stages": 3, "group_m": 16}
 CHAIN_MIN_M = 64
+# From U8_MIN_M tokens on, the weights are unpacked into an int8 workspace first and
+# _gluon._w4_gemm_u8_kernel runs (bench/workspace_study.py on an H100: 128 tokens x 256 weight rows,
+# 8 warps, 4 stages was the best of 6 tiles at the Wan 14B shapes, 1.25-1.3x the chain kernel).
+# --crossover: at 8192 tokens and more unpack + u8 won at every layer timed on the GPU (1.16-1.24x);
+# at 4096 it won for Wan 14B's layers but lost for HunyuanVideo's 3072 x 3072 (one more launch).
+U8_SM90 = {"BM": 128, "BN": 256, "num_warps": 8, "stages": 4, "group_m": 16}
+U8_MIN_M = 8192
 
 # Activation kernels: a program walks BM rows across K in tiles of C = max(Hadamard block, 64)
 # columns, BM = ACT_ELEMS_PER_TILE // C (bench/kernels.py --act-sweep on an H100: best of 2048..16384

@@ -234,14 +234,50 @@ def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=
     return y
 
 
+def unpack_weights(qweight, w_zero, g: int, out=None):
+    """Packed 4-bit weights [N, K/2] -> int8 (u - z) [N, K] in the codes' layout of groups of g columns
+    (_triton._unpack_weights_kernel): the workspace of w4_gemm_u8, from PyTorch's caching allocator."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    out = torch.empty((n, k), dtype=torch.int8, device=qweight.device) if out is None else out
+    br, gpp = 32, 2 if (k // g) % 2 == 0 else 1
+    _triton()._unpack_weights_kernel[(triton_cdiv(n, br), k // g // gpp)](qweight, w_zero, out, n, k, G=g, BR=br,
+                                                                          GPP=gpp, num_warps=4)
+    return out
+
+
+def w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, u8_cfg=None, gelu=False, w8=None):
+    """As w4_gemm_chain, through an int8 weight workspace (unpack_weights, or w8 if given) and
+    _gluon._w4_gemm_u8_kernel. u8_cfg: a tile other than configs.U8_SM90 (benchmarks)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    cfg = u8_cfg or configs.U8_SM90
+    m, k = a.shape
+    n = qweight.shape[0]
+    bk = layout_group(k, sb)
+    bm, bn = cfg["BM"], cfg["BN"]
+    w8 = unpack_weights(qweight, w_zero, bk) if w8 is None else w8
+    a_desc = TensorDescriptor(a, [m, k], [k, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
+    w_desc = TensorDescriptor(w8, [n, k], [k, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
+    grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+    _gluon()._w4_gemm_u8_kernel[grid](
+        a_desc, w_desc, w_scale, s, bias if bias is not None else w_scale, y, m, n, k,
+        GROUP_M=cfg["group_m"], STAGES=min(cfg["stages"], k // bk), HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"], GELU=gelu)
+    return y
+
+
 def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, cfg=None, out=None,
             gelu=False, **variant):
     """Y [M, N] from activation codes a (or 16-bit Xr), packed 4-bit weights and the scales; gelu: the
     epilogue applies GELU (tanh form) to the rounded output (dvdq_core.fusion).
-    Without per-K-block scales on an H100-class GPU the Gluon GEMM runs (chain_gemm_applies), unless
-    a Triton tile or variant is asked for."""
+    Without per-K-block scales on an H100-class GPU a Gluon GEMM runs (chain_gemm_applies): from
+    configs.U8_MIN_M tokens on through the int8 weight workspace, else the chain kernel; unless a
+    Triton tile or variant is asked for."""
     if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale):
         try:
+            if a.shape[0] >= configs.U8_MIN_M:
+                return w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
             return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
         except torch.OutOfMemoryError:
             raise

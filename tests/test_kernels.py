@@ -306,26 +306,67 @@ class _with:
 HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMM runs on sm_90 only; without one, test_compile_targets "
-                                       "compiles it for sm_90 on the CPU")
+def unpack_reference(qweight, w_zero, g):
+    """int8 (u - z) [N, K] in the codes' layout: per group of g columns, the low nibbles of its g/2
+    bytes (the even columns), then their high nibbles (the odd ones)."""
+    b = qweight.long()
+    z = w_zero.long()[:, None]
+    n, kb = b.shape
+    lo = ((b & 15) - z).reshape(n, kb * 2 // g, g // 2)
+    hi = ((b >> 4) - z).reshape(n, kb * 2 // g, g // 2)
+    return torch.cat([lo, hi], dim=2).reshape(n, kb * 2).to(torch.int8)
+
+
+@pytest.mark.parametrize("n,k,g", [(40, 256, 128), (33, 192, 64), (96, 320, 64), (5, 128, 128)]
+                         + ([(13824, 5120, 128), (1000, 1536, 64)] if ON_GPU else []))
+def test_unpack_weights_equals_reference(n, k, g):
+    """The workspace of the sm_90 GEMM: every element written (poisoned first), ragged row blocks, an odd
+    number of groups (one group per program) and both layout groups."""
+    qweight = torch.randint(0, 256, (n, k // 2), generator=GEN, dtype=torch.uint8).to(DEV)
+    w_zero = torch.randint(0, 16, (n,), generator=GEN, dtype=torch.uint8).to(DEV)
+    out = torch.full((n, k), 99, dtype=torch.int8, device=DEV)
+    got = ops.unpack_weights(qweight, w_zero, g, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, unpack_reference(qweight, w_zero, g))
+
+
+def test_pow2_gemm_takes_the_workspace_path_from_u8_min_m(monkeypatch):
+    """On sm_90 the GEMM without per-K-block scales goes through the int8 weight workspace from
+    configs.U8_MIN_M tokens on, through the chain kernel below (where the unpack pass costs more
+    than it saves)."""
+    seen = []
+    monkeypatch.setattr(ops, "chain_gemm_applies", lambda *a: True)
+    monkeypatch.setattr(ops, "w4_gemm_u8", lambda a, *r, **kw: seen.append(("u8", a.shape[0])))
+    monkeypatch.setattr(ops, "w4_gemm_chain", lambda a, *r, **kw: seen.append(("chain", a.shape[0])))
+    for m in (configs.U8_MIN_M - 1, configs.U8_MIN_M):
+        ops.w4_gemm(torch.zeros((m, 128), dtype=torch.int8), torch.zeros((8, 64), dtype=torch.uint8), None, None,
+                    None, None, None, torch.bfloat16, 128, False)
+    assert seen == [("chain", configs.U8_MIN_M - 1), ("u8", configs.U8_MIN_M)]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMMs run on sm_90 only; without one, test_compile_targets "
+                                       "compiles them for sm_90 on the CPU")
+@pytest.mark.parametrize("path", ["chain", "u8"])
 @pytest.mark.parametrize("m,n,k", [(333, 5120, 5120), (4097, 1000, 1600), (2048, 13824, 5120), (200, 256, 128),
-                                   (65, 96, 192)])
+                                   (65, 96, 192), (5000, 3072, 3072)])
 @pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, True), (torch.float16, False)])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_chain_gemm_equals_triton_gemm(m, n, k, dtype, bias, gelu):
-    """Without per-K-block scales the sm_90 Gluon GEMM computes what the Triton GEMM does, bit for
-    bit (exact int32 sums, the same epilogue, fused GELU or not), including ragged M and N and
-    64-wide layout groups."""
+def test_gluon_gemms_equal_triton_gemm(path, m, n, k, dtype, bias, gelu):
+    """Without per-K-block scales both sm_90 Gluon GEMMs (packed weights; int8 workspace) compute what
+    the Triton GEMM does, bit for bit (exact int32 sums, the same epilogue, fused GELU or not),
+    including ragged M and N (not multiples of the 256-row tile), 64-wide layout groups and fewer
+    K steps than stages; every output element is written (poisoned first)."""
     layer = make_layer(n, k, bias=bias, dtype=dtype)
     x = activations(m, k, dtype)
     sb = ops.effective_blocks(layer, k)[1]
     q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
     assert ops.chain_gemm_applies(q, layer.qweight, False)
-    y_chain = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
-                          out=torch.full((m, n), float("nan"), dtype=dtype, device=DEV), gelu=gelu)
+    gemm = ops.w4_gemm_chain if path == "chain" else ops.w4_gemm_u8
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    y = gemm(q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, dtype, sb, out=out, gelu=gelu)
     y_triton = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
                            cfg=configs.SM90_DEFAULT, gelu=gelu)
-    assert torch.equal(y_chain, y_triton)
+    assert y.data_ptr() == out.data_ptr() and torch.equal(y, y_triton)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the persistent grid is GPU-only (the interpreter cannot loop to a run-time "

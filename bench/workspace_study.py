@@ -1,0 +1,156 @@
+"""Does unpacking the 4-bit weights once per call, into an int8 workspace, buy a faster GEMM?
+
+Why: the shipped sm_90 GEMM (kernels/_gluon.py, "chain") unpacks each packed weight tile inside its
+K loop and writes the int8 tile to shared memory for the wgmma. NOTES v10 estimates that this moves
+~56 KB of shared memory per 128 x 128 x 128 step against ~510 MMA cycles: shared-memory bandwidth
+and issue slots, not the tensor cores, limit it (1150-1230 TOP/s; the int8 wgmma loop alone gives
+1941). Here the weights are unpacked by a separate pass into a transient int8 buffer (N x K bytes,
+reused for every layer: the stored weights stay 4-bit) and the GEMM is a plain int8 x int8 TMA
+GEMM on the same codes. Cost of the pass: 1.5 N K bytes of memory traffic (~15 us for a Wan 14B
+qkvo layer), against a GEMM of ~1.5 ms.
+
+Variants, each checked bit for bit against the Triton GEMM on the same operands, then timed under
+sustained load (bench/mma_ceiling.py's `sustained`, clock and power sampled):
+- "chain": kernels/_gluon.py's chain kernel (packed weights), the baseline;
+- "u8": kernels/_gluon.py's u8 kernel on the workspace (unpacked beforehand), tiles of BM tokens x
+  BN weight rows; the shipped `w4_gemm` (unpack pass included) too.
+Also timed: the unpack pass alone, cuBLAS BF16 `F.linear` and FP8 `_scaled_mm` (row-wise) at the
+same shapes, the activation kernels (to state the whole layer) and the Triton GEMM with per-block
+promotion (the 8-bit steps' GEMM). --crossover: chain vs unpack + u8 at 1024..16384 tokens.
+Findings: bench/NOTES-kernels.md v11. A first version of this file also timed a warp-specialised
+kernel (a TMA loader warp feeding wgmma-only warpgroups) on the workspace: no faster than the u8
+loop without promotion, and slower than the Triton GEMM with it (log s8call1); removed.
+
+usage: python bench/workspace_study.py [--quick | --crossover] [--json FILE]     (H100, triton >= 3.5)
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "bench"))
+from kernels import configs, ops  # noqa: E402
+from mma_ceiling import sustained  # noqa: E402
+
+
+SHAPES = [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)]
+# (BM tokens, BN weight rows, warps, stages, kind). "chain" and "u8" run the product's kernels
+# (ops.w4_gemm_chain, ops.w4_gemm_u8 with the given tile and the workspace unpacked beforehand).
+VARIANTS = [
+    (128, 128, 8, 3, "chain"),
+    (128, 128, 8, 3, "u8"), (128, 128, 8, 4, "u8"), (128, 256, 8, 3, "u8"), (256, 128, 8, 3, "u8"),
+    (128, 256, 8, 4, "u8"), (128, 128, 4, 4, "u8"),
+]
+# --crossover: from how many tokens does the unpack pass pay for itself (configs.U8_MIN_M)?
+CROSSOVER_SHAPES = [("wan14b qkvo", 5120, 5120), ("wan14b ffn1", 13824, 5120), ("hunyuan proj", 3072, 3072),
+                    ("wan1.3b qkvo", 1536, 1536)]
+CROSSOVER_M = (1024, 2048, 4096, 8192, 16384)
+
+
+def crossover(dev, record, seconds):
+    """Chain kernel vs unpack pass + u8 kernel (the product's two paths) at growing token counts."""
+    from bench.kernels import make_layer
+    for name, n, k in CROSSOVER_SHAPES:
+        layer = make_layer(n, k, dev)
+        sb = ops.effective_blocks(layer, k)[1]
+        for m in CROSSOVER_M:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
+            args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+            assert torch.equal(ops.w4_gemm_chain(*args), ops.w4_gemm_u8(*args))
+            t_chain, _ = sustained(lambda: ops.w4_gemm_chain(*args), seconds)
+            t_u8, seen = sustained(lambda: ops.w4_gemm_u8(*args), seconds)
+            record(f"{name} M={m}", "chain / unpack + u8", t_chain, 0, seen,
+                   f"u8 incl. unpack {t_u8:.3f} ms: {t_chain / t_u8:.2f}x")
+        torch.cuda.empty_cache()
+
+
+def shape_rows(name, n, k, m, dev, record, seconds):
+    from bench.kernels import make_layer
+    layer = make_layer(n, k, dev)
+    hb, sb = ops.effective_blocks(layer, k)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    flops = 2.0 * m * n * k
+    w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    t, seen = sustained(lambda: F.linear(x, w16, layer.bias), seconds)
+    record(name, "cuBLAS BF16 F.linear", t, flops, seen)
+    x8, wq8 = x.to(torch.float8_e4m3fn), w16.to(torch.float8_e4m3fn)
+    xs, ws = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+    t, seen = sustained(lambda: torch._scaled_mm(x8, wq8.t(), scale_a=xs, scale_b=ws, bias=layer.bias,
+                                                 out_dtype=torch.bfloat16), seconds)
+    record(name, "cuBLAS FP8 row-wise (GEMM only)", t, flops, seen)
+    x8 = wq8 = w16 = None
+    t, seen = sustained(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True), seconds)
+    record(name, "pow2 activation kernels", t, 0, seen)
+    t, seen = sustained(lambda: ops.quantize_activations(x, hb, sb, 8, True), seconds)
+    record(name, "block activation kernels (8 bits)", t, 0, seen)
+    bk = ops.layout_group(k, sb)
+    w8 = ops.unpack_weights(layer.qweight, layer.w_zero, bk)
+    t, seen = sustained(lambda: ops.unpack_weights(layer.qweight, layer.w_zero, bk, w8), seconds)
+    record(name, "unpack to int8 workspace", t, 0, seen, f"{1.5 * n * k / t / 1e6:.0f} GB/s")
+    q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
+    t, seen = sustained(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                                            torch.bfloat16, sb, True), seconds)
+    record(name, "Triton GEMM, block (8-bit steps)", t, flops, seen)
+    q, s, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
+    gemm_args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+    ref = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False,
+                      cfg=configs.SM90_DEFAULT)
+    t, seen = sustained(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias,
+                                            torch.bfloat16, sb, False), seconds)
+    record(name, "shipped w4_gemm (unpack incl.)", t, flops, seen)
+    for bm, bn, w, st, kind in VARIANTS:
+        cfg = dict(BM=bm, BN=bn, num_warps=w, stages=st, group_m=16)
+        if kind == "chain":
+            f = lambda: ops.w4_gemm_chain(*gemm_args, chain_cfg=cfg)
+        else:
+            f = lambda: ops.w4_gemm_u8(*gemm_args, u8_cfg=cfg, w8=w8)
+        y = f()
+        same = torch.equal(y, ref)
+        err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        t, seen = sustained(f, seconds)
+        record(name, f"{kind} {bm}x{bn} w{w} s{st}", t, flops, seen,
+               "bit-exact" if same else f"DIFFERS max rel {err:.2e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="first shape only")
+    p.add_argument("--crossover", action="store_true", help="only the chain vs workspace crossover in tokens")
+    p.add_argument("--seconds", type=float, default=1.0, help="sustained time per case")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("workspace_study.py measures a GPU: no CUDA device here")
+    dev = torch.device("cuda")
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(info), flush=True)
+    rows = []
+
+    def record(shape, label, ms, flops, seen, extra=""):
+        rows.append({"shape": shape, "what": label, "ms": ms, "tops": flops / ms / 1e9 if flops else None,
+                     "seen": seen, "note": extra})
+        tops = f"{flops / ms / 1e9:6.0f} T/s" if flops else " " * 10
+        print(f"  {shape:20s} {label:34s} {ms:8.3f} ms {tops}  {seen}  {extra}", flush=True)
+
+    if args.crossover:
+        crossover(dev, record, args.seconds)
+    else:
+        for name, n, k in SHAPES[:1] if args.quick else SHAPES:
+            shape_rows(name, n, k, 32760, dev, record, args.seconds)
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
