@@ -254,9 +254,11 @@ def main():
         torch.cuda.empty_cache()
     print("\narch  variant       attn    step_s  speedup  peak_GiB  weights_GiB  gemm  act_q  attn  other")
     for r in results:
-        base = next(b for b in results if b["arch"] == r["arch"] and b["variant"] == "bf16" and b["attention"] == "sdpa")
+        base = next((b for b in results if b["arch"] == r["arch"] and b["variant"] == "bf16" and b["attention"] == "sdpa"),
+                    None)
         sh = r["shares"]
-        print(f"{r['arch']:5s} {r['variant']:13s} {r['attention']:5s} {r['step_s']:7.3f} {base['step_s'] / r['step_s']:7.2f}x "
+        speedup = f"{base['step_s'] / r['step_s']:7.2f}x" if base else "    n/a "  # no bf16 variant in this run
+        print(f"{r['arch']:5s} {r['variant']:13s} {r['attention']:5s} {r['step_s']:7.3f} {speedup} "
               f"{r['peak_gib']:9.1f} {r['weight_gib']:11.2f}  {sh.get('gemm', 0):4.0%} {sh.get('act_quant', 0):5.0%} "
               f"{sh.get('attention', 0):5.0%} {sh.get('other', 0):5.0%}")
     clock.__exit__(None, None, None)

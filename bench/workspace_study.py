@@ -72,6 +72,32 @@ def crossover(dev, record, seconds):
         torch.cuda.empty_cache()
 
 
+def block_rows(dev, record, seconds, m=32760):
+    """The 8-bit steps' GEMM (Triton, ARQ's per-block promotion) reading the int8 workspace (W8) instead
+    of unpacking in its loop, at a few tiles (unpack pass included in the W8 times)."""
+    from bench.kernels import make_layer
+    from kernels.configs import SM90_DEFAULT, _fast
+    for name, n, k in SHAPES:
+        layer = make_layer(n, k, dev)
+        hb, sb = ops.effective_blocks(layer, k)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
+        args = (q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
+        ref = ops.w4_gemm(*args)
+        for cfg in (SM90_DEFAULT, _fast(128, 128, 128, 8, 4), _fast(128, 128, 128, 8, 3), _fast(128, 64, 128, 4, 4),
+                    _fast(64, 256, 128, 8, 3, split=2)):
+            for w8 in (False, True):
+                f = lambda: ops.w4_gemm(*args, cfg=cfg, W8=w8)
+                try:
+                    same = torch.equal(f(), ref)
+                    t, seen = sustained(f, seconds)
+                    record(name, f"block {cfg.to_env()}{' W8' if w8 else ''}", t, 2.0 * m * n * k, seen,
+                           "bit-exact" if same else "DIFFERS")
+                except Exception as e:  # noqa: BLE001 (a study: report and go on)
+                    print(f"  {name} {cfg.to_env()} W8={w8} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        torch.cuda.empty_cache()
+
+
 def shape_rows(name, n, k, m, dev, record, seconds):
     from bench.kernels import make_layer
     layer = make_layer(n, k, dev)
@@ -124,6 +150,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="first shape only")
     p.add_argument("--crossover", action="store_true", help="only the chain vs workspace crossover in tokens")
+    p.add_argument("--block", action="store_true", help="only the 8-bit steps' GEMM with and without the workspace")
     p.add_argument("--seconds", type=float, default=1.0, help="sustained time per case")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -143,6 +170,8 @@ def main():
 
     if args.crossover:
         crossover(dev, record, args.seconds)
+    elif args.block:
+        block_rows(dev, record, args.seconds)
     else:
         for name, n, k in SHAPES[:1] if args.quick else SHAPES:
             shape_rows(name, n, k, 32760, dev, record, args.seconds)

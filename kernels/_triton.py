@@ -308,6 +308,7 @@ def _w4_gemm_kernel(
     SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     A_FLOAT: tl.constexpr, AUTO_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr, ASM_UNPACK: tl.constexpr = False, SPLIT: tl.constexpr = 1, GELU: tl.constexpr = False,
+    W8: tl.constexpr = False,
 ):
     """Y = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n]
     (GELU: then gelu_tanh(Y rounded to Y's dtype), rounded again: the fused feed-forward GELU).
@@ -322,6 +323,7 @@ def _w4_gemm_kernel(
     SWAP computes the transposed tile (weights as the MMA's M side, taken from registers).
     SPLIT: a program covers SPLIT * BM tokens as sub-tiles that share one unpacked weight tile.
     ASM_UNPACK unpacks four bytes per 32-bit instruction (inline PTX; not in the interpreter).
+    W8: w is the unpacked int8 workspace (u - z) [N, K] of _unpack_weights_kernel instead.
     Row indices wrap modulo M and N for the loads (unmasked loads pipeline best); the store is masked.
     """
     pid = tl.program_id(0)
@@ -343,7 +345,10 @@ def _w4_gemm_kernel(
     offs_h = tl.arange(0, BK // 2)
     a0_ptrs = a_ptr + rows0[:, None] * K + offs_k[None, :]
     a1_ptrs = a_ptr + rows1[:, None] * K + offs_k[None, :]
-    w_ptrs = w_ptr + wrows[:, None] * (K // 2) + offs_h[None, :]
+    if W8:
+        w_ptrs = w_ptr + wrows[:, None] * K + offs_k[None, :]
+    else:
+        w_ptrs = w_ptr + wrows[:, None] * (K // 2) + offs_h[None, :]
     z = tl.load(z_ptr + wrows).to(tl.uint8)[:, None]
 
     INT_ACC: tl.constexpr = not A_FLOAT and not AUTO_SCALE  # one int32 sum over all of K
@@ -355,13 +360,16 @@ def _w4_gemm_kernel(
         acc0 = tl.zeros((BM, BN), dtype=ACC_T)
         acc1 = tl.zeros((BM, BN), dtype=ACC_T)
     for k0 in range(0, K, BK):
-        wp = tl.load(w_ptrs)
-        if ASM_UNPACK and not INTERPRET:
-            w_lo, w_hi = _unpack_asm(wp, z)
+        if W8:
+            w = tl.load(w_ptrs)
         else:
-            w_lo = (wp & 15).to(tl.int8) - z.to(tl.int8)
-            w_hi = (wp >> 4).to(tl.int8) - z.to(tl.int8)
-        w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (BN, BK))  # [low | high] along K
+            wp = tl.load(w_ptrs)
+            if ASM_UNPACK and not INTERPRET:
+                w_lo, w_hi = _unpack_asm(wp, z)
+            else:
+                w_lo = (wp & 15).to(tl.int8) - z.to(tl.int8)
+                w_hi = (wp >> 4).to(tl.int8) - z.to(tl.int8)
+            w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (BN, BK))  # [low | high] along K
         if AUTO_SCALE:
             lb = tl.maximum(tl.load(l_ptr + k0 // SB), EPS)
         else:
@@ -371,7 +379,7 @@ def _w4_gemm_kernel(
             acc1 = _gemm_step(acc1, a1_ptrs, w, lb, A_FLOAT, INT_ACC, SWAP, INTERPRET)
         a0_ptrs += BK
         a1_ptrs += BK
-        w_ptrs += BK // 2
+        w_ptrs += BK if W8 else BK // 2
 
     d = tl.load(d_ptr + wrows)
     if HAS_BIAS:

@@ -78,8 +78,16 @@ CHAIN_MIN_M = 64
 # 8 warps, 4 stages was the best of 6 tiles at the Wan 14B shapes, 1.25-1.3x the chain kernel).
 # --crossover: at 8192 tokens and more unpack + u8 won at every layer timed on the GPU (1.16-1.24x);
 # at 4096 it won for Wan 14B's layers but lost for HunyuanVideo's 3072 x 3072 (one more launch).
+# The Triton GEMM with per-K-block promotion (8-bit steps) reads the same workspace (W8) there too:
+# 4-6% faster with its default tile at the Wan 14B shapes (workspace_study.py --block).
 U8_SM90 = {"BM": 128, "BN": 256, "num_warps": 8, "stages": 4, "group_m": 16}
 U8_MIN_M = 8192
+
+
+def use_workspace(capability, m: int, a_float: bool, interpret: bool) -> bool:
+    """Whether a GEMM of m tokens unpacks the weights into the int8 workspace first (sm_90 only: the
+    only card it was measured on)."""
+    return tuple(capability) == (9, 0) and not a_float and not interpret and m >= U8_MIN_M
 
 # Activation kernels: a program walks BM rows across K in tiles of C = max(Hadamard block, 64)
 # columns, BM = ACT_ELEMS_PER_TILE // C (bench/kernels.py --act-sweep on an H100: best of 2048..16384

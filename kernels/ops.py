@@ -276,7 +276,7 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     Triton tile or variant is asked for."""
     if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale):
         try:
-            if a.shape[0] >= configs.U8_MIN_M:
+            if configs.use_workspace(_capability(a.device), a.shape[0], False, interpreting()):
                 return w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
             return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
         except torch.OutOfMemoryError:
@@ -290,10 +290,12 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     m, k = a.shape
     n = qweight.shape[0]
     a_float = a.dtype != torch.int8
+    flags = {}
     if cfg is None:
         cfg = configs.gemm_config(_capability(a.device), m, n, k, sb, a_float, interpreting())
+        flags["W8"] = configs.use_workspace(_capability(a.device), m, a_float, interpreting())
     cfg = replace(cfg, BK=layout_group(k, sb, a_float))  # one K tile = one layout group
-    flags = {**cfg.flags(), **variant}
+    flags = {**cfg.flags(), **flags, **variant}
     if interpreting():  # inline PTX cannot run in the interpreter
         flags["ASM_UNPACK"] = False
     if a_float:  # two sub-tiles of 2-byte activations would not fit in shared memory
@@ -301,8 +303,9 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
     grid = (triton_cdiv(m, cfg.BM * flags.get("SPLIT", 1)) * triton_cdiv(n, cfg.BN),)
     dummy = w_scale  # never read when the matching flag is off
+    w = unpack_weights(qweight, w_zero, cfg.BK) if flags.get("W8") else qweight
     kt._w4_gemm_kernel[grid](
-        a, qweight, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
+        a, w, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
         bias if bias is not None else dummy, y, m, n, k,
         SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
         AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,

@@ -336,12 +336,36 @@ def test_pow2_gemm_takes_the_workspace_path_from_u8_min_m(monkeypatch):
     than it saves)."""
     seen = []
     monkeypatch.setattr(ops, "chain_gemm_applies", lambda *a: True)
+    monkeypatch.setattr(ops, "_capability", lambda dev: (9, 0))
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
     monkeypatch.setattr(ops, "w4_gemm_u8", lambda a, *r, **kw: seen.append(("u8", a.shape[0])))
     monkeypatch.setattr(ops, "w4_gemm_chain", lambda a, *r, **kw: seen.append(("chain", a.shape[0])))
     for m in (configs.U8_MIN_M - 1, configs.U8_MIN_M):
         ops.w4_gemm(torch.zeros((m, 128), dtype=torch.int8), torch.zeros((8, 64), dtype=torch.uint8), None, None,
                     None, None, None, torch.bfloat16, 128, False)
     assert seen == [("chain", configs.U8_MIN_M - 1), ("u8", configs.U8_MIN_M)]
+    # only where it was measured: Hopper, int8 codes, compiled kernels
+    m = configs.U8_MIN_M
+    assert configs.use_workspace((9, 0), m, False, False)
+    assert not any(configs.use_workspace(*case) for case in [((8, 9), m, False, False), ((9, 0), m - 1, False, False),
+                                                             ((9, 0), m, True, False), ((9, 0), m, False, True)])
+
+
+@pytest.mark.parametrize("m,n,k", [(37, 40, 256), (19, 96, 320)] + ([(9000, 5120, 5120), (8192, 1000, 1600)]
+                                                                     if ON_GPU else []))
+@pytest.mark.parametrize("auto", [True, False])
+def test_triton_gemm_from_the_workspace_equals_unpacking_in_the_loop(m, n, k, auto):
+    """W8 (the Triton GEMM reading the unpacked int8 workspace, as on sm_90 from U8_MIN_M tokens on)
+    gives the same output bit for bit, with ARQ's per-block promotion (8-bit steps) and without."""
+    layer = make_layer(n, k)
+    x = activations(m, k, torch.bfloat16)
+    hb, sb = ops.effective_blocks(layer, k)
+    q, s, l = ops.quantize_activations(x, hb, sb, 8, auto)
+    args = (q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, auto)
+    cfg = configs.SM90_DEFAULT if ON_GPU else configs.INTERPRETER_CONFIG
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    got = ops.w4_gemm(*args, cfg=cfg, out=out, W8=True)
+    assert torch.equal(got, ops.w4_gemm(*args, cfg=cfg, W8=False))
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon GEMMs run on sm_90 only; without one, test_compile_targets "
