@@ -121,8 +121,10 @@ def run_variant(model, inputs, steps, profile):
         return model(*args, **kwargs)
     torch.cuda.synchronize()
     with torch.inference_mode():  # as ComfyUI samples (the kernels' q/k/v reuse must work there)
-        step()  # warm-up: compiles the kernels of every shape
+        t0 = time.perf_counter()
+        step()  # warm-up: compiles the kernels of every shape (and torch.compile's graph: -compiled)
         torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t0
         torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps):
@@ -151,7 +153,8 @@ def run_variant(model, inputs, steps, profile):
             shares["gpu_s"] = all_us / 1e6
             shares["top_kernels"] = [(round(us / 1e3, 2), c, name[:200]) for us, c, name in sorted(per_kernel)[::-1][:12]]
     times.sort()
-    return {"step_s": times[len(times) // 2], "all_s": times, "peak_gib": peak / 2**30, "finite": finite, "shares": shares}
+    return {"step_s": times[len(times) // 2], "all_s": times, "peak_gib": peak / 2**30, "finite": finite, "shares": shares,
+            "warmup_s": warmup_s}
 
 
 def main():
@@ -164,7 +167,8 @@ def main():
                          "suffix -unfused: the feed-forward GELU as its own kernel (dvdq_core.fusion off); "
                          "quantized variants run the blocks' elementwise steps fused as the loader installs them "
                          "(nodes/wan_blocks.py, nodes/hunyuan_blocks.py), suffix -hostops: ComfyUI's own; "
-                         "bf16-fused: BF16 with the fused ones (the split of the gain)")
+                         "bf16-fused: BF16 with the fused ones (the split of the gain); suffix -compiled: the whole "
+                         "model under torch.compile (inductor, defaults), as ComfyUI's TorchCompileModel node does")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -239,13 +243,14 @@ def main():
                     mod.optimized_attention = impl
                 sage_calls[0] = 0
                 torch.cuda.empty_cache()
-                r = run_variant(model, inputs, args.steps, not args.no_profile)
+                runner = torch.compile(model) if "compiled" in flags else model
+                r = run_variant(runner, inputs, args.steps, not args.no_profile)
                 r.update(arch=arch, variant=variant, attention=impl_name, weight_gib=weight_bytes(model) / 2**30)
                 if impl_name == "sage":
                     r["sage_calls"] = sage_calls[0]
                 results.append(r)
                 sh = r["shares"]
-                print(f"[{arch}] {variant:13s} {impl_name:5s} step {r['step_s']:.3f} s  peak {r['peak_gib']:.1f} GiB  "
+                print(f"[{arch}] {variant:13s} {impl_name:5s} warm-up {r['warmup_s']:.0f} s  step {r['step_s']:.3f} s  peak {r['peak_gib']:.1f} GiB  "
                       f"block weights {r['weight_gib']:.2f} GiB  finite={r['finite']}  shares " +
                       " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k not in ("gpu_s", "top_kernels")), flush=True)
                 for ms, cls, name in sh.get("top_kernels", []):
