@@ -77,8 +77,10 @@ def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> tor
 # The Wan block's elementwise steps (dvdq_core.wan_ops has the references and the shapes)
 norm_rope = _block_op("norm_rope", _norm_rope, lambda x, weight, eps, freqs, heads: x.new_empty(
     (x.shape[0], x.shape[1], heads, x.shape[2] // heads)))
-modulated_norm = _block_op("modulated_norm", _modulated_norm, lambda x, shift, scale, eps: torch.empty_like(x))
-gated_residual = _block_op("gated_residual", _gated_residual, lambda x, y, gate: torch.empty_like(x))
+# The fakes give what ops returns: a contiguous tensor of x's shape (ops makes x contiguous first; an
+# empty_like of a strided x, e.g. Wan's transposed patch embedding, would not match it under torch.compile)
+modulated_norm = _block_op("modulated_norm", _modulated_norm, lambda x, shift, scale, eps: x.new_empty(x.shape))
+gated_residual = _block_op("gated_residual", _gated_residual, lambda x, y, gate: x.new_empty(x.shape))
 
 
 def _head_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, pe: torch.Tensor, heads: int,
@@ -105,8 +107,8 @@ def _gated_add_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, fir
 head_norm_rope = _block_op("head_norm_rope", _head_norm_rope, lambda x, weight, eps, pe, heads, x2, weight2: x.new_empty(
     (x.shape[0], heads, x.shape[1] + (0 if x2 is None else x2.shape[1]), x.shape[2] // heads)))
 modulated_norm_dims = _block_op("modulated_norm_dims", _modulated_norm_dims,
-                                lambda x, shift, scale, eps, first_tokens: torch.empty_like(x))
-gated_add = _block_op("gated_add", _gated_add, lambda x, y, gate, first_tokens: torch.empty_like(x))
+                                lambda x, shift, scale, eps, first_tokens: x.new_empty(x.shape))
+gated_add = _block_op("gated_add", _gated_add, lambda x, y, gate, first_tokens: x.new_empty(x.shape))
 gated_add_inplace = _block_op("gated_add_inplace", _gated_add_inplace, lambda x, y, gate, first_tokens: None,
                               mutates_args=("x",))
 
