@@ -183,6 +183,8 @@ def main():
     attention_users = {"hunyuan": (flux_math, hunyuan), "hunyuan-i2v": (flux_math, hunyuan)}  # modules whose
     # optimized_attention the step calls
     from dvdq_core import QuantConfig, quantize_model, set_activation_bits
+    from dvdq_core.backends import load_kernels
+    load_kernels()  # as the pack's loader does (nodes.host.check_gpu_bits): never first inside a compiled forward
     from dvdq_core.fusion import fuse_gelu, unfuse_gelu
     from dvdq_core.hadamard import effective_block
 
