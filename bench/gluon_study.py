@@ -49,6 +49,7 @@ from triton.testing import do_bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from kernels import ops  # noqa: E402
+from kernels._gluon import _tile_offsets  # noqa: E402
 from kernels._triton import UNPACK_PTX  # noqa: E402
 from bench.compile_targets import compile_gluon_gemm  # noqa: E402
 from bench.kernels import make_layer  # noqa: E402
@@ -119,16 +120,7 @@ def _w4_gemm_wgmma_kernel(
     NK: gl.constexpr = K // BK
     gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
 
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BM)
-    num_pid_n = gl.cdiv(N, BN)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    off_m = pid_m * BM
-    off_n = pid_n * BN
+    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
 
     # MMA: M side = BN weight rows (warps stacked along it), N side = BM tokens, k = 32 (int8).
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -302,16 +294,7 @@ def _w4_gemm_ws_kernel(
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     NK: gl.constexpr = K // BK
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BM)
-    num_pid_n = gl.cdiv(N, BN)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    off_m = pid_m * BM
-    off_n = pid_n * BN
+    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BM, 32])
     a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
