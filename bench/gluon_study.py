@@ -120,7 +120,7 @@ def _w4_gemm_wgmma_kernel(
     NK: gl.constexpr = K // BK
     gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
 
-    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
+    off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
 
     # MMA: M side = BN weight rows (warps stacked along it), N side = BM tokens, k = 32 (int8).
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -294,7 +294,7 @@ def _w4_gemm_ws_kernel(
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     NK: gl.constexpr = K // BK
-    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
+    off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BM, 32])
     a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)

@@ -38,6 +38,122 @@ sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "bench"))
 from kernels import configs, ops  # noqa: E402
 from mma_ceiling import sustained  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait  # noqa: E402
+from kernels._gluon import _mma_layout, _store_tile, _tile_offsets  # noqa: E402
+
+
+@gluon.jit
+def _load_global(a_desc, w_desc, a_smem, w_smem, bars, step, pid, nprog, M, N, NK: gl.constexpr,
+                 GROUP_M: gl.constexpr):
+    """TMA of this program's step-th K step (over all its tiles) into slot step % STAGES."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BM: gl.constexpr = a_smem.shape[1]
+    BK: gl.constexpr = a_smem.shape[2]
+    BN: gl.constexpr = w_smem.shape[1]
+    off_m, off_n = _tile_offsets(pid + (step // NK) * nprog, M, N, BM, BN, GROUP_M)
+    k = step % NK
+    slot = step % STAGES
+    mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], bars.index(slot), a_smem.index(slot))
+    tma.async_copy_global_to_shared(w_desc, [off_n, k * BK], bars.index(slot), w_smem.index(slot))
+
+
+@gluon.jit
+def _u8_persistent_kernel(a_desc, w_desc, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
+                          GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """kernels/_gluon.py's u8 loop as a persistent grid: one program per SM walks the output tiles
+    pid, pid + nprog, ...; the TMA ring runs on across tiles, so the next tile's first loads are in
+    flight during this tile's last wgmmas and its epilogue."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    NK: gl.constexpr = K // BK
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+    total = ((num_tiles - pid + nprog - 1) // nprog) * NK
+    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        if i < total:
+            _load_global(a_desc, w_desc, a_smem, w_smem, bars, i, pid, nprog, M, N, NK, GROUP_M)
+    for t in range((num_tiles - pid + nprog - 1) // nprog):
+        acc = gl.zeros((BN, BM), gl.int32, _mma_layout(BM, num_warps))
+        for k in range(NK):
+            g = t * NK + k
+            slot = g % STAGES
+            mbarrier.wait(bars.index(slot), (g // STAGES) & 1)
+            acc = warpgroup_mma(w_smem.index(slot), a_smem.index(slot).permute((1, 0)), acc, use_acc=k > 0,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if g >= 1 and g - 1 + STAGES < total:
+                gl.thread_barrier()
+                _load_global(a_desc, w_desc, a_smem, w_smem, bars, g - 1 + STAGES, pid, nprog, M, N, NK, GROUP_M)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        off_m, off_n = _tile_offsets(pid + t * nprog, M, N, BM, BN, GROUP_M)
+        _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS, False, num_warps)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+def u8_persistent(a, w8, w_scale, s, bias, sb, bm, bn, warps, stages, per_sm=1, group_m=16,
+                  out_dtype=torch.bfloat16):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    m, k = a.shape
+    n = w8.shape[0]
+    bk = ops.layout_group(k, sb)
+    a_desc = TensorDescriptor(a, [m, k], [k, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
+    w_desc = TensorDescriptor(w8, [n, k], [k, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    y = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    grid = (min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count),)
+    _u8_persistent_kernel[grid](a_desc, w_desc, w_scale, s, bias if bias is not None else w_scale, y, m, n, k,
+                                GROUP_M=group_m, STAGES=min(stages, k // bk), HAS_BIAS=bias is not None,
+                                num_warps=warps)
+    return y
+
+
+def compile_persistent(bm=128, bn=256, warps=8, stages=3):
+    """sm_90 compile on the CPU: registers, spills, shared memory, ptxas advisories."""
+    import sys as _sys
+    _sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from compile_targets import CUOBJ
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    fn = _u8_persistent_kernel
+    names = list(fn.arg_names)
+    la = gl.NVMMASharedLayout.get_default_for([bm, 128], gl.int8)
+    lw = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.int8)
+    types = {"a_desc": f"tensordesc<i8[{bm}, 128],{la!r}>", "w_desc": f"tensordesc<i8[{bn}, 128],{lw!r}>",
+             "d_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32"}
+    consts = dict(K=5120, GROUP_M=16, STAGES=stages, HAS_BIAS=True, num_warps=warps)
+    sig = {n: types.get(n, "constexpr") for n in names}
+    src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
+                         attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    bindir = os.path.dirname(CUOBJ)
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(ck.asm["ptx"])
+        adv = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                             capture_output=True, text=True).stderr
+        sass = subprocess.run([CUOBJ, "-sass", cubin], capture_output=True, text=True).stdout
+        res = subprocess.run([CUOBJ, "-res-usage", cubin], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res).group(1)
+    advisories = sorted(set(re.findall(r"\((C75\d\d)\)", adv)))
+    waits = sorted(set(re.findall(r"WARPGROUP.DEPBAR.LE gsb0, (0x\d)", sass)))
+    print(f"persistent {bm}x{bn} w{warps} s{stages}: regs {regs}, spills {sass.count('STL')}, "
+          f"smem {ck.metadata.shared / 1024:.1f} KB, advisories {advisories}, waits {waits}")
 
 
 SHAPES = [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)]
@@ -98,6 +214,31 @@ def block_rows(dev, record, seconds, m=32760):
         torch.cuda.empty_cache()
 
 
+def persistent_rows(dev, record, seconds, m=32760):
+    """The shipped u8 kernel against its persistent form (3 and 4 stages, L2 groups 16 and 8)."""
+    from bench.kernels import make_layer
+    for name, n, k in SHAPES:
+        layer = make_layer(n, k, dev)
+        hb, sb = ops.effective_blocks(layer, k)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        q, s, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
+        w8 = ops.unpack_weights(layer.qweight, layer.w_zero, ops.layout_group(k, sb))
+        args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+        ref = ops.w4_gemm_u8(*args, w8=w8)
+        flops = 2.0 * m * n * k
+        t, seen = sustained(lambda: ops.w4_gemm_u8(*args, w8=w8), seconds)
+        record(name, "u8 shipped (workspace given)", t, flops, seen)
+        for stages, group in ((3, 16), (4, 16), (4, 8), (4, 32)):
+            f = lambda: u8_persistent(q, w8, layer.w_scale, s, layer.bias, sb, 128, 256, 8, stages, group_m=group)
+            try:
+                same = torch.equal(f(), ref)
+                t, seen = sustained(f, seconds)
+                record(name, f"u8 persistent s{stages} g{group}", t, flops, seen, "bit-exact" if same else "DIFFERS")
+            except Exception as e:  # noqa: BLE001 (a study: report and go on)
+                print(f"  {name} persistent s{stages} g{group} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        torch.cuda.empty_cache()
+
+
 def shape_rows(name, n, k, m, dev, record, seconds):
     from bench.kernels import make_layer
     layer = make_layer(n, k, dev)
@@ -151,6 +292,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="first shape only")
     p.add_argument("--crossover", action="store_true", help="only the chain vs workspace crossover in tokens")
     p.add_argument("--block", action="store_true", help="only the 8-bit steps' GEMM with and without the workspace")
+    p.add_argument("--persistent", action="store_true", help="only the u8 kernel against its persistent form")
     p.add_argument("--seconds", type=float, default=1.0, help="sustained time per case")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -172,6 +314,8 @@ def main():
         crossover(dev, record, args.seconds)
     elif args.block:
         block_rows(dev, record, args.seconds)
+    elif args.persistent:
+        persistent_rows(dev, record, args.seconds)
     else:
         for name, n, k in SHAPES[:1] if args.quick else SHAPES:
             shape_rows(name, n, k, 32760, dev, record, args.seconds)

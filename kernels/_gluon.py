@@ -47,9 +47,8 @@ def _load_step(a_desc, w_desc, a_smem, w_smem, bars, off_m, off_n, k):
 
 
 @gluon.jit
-def _tile_offsets(M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
-    """(first token, first weight row) of this program; GROUP_M token tiles share their weight tiles in L2."""
-    pid = gl.program_id(0)
+def _tile_offsets(pid, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+    """(first token, first weight row) of output tile pid; GROUP_M token tiles share their weight tiles in L2."""
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
     group = GROUP_M * num_pid_n
@@ -104,7 +103,7 @@ def _w4_gemm_u8_kernel(
     BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
     NK: gl.constexpr = K // BK
     gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
-    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
+    off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
 
     a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
     w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], w_desc.layout)
@@ -142,7 +141,7 @@ def _w4_gemm_chain_kernel(
     BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
     NK: gl.constexpr = K // BK
     gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
-    off_m, off_n = _tile_offsets(M, N, BM, BN, GROUP_M)
+    off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
 
     mma: gl.constexpr = _mma_layout(BM, num_warps)
     a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
