@@ -17,11 +17,13 @@ sustained load (bench/mma_ceiling.py's `sustained`, clock and power sampled):
 Also timed: the unpack pass alone, cuBLAS BF16 `F.linear` and FP8 `_scaled_mm` (row-wise) at the
 same shapes, the activation kernels (to state the whole layer) and the Triton GEMM with per-block
 promotion (the 8-bit steps' GEMM). --crossover: chain vs unpack + u8 at 1024..16384 tokens.
+--persistent: the u8 loop as a persistent grid (one program per SM, the TMA ring running on across
+tiles): 12-15% SLOWER than one program per tile (call 10), so the product keeps the latter.
 Findings: bench/NOTES-kernels.md v11. A first version of this file also timed a warp-specialised
 kernel (a TMA loader warp feeding wgmma-only warpgroups) on the workspace: no faster than the u8
 loop without promotion, and slower than the Triton GEMM with it (log s8call1); removed.
 
-usage: python bench/workspace_study.py [--quick | --crossover] [--json FILE]     (H100, triton >= 3.5)
+usage: python bench/workspace_study.py [--quick | --crossover | --block | --persistent] [--json FILE]     (H100, triton >= 3.5)
 """
 import argparse
 import json
