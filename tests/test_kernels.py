@@ -473,11 +473,12 @@ def test_torch_compile():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="host synchronisation is a CUDA notion; needs the compiled GPU kernels")
-def test_no_host_sync_in_forward():
-    """A forward (activation kernels, GEMM, reuse cache) never waits for the GPU: CUDA's sync
-    debug mode raises on any synchronising call."""
+@pytest.mark.parametrize("m", [300, configs.U8_MIN_M + 5])
+def test_no_host_sync_in_forward(m):
+    """A forward (activation kernels, GEMM, reuse cache; from U8_MIN_M tokens on the weight workspace
+    too) never waits for the GPU: CUDA's sync debug mode raises on any synchronising call."""
     layer = make_layer(512, 1536)
-    x = activations(300, 1536, torch.bfloat16)
+    x = activations(m, 1536, torch.bfloat16)
 
     def forwards():
         with torch.inference_mode():
