@@ -69,7 +69,6 @@ def compile_gluon_gemm(kind="chain", cfg=None, gelu=False):
     ptxas advisories, wgmma wait depths in SASS). It must keep one wgmma in flight (a wait depth
     of 1) and get no ptxas "wgmma ... serialized" advisory (C751x)."""
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
     from kernels import _gluon as kg
     cfg = cfg or (configs.CHAIN_SM90 if kind == "chain" else configs.U8_SM90)
     bm, bn, bk = cfg["BM"], cfg["BN"], ops.layout_group(K, SB)
@@ -84,13 +83,20 @@ def compile_gluon_gemm(kind="chain", cfg=None, gelu=False):
         fn = kg._w4_gemm_u8_kernel
         w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
         types.update(w_desc=f"tensordesc<i8[{bn}, {bk}],{w_lay!r}>")
-    names = list(fn.arg_names)
     consts = dict(K=K, GROUP_M=cfg["group_m"], STAGES=cfg["stages"], HAS_BIAS=True, num_warps=cfg["num_warps"],
                   GELU=gelu)
+    return compile_gluon(fn, types, consts, cfg["num_warps"])
+
+
+def compile_gluon(fn, types, consts, warps):
+    """A Gluon kernel for sm_90a on the CPU -> (registers / shared memory / spill stores / wgmma count,
+    ptxas advisories C751x, wgmma wait depths in SASS)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    names = list(fn.arg_names)
     sig = {n: types.get(n, "constexpr") for n in names}
     src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"], "num_stages": 1})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
     bindir = os.path.dirname(CUOBJ)
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")

@@ -122,40 +122,15 @@ def u8_persistent(a, w8, w_scale, s, bias, sb, bm, bn, warps, stages, per_sm=1, 
 
 
 def compile_persistent(bm=128, bn=256, warps=8, stages=3):
-    """sm_90 compile on the CPU: registers, spills, shared memory, ptxas advisories."""
-    import sys as _sys
-    _sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from compile_targets import CUOBJ
-    import re
-    import subprocess
-    import tempfile
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    fn = _u8_persistent_kernel
-    names = list(fn.arg_names)
+    """sm_90 compile on the CPU: registers, spills, shared memory, ptxas advisories, wait depths."""
+    from compile_targets import compile_gluon
     la = gl.NVMMASharedLayout.get_default_for([bm, 128], gl.int8)
     lw = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.int8)
     types = {"a_desc": f"tensordesc<i8[{bm}, 128],{la!r}>", "w_desc": f"tensordesc<i8[{bn}, 128],{lw!r}>",
              "d_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32"}
-    consts = dict(K=5120, GROUP_M=16, STAGES=stages, HAS_BIAS=True, num_warps=warps)
-    sig = {n: types.get(n, "constexpr") for n in names}
-    src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
-                         attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
-    bindir = os.path.dirname(CUOBJ)
-    with tempfile.TemporaryDirectory() as d:
-        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(ck.asm["ptx"])
-        adv = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
-                             capture_output=True, text=True).stderr
-        sass = subprocess.run([CUOBJ, "-sass", cubin], capture_output=True, text=True).stdout
-        res = subprocess.run([CUOBJ, "-res-usage", cubin], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", res).group(1)
-    advisories = sorted(set(re.findall(r"\((C75\d\d)\)", adv)))
-    waits = sorted(set(re.findall(r"WARPGROUP.DEPBAR.LE gsb0, (0x\d)", sass)))
-    print(f"persistent {bm}x{bn} w{warps} s{stages}: regs {regs}, spills {sass.count('STL')}, "
-          f"smem {ck.metadata.shared / 1024:.1f} KB, advisories {advisories}, waits {waits}")
+    r, advisories, waits = compile_gluon(_u8_persistent_kernel, types, dict(K=5120, GROUP_M=16, STAGES=stages,
+                                                                           HAS_BIAS=True, num_warps=warps), warps)
+    print(f"persistent {bm}x{bn} w{warps} s{stages}: {r}, advisories {advisories}, waits {waits}")
 
 
 SHAPES = [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)]
