@@ -115,18 +115,22 @@ def cases(cc):
     """(label, fn, types, consts, warps, stages, expected MMA opcodes) as ops.py launches them."""
     cap = (cc // 10, cc % 10)
     out = []
-    for label, m, a_float, gelu in (("gemm int8", 32760, False, False), ("gemm int8 small M", 16, False, False),
-                                    ("gemm int8 + GELU", 32760, False, True), ("gemm 16-bit act", 32760, True, False)):
+    for label, m, a_float, gelu in (("gemm int8", 4096, False, False), ("gemm int8 small M", 16, False, False),
+                                    ("gemm int8 + GELU", 4096, False, True), ("gemm 16-bit act", 32760, True, False),
+                                    ("gemm int8 W8", 32760, False, False), ("gemm int8 W8 + GELU", 32760, False, True)):
         cfg = configs.gemm_config(cap, m, K, K, SB, a_float, False)
         cfg = replace(cfg, BK=ops.layout_group(K, SB, a_float))  # as ops.w4_gemm sets it
-        flags = cfg.flags()
+        flags = {**cfg.flags(), "W8": configs.use_workspace(cap, m, a_float, False)}
+        if "W8" in label and not flags["W8"]:
+            continue  # the workspace is sm_90 only
         if a_float:
             flags["SPLIT"] = 1
-        types = {"a_ptr": "*bf16" if a_float else "*i8", "w_ptr": "*u8", "z_ptr": "*u8", "d_ptr": "*fp32",
-                 "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32"}
+        types = {"a_ptr": "*bf16" if a_float else "*i8", "w_ptr": "*i8" if flags["W8"] else "*u8", "z_ptr": "*u8",
+                 "d_ptr": "*fp32", "l_ptr": "*fp32", "s_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+                 "M": "i32", "N": "i32"}
         consts = dict(K=K, SB=SB, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
                       A_FLOAT=a_float, AUTO_SCALE=not a_float, HAS_BIAS=True, SWAP=cfg.SWAP, INTERPRET=False,
-                      ASM_UNPACK=flags["ASM_UNPACK"], SPLIT=flags["SPLIT"], GELU=gelu)
+                      ASM_UNPACK=flags["ASM_UNPACK"], SPLIT=flags["SPLIT"], GELU=gelu, W8=flags["W8"])
         want = ("HGMMA" if a_float else "IGMMA") if cc >= 90 else ("HMMA" if a_float else "IMMA")
         out.append((f"{label} {cfg.to_env()}", kt._w4_gemm_kernel, types, consts, cfg.num_warps, cfg.num_stages,
                     want))

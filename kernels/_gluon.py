@@ -103,6 +103,7 @@ def _w4_gemm_u8_kernel(
     BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
     NK: gl.constexpr = K // BK
     gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
+    gl.static_assert(STAGES >= 2 or NK == 1, "one stage would wait for a step before loading it")
     off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
 
     a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
@@ -141,6 +142,7 @@ def _w4_gemm_chain_kernel(
     BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
     NK: gl.constexpr = K // BK
     gl.static_assert(NK >= STAGES, "the host caps STAGES at K // BK")
+    gl.static_assert(STAGES >= 2 or NK == 1, "one stage would wait for a step before loading it")
     off_m, off_n = _tile_offsets(gl.program_id(0), M, N, BM, BN, GROUP_M)
 
     mma: gl.constexpr = _mma_layout(BM, num_warps)

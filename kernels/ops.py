@@ -245,6 +245,15 @@ def unpack_weights(qweight, w_zero, g: int, out=None):
     return out
 
 
+def workspace_or_none(qweight, w_zero, g: int):
+    """unpack_weights, or None where the GPU has no room for the workspace (N x K bytes): the caller
+    then unpacks in its GEMM loop, as below configs.U8_MIN_M tokens (slower, no extra memory)."""
+    try:
+        return unpack_weights(qweight, w_zero, g)
+    except torch.OutOfMemoryError:
+        return None
+
+
 def w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, u8_cfg=None, gelu=False, w8=None):
     """As w4_gemm_chain, through an int8 weight workspace (unpack_weights, or w8 if given) and
     _gluon._w4_gemm_u8_kernel. u8_cfg: a tile other than configs.U8_SM90 (benchmarks)."""
@@ -276,8 +285,11 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     Triton tile or variant is asked for."""
     if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale):
         try:
+            w8 = None
             if configs.use_workspace(_capability(a.device), a.shape[0], False, interpreting()):
-                return w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
+                w8 = workspace_or_none(qweight, w_zero, layout_group(a.shape[1], sb))
+            if w8 is not None:
+                return w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu, w8=w8)
             return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
         except torch.OutOfMemoryError:
             raise
@@ -293,9 +305,16 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     flags = {}
     if cfg is None:
         cfg = configs.gemm_config(_capability(a.device), m, n, k, sb, a_float, interpreting())
-        flags["W8"] = configs.use_workspace(_capability(a.device), m, a_float, interpreting())
+        # not with a DVDQ_GEMM_CONFIG tile: the int8 weight tile doubles its shared memory
+        flags["W8"] = configs.use_workspace(_capability(a.device), m, a_float, interpreting()) and \
+            not os.environ.get("DVDQ_GEMM_CONFIG")
     cfg = replace(cfg, BK=layout_group(k, sb, a_float))  # one K tile = one layout group
     flags = {**cfg.flags(), **flags, **variant}
+    w = qweight
+    if flags.get("W8"):
+        w = workspace_or_none(qweight, w_zero, cfg.BK)
+        flags["W8"] = w is not None
+        w = qweight if w is None else w
     if interpreting():  # inline PTX cannot run in the interpreter
         flags["ASM_UNPACK"] = False
     if a_float:  # two sub-tiles of 2-byte activations would not fit in shared memory
@@ -303,7 +322,6 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     y = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
     grid = (triton_cdiv(m, cfg.BM * flags.get("SPLIT", 1)) * triton_cdiv(n, cfg.BN),)
     dummy = w_scale  # never read when the matching flag is off
-    w = unpack_weights(qweight, w_zero, cfg.BK) if flags.get("W8") else qweight
     kt._w4_gemm_kernel[grid](
         a, w, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
         bias if bias is not None else dummy, y, m, n, k,

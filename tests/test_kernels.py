@@ -27,6 +27,9 @@ from gpu_checks import allocations_without_host_sync  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(1234)  # one stream: every test draws fresh inputs
+# A Gluon GEMM that fails falls back to the Triton GEMM with a warning (same numbers): here that
+# is a failure, or a test of the Gluon path could pass on the fallback.
+pytestmark = pytest.mark.filterwarnings("error:DVD-Quant. the Hopper Gluon GEMM failed")
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0):
@@ -317,7 +320,7 @@ def unpack_reference(qweight, w_zero, g):
     return torch.cat([lo, hi], dim=2).reshape(n, kb * 2).to(torch.int8)
 
 
-@pytest.mark.parametrize("n,k,g", [(40, 256, 128), (33, 192, 64), (96, 320, 64), (5, 128, 128)]
+@pytest.mark.parametrize("n,k,g", [(40, 256, 128), (33, 192, 64), (96, 320, 64), (5, 128, 128), (33, 256, 64)]
                          + ([(13824, 5120, 128), (1000, 1536, 64)] if ON_GPU else []))
 def test_unpack_weights_equals_reference(n, k, g):
     """The workspace of the sm_90 GEMM: every element written (poisoned first), ragged row blocks, an odd
@@ -338,6 +341,7 @@ def test_pow2_gemm_takes_the_workspace_path_from_u8_min_m(monkeypatch):
     monkeypatch.setattr(ops, "chain_gemm_applies", lambda *a: True)
     monkeypatch.setattr(ops, "_capability", lambda dev: (9, 0))
     monkeypatch.setattr(ops, "interpreting", lambda: False)
+    monkeypatch.setattr(ops, "workspace_or_none", lambda *a: "the int8 weights")
     monkeypatch.setattr(ops, "w4_gemm_u8", lambda a, *r, **kw: seen.append(("u8", a.shape[0])))
     monkeypatch.setattr(ops, "w4_gemm_chain", lambda a, *r, **kw: seen.append(("chain", a.shape[0])))
     for m in (configs.U8_MIN_M - 1, configs.U8_MIN_M):
@@ -349,6 +353,28 @@ def test_pow2_gemm_takes_the_workspace_path_from_u8_min_m(monkeypatch):
     assert configs.use_workspace((9, 0), m, False, False)
     assert not any(configs.use_workspace(*case) for case in [((8, 9), m, False, False), ((9, 0), m - 1, False, False),
                                                              ((9, 0), m, True, False), ((9, 0), m, False, True)])
+
+
+def test_no_room_for_the_workspace_means_unpacking_in_the_loop(monkeypatch):
+    """Where the GPU has no room for the int8 weight workspace (N x K bytes), the GEMM unpacks in its
+    loop instead (the chain kernel on sm_90; the Triton GEMM without W8): same result, no error."""
+    def no_room(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    layer = make_layer(40, 256)
+    x = activations(37, 256, torch.bfloat16)
+    hb, sb = ops.effective_blocks(layer, 256)
+    q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
+    args = (q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
+    want = ops.w4_gemm(*args)
+    monkeypatch.setattr(ops, "unpack_weights", no_room)
+    monkeypatch.setattr(configs, "use_workspace", lambda *a: True)
+    assert torch.equal(ops.w4_gemm(*args), want)  # the Triton GEMM (8-bit steps), W8 dropped
+    seen = []
+    monkeypatch.setattr(ops, "chain_gemm_applies", lambda *a: True)
+    monkeypatch.setattr(ops, "w4_gemm_u8", lambda *a, **kw: seen.append("u8"))
+    monkeypatch.setattr(ops, "w4_gemm_chain", lambda *a, **kw: seen.append("chain"))
+    ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False)
+    assert seen == ["chain"]
 
 
 @pytest.mark.parametrize("m,n,k", [(37, 40, 256), (19, 96, 320)] + ([(9000, 5120, 5120), (8192, 1000, 1600)]
