@@ -32,14 +32,10 @@ usage: python bench/gluon_study.py [--quick] [--int-acc] [--codes block|pow2] [-
 """
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -51,7 +47,7 @@ sys.path.insert(0, ROOT)
 from kernels import ops  # noqa: E402
 from kernels._gluon import _tile_offsets  # noqa: E402
 from kernels._triton import UNPACK_PTX  # noqa: E402
-from bench.compile_targets import compile_gluon_gemm  # noqa: E402
+from bench.compile_targets import compile_gluon, compile_gluon_gemm  # noqa: E402
 from bench.kernels import make_layer  # noqa: E402
 
 EPS: gl.constexpr = gl.constexpr(1e-8)  # as kernels._triton.EPS: floor of the auto-scale l_b
@@ -367,9 +363,6 @@ def w4_gemm_gluon(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, a
 def compile_only():
     """Compile the study kernels for sm_90 on the CPU: registers, spills, shared memory and ptxas's
     wgmma advisories (C751x = "wgmma.mma_async instructions are serialized due to ...")."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     print(f"{'BM':>4s} {'BN':>4s} {'warps':>5s} {'stages':>6s} {'loop':>6s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  ptxas")
     for bm, bn, warps, stages, mode in VARIANTS:
         if mode.startswith("chain"):  # the shipped kernel: bench/compile_targets.py compiles it
@@ -377,8 +370,6 @@ def compile_only():
             print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} {r['regs']:4d} {r['spills']:6d} "
                   f"{r['smem'] / 1024:7.1f}  {', '.join(adv) or 'no advisory'}; waits {','.join(waits)}")
             continue
-        fn = _kernel(mode)
-        names = list(fn.arg_names)
         bk = 128
         a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
         w_lay = gl.NVMMASharedLayout.get_default_for([bn, bk // 2], gl.uint8)
@@ -389,29 +380,13 @@ def compile_only():
                       num_warps=warps)
         if not mode.startswith("ws"):
             consts["PIPE"] = mode == "pipe"
-        sig = {n: types.get(n, "constexpr") for n in names}
-        src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
-                             attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
         try:
-            ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+            r, adv, waits = compile_gluon(_kernel(mode), types, consts, warps)
         except Exception as e:  # noqa: BLE001 (a study: report and go on)
             print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} compile failed: {type(e).__name__}: {str(e)}")
             continue
-        with tempfile.TemporaryDirectory() as d:
-            ptx = os.path.join(d, "k.ptx")
-            with open(ptx, "w") as f:
-                f.write(ck.asm["ptx"])
-            adv = subprocess.run([os.path.join(nv, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "k.cubin")],
-                                 capture_output=True, text=True).stderr
-            res = subprocess.run([os.path.join(nv, "cuobjdump"), "-res-usage", os.path.join(d, "k.cubin")],
-                                 capture_output=True, text=True).stdout
-            sass = subprocess.run([os.path.join(nv, "cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
-                                  capture_output=True, text=True).stdout
-        codes = ", ".join(sorted(set(re.findall(r"\((C75\d\d)\)", adv)))) or "no advisory"
-        codes += "; waits " + ",".join(sorted(set(re.findall(r"WARPGROUP.DEPBAR.LE gsb0, (0x\d)", sass))))
-        regs = re.search(r"REG:(\d+)", res).group(1)
-        print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} {regs:>4s} "
-              f"{sass.count('STL'):6d} {ck.metadata.shared / 1024:7.1f}  {codes}")
+        print(f"{bm:4d} {bn:4d} {warps:5d} {stages:6d} {mode:>6s} {r['regs']:4d} {r['spills']:6d} "
+              f"{r['smem'] / 1024:7.1f}  {', '.join(adv) or 'no advisory'}; waits {','.join(waits)}")
 
 
 def bench(fn):
