@@ -68,7 +68,7 @@ def _fused(name: str, what: str, reference, *args, reference_args: tuple | None 
         reason = k if isinstance(k, str) else getattr(k, name + "_unsupported_reason")(*args)
         if reason is None:
             return getattr(k, name)(*args)
-        warn_once(f"DVD-Quant: {what} runs as the host's PyTorch ops (slower) because {reason}.")
+        warn_once(f"DVD-Quant: {what} runs as ComfyUI's own PyTorch ops (correct, slower) because {reason}.")
     return reference(*(args if reference_args is None else reference_args))
 
 

@@ -209,14 +209,11 @@ def _tokens_reason(x: torch.Tensor, *vectors, first_tokens: int = 0):
 
 def norm_rope_unsupported_reason(x: torch.Tensor, weight, eps, freqs: torch.Tensor, heads: int):
     """None when norm_rope's kernel handles this call, else a short sentence why not."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"
-    if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2:
-        return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim]"
+    why = _heads_reason(x, heads, unit_channel_stride=False)  # (ops.norm_rope makes x contiguous)
+    if why is not None:
+        return why
     b, s, c = x.shape
     d = c // heads
-    if d & (d - 1) or heads > 256:
-        return f"head dim {d} is not a power of two or there are more than 256 heads"
     if freqs.dtype != torch.float32 or freqs.dim() != 6 or freqs.shape[0] not in (1, b) or \
             tuple(freqs.shape[1:]) != (s, 1, d // 2, 2, 2) or freqs.stride()[3:] != (4, 2, 1):
         return f"rotary frequencies of shape {tuple(freqs.shape)} / {freqs.dtype} are not [1 or B, S, 1, D/2, 2, 2] float32"
@@ -243,12 +240,15 @@ def gated_residual_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: to
     return _tokens_reason(x, gate, first_tokens=first_tokens) or _gpu_reason(x, y, gate)
 
 
-def _heads_reason(x: torch.Tensor, heads: int):
-    """x [B, L, H x D] in bf16/fp16 with unit channel stride, D an even power of two, at most 256 heads."""
+def _heads_reason(x: torch.Tensor, heads: int, unit_channel_stride: bool = True):
+    """x [B, L, H x D] in bf16/fp16 (with unit channel stride where the kernel reads x in place), D an
+    even power of two, at most 256 heads."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"
-    if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2 or x.stride(2) != 1:
-        return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim] with unit channel stride"
+    if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2:
+        return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim]"
+    if unit_channel_stride and x.stride(2) != 1:
+        return f"the input of shape {tuple(x.shape)} does not have unit channel stride"
     d = x.shape[-1] // heads
     if d & (d - 1) or heads > 256:
         return f"head dim {d} is not a power of two or there are more than 256 heads"

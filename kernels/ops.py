@@ -204,11 +204,12 @@ def _gluon():
     return _gluon_state[0]
 
 
-def chain_gemm_applies(a, qweight, auto_scale: bool) -> bool:
-    """Whether w4_gemm takes the sm_90 Gluon GEMM: int8 codes without per-K-block scales, enough
-    tokens for its tile, a Hopper GPU outside the interpreter, and Gluon available."""
+def chain_gemm_applies(a, qweight, auto_scale: bool, cap=None) -> bool:
+    """Whether w4_gemm takes an sm_90 Gluon GEMM: int8 codes without per-K-block scales, enough
+    tokens for its tile, a Hopper GPU outside the interpreter, and Gluon available. cap: the
+    device's capability if the caller has it."""
     return (a.dtype == torch.int8 and not auto_scale and a.shape[0] > configs.CHAIN_MIN_M and a.is_cuda
-            and not interpreting() and _capability(a.device) == (9, 0) and qweight.is_contiguous()
+            and not interpreting() and (cap or _capability(a.device)) == (9, 0) and qweight.is_contiguous()
             and _gluon() is not None)
 
 
@@ -283,10 +284,11 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     Without per-K-block scales on an H100-class GPU a Gluon GEMM runs (chain_gemm_applies): from
     configs.U8_MIN_M tokens on through the int8 weight workspace, else the chain kernel; unless a
     Triton tile or variant is asked for."""
-    if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale):
+    cap = _capability(a.device)
+    if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale, cap):
         try:
             w8 = None
-            if configs.use_workspace(_capability(a.device), a.shape[0], False, interpreting()):
+            if configs.use_workspace(cap, a.shape[0], False, interpreting()):
                 w8 = workspace_or_none(qweight, w_zero, layout_group(a.shape[1], sb))
             if w8 is not None:
                 return w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu, w8=w8)
@@ -304,17 +306,13 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     a_float = a.dtype != torch.int8
     flags = {}
     if cfg is None:
-        cfg = configs.gemm_config(_capability(a.device), m, n, k, sb, a_float, interpreting())
+        cfg = configs.gemm_config(cap, m, n, k, sb, a_float, interpreting())
         # not with a DVDQ_GEMM_CONFIG tile: the int8 weight tile doubles its shared memory
-        flags["W8"] = configs.use_workspace(_capability(a.device), m, a_float, interpreting()) and \
-            not os.environ.get("DVDQ_GEMM_CONFIG")
+        flags["W8"] = configs.use_workspace(cap, m, a_float, interpreting()) and not os.environ.get("DVDQ_GEMM_CONFIG")
     cfg = replace(cfg, BK=layout_group(k, sb, a_float))  # one K tile = one layout group
     flags = {**cfg.flags(), **flags, **variant}
-    w = qweight
-    if flags.get("W8"):
-        w = workspace_or_none(qweight, w_zero, cfg.BK)
-        flags["W8"] = w is not None
-        w = qweight if w is None else w
+    w8 = workspace_or_none(qweight, w_zero, cfg.BK) if flags.get("W8") else None
+    flags["W8"] = w8 is not None
     if interpreting():  # inline PTX cannot run in the interpreter
         flags["ASM_UNPACK"] = False
     if a_float:  # two sub-tiles of 2-byte activations would not fit in shared memory
@@ -323,7 +321,7 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
     grid = (triton_cdiv(m, cfg.BM * flags.get("SPLIT", 1)) * triton_cdiv(n, cfg.BN),)
     dummy = w_scale  # never read when the matching flag is off
     kt._w4_gemm_kernel[grid](
-        a, w, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
+        a, qweight if w8 is None else w8, w_zero, w_scale, l if l is not None else dummy, s if s is not None else dummy,
         bias if bias is not None else dummy, y, m, n, k,
         SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
         AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,

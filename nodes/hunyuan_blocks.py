@@ -85,7 +85,8 @@ def _host_reason(host, pe, x, vec, *modulation_dims) -> str | None:
     if pe is None:
         return "a call without rotary embedding"
     if any(d is not None and kernel_dims(d, x.shape[0], vectors) is None for d in modulation_dims):
-        return "per-frame modulation (modulation_dims) of another form than an I2V guiding frame's with a batch of one"
+        return ("per-frame modulation other than an image-to-video start frame at batch size 1 (only that form "
+                "is fused)")
     if host.attention is not _HOST["attention"] or host.apply_mod is not _HOST["apply_mod"]:
         return "flux's attention or apply_mod replaced after loading (by another extension?)"
     return None
@@ -217,7 +218,7 @@ def fuse_hunyuan(diffusion_model: nn.Module) -> tuple[int, str | None]:
     why = host_mismatch(layers)
     if why is not None:
         log.warning("DVD-Quant: ComfyUI's HunyuanVideo code changed (%s); its fused elementwise steps are off for this "
-                    "model. It runs correctly at the host's speed; please report the ComfyUI version.", why)
+                    "model. It runs correctly with ComfyUI's own (slower) code; please report the ComfyUI version.", why)
         return 0, "ComfyUI's HunyuanVideo code changed (see the log)"
     _HOST.update(attention=layers.attention, apply_mod=layers.apply_mod, QKNorm=layers.QKNorm.forward,
                  RMSNorm=layers.RMSNorm.forward)

@@ -106,10 +106,11 @@ def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
     return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))  # the host's expression
 
 
-def _fused_class(cls, kind: str):
+def _fused_class(cls, kind: str, host):
+    """cls (ComfyUI's class or a subclass keeping its forward) with the fused forward; host: the module
+    of ComfyUI's class, whose names the forward uses (a subclass may live in another package)."""
     if cls in _FUSED_CLASSES:
         return _FUSED_CLASSES[cls]
-    host = sys.modules[cls.__module__]
     if kind == "self_attention":
         class Fused(cls):
             """The host's WanSelfAttention.forward with norm + apply_rope1 fused (dvdq_core.wan_ops)."""
@@ -160,11 +161,11 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
         why = host_forward_mismatch(base, expected)
         if why is not None:
             log.warning("DVD-Quant: ComfyUI's %s changed (%s); its fused elementwise steps are off for this model. "
-                        "It runs correctly at the host's speed; please report the ComfyUI version.", base.__name__, why)
+                        "It runs correctly with ComfyUI's own (slower) code; please report the ComfyUI version.", base.__name__, why)
             off = "ComfyUI's Wan code changed (see the log)"
             continue
         for m in targets:
-            m.__class__ = _fused_class(type(m), kind)
+            m.__class__ = _fused_class(type(m), kind, sys.modules[base.__module__])
         switched += len(targets)
     return switched, off
 

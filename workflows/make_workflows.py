@@ -11,6 +11,7 @@ Model file names are those of ComfyUI's official Wan and HunyuanVideo examples.
 import argparse
 import json
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -184,8 +185,16 @@ class Graph:
         return out
 
 
-# Heights of the panels the web extension draws under the widgets of our nodes.
-_PANEL_H = {"DVDQuantBitSwitch": 80, "DVDQuantLoader": 66, "DVDQuantApply": 66, "LoadImage": 300}  # + the image preview
+def _web_panel_heights():
+    """BIT_PANEL_H and QUANT_PANEL_H of the web extension (web/dvdq_panel.js): one source for both."""
+    js = open(os.path.join(os.path.dirname(HERE), "web", "dvdq_panel.js"), encoding="utf-8").read()
+    return {name: int(re.search(rf"const {name} = (\d+);", js).group(1)) for name in ("BIT_PANEL_H", "QUANT_PANEL_H")}
+
+
+# Heights of the panels the web extension draws under the widgets of our nodes (LoadImage: its preview).
+_WEB = _web_panel_heights()
+_PANEL_H = {"DVDQuantBitSwitch": _WEB["BIT_PANEL_H"], "DVDQuantLoader": _WEB["QUANT_PANEL_H"],
+            "DVDQuantApply": _WEB["QUANT_PANEL_H"], "LoadImage": 300}
 _WIDE = {"CLIPTextEncode": (420, 180)}
 
 

@@ -50,9 +50,26 @@ for module, names in ((wb, ("norm_rope", "modulated_norm", "gated_residual")),
         counted(module, name)
 
 
-def wan_fused(kind, dtype, quantize):
+def subclasses_elsewhere(m):
+    """Switch m's Wan blocks and self-attentions to subclasses that keep ComfyUI's forwards but live in
+    another package's module (as another custom node pack may define them): the fused forwards must
+    still find the host's names (optimized_attention, repeat_e, comfy) in ComfyUI's module."""
+    from comfy.ldm.wan.model import WanAttentionBlock, WanSelfAttention
+    other = types.ModuleType("another_pack")
+    sys.modules["another_pack"] = other
+    for base in (WanAttentionBlock, WanSelfAttention):
+        sub = type("Their" + base.__name__, (base,), {"__module__": "another_pack"})
+        setattr(other, sub.__name__, sub)
+        for mod in m.modules():
+            if type(mod) is base:
+                mod.__class__ = sub
+
+
+def wan_fused(kind, dtype, quantize, elsewhere=False):
     m = build_module(kind)
     m.load_state_dict(randomize(m.state_dict(), 0))
+    if elsewhere:
+        subclasses_elsewhere(m)
     m.to(dtype).patch_embedding.float()  # ComfyUI runs it in float32 (WanModel.forward_orig casts its input)
     if quantize:
         dq.quantize_model(m, dq.QuantConfig(backend="reference"))
@@ -158,6 +175,8 @@ out["wan"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}":
                for kind, dtype, quantize in [("wan21_t2v", torch.float32, False), ("wan21_t2v", torch.bfloat16, False),
                                              ("wan21_t2v", torch.bfloat16, True), ("wan21_i2v", torch.float32, False),
                                              ("wan22_5b", torch.bfloat16, False)]}
+out["wan"]["wan21_t2v/bfloat16/subclasses in another pack"] = wan_fused("wan21_t2v", torch.bfloat16, False,
+                                                                        elsewhere=True)
 out["hunyuan"] = {f"{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": hunyuan_fused(dtype, quantize)
                   for dtype, quantize in [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
                                           (torch.bfloat16, True)]}

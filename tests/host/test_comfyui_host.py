@@ -337,7 +337,10 @@ def test_fusions_find_comfyui_models(host_dir):
         vectors = [2] if case.startswith("wan22_5b") else [1]  # Wan 2.2: per-frame timesteps, 2 latent frames
         assert r["calls"] == {"norm_rope": 4, "modulated_norm": 4, "gated_residual": 4, "gate_vectors": vectors}, case
         assert r["equal"] and r["finite"], case
-        assert {"DVDQWanSelfAttention", "DVDQWanAttentionBlock"} <= set(r["classes"]), case
+        if "another pack" in case:  # subclasses that keep the host's forwards, defined elsewhere
+            assert {"DVDQTheirWanSelfAttention", "DVDQTheirWanAttentionBlock"} <= set(r["classes"]), case
+        else:
+            assert {"DVDQWanSelfAttention", "DVDQWanAttentionBlock"} <= set(r["classes"]), case
         assert not {"WanSelfAttention", "WanAttentionBlock"} & set(r["classes"]), case
     # HunyuanVideo's double- and single-stream blocks (nodes/hunyuan_blocks.py), float32 / bf16 / fp16
     # (the host's nan_to_num) / quantized, with a text mask: per call 5 modulations (4 double, 1
