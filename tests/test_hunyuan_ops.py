@@ -576,8 +576,8 @@ def test_calls_for_the_host_forward_say_why_once(monkeypatch, caplog):
     guided_img, guided_txt = [(0, 3, 0), (3, None, 1)], [(0, None, 1)]
     assert hb._host_reason(host, pe, one, torch.zeros(1, 4), None, None) is None
     assert hb._host_reason(host, pe, one, torch.zeros(1, 2, 4), guided_img, guided_txt) is None
-    assert "modulation_dims" in hb._host_reason(host, pe, two, torch.zeros(2, 2, 4), guided_img, guided_txt)
-    assert "modulation_dims" in hb._host_reason(host, pe, one, torch.zeros(1, 2, 4), [(0, 3, 1), (3, None, 0)])
+    assert "start frame at batch size 1" in hb._host_reason(host, pe, two, torch.zeros(2, 2, 4), guided_img, guided_txt)
+    assert "start frame at batch size 1" in hb._host_reason(host, pe, one, torch.zeros(1, 2, 4), [(0, 3, 1), (3, None, 0)])
     assert "rotary" in hb._host_reason(host, None, one, torch.zeros(1, 4), None)
     other = SimpleNamespace(attention=attention, apply_mod=lambda: None)
     assert "replaced" in hb._host_reason(other, pe, one, torch.zeros(1, 4), None)
