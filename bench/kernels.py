@@ -120,7 +120,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     del qp, sp_
     if args.sweep and model in args.sweep_models:
         sweep = {}
-        for cfg in configs.SM90_CANDIDATES:
+        for cfg in configs.gemm_candidates(ops._capability(dev)):
             try:
                 sweep[str(cfg)] = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s,
                                                             layer.bias, torch.bfloat16, sb, True, cfg))
@@ -300,6 +300,7 @@ def run(args, clock):
     dev = torch.device("cuda")
     torch.manual_seed(0)
     info = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
+            "compiled_for": ops._capability(dev),
             "torch": torch.__version__, "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     ck_qt, ck_err = try_ck() if args.ck else (None, "not requested")
     info["comfy_kitchen"] = ck_err or "imported"
@@ -348,7 +349,7 @@ def run(args, clock):
             for c, t in r["sweep"].items():
                 totals[c] = totals.get(c, 0.0) + (t if isinstance(t, float) else float("inf"))
         best = min(totals, key=totals.get)
-        cfg = next(c for c in configs.SM90_CANDIDATES if str(c) == best)
+        cfg = next(c for c in configs.gemm_candidates(ops._capability(dev)) if str(c) == best)
         print(f"BEST_GEMM_CONFIG={cfg.to_env()}  ({best}, {totals[best] * 1e3:.3f} ms over {len(swept)} shapes)")
     finish(args, info, clock, rows=rows)
 

@@ -206,7 +206,9 @@ def main():
     from gpu_clock import ClockMonitor
     clock = ClockMonitor().__enter__()  # sampled until the end: a throttled run says so
     results = []
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from kernels import ops
+    info = {"device": torch.cuda.get_device_name(), "compiled_for": ops._capability(dev), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), flush=True)
     for arch in args.arch:
         model = build(arch, dev)

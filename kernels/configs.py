@@ -9,8 +9,9 @@ BK is NOT chosen here: ops.w4_gemm always replaces it by the activation layout g
 inside one scale block of l; the BK values below only keep the DVDQ_GEMM_CONFIG format.
 
 Hopper (sm_90) values come from bench/kernels.py --variants / --sweep on an H100 (see
-bench/NOTES-kernels.md). The Ampere/Ada values (sm_80/86/89) were only compiled for those targets
-here (registers, no spills, shared memory under their ~100 KB); they were NOT run on such a card.
+bench/NOTES-kernels.md). The Ampere/Ada values (sm_80/86/89) were compiled for those targets
+here (registers, no spills, shared memory under their ~100 KB) and run (results and a tile sweep) on a
+Hopper card compiled as sm_80 code; they were NOT run on such a card.
 DVDQ_GEMM_CONFIG="BM,BN,BK,GROUP_M,SWAP,warps,stages[,ASM,SPLIT]" overrides the choice (tuning).
 """
 import os
@@ -62,12 +63,22 @@ SM90_CANDIDATES = (
     _fast(64, 128, 128, 4, 4),
 )
 SM90_DEFAULT = SM90_CANDIDATES[0]
+# Ampere/Ada: never timed on such a card. The default is the fastest of these on a Hopper card running
+# the sm_80 code (TRITON_OVERRIDE_ARCH=sm80, tests/README.md): 1.19-1.23x the 128 x 128 tile at the
+# Wan 14B shapes (bench/RESULTS.md). Why it should carry over: at 240-250 registers per thread a
+# 4-warp program leaves room for a second one on any 64K-register SM (sm_80/86/89/90 alike), so one
+# program's mma.sync waits overlap the other's; the 8-warp 128 x 128 tile runs one program per SM.
 SM8X_CANDIDATES = (
-    GemmConfig(128, 128, 64, 8, False, 8, 3, True),
-    GemmConfig(128, 64, 128, 8, False, 4, 3, True),
     GemmConfig(64, 128, 128, 8, False, 4, 3, True),
+    GemmConfig(128, 64, 128, 8, False, 4, 3, True),
+    GemmConfig(128, 128, 64, 8, False, 8, 3, True),
 )
 INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
+
+
+def gemm_candidates(capability):
+    """The tiles bench/kernels.py --sweep times for this architecture (the first one is the default)."""
+    return SM90_CANDIDATES if capability[0] >= 9 else SM8X_CANDIDATES
 # sm_90 GEMM without per-K-block scales (_gluon._w4_gemm_chain_kernel): BM tokens x BN weight rows,
 # warps, stages, GROUP_M (bench/gluon_study.py "chain-g16": 3 stages keep two programs per SM,
 # GROUP_M 16 was 2-5% faster than 8). Used for M > CHAIN_MIN_M; DVDQ_GEMM_IMPL=triton turns it off.
@@ -82,6 +93,21 @@ CHAIN_MIN_M = 64
 # 4-6% faster with its default tile at the Wan 14B shapes (workspace_study.py --block).
 U8_SM90 = {"BM": 128, "BN": 256, "num_warps": 8, "stages": 4, "group_m": 16}
 U8_MIN_M = 8192
+
+
+def target_capability(device_capability, env=None):
+    """The architecture the kernels are compiled for, as (major, minor): the device's, unless
+    TRITON_OVERRIDE_ARCH=smXY (Triton's own setting) asks Triton to compile for another one. Then the
+    launch configurations must follow it too: with sm80/sm86/sm89 a Hopper card runs the Ampere/Ada
+    code path (mma.sync, cp.async pipelining, the SM8X tiles; Triton assembles it for the card), which
+    is how that path is tested here without such a card (tests/README.md)."""
+    arch = (os.environ if env is None else env).get("TRITON_OVERRIDE_ARCH", "")
+    if not arch:
+        return tuple(device_capability)
+    digits = arch[2:] if arch.startswith("sm") else ""
+    if not digits.isdigit() or len(digits) < 2:
+        raise ValueError(f"TRITON_OVERRIDE_ARCH must look like sm80 or sm90, got {arch!r}")
+    return int(digits[:-1]), int(digits[-1])
 
 
 def use_workspace(capability, m: int, a_float: bool, interpret: bool) -> bool:

@@ -180,9 +180,10 @@ def triton_next_power_of_2(n: int) -> int:
 
 
 def _capability(device):
+    """The architecture the kernels are compiled for on this device (configs.target_capability)."""
     if device.type != "cuda":
         return (0, 0)
-    return torch.cuda.get_device_capability(device)
+    return configs.target_capability(torch.cuda.get_device_capability(device))
 
 
 _gluon_state = []  # [module] or [None], decided on first use

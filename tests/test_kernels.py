@@ -306,7 +306,21 @@ class _with:
         return self._over[name] if name in self._over else getattr(self._layer, name)
 
 
-HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+# the architecture the kernels are compiled for: with TRITON_OVERRIDE_ARCH=sm80/sm86/sm89 a Hopper
+# card runs this file through the Ampere/Ada code path (configs.target_capability)
+HOPPER = ON_GPU and ops._capability(torch.device("cuda")) == (9, 0)
+
+
+def test_target_capability_follows_triton_override_arch():
+    """Triton's TRITON_OVERRIDE_ARCH makes it compile for another architecture; the launch
+    configurations follow it (else an sm_80 compile would be handed Hopper-only Gluon kernels)."""
+    assert configs.target_capability((9, 0), env={}) == (9, 0)
+    assert configs.target_capability((9, 0), env={"TRITON_OVERRIDE_ARCH": "sm80"}) == (8, 0)
+    assert configs.target_capability((9, 0), env={"TRITON_OVERRIDE_ARCH": "sm89"}) == (8, 9)
+    assert configs.target_capability((8, 6), env={"TRITON_OVERRIDE_ARCH": "sm120"}) == (12, 0)
+    for bad in ("80", "sm_80", "smx", "sm8"):
+        with pytest.raises(ValueError, match="TRITON_OVERRIDE_ARCH must look like sm80"):
+            configs.target_capability((9, 0), env={"TRITON_OVERRIDE_ARCH": bad})
 
 
 def unpack_reference(qweight, w_zero, g):
@@ -483,6 +497,36 @@ def test_imports_without_triton():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "triton is not importable" in out.stdout
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiles for the GPU; on the CPU test_compile_targets checks each target's "
+                                        "MMA instructions")
+@pytest.mark.parametrize("arch", ["sm80", "sm89"])
+def test_override_arch_runs_the_ampere_ada_code_path(arch):
+    """How the Ampere/Ada path is tested without such a card: with TRITON_OVERRIDE_ARCH Triton
+    lowers for that architecture (mma.sync, no wgmma) and assembles for the card in hand, and the
+    launch choices follow (no Gluon GEMM, no workspace). The results are checked by running this
+    whole file that way (tests/README.md); here: that the override really changes the code."""
+    code = ("import sys, torch; sys.path.insert(0, '.'); from kernels import ops, _triton as kt;"
+            "from dvdq_core.backends import reference_forward;"
+            "g = torch.Generator().manual_seed(0); d = 'cuda';"
+            "x = torch.randn(9000, 256, generator=g).to(torch.bfloat16).to(d);"
+            "qw = torch.randint(0, 256, (128, 128), generator=g, dtype=torch.uint8).to(d);"
+            "wz = torch.randint(0, 16, (128,), generator=g, dtype=torch.uint8).to(d);"
+            "ws = (torch.rand(128, generator=g) * 0.02 + 1e-3).to(d);"
+            "q, s, _ = ops.quantize_activations(x, 128, 128, 4, True, pow2=True);"
+            "y = ops.w4_gemm(q, qw, wz, ws, None, s, None, torch.bfloat16, 128, False);"
+            "ptx = [k.asm['ptx'] for c in kt._w4_gemm_kernel.device_caches.values() for k in c[0].values()];"
+            "print('cap', ops._capability(x.device), 'kernels', len(ptx), 'gluon', ops._gluon_state,"
+            "      'mma.sync', sum(p.count('mma.sync') for p in ptx), 'wgmma', sum(p.count('wgmma') for p in ptx))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_OVERRIDE_ARCH"] = arch
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    words = out.stdout.split()
+    assert f"cap ({arch[2]}, {arch[3]}) kernels 1 gluon []" in out.stdout, out.stdout  # the Triton GEMM ran
+    assert int(words[words.index("mma.sync") + 1]) > 0 and int(words[words.index("wgmma") + 1]) == 0, out.stdout
 
 
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile of the custom op needs the compiled GPU kernels")
