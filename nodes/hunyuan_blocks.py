@@ -9,7 +9,7 @@ steps with those replaced by dvdq_core.hunyuan_ops (the same math; on the CPU th
 ops): the q/k norm and rotation write the attention's [B, H, L, D] input directly (no torch.cat for
 q and k), and the text / single-stream residuals are still updated in place as the host's `+=` do.
 
-As for Wan (nodes/wan_blocks.py, whose checks and switch this shares), the forwards are the pack's
+As for Wan (nodes/wan_blocks.py; what both share is nodes/block_fusion.py), the forwards are the pack's
 own versions of the host's (same steps, same order), installed only where the host's code is the one
 they follow: the block forwards, `attention` and `apply_mod` of comfy.ldm.flux, and the QKNorm /
 RMSNorm forwards (eps 1e-6) have the signature and the names fingerprinted here (ComfyUI 0.3.x).
@@ -30,7 +30,8 @@ from torch import nn
 
 from dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
 
-from .wan_blocks import _bare_layer_norm, _plain, host_function_mismatch, restore_classes, switched_off
+from .block_fusion import bare_layer_norm, fused_subclass, host_function_mismatch, plain_norm, restore_classes, \
+    switched_off
 
 log = logging.getLogger("dvdq")
 
@@ -58,7 +59,7 @@ _HOST = {}  # the host functions fingerprinted when fusing (calls go to the host
 def _modulated(norm: nn.Module, x, mod, dims):
     """The host's apply_mod(norm(x), 1 + mod.scale, mod.shift, dims): one kernel where the norm is a bare
     LayerNorm (wan_blocks), else the host's own apply_mod."""
-    if _bare_layer_norm(norm, x):
+    if bare_layer_norm(norm, x):
         return modulated_norm(x, mod.shift, mod.scale, norm.eps, dims)
     return _HOST["apply_mod"](norm(x), 1 + mod.scale, mod.shift, dims)
 
@@ -70,7 +71,7 @@ def _qk_weights(qk_norm: nn.Module):
     """(query weight, key weight) of the host's QKNorm of two plain host RMSNorms, else None."""
     norms = (getattr(qk_norm, "query_norm", None), getattr(qk_norm, "key_norm", None))
     if getattr(type(qk_norm), "forward", None) is not _HOST["QKNorm"] or \
-            any(getattr(type(n), "forward", None) is not _HOST["RMSNorm"] or not _plain(n) for n in norms):
+            any(getattr(type(n), "forward", None) is not _HOST["RMSNorm"] or not plain_norm(n) for n in norms):
         return None
     return norms[0].scale, norms[1].scale
 
@@ -114,8 +115,6 @@ def _attention(host, q, k, v, mask, transformer_options):
 def _fused_class(cls, kind: str, host):
     """Our subclass of cls (a host block class, or a subclass keeping its forward); host: the module
     comfy.ldm.flux.layers."""
-    if cls in _FUSED_CLASSES:
-        return _FUSED_CLASSES[cls]
     if kind == "double":
         class Fused(cls):
             """The host's DoubleStreamBlock.forward (image tokens first) with the modulations, q/k norm +
@@ -178,8 +177,6 @@ def _fused_class(cls, kind: str, host):
                 if x.dtype == torch.float16:
                     x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
                 return x
-    Fused.__name__ = Fused.__qualname__ = "DVDQ" + cls.__name__
-    _FUSED_CLASSES[cls] = Fused
     return Fused
 
 
@@ -223,7 +220,7 @@ def fuse_hunyuan(diffusion_model: nn.Module) -> tuple[int, str | None]:
     _HOST.update(attention=layers.attention, apply_mod=layers.apply_mod, QKNorm=layers.QKNorm.forward,
                  RMSNorm=layers.RMSNorm.forward)
     for m, kind in targets:
-        m.__class__ = _fused_class(type(m), kind, layers)
+        m.__class__ = fused_subclass(_FUSED_CLASSES, type(m), lambda cls: _fused_class(cls, kind, layers))
     return len(targets), None
 
 

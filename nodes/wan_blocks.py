@@ -7,23 +7,25 @@ about a fifth of a Wan 14B step on an H100 (bench/RESULTS.md). Models that the p
 quantizes get subclasses whose forwards do the host's steps with those replaced by
 dvdq_core.wan_ops (the same math; on the CPU the same PyTorch ops). Structure only: nothing is
 stored in files; DVDQ_FUSE_BLOCKS=0 (or its earlier name DVDQ_FUSE_WAN=0) turns it off, here and
-for HunyuanVideo (nodes/hunyuan_blocks.py, which shares this module's checks).
+for HunyuanVideo (nodes/hunyuan_blocks.py).
 
 The forwards are the pack's own, written to compute what the host's compute (same steps in the same
 order, with the fused ops), so they are only installed where the host's forward is the one they
-follow: same signature and the same names used (a fingerprint of ComfyUI 0.3.x). If ComfyUI
-changes one, the model keeps the host's forward and a warning says so (correct, only slower).
+follow: same signature and the same names used (a fingerprint of ComfyUI 0.3.x; nodes/block_fusion.py
+has what the model families share). If ComfyUI changes one, the model keeps the host's forward and a
+warning says so (correct, only slower).
 Subclasses with forwards of their own (VACE, audio blocks, the cross-attentions) are left alone.
 """
-import inspect
 import logging
-import os
 import sys
 
 import torch
 from torch import nn
 
 from dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
+
+from .block_fusion import bare_layer_norm, fused_subclass, host_forward_mismatch, plain_norm, restore_classes, \
+    switched_off
 
 log = logging.getLogger("dvdq")
 
@@ -37,71 +39,17 @@ BLOCK = (("self", "x", "e", "freqs", "context", "context_img_len", "transformer_
 _FUSED_CLASSES = {}  # host class -> our subclass
 
 
-def _names(code) -> set:
-    """Global and attribute names a function uses, nested functions included."""
-    out = set(code.co_names)
-    for c in code.co_consts:
-        if inspect.iscode(c):
-            out |= _names(c)
-    return out
-
-
-def host_function_mismatch(fn, expected, subject: str = "it") -> str | None:
-    """None when the function has the expected (parameters, names[, constants it must hold]), else
-    what differs."""
-    params, names, *consts = expected
-    got = tuple(inspect.signature(fn).parameters)
-    if got != params:
-        return f"{subject} takes {got}, expected {params}"
-    used = _names(fn.__code__)
-    if used != set(names):
-        return f"{subject} uses {sorted(used ^ set(names))} differently"
-    missing = [c for c in (consts[0] if consts else ()) if c not in fn.__code__.co_consts]
-    if missing:
-        return f"{subject} no longer has the constants {missing}"
-    return None
-
-
-def host_forward_mismatch(cls, expected) -> str | None:
-    """None when cls.forward has the expected (parameters, names), else what differs."""
-    return host_function_mismatch(cls.forward, expected, "its forward")
-
-
-SWITCHES = ("DVDQ_FUSE_BLOCKS", "DVDQ_FUSE_WAN")  # either =0 turns the fused block steps off (Wan and HunyuanVideo)
-
-
-def switched_off() -> str | None:
-    """The UI's reason when an environment switch turns the fused block steps off, else None."""
-    for name in SWITCHES:
-        if os.environ.get(name, "1") == "0":
-            return f"turned off by {name}=0"
-    return None
-
-
-def _plain(norm: nn.Module) -> bool:
-    """A norm whose weight the host neither casts nor patches (no low-VRAM offload, no LoRA on it)."""
-    return not (getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None)
-                or getattr(norm, "bias_function", None))
-
-
 def _normed_rotated(norm: nn.Module, y, freqs, heads: int):
     """norm(y) then the rotation: one norm_rope call where the norm is a plain weighted RMSNorm."""
     weight = getattr(norm, "weight", None)
-    if not isinstance(norm, nn.Identity) and weight is not None and _plain(norm):
+    if not isinstance(norm, nn.Identity) and weight is not None and plain_norm(norm):
         return norm_rope(y, weight.to(device=y.device, dtype=y.dtype), norm.eps, freqs, heads)
     return norm_rope(norm(y), None, None, freqs, heads)  # qk_norm off, or the host's own norm forward
 
 
-def _bare_layer_norm(norm: nn.Module, x) -> bool:
-    """A LayerNorm over x's channels without affine (Wan's norm1 / norm2, HunyuanVideo's img_norm1 ...;
-    with no weight there is nothing for the host to cast or patch): the modulation kernels' norm."""
-    return isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None \
-        and tuple(norm.normalized_shape) == (x.shape[-1],)
-
-
 def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
     """shift + norm(x) * (1 + scale): one kernel where the norm is a bare LayerNorm."""
-    if _bare_layer_norm(norm, x):
+    if bare_layer_norm(norm, x):
         return modulated_norm(x, shift, scale, norm.eps)
     return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))  # the host's expression
 
@@ -109,8 +57,6 @@ def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
 def _fused_class(cls, kind: str, host):
     """cls (ComfyUI's class or a subclass keeping its forward) with the fused forward; host: the module
     of ComfyUI's class, whose names the forward uses (a subclass may live in another package)."""
-    if cls in _FUSED_CLASSES:
-        return _FUSED_CLASSES[cls]
     if kind == "self_attention":
         class Fused(cls):
             """The host's WanSelfAttention.forward with norm + apply_rope1 fused (dvdq_core.wan_ops)."""
@@ -137,8 +83,6 @@ def _fused_class(cls, kind: str, host):
                                         transformer_options=transformer_options)
                 y = self.ffn(_modulated(self.norm2, x, e[3], e[4], host.repeat_e))
                 return gated_residual(x, y, e[5])
-    Fused.__name__ = Fused.__qualname__ = "DVDQ" + cls.__name__
-    _FUSED_CLASSES[cls] = Fused
     return Fused
 
 
@@ -164,8 +108,9 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
                         "It runs correctly with ComfyUI's own (slower) code; please report the ComfyUI version.", base.__name__, why)
             off = "ComfyUI's Wan code changed (see the log)"
             continue
+        host = sys.modules[base.__module__]
         for m in targets:
-            m.__class__ = _fused_class(type(m), kind, sys.modules[base.__module__])
+            m.__class__ = fused_subclass(_FUSED_CLASSES, type(m), lambda cls: _fused_class(cls, kind, host))
         switched += len(targets)
     return switched, off
 
@@ -174,13 +119,3 @@ def unfuse_wan(diffusion_model: nn.Module) -> int:
     """Undo fuse_wan (benchmarks measure what it saves); returns how many modules."""
     return restore_classes(diffusion_model, _FUSED_CLASSES)
 
-
-def restore_classes(diffusion_model: nn.Module, fused_classes: dict) -> int:
-    """Give the modules switched to fused_classes' values (host class -> ours) their host class back."""
-    hosts = {fused: host for host, fused in fused_classes.items()}
-    restored = 0
-    for m in diffusion_model.modules():
-        if type(m) in hosts:
-            m.__class__ = hosts[type(m)]
-            restored += 1
-    return restored

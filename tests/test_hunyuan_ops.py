@@ -538,16 +538,17 @@ def test_node_patch_refuses_a_changed_host():
     there and is checked too. One switch turns the Wan and HunyuanVideo fusions off."""
     from torch import nn
     from nodes import hunyuan_blocks as hb
+    from nodes import block_fusion as bf
     from nodes import wan_blocks as wb
 
     changed = {}  # host code with another eps, and an attention without the rotation (source: never called)
     exec("def rms_forward(self, x):\n    return comfy.ldm.common_dit.rms_norm(x, self.scale, 1e-5)\n"
          "def attention(q, k, v, pe, mask=None, transformer_options={}):\n"
          "    return optimized_attention(q, k, v, q.shape[1], skip_reshape=True)\n", changed)
-    assert "no longer has the constants [1e-06]" in wb.host_function_mismatch(changed["rms_forward"], hb.RMS_NORM)
+    assert "no longer has the constants [1e-06]" in bf.host_function_mismatch(changed["rms_forward"], hb.RMS_NORM)
     assert "uses ['dtype', 'reshape', 'to', 'type_as'] differently" in \
-        wb.host_function_mismatch(changed["attention"], hb.ATTENTION)
-    assert "expected ('self', 'img', 'txt'" in wb.host_function_mismatch(changed["rms_forward"], hb.DOUBLE_BLOCK)
+        bf.host_function_mismatch(changed["attention"], hb.ATTENTION)
+    assert "expected ('self', 'img', 'txt'" in bf.host_function_mismatch(changed["rms_forward"], hb.DOUBLE_BLOCK)
     assert hb.fuse_hunyuan(nn.Linear(2, 2)) == (0, None)  # no HunyuanVideo (and without ComfyUI: no import)
     for name in ("DVDQ_FUSE_BLOCKS", "DVDQ_FUSE_WAN"):
         os.environ[name] = "0"

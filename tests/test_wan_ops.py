@@ -253,6 +253,7 @@ def test_node_patch_refuses_a_changed_host_forward():
     """nodes/wan_blocks.py installs its versions of the host's forwards only where the host's forward has
     the signature and the names it copies (the real classes are checked against ComfyUI in tests/host)."""
     from torch import nn
+    from nodes import block_fusion as bf
     from nodes import wan_blocks as wb
 
     class OtherSignature(nn.Module):
@@ -263,10 +264,10 @@ def test_node_patch_refuses_a_changed_host_forward():
         def forward(self, x, freqs, transformer_options={}):
             return self.o(patch_hook(x, freqs))  # noqa: F821  (never called)
 
-    assert "expected ('self', 'x', 'freqs', 'transformer_options')" in wb.host_forward_mismatch(OtherSignature,
+    assert "expected ('self', 'x', 'freqs', 'transformer_options')" in bf.host_forward_mismatch(OtherSignature,
                                                                                                wb.SELF_ATTENTION)
-    assert "patch_hook" in wb.host_forward_mismatch(ExtraStep, wb.SELF_ATTENTION)
-    assert "expected ('self', 'x', 'e', 'freqs'" in wb.host_forward_mismatch(ExtraStep, wb.BLOCK)
+    assert "patch_hook" in bf.host_forward_mismatch(ExtraStep, wb.SELF_ATTENTION)
+    assert "expected ('self', 'x', 'e', 'freqs'" in bf.host_forward_mismatch(ExtraStep, wb.BLOCK)
     assert wb.fuse_wan(nn.Linear(2, 2)) == (0, None)  # no Wan modules (and without ComfyUI: no import)
     os.environ["DVDQ_FUSE_WAN"] = "0"
     try:
