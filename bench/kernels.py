@@ -120,7 +120,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     del qp, sp_
     if args.sweep and model in args.sweep_models:
         sweep = {}
-        for cfg in configs.gemm_candidates(ops._capability(dev)):
+        for cfg in sweep_candidates(args, dev):
             try:
                 sweep[str(cfg)] = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s,
                                                             layer.bias, torch.bfloat16, sb, True, cfg))
@@ -148,6 +148,11 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     del x, w, b
     torch.cuda.empty_cache()
     return row
+
+
+def sweep_candidates(args, dev):
+    """The compiled architecture's tiles (configs.gemm_candidates), then those of --configs."""
+    return list(configs.gemm_candidates(ops._capability(dev))) + [configs.GemmConfig.parse(c) for c in args.configs]
 
 
 def gemm_variants(m, n, k, dev):
@@ -283,6 +288,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=list(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="time every GEMM tile configuration")
     ap.add_argument("--sweep-models", nargs="+", default=["wan14b"])
+    ap.add_argument("--configs", nargs="*", default=[], metavar="BM,BN,BK,GROUP_M,SWAP,warps,stages[,ASM,SPLIT]",
+                    help="more GEMM tiles for --sweep (DVDQ_GEMM_CONFIG's format)")
     ap.add_argument("--ck", action="store_true", help="time comfy-kitchen's INT8 and W4A8 linears")
     ap.add_argument("--ck-models", nargs="+", default=["wan14b"])
     ap.add_argument("--variants", action="store_true", help="GEMM/activation-kernel variant study only (Wan 14B)")
@@ -349,7 +356,7 @@ def run(args, clock):
             for c, t in r["sweep"].items():
                 totals[c] = totals.get(c, 0.0) + (t if isinstance(t, float) else float("inf"))
         best = min(totals, key=totals.get)
-        cfg = next(c for c in configs.gemm_candidates(ops._capability(dev)) if str(c) == best)
+        cfg = next(c for c in sweep_candidates(args, dev) if str(c) == best)
         print(f"BEST_GEMM_CONFIG={cfg.to_env()}  ({best}, {totals[best] * 1e3:.3f} ms over {len(swept)} shapes)")
     finish(args, info, clock, rows=rows)
 
