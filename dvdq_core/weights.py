@@ -1,7 +1,8 @@
 """Weight quantization: per-row asymmetric codes with integer zero point (min-max and BGR).
 
 BGR (Bounded-init Grid Refinement, called PBQ in the paper's first version) searches clipping
-bounds, then refines step size and zero point by least squares; see docs/design.md.
+bounds, then refines step size and zero point by least squares; see docs/method.md (the algorithm)
+and docs/design.md (the storage).
 """
 from dataclasses import dataclass
 

@@ -1,4 +1,4 @@
-"""ComfyUI nodes of DVD-Quant: a thin layer over dvdq_core (see NODES.md-style table in docs/nodes.md)."""
+"""ComfyUI nodes of DVD-Quant: a thin layer over dvdq_core (the nodes: docs/nodes.md)."""
 from .definitions import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 

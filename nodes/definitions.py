@@ -1,4 +1,4 @@
-"""The five DVD-Quant nodes (ComfyUI V1 API). Schemas follow NODES.md; widget order is the
+"""The five DVD-Quant nodes (ComfyUI V1 API). Schemas follow docs/nodes.md; widget order is the
 `widgets_values` order of UI workflows, so keep it."""
 from .settings import BLOCKS, GRANULARITIES, METHODS, SettingsError, arq_settings, build_config
 
@@ -135,7 +135,7 @@ class DVDQuantARQSettings:
                                                 "tooltip": "pow2 (default): at 4 bits one power-of-two scale per "
                                                            "channel, folded into the codes (faster GPU matmul); 6/8-bit "
                                                            "steps use blocks. pow2-fast: as pow2 at 4 bits, no "
-                                                           "auto-scale at 6/8-bit steps (8-bit steps about 8% faster on "
+                                                           "auto-scale at 6/8-bit steps (8-bit steps about 13% faster on "
                                                            "an H100, slightly lower quality). block: one scale per "
                                                            "block of channels at every bit-width. channel: one per "
                                                            "channel (the paper's form; slow reference backend only)."}),

@@ -114,7 +114,7 @@ class BitScheduleHook:
 
     The host calls begin_run() at the start of every sampling run, bits_for_call(sigma) before
     and after_call(output) after each diffusion-model call, end_run(completed) at the end.
-    `emit(event, data)` sends the server events of NODES.md.
+    `emit(event, data)` sends the server events of docs/nodes.md.
     """
 
     def __init__(self, node_id: str, mode="delta", delta=0.09, low=4, high=8, fixed_bits=8, schedule="", emit=None):

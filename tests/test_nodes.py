@@ -1,4 +1,4 @@
-"""The ComfyUI nodes without ComfyUI: schemas (NODES.md), settings parsing, the step-from-sigma
+"""The ComfyUI nodes without ComfyUI: schemas (docs/nodes.md), settings parsing, the step-from-sigma
 logic, the per-step delta-GBS state machine and the sampler wrappers with fake executors."""
 import importlib
 import importlib.util
@@ -31,7 +31,7 @@ def sub(name):
     return importlib.import_module(f"{PACK}.nodes.{name}")
 
 
-# ---------------------------------------------------------------- schemas (NODES.md)
+# ---------------------------------------------------------------- schemas (docs/nodes.md)
 
 SPEC = {  # class id: (display name, required inputs in order, optional, outputs)
     "DVDQuantLoader": ("DVD-Quant Loader", ["model_name", "w_bits", "a_low", "a_high", "method", "save_quantized_copy"],
