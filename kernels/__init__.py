@@ -15,6 +15,8 @@ Each is a torch custom op (`torch.ops.dvdq.w4_linear`, ...) so torch.compile tre
 opaque call with a known output shape instead of tracing the launches.
 """
 
+import sys
+
 import torch
 
 from . import configs, ops
@@ -127,11 +129,16 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
                          share, pow2, gelu)
 
 
-def _triton_missing():
+def _triton_missing(platform: str = sys.platform):
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({type(exc).__name__}: {exc}); install triton>=3.1 or use the reference backend"
+        why = f"triton is not importable ({type(exc).__name__}: {exc})"
+        if platform == "win32":  # no `triton` wheel for Windows: its community build is what ComfyUI users install
+            return (why + "; on Windows install `triton-windows` into ComfyUI's Python, in the version that "
+                    "matches your PyTorch (see that project's README; the kernels are tested on Linux only), "
+                    "or use the reference backend")
+        return why + "; install triton>=3.1 (the version that matches your PyTorch) or use the reference backend"
     return None
 
 

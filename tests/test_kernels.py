@@ -492,11 +492,13 @@ def test_weight_bits_reason():
 
 def test_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; import kernels, torch; from types import SimpleNamespace as S;"
-            "print(kernels._triton_missing())")
+            "print(kernels._triton_missing('linux')); print(kernels._triton_missing('win32'))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "triton is not importable" in out.stdout
+    linux, windows = out.stdout.splitlines()[-2:]
+    assert "triton is not importable" in linux and "install triton>=3.1" in linux
+    assert "triton is not importable" in windows and "install `triton-windows` into ComfyUI's Python" in windows
 
 
 @pytest.mark.skipif(not ON_GPU, reason="compiles for the GPU; on the CPU test_compile_targets checks each target's "
