@@ -1,10 +1,10 @@
 """Compile the shipped kernels for every GPU target the triton backend claims (sm_80, sm_86, sm_89,
-sm_90; the Gluon GEMM for sm_90 only) on a machine without a GPU, with the launch configurations configs.py picks, and check what
+sm_90, sm_100, sm_120; the Gluon GEMM for sm_90 only) on a machine without a GPU, with the launch configurations configs.py picks, and check what
 can be checked without the card: the compile succeeds, no registers spill to local memory, the
 shared memory fits the target's per-block limit, and the MMA instructions are the expected kind
-(wgmma on sm_90: IGMMA / HGMMA in SASS; mma.sync elsewhere: IMMA / HMMA).
+(wgmma on sm_90: IGMMA / HGMMA in SASS; mma.sync elsewhere: IMMA / HMMA, Blackwell included).
 
-Nothing here measures speed: the Ampere/Ada configurations have never run on such a card.
+Nothing here measures speed: the Ampere/Ada/Blackwell configurations have never run on such a card.
 
 usage: python bench/compile_targets.py [--check]   (--check: exit status 1 on any problem)
 Needs triton's bundled ptxas/cuobjdump (the PyPI wheel ships them); run WITHOUT TRITON_INTERPRET.
@@ -27,7 +27,7 @@ from kernels import _triton as kt, configs, ops  # noqa: E402
 
 CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 K, SB, HB = 5120, 128, 128
 
 
@@ -131,7 +131,7 @@ def cases(cc):
         consts = dict(K=K, SB=SB, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
                       A_FLOAT=a_float, AUTO_SCALE=not a_float, HAS_BIAS=True, SWAP=cfg.SWAP, INTERPRET=False,
                       ASM_UNPACK=flags["ASM_UNPACK"], SPLIT=flags["SPLIT"], GELU=gelu, W8=flags["W8"])
-        want = ("HGMMA" if a_float else "IGMMA") if cc >= 90 else ("HMMA" if a_float else "IMMA")
+        want = ("HGMMA" if a_float else "IGMMA") if configs.wgmma(cap) else ("HMMA" if a_float else "IMMA")
         out.append((f"{label} {cfg.to_env()}", kt._w4_gemm_kernel, types, consts, cfg.num_warps, cfg.num_stages,
                     want))
     r, c, tg, bm = 128, 128, 128, configs.ACT_ELEMS_PER_TILE // 128
@@ -181,6 +181,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels, there is nothing to compile")
+    if os.environ.get("TRITON_OVERRIDE_ARCH"):
+        sys.exit("unset TRITON_OVERRIDE_ARCH: it makes Triton lower every target for one architecture")
     problems = []
     print(f"{'target':6s} {'kernel':58s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s}  mma")
     for cc in args.targets:

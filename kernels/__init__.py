@@ -183,11 +183,12 @@ def _gpu_reason(x: torch.Tensor, *others):
         return "the inputs are on different devices"
     if x.device.type != "cuda":
         return f"input on {x.device.type}"
-    cap = ops._capability(x.device)
-    if cap < MIN_CAPABILITY:
-        return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     if torch.version.hip is not None:
         return "ROCm GPUs are not supported by the kernels"
+    # the card and what Triton compiles for (they differ under TRITON_OVERRIDE_ARCH): both must do
+    cap = min(torch.cuda.get_device_capability(x.device), ops._capability(x.device))
+    if cap < MIN_CAPABILITY:
+        return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     return _triton_missing()
 
 

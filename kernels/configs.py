@@ -76,9 +76,18 @@ SM8X_CANDIDATES = (
 INTERPRETER_CONFIG = GemmConfig(16, 32, 64, 4, False, 4, 1)
 
 
+def wgmma(capability) -> bool:
+    """Whether the card has Hopper's warpgroup MMA, which the sm_90 tiles and the Gluon GEMMs are built
+    for: sm_90 only. Blackwell (sm_100, and the RTX 50xx's sm_120) has none; Triton 3.6 lowers our
+    int8 and 16-bit dots there to mma.sync as on Ampere (bench/compile_targets.py checks), with
+    Ampere's ~100 KB of shared memory per block on sm_120, so they take the SM8X tiles (the sm_90 tile
+    needs 120 KB and spills)."""
+    return tuple(capability) == (9, 0)
+
+
 def gemm_candidates(capability):
     """The tiles bench/kernels.py --sweep times for this architecture (the first one is the default)."""
-    return SM90_CANDIDATES if capability[0] >= 9 else SM8X_CANDIDATES
+    return SM90_CANDIDATES if wgmma(capability) else SM8X_CANDIDATES
 # sm_90 GEMM without per-K-block scales (_gluon._w4_gemm_chain_kernel): BM tokens x BN weight rows,
 # warps, stages, GROUP_M (bench/gluon_study.py "chain-g16": 3 stages keep two programs per SM,
 # GROUP_M 16 was 2-5% faster than 8). Used for M > CHAIN_MIN_M; DVDQ_GEMM_IMPL=triton turns it off.
@@ -113,7 +122,7 @@ def target_capability(device_capability, env=None):
 def use_workspace(capability, m: int, a_float: bool, interpret: bool) -> bool:
     """Whether a GEMM of m tokens unpacks the weights into the int8 workspace first (sm_90 only: the
     only card it was measured on)."""
-    return tuple(capability) == (9, 0) and not a_float and not interpret and m >= U8_MIN_M
+    return wgmma(capability) and not a_float and not interpret and m >= U8_MIN_M
 
 # Activation kernels: a program walks BM rows across K in tiles of C = max(Hadamard block, 64)
 # columns, BM = ACT_ELEMS_PER_TILE // C (bench/kernels.py --act-sweep on an H100: best of 2048..16384
@@ -146,7 +155,7 @@ def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, inte
     env = os.environ.get("DVDQ_GEMM_CONFIG")
     if env and not a_float:
         return GemmConfig.parse(env)
-    if capability[0] >= 9:
+    if wgmma(capability):
         cfg = SM90_DEFAULT
         if m <= 64:
             cfg = _fast(64, 64, 128, 4, 4)

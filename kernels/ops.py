@@ -210,7 +210,7 @@ def chain_gemm_applies(a, qweight, auto_scale: bool, cap=None) -> bool:
     tokens for its tile, a Hopper GPU outside the interpreter, and Gluon available. cap: the
     device's capability if the caller has it."""
     return (a.dtype == torch.int8 and not auto_scale and a.shape[0] > configs.CHAIN_MIN_M and a.is_cuda
-            and not interpreting() and (cap or _capability(a.device)) == (9, 0) and qweight.is_contiguous()
+            and not interpreting() and configs.wgmma(cap or _capability(a.device)) and qweight.is_contiguous()
             and _gluon() is not None)
 
 

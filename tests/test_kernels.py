@@ -323,6 +323,19 @@ def test_target_capability_follows_triton_override_arch():
             configs.target_capability((9, 0), env={"TRITON_OVERRIDE_ARCH": bad})
 
 
+def test_only_hopper_takes_the_wgmma_tiles():
+    """Blackwell (sm_100, RTX 50xx's sm_120) has no wgmma: Triton lowers to mma.sync there as on Ampere,
+    and the sm_90 tile would need 120 KB of shared memory (sm_120 allows 99 KB per block: the launch
+    would fail) and spill; so those cards take the SM8X tiles, no Gluon GEMM, no workspace."""
+    m = configs.U8_MIN_M
+    for cap in ((8, 0), (8, 6), (8, 9), (10, 0), (12, 0)):
+        assert not configs.wgmma(cap) and not configs.use_workspace(cap, m, False, False)
+        assert configs.gemm_config(cap, m, 5120, 5120, 128, False, False) == configs.SM8X_CANDIDATES[0]
+        assert configs.gemm_candidates(cap) == configs.SM8X_CANDIDATES
+    assert configs.wgmma((9, 0)) and configs.gemm_config((9, 0), m, 5120, 5120, 128, False, False) == \
+        configs.SM90_DEFAULT
+
+
 def unpack_reference(qweight, w_zero, g):
     """int8 (u - z) [N, K] in the codes' layout: per group of g columns, the low nibbles of its g/2
     bytes (the even columns), then their high nibbles (the odd ones)."""
@@ -503,11 +516,11 @@ def test_imports_without_triton():
 
 @pytest.mark.skipif(not ON_GPU, reason="compiles for the GPU; on the CPU test_compile_targets checks each target's "
                                         "MMA instructions")
-@pytest.mark.parametrize("arch", ["sm80", "sm89"])
+@pytest.mark.parametrize("arch", ["sm80", "sm89", "sm120"])
 def test_override_arch_runs_the_ampere_ada_code_path(arch):
-    """How the Ampere/Ada path is tested without such a card: with TRITON_OVERRIDE_ARCH Triton
-    lowers for that architecture (mma.sync, no wgmma) and assembles for the card in hand, and the
-    launch choices follow (no Gluon GEMM, no workspace). The results are checked by running this
+    """How the Ampere/Ada (and RTX 50xx) path is tested without such a card: with TRITON_OVERRIDE_ARCH
+    Triton lowers for that architecture (mma.sync, no wgmma) and assembles for the card in hand, and
+    the launch choices follow (no Gluon GEMM, no workspace). The results are checked by running this
     whole file that way (tests/README.md); here: that the override really changes the code."""
     code = ("import sys, torch; sys.path.insert(0, '.'); from kernels import ops, _triton as kt;"
             "from dvdq_core.backends import reference_forward;"
@@ -527,7 +540,8 @@ def test_override_arch_runs_the_ampere_ada_code_path(arch):
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     words = out.stdout.split()
-    assert f"cap ({arch[2]}, {arch[3]}) kernels 1 gluon []" in out.stdout, out.stdout  # the Triton GEMM ran
+    cap = configs.target_capability((0, 0), env={"TRITON_OVERRIDE_ARCH": arch})
+    assert f"cap {cap} kernels 1 gluon []" in out.stdout, out.stdout  # the Triton GEMM ran
     assert int(words[words.index("mma.sync") + 1]) > 0 and int(words[words.index("wgmma") + 1]) == 0, out.stdout
 
 
