@@ -15,6 +15,7 @@ Each is a torch custom op (`torch.ops.dvdq.w4_linear`, ...) so torch.compile tre
 opaque call with a known output shape instead of tracing the launches.
 """
 
+import functools
 import sys
 
 import torch
@@ -31,11 +32,23 @@ _SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
 MIN_CAPABILITY = (8, 0)
 
 
+def _on_input_device(fn):
+    """fn with its first argument's GPU as the current device: Triton launches on the current device,
+    not on the tensors', and a multi-GPU setup may run the model on another GPU than the current one."""
+    @functools.wraps(fn)
+    def call(x, *args, **kwargs):
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return call
+
+
 def _define_op():
     name = "dvdq::w4_linear"
     if hasattr(torch.ops.dvdq, "w4_linear"):  # imported a second time under another name
         return torch.ops.dvdq.w4_linear  # (as kernels and dvdq_kernels): the first one serves
-    op = torch.library.custom_op(name, mutates_args=())(_w4_linear)
+    op = torch.library.custom_op(name, mutates_args=())(_on_input_device(_w4_linear))
 
     @op.register_fake
     def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2, gelu):
@@ -58,7 +71,7 @@ def _block_op(name, fn, fake, mutates_args=()):
     """A torch custom op dvdq::<name> (opaque to torch.compile, output shape from `fake`)."""
     if hasattr(torch.ops.dvdq, name):
         return getattr(torch.ops.dvdq, name)
-    op = torch.library.custom_op("dvdq::" + name, mutates_args=mutates_args)(fn)
+    op = torch.library.custom_op("dvdq::" + name, mutates_args=mutates_args)(_on_input_device(fn))
     op.register_fake(fake)
     return op
 

@@ -577,6 +577,29 @@ def test_no_host_sync_in_forward(m):
     assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
 
 
+@pytest.mark.skipif(not (ON_GPU and torch.cuda.device_count() >= 2),
+                    reason="needs two GPUs (a model on the second while the first is current)")
+@pytest.mark.parametrize("granularity", ["block", "pow2"])
+def test_ops_on_a_second_gpu(granularity):
+    """A multi-GPU setup may run the model on cuda:1 while cuda:0 is current, and Triton launches on the
+    current device: every op makes its input's device current. Same results as on cuda:0, bit for
+    bit (the Gluon GEMMs and the weight workspace included at this size on sm_90)."""
+    assert torch.cuda.current_device() == 0
+    layer = make_layer(512, 1536, granularity=granularity)
+    x = activations(configs.U8_MIN_M + 5, 1536, torch.bfloat16)
+    v = rand(2, 1, 1536, dtype=torch.bfloat16)
+    x3 = x[:8192].reshape(2, 4096, 1536)
+    want = [kernels.linear_forward(layer, x, bits) for bits in (4, 8, 16)]
+    want += [kernels.modulated_norm(x3, v, v, 1e-6), kernels.gated_residual(x3, x3, v)]
+    layer1, x1, v1, x31 = layer.to("cuda:1"), x.to("cuda:1"), v.to("cuda:1"), x3.to("cuda:1")
+    got = [kernels.linear_forward(layer1, x1, bits) for bits in (4, 8, 16)]
+    got += [kernels.modulated_norm(x31, v1, v1, 1e-6), kernels.gated_residual(x31, x31, v1)]
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    for w, g in zip(want, got):
+        assert g.device == x1.device and torch.equal(g.cpu(), w.cpu())
+
+
 def test_activation_reuse():
     """q, k, v on one input: the second call reuses the codes; an in-place change invalidates them."""
     a, b = make_layer(40, 128), make_layer(56, 128)
