@@ -78,8 +78,11 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: LayerSpec, state: BitState, backend="auto", device=None):
         """Quantize an nn.Linear (on `device` if given); the result lives on the linear's device."""
         home = linear.weight.device
+        bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
+        if bias_dtype.itemsize == 1:  # an fp8 checkpoint's bias: its values, in a type every backend adds
+            bias_dtype = torch.float32
         m = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None,
-                bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+                bias_dtype=bias_dtype,
                 weight_dtype=linear.weight.dtype, state=state, backend=backend, device=home)
         qw, rel = quantize_weight(linear.weight, spec, device)
         m.load_quantized_weight(qw)

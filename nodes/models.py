@@ -72,12 +72,23 @@ def selected_layers(dm: nn.Module, config) -> list:
     return [n for n, m in dm.named_modules() if isinstance(m, nn.Linear) and layer_spec(config, n, m.in_features)]
 
 
+def computed_weight(linear):
+    """The float32 weight a ComfyUI Linear computes with where it differs from the stored one, else None:
+    ComfyUI's convert_weight (fp8_scaled checkpoints store weight / scale_weight, and their layers
+    multiply it back) on a float32 copy. Quantizing the stored fp8 values instead gave a wrong model."""
+    convert = getattr(linear, "convert_weight", None)
+    if convert is None:
+        return None
+    return convert(linear.weight.detach().to(torch.float32, copy=True), inplace=True)
+
+
 def quantize_base_model(base_model, config, node_id, patched_weight=None, source_name=""):
     """Quantize base_model.diffusion_model in place with a progress bar and events.
 
     patched_weight(name) -> tensor or None gives a layer's weight with the MODEL's patches (LoRA)
     applied; it is called just before that layer is quantized, so only one patched float weight
-    exists at a time.
+    exists at a time. Without it each layer's weight goes through ComfyUI's convert_weight where the
+    layer has one (computed_weight).
     """
     import comfy.utils
     arch = video_dit_arch(base_model)
@@ -89,11 +100,11 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
     pbar = comfy.utils.ProgressBar(len(order), node_id=node_id)
 
     def prepare(i):
-        if patched_weight is None or i >= len(order):
+        if i >= len(order):
             return
-        w = patched_weight(order[i])
+        lin = dm.get_submodule(order[i])
+        w = patched_weight(order[i]) if patched_weight is not None else computed_weight(lin)
         if w is not None:
-            lin = dm.get_submodule(order[i])
             lin.weight = nn.Parameter(w, requires_grad=False)
 
     def progress(done, total, name):
@@ -200,13 +211,21 @@ def apply_to_model(model, config, node_id):
     offload = src.offload_device
     key_patches = src.get_key_patches()  # {key: [(weight, convert_func), *patches]} with originals from backups
 
-    def patched(key):
+    def patched(key, stored=True):
+        """The weight with ComfyUI's conversion (scaled fp8) and the MODEL's patches applied: in float32 as
+        the layer computes with it (stored=False: what a quantized layer is made from), or back in the
+        stored form (ComfyUI's set_weight where the layer has one: fp8_scaled divides by scale_weight)."""
         (weight, convert), *patches = key_patches[key]
-        if not patches:
-            return None
         w = convert(weight.to(device=offload, dtype=torch.float32, copy=True), inplace=True)
-        w = comfy.lora.calculate_weight(patches, w, key)
-        return comfy.float.stochastic_rounding(w, weight.dtype, seed=comfy.model_patcher.string_to_seed(key))
+        if patches:
+            w = comfy.lora.calculate_weight(patches, w, key)
+        if not stored:
+            return w
+        seed = comfy.model_patcher.string_to_seed(key)
+        set_func = comfy.model_patcher.get_key_weight(base, key)[1]
+        if set_func is not None:
+            return set_func(w, return_weight=True, seed=seed)
+        return comfy.float.stochastic_rounding(w, weight.dtype, seed=seed)
 
     sd = {}
     for key, entry in key_patches.items():
@@ -229,7 +248,8 @@ def apply_to_model(model, config, node_id):
     n.parent = None
 
     def layer_weight(name):
-        return patched("diffusion_model." + name + ".weight") if ("diffusion_model." + name + ".weight") in key_patches else None
+        key = "diffusion_model." + name + ".weight"
+        return patched(key, stored=False) if key in key_patches else None
 
     quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
     check_no_patches_on_quantized(n)

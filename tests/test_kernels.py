@@ -94,6 +94,17 @@ def test_linear_matches_reference(m, n, k, bits, granularity):
     assert rel_err(y, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-3)
 
 
+@pytest.mark.parametrize("bits,granularity", [(4, "pow2"), (8, "block"), (16, "block")])
+def test_float32_bias(bits, granularity):
+    """A float32 bias (what the core keeps of an fp8 checkpoint's bias) with 16-bit activations, on
+    every GEMM path (the Gluon ones at this size on sm_90)."""
+    m, n, k = (9000, 1000, 1536) if ON_GPU else (37, 40, 256)
+    layer = make_layer(n, k, dtype=torch.float32, granularity=granularity)
+    x = activations(m, k, torch.bfloat16)
+    assert layer.bias.dtype == torch.float32
+    assert rel_err(run_linear(layer, x, bits), reference_forward(layer, x, bits)) < 4e-3
+
+
 @pytest.mark.parametrize("method", ["minmax", "quarot"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_baseline_methods(method, dtype):

@@ -79,6 +79,21 @@ def test_unquantized_activations_give_the_rotated_weight_product():
     assert ((y - y0).norm() / y0.norm()) < 0.01  # W8, A16: only weight rounding
 
 
+def test_fp8_weight_and_bias_quantize_from_their_values():
+    """A Linear stored in float8 (a ComfyUI fp8 checkpoint): the codes come from its fp8 values and the
+    bias keeps them in float32 (every backend can add that), with the same output as from an exact
+    float copy."""
+    lin = nn.Linear(128, 32).to(torch.float8_e4m3fn)
+    ref = nn.Linear(128, 32)
+    ref.weight.data, ref.bias.data = lin.weight.float(), lin.bias.float()
+    spec = dq.LayerSpec(4, None, "dvdq", 128, 128, True, True, "block")
+    q, _ = dq.QuantLinear.from_linear(lin, spec, dq.BitState(8), backend="reference")
+    q_ref, _ = dq.QuantLinear.from_linear(ref, spec, dq.BitState(8), backend="reference")
+    assert q.bias.dtype == torch.float32 and torch.equal(q.bias, q_ref.bias)
+    x = torch.randn(6, 128)
+    assert torch.equal(q(x), q_ref(x))
+
+
 def test_quantize_model_selects_blocks_and_reports():
     torch.manual_seed(0)
     m = TinyModel()

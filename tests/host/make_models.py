@@ -80,6 +80,19 @@ MODELS = {  # file name -> (kind, seed)
 }
 
 
+def scaled_fp8(sd: dict) -> dict:
+    """ComfyUI's "fp8_scaled" checkpoint form (the Wan files it distributes): each block Linear's weight
+    as float8_e4m3fn divided by a per-tensor `scale_weight`, and the `scaled_fp8` marker key."""
+    out = dict(sd)
+    for k, t in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and t.ndim == 2:
+            scale = t.float().abs().amax() / 448.0
+            out[k] = (t.float() / scale).to(torch.float8_e4m3fn)
+            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+    out["scaled_fp8"] = torch.zeros(1, dtype=torch.float8_e4m3fn)
+    return out
+
+
 def lora_for_wan(seed: int, rank: int = 4) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -97,6 +110,7 @@ def main(out_dir):
     os.makedirs(os.path.join(out_dir, "loras"), exist_ok=True)
     for name, (kind, seed) in MODELS.items():
         save_file(build(kind, seed), os.path.join(dm, name))
+    save_file(scaled_fp8(build("wan21_t2v", 1)), os.path.join(dm, "tiny_wan2.1_t2v_fp8_scaled.safetensors"))
     save_file(lora_for_wan(7), os.path.join(out_dir, "loras", "tiny_wan_lora.safetensors"))
     save_file({"encoder.layer.weight": torch.randn(8, 8)}, os.path.join(dm, "not_a_dit.safetensors"))
 

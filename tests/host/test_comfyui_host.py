@@ -227,6 +227,55 @@ def test_apply_merges_lora_and_leaves_input_untouched(server):
     assert info["shared_tensors"] > 0, "non-quantized tensors should be shared with the input, not copied"
 
 
+def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
+    """ComfyUI's fp8 forms as the source: an "fp8_scaled" file (weights stored divided by a per-tensor
+    scale_weight, as ComfyUI's own Wan files) through the Loader and through UNETLoader -> Apply, and
+    UNETLoader's weight_dtype fp8_e4m3fn -> Apply. Each must quantize the weights the model really
+    computes with: W8A8 as close to ComfyUI's own run of that fp8 model as the fp16 source's W8A8 is
+    to its float run (quantizing the stored fp8 values of the scaled file gave 1.04); with a LoRA
+    before Apply on the scaled file, no further from the fp16 model + LoRA than ComfyUI's own run."""
+    fp8 = "tiny_wan2.1_t2v_fp8_scaled.safetensors"
+    w8 = dict(w_bits=8, a_low=8, a_high=8)
+
+    def unet(name, dtype):
+        return node("UNETLoader", unet_name=name, weight_dtype=dtype)
+
+    def applied(name, dtype, prefix, lora=False):
+        g = {"unet": unet(name, dtype)}
+        if lora:  # LoRA patches on top of the scale (ComfyUI's convert, then calculate_weight)
+            g["unet2"], g["unet"] = g["unet"], node("LoraLoaderModelOnly", model=["unet2", 0], strength_model=1.0,
+                                                     lora_name="tiny_wan_lora.safetensors")
+        if prefix is None:
+            return sample_graph(g, ["unet", 0], f"fp8_float_{name[:12]}_{dtype}_{lora}")
+        g.update(apply=node("DVDQuantApply", model=["unet", 0], method="dvdq", **w8),
+                 bs=bitswitch(["apply", 0], mode="fixed", low=8, high=8))
+        return sample_graph(g, ["bs", 0], prefix)
+
+    def run(graph):
+        return latent(server, run_ok(server, graph)[0])
+
+    base, ref = run(float_graph(T2V, "fp8_base")), run(quant_graph("fp8_ref", mode="fixed", **w8))
+    scaled_float, cast_float = run(applied(fp8, "default", None)), run(applied(T2V, "fp8_e4m3fn", None))
+    cases = {"loader, fp8_scaled file": (run(quant_graph("fp8_loader", name=fp8, mode="fixed", **w8)), scaled_float),
+             "apply, fp8_scaled file": (run(applied(fp8, "default", "fp8_apply_scaled")), scaled_float),
+             "apply, fp8_scaled file + LoRA": (run(applied(fp8, "default", "fp8_apply_lora", lora=True)),
+                                               run(applied(fp8, "default", None, lora=True))),
+             "apply, weight_dtype fp8": (run(applied(T2V, "fp8_e4m3fn", "fp8_apply_cast")), cast_float)}
+    with capsys.disabled():
+        print(f"\n[host] W8A8 rel. latent error vs that model's float run: fp16 source {rel(ref, base):.4f}, "
+              + ", ".join(f"{k} {rel(q, f):.4f}" for k, (q, f) in cases.items())
+              + f" (the fp8 models' own float runs vs fp16's: {rel(scaled_float, base):.4f}, {rel(cast_float, base):.4f})")
+    lora16 = run(applied(T2V, "default", None, lora=True))
+    q_lora, f_lora = cases.pop("apply, fp8_scaled file + LoRA")
+    with capsys.disabled():
+        print(f"[host] fp8_scaled + LoRA vs the fp16 model + LoRA: ours W8A8 {rel(q_lora, lora16):.4f}, ComfyUI's float "
+              f"run {rel(f_lora, lora16):.4f}")
+    # ComfyUI rounds the patched weight back to fp8 (set_weight); we quantize the exact patched weight
+    assert torch.isfinite(q_lora).all() and rel(q_lora, lora16) < rel(f_lora, lora16) + 0.01
+    for label, (q, f) in cases.items():
+        assert torch.isfinite(q).all() and rel(q, f) < 2 * rel(ref, base) + 0.01, label
+
+
 def test_lora_after_quantization_is_refused(server):
     g = quant_graph("lora_after")
     g["lora"] = node("LoraLoaderModelOnly", model=["load", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
