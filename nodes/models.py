@@ -72,6 +72,19 @@ def selected_layers(dm: nn.Module, config) -> list:
     return [n for n, m in dm.named_modules() if isinstance(m, nn.Linear) and layer_spec(config, n, m.in_features)]
 
 
+def check_plain_weights(dm, names, source: str):
+    """DVD-Quant reads each layer's float weight. A weight held in a tensor subclass is another
+    quantized format (ComfyUI-GGUF's GGMLTensor keeps raw Q4/Q8 blocks behind its logical shape):
+    reading it as floats would give a broken model, so it is refused before any work."""
+    for name in names:
+        w = dm.get_submodule(name).weight
+        if type(w) not in (torch.Tensor, nn.Parameter):
+            raise DVDQuantError(f"{source}: layer {name} holds its weight as {type(w).__name__}, another node pack's "
+                                "quantized format (e.g. GGUF), not float weights DVD-Quant can read. Load the "
+                                "model's original .safetensors with 'Load Diffusion Model' (or pick it in DVD-Quant "
+                                "Loader); quantizing already-quantized weights would also compound their rounding.")
+
+
 def computed_weight(linear):
     """The float32 weight a ComfyUI Linear computes with where it differs from the stored one, else None:
     ComfyUI's convert_weight (fp8_scaled checkpoints store weight / scale_weight, and their layers
@@ -97,6 +110,7 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
     order = selected_layers(dm, config)
     if not order:
         raise DVDQuantError(f"no Linear layer of this model matches {list(config.include)}; is it a video DiT?")
+    check_plain_weights(dm, order, source_name or "the model")
     pbar = comfy.utils.ProgressBar(len(order), node_id=node_id)
 
     def prepare(i):
@@ -208,6 +222,7 @@ def apply_to_model(model, config, node_id):
     video_dit_arch(base)
     if getattr(base, "_dvdq_layer_keys", None):
         raise DVDQuantError("this MODEL is already quantized by DVD-Quant; connect the unquantized model")
+    check_plain_weights(base.diffusion_model, selected_layers(base.diffusion_model, config), "DVD-Quant Apply")
     offload = src.offload_device
     key_patches = src.get_key_patches()  # {key: [(weight, convert_func), *patches]} with originals from backups
 

@@ -338,6 +338,12 @@ def test_clear_errors(server):
     g = sample_graph({"unet": node("UNETLoader", unet_name=T2V, weight_dtype="default"),
                       "bs": bitswitch(["unet", 0])}, ["bs", 0], "bad6")
     assert "needs a MODEL quantized by DVD-Quant" in run_error(server, g)
+    g = sample_graph({"unet": node("UNETLoader", unet_name=T2V, weight_dtype="default"),
+                      "foreign": node("DVDQTestForeignWeights", model=["unet", 0]),
+                      "apply": node("DVDQuantApply", model=["foreign", 0], w_bits=4, a_low=4, a_high=8, method="dvdq"),
+                      "bs": bitswitch(["apply", 0])}, ["bs", 0], "bad9")
+    err = run_error(server, g)
+    assert "layer blocks.0.self_attn.q holds its weight as ForeignTensor" in err and "Load Diffusion Model" in err, err
 
 
 def test_failed_run_leaves_next_run_correct(server):
