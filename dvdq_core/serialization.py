@@ -72,12 +72,13 @@ def layer_entry(layer: QuantLinear) -> dict:
     return {"in": layer.in_features, "out": layer.out_features, "bias": layer.bias is not None, **layer.spec.to_dict()}
 
 
-def save_quantized(model: nn.Module, path, config: QuantConfig, arch: str = ""):
-    """Write the whole quantized model (quantized layers and every other tensor) to `path`."""
+def save_quantized(model: nn.Module, path, config: QuantConfig, arch: str = "", state_dict: dict | None = None):
+    """Write the whole quantized model (quantized layers and every other tensor) to `path`; state_dict:
+    the tensors to write if not model.state_dict() (a host may store some layers in its own form)."""
     layers = {n: layer_entry(m) for n, m in quantized_layers(model)}
     if not layers:
         raise ValueError("the model has no DVD-Quant layers: quantize it before saving")
-    sd = model.state_dict()
+    sd = model.state_dict() if state_dict is None else state_dict
     w = SafetensorsWriter(path, {k: (t.dtype, tuple(t.shape)) for k, t in sd.items()}, build_metadata(config, layers, arch))
     try:
         for k, t in sd.items():

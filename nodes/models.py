@@ -95,6 +95,20 @@ def computed_weight(linear):
     return convert(linear.weight.detach().to(torch.float32, copy=True), inplace=True)
 
 
+def float_state_dict(dm) -> dict:
+    """dm's tensors for a DVD-Quant file: a layer ComfyUI stores converted (fp8_scaled: weight divided by
+    scale_weight, plus scale_weight / scale_input) is written as the float32 weight it computes with,
+    so the file loads into ComfyUI's plain ops (they know no scale_weight)."""
+    sd = dm.state_dict()
+    for name, m in dm.named_modules():
+        w = computed_weight(m) if hasattr(m, "weight") else None
+        if w is not None:
+            sd[name + ".weight"] = w
+            sd.pop(name + ".scale_weight", None)
+            sd.pop(name + ".scale_input", None)
+    return sd
+
+
 def quantize_base_model(base_model, config, node_id, patched_weight=None, source_name=""):
     """Quantize base_model.diffusion_model in place with a progress bar and events.
 
@@ -385,5 +399,6 @@ def save_model(patcher, path):
     if patcher.patches:
         raise DVDQuantError("this MODEL carries weight patches (e.g. a LoRA) that the file could not hold: "
                             "save the quantized model before applying them, or apply the LoRA before DVD-Quant Apply")
-    save_quantized(base.diffusion_model, path, info["config"], arch=info["arch"])
+    save_quantized(base.diffusion_model, path, info["config"], arch=info["arch"],
+                   state_dict=float_state_dict(base.diffusion_model))
     return path

@@ -232,7 +232,8 @@ def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
     scale_weight, as ComfyUI's own Wan files) through the Loader and through UNETLoader -> Apply, and
     UNETLoader's weight_dtype fp8_e4m3fn -> Apply. Each must quantize the weights the model really
     computes with: W8A8 as close to ComfyUI's own run of that fp8 model as the fp16 source's W8A8 is
-    to its float run (quantizing the stored fp8 values of the scaled file gave 1.04); with a LoRA
+    to its float run (quantizing the stored fp8 values of the scaled file gave 1.04); its saved copy
+    loads back (it failed on the scaled layers' scale_weight / scale_input); with a LoRA
     before Apply on the scaled file, no further from the fp16 model + LoRA than ComfyUI's own run."""
     fp8 = "tiny_wan2.1_t2v_fp8_scaled.safetensors"
     w8 = dict(w_bits=8, a_low=8, a_high=8)
@@ -256,7 +257,15 @@ def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
 
     base, ref = run(float_graph(T2V, "fp8_base")), run(quant_graph("fp8_ref", mode="fixed", **w8))
     scaled_float, cast_float = run(applied(fp8, "default", None)), run(applied(T2V, "fp8_e4m3fn", None))
-    cases = {"loader, fp8_scaled file": (run(quant_graph("fp8_loader", name=fp8, mode="fixed", **w8)), scaled_float),
+    dvdq_dir = os.path.join(server.base_dir, "models", "dvdq")
+    before = set(os.listdir(dvdq_dir))
+    g = quant_graph("fp8_loader", name=fp8, mode="fixed", **w8)
+    g["load"]["inputs"]["save_quantized_copy"] = True
+    from_fp8 = run(g)
+    (saved,) = set(os.listdir(dvdq_dir)) - before  # its non-quantized fp8 layers are written as float weights
+    reloaded = run(quant_graph("fp8_reloaded", name="dvdq/" + saved, mode="fixed", **w8))
+    assert rel(reloaded, from_fp8) < 1e-3, "the saved copy of a quantized fp8_scaled model must load as it was"
+    cases = {"loader, fp8_scaled file": (from_fp8, scaled_float),
              "apply, fp8_scaled file": (run(applied(fp8, "default", "fp8_apply_scaled")), scaled_float),
              "apply, fp8_scaled file + LoRA": (run(applied(fp8, "default", "fp8_apply_lora", lora=True)),
                                                run(applied(fp8, "default", None, lora=True))),
