@@ -241,8 +241,10 @@ def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
     def unet(name, dtype):
         return node("UNETLoader", unet_name=name, weight_dtype=dtype)
 
-    def applied(name, dtype, prefix, lora=False):
+    def applied(name, dtype, prefix, lora=False, save=None):
         g = {"unet": unet(name, dtype)}
+        if save:
+            g["qsave"] = node("DVDQuantSave", model=["apply", 0], filename_prefix="dvdq/" + save)
         if lora:  # LoRA patches on top of the scale (ComfyUI's convert, then calculate_weight)
             g["unet2"], g["unet"] = g["unet"], node("LoraLoaderModelOnly", model=["unet2", 0], strength_model=1.0,
                                                      lora_name="tiny_wan_lora.safetensors")
@@ -269,7 +271,10 @@ def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
              "apply, fp8_scaled file": (run(applied(fp8, "default", "fp8_apply_scaled")), scaled_float),
              "apply, fp8_scaled file + LoRA": (run(applied(fp8, "default", "fp8_apply_lora", lora=True)),
                                                run(applied(fp8, "default", None, lora=True))),
-             "apply, weight_dtype fp8": (run(applied(T2V, "fp8_e4m3fn", "fp8_apply_cast")), cast_float)}
+             "apply, weight_dtype fp8": (run(applied(T2V, "fp8_e4m3fn", "fp8_apply_cast", save="fp8_cast")), cast_float)}
+    (saved,) = [f for f in os.listdir(dvdq_dir) if f.startswith("fp8_cast")]
+    reloaded = run(quant_graph("fp8_cast_reloaded", name="dvdq/" + saved, mode="fixed", **w8))
+    assert rel(reloaded, cases["apply, weight_dtype fp8"][0]) < 1e-3
     with capsys.disabled():
         print(f"\n[host] W8A8 rel. latent error vs that model's float run: fp16 source {rel(ref, base):.4f}, "
               + ", ".join(f"{k} {rel(q, f):.4f}" for k, (q, f) in cases.items())
