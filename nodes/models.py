@@ -278,7 +278,11 @@ def apply_to_model(model, config, node_id):
 
     def layer_weight(name):
         key = "diffusion_model." + name + ".weight"
-        return patched(key, stored=False) if key in key_patches else None
+        if key not in key_patches:
+            return None
+        if len(key_patches[key]) == 1:  # no patches: a float32 copy only where ComfyUI converts the stored weight
+            return computed_weight(new.diffusion_model.get_submodule(name))
+        return patched(key, stored=False)
 
     quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
     check_no_patches_on_quantized(n)
