@@ -37,7 +37,7 @@ def _on_input_device(fn):
     not on the tensors', and a multi-GPU setup may run the model on another GPU than the current one."""
     @functools.wraps(fn)
     def call(x, *args, **kwargs):
-        if x.is_cuda and x.device.index != torch.cuda.current_device():
+        if getattr(x, "is_cuda", False) and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
                 return fn(x, *args, **kwargs)
         return fn(x, *args, **kwargs)

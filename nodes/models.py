@@ -125,6 +125,7 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
     if not order:
         raise DVDQuantError(f"no Linear layer of this model matches {list(config.include)}; is it a video DiT?")
     check_plain_weights(dm, order, source_name or "the model")
+    stored_bytes = sum(t.numel() * t.element_size() for n in order for t in dm.get_submodule(n).state_dict().values())
     pbar = comfy.utils.ProgressBar(len(order), node_id=node_id)
 
     def prepare(i):
@@ -147,6 +148,7 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
         report = quantize_model(dm, config, progress=progress, device=quant_device())
     except ValueError as e:  # bad overrides, bits, ...: the core's message says what is wrong
         raise DVDQuantError(f"DVD-Quant could not quantize {source_name or 'the model'}: {e}") from None
+    report.bytes_before = stored_bytes  # (the core measured the float32 weights prepare swapped in)
     prepare_for_comfy(base_model, config, arch, "quantized")
     emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(report.layers), "w_bits": config.w_bits,
                                 "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,

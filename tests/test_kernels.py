@@ -591,11 +591,18 @@ def test_no_host_sync_in_forward(m):
 @pytest.mark.skipif(not (ON_GPU and torch.cuda.device_count() >= 2),
                     reason="needs two GPUs (a model on the second while the first is current)")
 @pytest.mark.parametrize("granularity", ["block", "pow2"])
-def test_ops_on_a_second_gpu(granularity):
+def test_ops_on_a_second_gpu(granularity, monkeypatch):
     """A multi-GPU setup may run the model on cuda:1 while cuda:0 is current, and Triton launches on the
-    current device: every op makes its input's device current. Same results as on cuda:0, bit for
-    bit (the Gluon GEMMs and the weight workspace included at this size on sm_90)."""
+    current device: every op makes its input's device current while it runs (checked directly: with
+    peer access between the cards a launch on cuda:0 may still read cuda:1's memory and agree). Same
+    results as on cuda:0, bit for bit (the Gluon GEMMs and the weight workspace included on sm_90)."""
     assert torch.cuda.current_device() == 0
+    seen = []
+    for name in ("w4_linear_impl", "modulated_norm", "gated_residual"):
+        def spy(*a, _real=getattr(ops, name), **k):
+            seen.append((a[0].device.index, torch.cuda.current_device()))
+            return _real(*a, **k)
+        monkeypatch.setattr(ops, name, spy)
     layer = make_layer(512, 1536, granularity=granularity)
     x = activations(configs.U8_MIN_M + 5, 1536, torch.bfloat16)
     v = rand(2, 1, 1536, dtype=torch.bfloat16)
@@ -607,6 +614,7 @@ def test_ops_on_a_second_gpu(granularity):
     got += [kernels.modulated_norm(x31, v1, v1, 1e-6), kernels.gated_residual(x31, x31, v1)]
     torch.cuda.synchronize(1)
     assert torch.cuda.current_device() == 0
+    assert len(seen) == 10 and all(data == current for data, current in seen), seen
     for w, g in zip(want, got):
         assert g.device == x1.device and torch.equal(g.cpu(), w.cpu())
 

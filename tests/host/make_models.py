@@ -81,11 +81,12 @@ MODELS = {  # file name -> (kind, seed)
 
 
 def scaled_fp8(sd: dict) -> dict:
-    """ComfyUI's "fp8_scaled" checkpoint form (the Wan files it distributes): each block Linear's weight
-    as float8_e4m3fn divided by a per-tensor `scale_weight`, and the `scaled_fp8` marker key."""
+    """ComfyUI's "fp8_scaled" checkpoint form (the Wan files it distributes): each Linear's weight (the 2-D
+    ones; the embeddings and head too, which stay unquantized) as float8_e4m3fn divided by a per-tensor
+    `scale_weight`, and the `scaled_fp8` marker key."""
     out = dict(sd)
     for k, t in sd.items():
-        if k.startswith("blocks.") and k.endswith(".weight") and t.ndim == 2:
+        if k.endswith(".weight") and t.ndim == 2:
             scale = t.float().abs().amax() / 448.0
             out[k] = (t.float() / scale).to(torch.float8_e4m3fn)
             out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
