@@ -79,10 +79,11 @@ def check_plain_weights(dm, names, source: str):
     for name in names:
         w = dm.get_submodule(name).weight
         if type(w) not in (torch.Tensor, nn.Parameter):
-            raise DVDQuantError(f"{source}: layer {name} holds its weight as {type(w).__name__}, another node pack's "
-                                "quantized format (e.g. GGUF), not float weights DVD-Quant can read. Load the "
-                                "model's original .safetensors with 'Load Diffusion Model' (or pick it in DVD-Quant "
-                                "Loader); quantizing already-quantized weights would also compound their rounding.")
+            raise DVDQuantError(f"{source}: layer {name} holds its weight as {type(w).__name__}, a quantized tensor "
+                                "format (e.g. GGUF's, or a ComfyUI version newer than this pack knows), not float "
+                                "weights DVD-Quant can read. Load the model's original bf16/fp16 (or fp8) "
+                                ".safetensors with 'Load Diffusion Model' (or pick it in DVD-Quant Loader); "
+                                "re-quantizing quantized weights would also compound their rounding.")
 
 
 def computed_weight(linear):
