@@ -2,6 +2,12 @@
 
 The input is read memory-mapped and the output is written tensor by tensor, so a 14B model never
 needs its full size in RAM; only the quantized output's header is planned up front.
+
+ComfyUI's "fp8_scaled" files (a `scaled_fp8` marker key; each Linear weight stored in fp8 divided by
+its `<layer>.scale_weight`) are read as the weights they stand for: weight * scale_weight is what
+gets quantized, the Linear weights left unquantized are written as those float32 products, and
+the marker and scale keys are dropped, so the output is a plain DVD-Quant file. 8-bit float biases
+of quantized layers are written in float32 (QuantLinear keeps them so).
 """
 import time
 
@@ -26,6 +32,11 @@ def detect_arch(keys) -> str:
     return ""
 
 
+def _scale_key(name: str, scale_keys: dict):
+    """The file key of a Linear weight's scale_weight in an fp8_scaled file, else None."""
+    return scale_keys.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+
+
 def _strip(key: str) -> str:
     for p in _PREFIXES:
         if key.startswith(p):
@@ -45,6 +56,10 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             raise ValueError(f"{src} is already a DVD-Quant file; quantize the original model instead")
         keys = list(f.keys())
         names = {k: _strip(k) for k in keys}
+        scaled = "scaled_fp8" in names.values()
+        scale_keys = {names[k][: -len(".scale_weight")]: k for k in keys if scaled and names[k].endswith(".scale_weight")}
+        if scaled:  # the marker and the per-layer scales are consumed here, not written
+            keys = [k for k in keys if names[k] != "scaled_fp8" and not names[k].endswith((".scale_weight", ".scale_input"))]
         arch = detect_arch(names.values())
         if not arch and not allow_unknown_arch:
             raise ValueError(f"{src} does not look like a Wan 2.1/2.2 or HunyuanVideo diffusion model in ComfyUI's key "
@@ -59,7 +74,7 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             if n.endswith(".weight") and len(shape) == 2:
                 spec = layer_spec(config, n[: -len(".weight")], shape[1])
             if spec is None:
-                plan[n] = (dtype, shape)
+                plan[n] = (torch.float32 if _scale_key(n, scale_keys) else dtype, shape)
                 continue
             layer = n[: -len(".weight")]
             specs[k] = (layer, spec)
@@ -69,11 +84,14 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             plan[layer + ".w_scale"] = (torch.float32, (out_f,))
             plan[layer + ".w_zero"] = (torch.uint8, (out_f,))
             if spec.method == "smoothquant":
-                plan[n] = (dtype, shape)
+                plan[n] = (torch.float32 if _scale_key(n, scale_keys) else dtype, shape)
             has_bias = any(names[b] == layer + ".bias" for b in keys)
             layers[layer] = {"in": in_f, "out": out_f, "bias": has_bias, **spec.to_dict()}
         if not layers:
             raise ValueError(f"no layer of {src} matches include={list(config.include)}")
+        for layer in layers:  # an fp8 bias of a quantized layer: float32, as QuantLinear keeps it
+            if layer + ".bias" in plan and plan[layer + ".bias"][0].itemsize == 1:
+                plan[layer + ".bias"] = (torch.float32, plan[layer + ".bias"][1])
         # the plan must list keys in the order they are written: quantized layers' keys where their weight was
         ordered = {}
         for k in keys:
@@ -90,7 +108,11 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             for k in keys:
                 t = f.get_tensor(k)
                 bytes_in += t.numel() * t.element_size()
+                sk = _scale_key(names[k], scale_keys)
+                if sk:  # fp8_scaled: the weight it stands for
+                    t = t.float() * f.get_tensor(sk).float()
                 if k not in specs:
+                    t = t.to(ordered[names[k]][0])
                     writer.write(names[k], t)
                     bytes_out += t.numel() * t.element_size()
                     continue
@@ -101,7 +123,7 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
                     writer.write(layer + suffix, v.cpu())
                     bytes_out += v.numel() * v.element_size()
                 if spec.method == "smoothquant":
-                    writer.write(names[k], t)
+                    writer.write(names[k], t.to(ordered[names[k]][0]))
                 done += 1
                 if progress is not None:
                     progress(done, len(specs), layer)

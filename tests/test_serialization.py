@@ -138,6 +138,38 @@ def test_cli_quantize_matches_quantize_model(tmp_path, capsys):
     assert "not a DVD-Quant file" in capsys.readouterr().err
 
 
+def test_cli_reads_an_fp8_scaled_file_as_the_weights_it_stands_for(tmp_path):
+    """ComfyUI's fp8_scaled form (as its Wan files): each Linear weight in fp8 divided by its
+    scale_weight, a scaled_fp8 marker, fp8 biases. The CLI quantizes weight * scale_weight (the codes
+    equal those of that float weight), writes the unquantized Linear weights as those products in
+    float32 and drops the marker and the scale keys: a plain DVD-Quant file."""
+    sd = _wan_like_state_dict()
+    scaled = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for k, t in sd.items():
+        if k.endswith(".weight") and t.ndim == 2:
+            s = t.float().abs().amax() / 448
+            scaled[k], scaled[k[:-6] + "scale_weight"] = (t.float() / s).to(torch.float8_e4m3fn), s.reshape(())
+            scaled[k[:-6] + "scale_input"] = torch.ones(())
+        else:
+            scaled[k] = t.to(torch.float8_e4m3fn) if k.endswith(".bias") else t
+    src, dst = tmp_path / "wan_fp8_scaled.safetensors", tmp_path / "wan_dvdq.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in scaled.items()}, src)
+    assert cli_main(["quantize", str(src), str(dst), "--device", "cpu"]) == 0
+    from safetensors import safe_open
+    with safe_open(str(dst), "pt") as f:
+        keys = set(f.keys())
+        assert not any(k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input")) for k in keys), keys
+        real = scaled["head.head.weight"].float() * scaled["head.head.scale_weight"]
+        assert f.get_tensor("head.head.weight").dtype == torch.float32 and torch.equal(f.get_tensor("head.head.weight"), real)
+        assert f.get_tensor("blocks.0.self_attn.q.bias").dtype == torch.float32
+        lin = torch.nn.Linear(64, 64)
+        lin.weight.data = scaled["blocks.0.self_attn.q.weight"].float() * scaled["blocks.0.self_attn.q.scale_weight"]
+        spec = dq.LayerSpec.from_dict(dq.read_metadata(dst)["layers"]["blocks.0.self_attn.q"])
+        q, _ = dq.QuantLinear.from_linear(lin, spec, dq.BitState())
+        assert torch.equal(f.get_tensor("blocks.0.self_attn.q.qweight"), q.qweight)
+        assert torch.equal(f.get_tensor("blocks.0.self_attn.q.w_scale"), q.w_scale)
+
+
 def test_writer_refuses_unplanned_tensor(tmp_path):
     from dvdq_core.serialization import SafetensorsWriter
     w = SafetensorsWriter(tmp_path / "x.safetensors", {"a": (torch.float32, (2,))}, {})

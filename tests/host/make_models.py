@@ -83,13 +83,16 @@ MODELS = {  # file name -> (kind, seed)
 def scaled_fp8(sd: dict) -> dict:
     """ComfyUI's "fp8_scaled" checkpoint form (the Wan files it distributes): each Linear's weight (the 2-D
     ones; the embeddings and head too, which stay unquantized) as float8_e4m3fn divided by a per-tensor
-    `scale_weight`, and the `scaled_fp8` marker key."""
+    `scale_weight`, its bias in fp8 (what ComfyUI's scaled ops hold it as), and the `scaled_fp8` marker."""
     out = dict(sd)
     for k, t in sd.items():
         if k.endswith(".weight") and t.ndim == 2:
             scale = t.float().abs().amax() / 448.0
             out[k] = (t.float() / scale).to(torch.float8_e4m3fn)
             out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+            bias = k[:-len("weight")] + "bias"
+            if bias in sd:
+                out[bias] = sd[bias].to(torch.float8_e4m3fn)
     out["scaled_fp8"] = torch.zeros(1, dtype=torch.float8_e4m3fn)
     return out
 

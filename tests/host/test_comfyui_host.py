@@ -189,10 +189,13 @@ def test_hunyuan_saved_copy_and_arq_overrides(server):
     assert summary["layers"] == events(full, "dvdq.quant_summary")[0]["layers"] - 2
 
 
-@pytest.mark.parametrize("name,cond,cfg", [(T2V, None, 5.0), ("tiny_hunyuan_video_t2v.safetensors", HY_COND, 1.0)])
-def test_cli_quantized_file_loads_in_comfyui(server, name, cond, cfg):
+@pytest.mark.parametrize("name,cond,cfg,bits", [(T2V, None, 5.0, 8), ("tiny_hunyuan_video_t2v.safetensors", HY_COND, 1.0, 8),
+                                               ("tiny_wan2.1_t2v_fp8_scaled.safetensors", None, 5.0, 16)])
+def test_cli_quantized_file_loads_in_comfyui(server, name, cond, cfg, bits):
     """A file from `python -m dvdq_core quantize` (no ComfyUI involved) loads as dvdq/<file> and gives the
-    Loader's own result."""
+    Loader's own result; also from an fp8_scaled file (compared with 16-bit activations: its unquantized
+    layers are float32 products in the file and ComfyUI's scaled ops in the Loader, 1e-7 apart, ties
+    that 8-bit codes would amplify)."""
     import subprocess
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -200,10 +203,10 @@ def test_cli_quantized_file_loads_in_comfyui(server, name, cond, cfg):
     src = os.path.join(server.base_dir, "models", "diffusion_models", name)
     subprocess.run([sys.executable, "-m", "dvdq_core", "quantize", src, out], check=True, cwd=repo,
                    capture_output=True)
-    kw = {"cond": cond} if cond else {}
-    own = latent(server, run_ok(server, quant_graph("cli_own_" + name[:-12], name=name, mode="fixed", cfg=cfg, **kw))[0])
-    cli = latent(server, run_ok(server, quant_graph("cli_" + name[:-12], name="dvdq/cli_" + name, mode="fixed",
-                                                    cfg=cfg, **kw))[0])
+    kw = dict(cond=cond) if cond else {}
+    kw.update(mode="fixed", fixed_bits=bits, a_high=bits, cfg=cfg)
+    own = latent(server, run_ok(server, quant_graph("cli_own_" + name[:-12], name=name, **kw))[0])
+    cli = latent(server, run_ok(server, quant_graph("cli_" + name[:-12], name="dvdq/cli_" + name, **kw))[0])
     assert rel(cli, own) < 1e-3
 
 
