@@ -16,6 +16,7 @@ opaque call with a known output shape instead of tracing the launches.
 """
 
 import functools
+import re
 import sys
 
 import torch
@@ -30,6 +31,7 @@ __all__ = ["linear_forward", "unsupported_reason", "norm_rope", "modulated_norm"
 
 _SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
 MIN_CAPABILITY = (8, 0)
+MIN_TRITON = (3, 1)
 
 
 def _on_input_device(fn):
@@ -142,6 +144,7 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
                          share, pow2, gelu)
 
 
+@functools.lru_cache(maxsize=None)  # asked on every forward; the answer holds for the process
 def _triton_missing(platform: str = sys.platform):
     try:
         import triton  # noqa: F401
@@ -152,6 +155,11 @@ def _triton_missing(platform: str = sys.platform):
                     "matches your PyTorch (see that project's README; the kernels are tested on Linux only), "
                     "or use the reference backend")
         return why + "; install triton>=3.1 (the version that matches your PyTorch) or use the reference backend"
+    import triton
+    version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_TRITON:  # the kernels would fail to compile deep inside Triton instead
+        return (f"triton {triton.__version__} is older than the {MIN_TRITON[0]}.{MIN_TRITON[1]} the kernels need; "
+                "update PyTorch (it brings its Triton) or use the reference backend")
     return None
 
 

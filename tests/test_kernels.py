@@ -520,6 +520,10 @@ def test_imports_without_triton():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    old = ("import sys, types; sys.modules['triton'] = types.SimpleNamespace(__version__='3.0.0'); import kernels;"
+           "print(kernels._triton_missing())")
+    out_old = subprocess.run([sys.executable, "-c", old], cwd=root, capture_output=True, text=True, timeout=120)
+    assert "triton 3.0.0 is older than the 3.1 the kernels need" in out_old.stdout, out_old.stderr
     linux, windows = out.stdout.splitlines()[-2:]
     assert "triton is not importable" in linux and "install triton>=3.1" in linux
     assert "triton is not importable" in windows and "install `triton-windows` into ComfyUI's Python" in windows
