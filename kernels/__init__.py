@@ -147,15 +147,15 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)  # asked on every forward; the answer holds for the process
 def _triton_missing(platform: str = sys.platform):
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # ImportError, or a broken install
         why = f"triton is not importable ({type(exc).__name__}: {exc})"
         if platform == "win32":  # no `triton` wheel for Windows: its community build is what ComfyUI users install
             return (why + "; on Windows install `triton-windows` into ComfyUI's Python, in the version that "
                     "matches your PyTorch (see that project's README; the kernels are tested on Linux only), "
                     "or use the reference backend")
-        return why + "; install triton>=3.1 (the version that matches your PyTorch) or use the reference backend"
-    import triton
+        return (why + f"; install triton>={MIN_TRITON[0]}.{MIN_TRITON[1]} (the version that matches your PyTorch) or "
+                "use the reference backend")
     version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
     if version < MIN_TRITON:  # the kernels would fail to compile deep inside Triton instead
         return (f"triton {triton.__version__} is older than the {MIN_TRITON[0]}.{MIN_TRITON[1]} the kernels need; "
