@@ -54,9 +54,10 @@ def host_forward_mismatch(cls, expected) -> str | None:
 
 
 def plain_norm(norm: nn.Module) -> bool:
-    """A norm whose weight the host neither casts nor patches (no low-VRAM offload, no LoRA on it)."""
-    return not (getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None)
-                or getattr(norm, "bias_function", None))
+    """A norm whose weight the host does not patch (no LoRA or other weight function on it). A weight the
+    host only casts (ComfyUI's manual_cast layers: fp8 storage, low-VRAM offload) is fine: the fused
+    forwards cast it to the input's dtype and device themselves, as the host's cast does."""
+    return not (getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None))
 
 
 def bare_layer_norm(norm: nn.Module, x) -> bool:

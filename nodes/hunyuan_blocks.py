@@ -64,7 +64,7 @@ def _modulated(norm: nn.Module, x, mod, dims):
     return _HOST["apply_mod"](norm(x), 1 + mod.scale, mod.shift, dims)
 
 
-_PATCHED_NORMS = "q/k norms that ComfyUI casts or patches (low-VRAM offload, a LoRA on them)"
+_PATCHED_NORMS = "q/k norms that ComfyUI patches (a LoRA on them)"
 
 
 def _qk_weights(qk_norm: nn.Module):
@@ -137,6 +137,7 @@ def _fused_class(cls, kind: str, host):
                 img_qkv = self.img_attn.qkv(_modulated(self.img_norm1, img, img_mod1, dims_i))
                 txt_qkv = self.txt_attn.qkv(_modulated(self.txt_norm1, txt, txt_mod1, dims_t))
                 c, h = img_qkv.shape[-1] // 3, self.num_heads
+                iw, tw = [w.to(img_qkv) for w in iw], [w.to(txt_qkv) for w in tw]  # as the host's rms_norm casts
                 q = head_norm_rope(img_qkv[..., :c], iw[0], RMS_EPS, pe, h, txt_qkv[..., :c], tw[0])
                 k = head_norm_rope(img_qkv[..., c:2 * c], iw[1], RMS_EPS, pe, h, txt_qkv[..., c:2 * c], tw[1])
                 v = torch.cat((_v(img_qkv, h), _v(txt_qkv, h)), dim=2)
@@ -168,6 +169,7 @@ def _fused_class(cls, kind: str, host):
                 qkv, mlp = torch.split(self.linear1(_modulated(self.pre_norm, x, mod, modulation_dims)),
                                        [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
                 c, h = self.hidden_size, self.num_heads
+                w = [t.to(qkv) for t in w]  # as the host's rms_norm casts
                 q = head_norm_rope(qkv[..., :c], w[0], RMS_EPS, pe, h)
                 k = head_norm_rope(qkv[..., c:2 * c], w[1], RMS_EPS, pe, h)
                 attn = _attention(host, q, k, _v(qkv, h), attn_mask, transformer_options)

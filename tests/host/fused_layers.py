@@ -39,6 +39,8 @@ def counted(module, name):
         CALLS[name] = CALLS.get(name, 0) + 1
         if name == "gated_residual":  # how many modulation vectors per sample (frames)
             CALLS["gate_vectors"] = sorted(set(CALLS.get("gate_vectors", [])) | {a[2].shape[1]})
+        if name == "norm_rope":  # the q/k norm inside the kernel (with its weight), not the host's before it
+            CALLS["norm_rope_weighted"] = CALLS.get("norm_rope_weighted", 0) + (a[1] is not None)
         return real(*a, **k)
     setattr(module, name, wrapper)
 
@@ -65,8 +67,10 @@ def subclasses_elsewhere(m):
                 mod.__class__ = sub
 
 
-def wan_fused(kind, dtype, quantize, elsewhere=False):
-    m = build_module(kind)
+def wan_fused(kind, dtype, quantize, elsewhere=False, cast=False):
+    """cast: ComfyUI's manual_cast layers (every weight cast at each call: fp8 storage, weight_dtype)."""
+    import comfy.ops
+    m = build_module(kind, comfy.ops.manual_cast) if cast else build_module(kind)
     m.load_state_dict(randomize(m.state_dict(), 0))
     if elsewhere:
         subclasses_elsewhere(m)
@@ -177,6 +181,7 @@ out["wan"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}":
                                              ("wan22_5b", torch.bfloat16, False)]}
 out["wan"]["wan21_t2v/bfloat16/subclasses in another pack"] = wan_fused("wan21_t2v", torch.bfloat16, False,
                                                                         elsewhere=True)
+out["wan"]["wan21_t2v/bfloat16/manual_cast layers"] = wan_fused("wan21_t2v", torch.bfloat16, True, cast=True)
 out["hunyuan"] = {f"{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": hunyuan_fused(dtype, quantize)
                   for dtype, quantize in [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
                                           (torch.bfloat16, True)]}

@@ -40,23 +40,24 @@ def randomize(sd: dict, seed: int) -> dict:
     return out
 
 
-def build_module(kind: str) -> torch.nn.Module:
-    """One of ComfyUI's own model classes at tiny size (weights not initialised: see build)."""
+def build_module(kind: str, ops=OPS) -> torch.nn.Module:
+    """One of ComfyUI's own model classes at tiny size (weights not initialised: see build); ops: the
+    layer classes (ComfyUI's manual_cast ones cast every weight at each call, as for fp8 storage)."""
     if kind == "wan21_t2v":
-        m = WanModel(model_type="t2v", in_dim=16, out_dim=16, operations=OPS, **WAN)
+        m = WanModel(model_type="t2v", in_dim=16, out_dim=16, operations=ops, **WAN)
     elif kind == "wan21_i2v":
-        m = WanModel(model_type="i2v", in_dim=36, out_dim=16, operations=OPS, **WAN)
+        m = WanModel(model_type="i2v", in_dim=36, out_dim=16, operations=ops, **WAN)
     elif kind == "wan22_5b":
-        m = WanModel(model_type="t2v", in_dim=48, out_dim=48, operations=OPS, **WAN)
+        m = WanModel(model_type="t2v", in_dim=48, out_dim=48, operations=ops, **WAN)
     elif kind == "hunyuan_video":
         m = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
                          context_in_dim=4096, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1,
                          depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
-                         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=OPS)
+                         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=ops)
     elif kind == "flux":  # an image DiT ComfyUI knows: the Loader must refuse it before loading
         m = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=256, mlp_ratio=4.0,
                  num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-                 qkv_bias=True, guidance_embed=False, operations=OPS)
+                 qkv_bias=True, guidance_embed=False, operations=ops)
     else:
         raise ValueError(kind)
     return m

@@ -420,7 +420,8 @@ def test_fusions_find_comfyui_models(host_dir):
     for case, r in fused["wan"].items():
         assert (r["fused"], r["off"], r["again"], r["restored"]) == (4, None, 0, 4), case
         vectors = [2] if case.startswith("wan22_5b") else [1]  # Wan 2.2: per-frame timesteps, 2 latent frames
-        assert r["calls"] == {"norm_rope": 4, "modulated_norm": 4, "gated_residual": 4, "gate_vectors": vectors}, case
+        assert r["calls"] == {"norm_rope": 4, "norm_rope_weighted": 4, "modulated_norm": 4, "gated_residual": 4,
+                              "gate_vectors": vectors}, case
         assert r["equal"] and r["finite"], case
         if "another pack" in case:  # subclasses that keep the host's forwards, defined elsewhere
             assert {"DVDQTheirWanSelfAttention", "DVDQTheirWanAttentionBlock"} <= set(r["classes"]), case
