@@ -57,8 +57,9 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
         keys = list(f.keys())
         names = {k: _strip(k) for k in keys}
         scaled = "scaled_fp8" in names.values()
-        scale_keys = {names[k][: -len(".scale_weight")]: k for k in keys if scaled and names[k].endswith(".scale_weight")}
+        scale_keys = {}
         if scaled:  # the marker and the per-layer scales are consumed here, not written
+            scale_keys = {names[k][: -len(".scale_weight")]: k for k in keys if names[k].endswith(".scale_weight")}
             keys = [k for k in keys if names[k] != "scaled_fp8" and not names[k].endswith((".scale_weight", ".scale_input"))]
         arch = detect_arch(names.values())
         if not arch and not allow_unknown_arch:

@@ -207,7 +207,8 @@ def _gpu_reason(x: torch.Tensor, *others):
     if torch.version.hip is not None:
         return "ROCm GPUs are not supported by the kernels"
     # the card and what Triton compiles for (they differ under TRITON_OVERRIDE_ARCH): both must do
-    cap = min(torch.cuda.get_device_capability(x.device), ops._capability(x.device))
+    card = torch.cuda.get_device_capability(x.device)
+    cap = min(card, configs.target_capability(card))
     if cap < MIN_CAPABILITY:
         return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     return _triton_missing()

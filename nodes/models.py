@@ -102,7 +102,7 @@ def float_state_dict(dm) -> dict:
     so the file loads into ComfyUI's plain ops (they know no scale_weight)."""
     sd = dm.state_dict()
     for name, m in dm.named_modules():
-        w = computed_weight(m) if hasattr(m, "weight") else None
+        w = computed_weight(m)
         if w is not None:
             sd[name + ".weight"] = w
             sd.pop(name + ".scale_weight", None)
@@ -115,8 +115,8 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
 
     patched_weight(name) -> tensor or None gives a layer's weight with the MODEL's patches (LoRA)
     applied; it is called just before that layer is quantized, so only one patched float weight
-    exists at a time. Without it each layer's weight goes through ComfyUI's convert_weight where the
-    layer has one (computed_weight).
+    exists at a time. Where it gives None, the layer's weight goes through ComfyUI's convert_weight
+    if the layer has one (computed_weight).
     """
     import comfy.utils
     arch = video_dit_arch(base_model)
@@ -133,7 +133,9 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
         if i >= len(order):
             return
         lin = dm.get_submodule(order[i])
-        w = patched_weight(order[i]) if patched_weight is not None else computed_weight(lin)
+        w = patched_weight(order[i]) if patched_weight is not None else None
+        if w is None:
+            w = computed_weight(lin)
         if w is not None:
             lin.weight = nn.Parameter(w, requires_grad=False)
 
@@ -279,13 +281,9 @@ def apply_to_model(model, config, node_id):
     n.is_injected = False
     n.parent = None
 
-    def layer_weight(name):
+    def layer_weight(name):  # None without patches: quantize_base_model then converts as ComfyUI would
         key = "diffusion_model." + name + ".weight"
-        if key not in key_patches:
-            return None
-        if len(key_patches[key]) == 1:  # no patches: a float32 copy only where ComfyUI converts the stored weight
-            return computed_weight(new.diffusion_model.get_submodule(name))
-        return patched(key, stored=False)
+        return patched(key, stored=False) if len(key_patches.get(key, ())) > 1 else None
 
     quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
     check_no_patches_on_quantized(n)
