@@ -1,16 +1,8 @@
 """ComfyUI entry point of the DVD-Quant node pack.
 
-ComfyUI imports this folder as a package. The core (`dvdq_core`) is a plain top-level package, so
-the pack folder goes on sys.path first; our `nodes` package is imported relatively because ComfyUI
-has a top-level module of that name.
+ComfyUI imports this folder as a package; everything inside imports relatively (`nodes` ->
+`..dvdq_core`), so the pack never puts its folder on sys.path and cannot shadow another module.
 """
-import os
-import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
 WEB_DIRECTORY = "./web"
 
 if not __package__:

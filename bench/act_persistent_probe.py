@@ -12,7 +12,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import ops  # noqa: E402
+from dvdq_core.kernels import ops  # noqa: E402
 
 CONFIGS = [(8192, 4, 3, 0), (2048, 4, 3, 1), (2048, 4, 4, 1), (2048, 8, 4, 1), (2048, 4, 3, 2), (4096, 4, 3, 1),
            (4096, 8, 4, 1), (4096, 4, 3, 2), (8192, 4, 3, 1), (8192, 4, 3, 2), (8192, 4, 4, 2)]

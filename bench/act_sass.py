@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compile_targets import compile_sass  # noqa: E402  (bench/compile_targets.py)
-from kernels import _triton as kt, configs  # noqa: E402
+from dvdq_core.kernels import _triton as kt, configs  # noqa: E402
 
 K, SB, C, R, TG = 5120, 128, 128, 128, 128
 BM, WARPS, STAGES = configs.ACT_ELEMS_PER_TILE // C, configs.ACT_NUM_WARPS, configs.ACT_NUM_STAGES

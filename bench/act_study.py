@@ -24,8 +24,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import ops  # noqa: E402
-from kernels._triton import (EPS, _absmax_kernel, _clamp_round, _ceil_log2, _exp2i, _load_rotation,  # noqa: E402
+from dvdq_core.kernels import ops  # noqa: E402
+from dvdq_core.kernels._triton import (EPS, _absmax_kernel, _clamp_round, _ceil_log2, _exp2i, _load_rotation,  # noqa: E402
                              _pow2_exponents, _quantize_kernel, _quantize_pow2_kernel, _rotate_tile)
 
 

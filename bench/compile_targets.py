@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from kernels import _triton as kt, configs, ops  # noqa: E402
+from dvdq_core.kernels import _triton as kt, configs, ops  # noqa: E402
 
 CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
@@ -69,7 +69,7 @@ def compile_gluon_gemm(kind="chain", cfg=None, gelu=False):
     ptxas advisories, wgmma wait depths in SASS). It must keep one wgmma in flight (a wait depth
     of 1) and get no ptxas "wgmma ... serialized" advisory (C751x)."""
     from triton.experimental.gluon import language as gl
-    from kernels import _gluon as kg
+    from dvdq_core.kernels import _gluon as kg
     cfg = cfg or (configs.CHAIN_SM90 if kind == "chain" else configs.U8_SM90)
     bm, bn, bk = cfg["BM"], cfg["BN"], ops.layout_group(K, SB)
     a_lay = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)

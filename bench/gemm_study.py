@@ -27,7 +27,7 @@ import triton.language as tl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from kernels._triton import UNPACK_PTX  # noqa: E402
+from dvdq_core.kernels._triton import UNPACK_PTX  # noqa: E402
 
 SHAPES = [("qkvo", 5120, 5120), ("ffn1", 13824, 5120), ("ffn2", 5120, 13824)]
 M_TOKENS = 32760
@@ -298,7 +298,7 @@ def perm_h(k, bk, device):
 def run(args):
     from triton.testing import do_bench
     import torch.nn.functional as F
-    from kernels import ops, configs
+    from dvdq_core.kernels import ops, configs
 
     dev = "cuda"
     torch.manual_seed(0)

@@ -44,9 +44,9 @@ from triton.testing import do_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from kernels import ops  # noqa: E402
-from kernels._gluon import _tile_offsets  # noqa: E402
-from kernels._triton import UNPACK_PTX  # noqa: E402
+from dvdq_core.kernels import ops  # noqa: E402
+from dvdq_core.kernels._gluon import _tile_offsets  # noqa: E402
+from dvdq_core.kernels._triton import UNPACK_PTX  # noqa: E402
 from bench.compile_targets import compile_gluon, compile_gluon_gemm  # noqa: E402
 from bench.kernels import make_layer  # noqa: E402
 
@@ -397,7 +397,7 @@ def int_acc_section(m, dev):
     """The shipped Triton GEMM with and without ARQ's per-K-block promotion (AUTO_SCALE off = one
     int32 accumulation over all of K, the loop that power-of-two per-channel scales folded into the
     int8 codes would allow)."""
-    from kernels.configs import SM90_DEFAULT, _fast
+    from dvdq_core.kernels.configs import SM90_DEFAULT, _fast
     for name, n, k in SHAPES:
         layer = make_layer(n, k, dev)
         hb, sb = ops.effective_blocks(layer, k)

@@ -37,8 +37,8 @@ os.environ["DVDQ_REUSE_ACTIVATIONS"] = "0"
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import configs, ops  # noqa: E402
+from dvdq_core import kernels  # noqa: E402
+from dvdq_core.kernels import configs, ops  # noqa: E402
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: this file must not shadow kernels/
 from gpu_clock import ClockMonitor  # noqa: E402

@@ -75,18 +75,18 @@ def build(arch, dev):
 
 def pack_block_fusion(arch):
     """(fuse, unfuse) of the pack's fused block steps for arch (nodes/wan_blocks.py, nodes/hunyuan_blocks.py),
-    imported from a bare package named dvdq_nodes: a ComfyUI checkout on sys.path has a top-level `nodes`
-    module of its own, and the pack's nodes/__init__.py registers ComfyUI nodes (not wanted here)."""
+    imported from the repository as a package named dvdq_pack, the way ComfyUI imports the pack (its
+    modules import the core relatively; a ComfyUI checkout on sys.path has a top-level `nodes` of its own)."""
     import importlib
     import types
-    if "dvdq_nodes" not in sys.modules:
-        pkg = types.ModuleType("dvdq_nodes")
-        pkg.__path__ = [os.path.join(ROOT, "nodes")]
-        sys.modules["dvdq_nodes"] = pkg
+    if "dvdq_pack" not in sys.modules:
+        pkg = types.ModuleType("dvdq_pack")
+        pkg.__path__ = [ROOT]
+        sys.modules["dvdq_pack"] = pkg
     if arch.startswith("hunyuan"):
-        mod = importlib.import_module("dvdq_nodes.hunyuan_blocks")
+        mod = importlib.import_module("dvdq_pack.nodes.hunyuan_blocks")
         return mod.fuse_hunyuan, mod.unfuse_hunyuan
-    mod = importlib.import_module("dvdq_nodes.wan_blocks")
+    mod = importlib.import_module("dvdq_pack.nodes.wan_blocks")
     return mod.fuse_wan, mod.unfuse_wan
 
 
@@ -206,7 +206,7 @@ def main():
     from gpu_clock import ClockMonitor
     clock = ClockMonitor().__enter__()  # sampled until the end: a throttled run says so
     results = []
-    from kernels import ops
+    from dvdq_core.kernels import ops
     info = {"device": torch.cuda.get_device_name(), "compiled_for": ops._capability(dev), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), flush=True)

@@ -38,12 +38,12 @@ import triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "bench"))
-from kernels import configs, ops  # noqa: E402
+from dvdq_core.kernels import configs, ops  # noqa: E402
 from mma_ceiling import sustained  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait  # noqa: E402
-from kernels._gluon import _mma_layout, _store_tile, _tile_offsets  # noqa: E402
+from dvdq_core.kernels._gluon import _mma_layout, _store_tile, _tile_offsets  # noqa: E402
 
 
 @gluon.jit
@@ -169,7 +169,7 @@ def block_rows(dev, record, seconds, m=32760):
     """The 8-bit steps' GEMM (Triton, ARQ's per-block promotion) reading the int8 workspace (W8) instead
     of unpacking in its loop, at a few tiles (unpack pass included in the W8 times)."""
     from bench.kernels import make_layer
-    from kernels.configs import SM90_DEFAULT, _fast
+    from dvdq_core.kernels.configs import SM90_DEFAULT, _fast
     for name, n, k in SHAPES:
         layer = make_layer(n, k, dev)
         hb, sb = ops.effective_blocks(layer, k)

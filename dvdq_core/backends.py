@@ -1,10 +1,8 @@
 """Compute backends of QuantLinear: "reference" (PyTorch, any device, the ground truth) and
-"triton" (the GPU kernels in kernels/, registered when they load). "auto" picks triton where the
+"triton" (the GPU kernels in dvdq_core/kernels/, registered when they load). "auto" picks triton where the
 kernels support the layer and device, else the reference backend with a one-time warning saying why.
 """
-import importlib.util
-import os
-import sys
+import importlib
 import warnings
 
 import torch
@@ -60,21 +58,14 @@ register_backend("reference", reference_forward)
 
 
 def load_kernels():
-    """Import kernels/ as `dvdq_kernels` (a PyPI package named `kernels` exists and would shadow it)."""
+    """The core's Triton kernels (dvdq_core.kernels, imported relatively: the pack never puts its folder
+    on sys.path), or the reason they could not be loaded."""
     global _KERNELS
     if _KERNELS is None:
-        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
         try:
-            if "dvdq_kernels" not in sys.modules:
-                spec = importlib.util.spec_from_file_location(
-                    "dvdq_kernels", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules["dvdq_kernels"] = mod
-                spec.loader.exec_module(mod)
-            _KERNELS = sys.modules["dvdq_kernels"]
+            _KERNELS = importlib.import_module(".kernels", __package__)
             register_backend("triton", _KERNELS.linear_forward)
         except Exception as e:  # triton missing or broken: say so when a layer would have used it
-            sys.modules.pop("dvdq_kernels", None)
             _KERNELS = f"the Triton kernels could not be loaded ({type(e).__name__}: {e})"
     return _KERNELS
 

@@ -28,7 +28,7 @@ other batches, and any other dims, run the references (the host's loop).
 
 The `*_reference` functions are the host's ops (ComfyUI's formulas, same order, views and dtypes;
 `modulate` is flux's apply_mod, written out): the path on the CPU, bit for bit the host's; on a GPU the Triton
-kernels (kernels/) give the same values up to float rounding, and a call they cannot take uses the
+kernels (dvdq_core/kernels/) give the same values up to float rounding, and a call they cannot take uses the
 reference and says once why.
 
 Shapes: x, y [B, L, C]; shift, scale, gate [B, 1, C] in x's dtype (one vector per sample), or [B, 2, C]

@@ -12,7 +12,7 @@ writes its output once.
 
 The `*_reference` functions are the host's ops (ComfyUI's formulas): the ground truth, and the
 path on the CPU, where results are bit for bit the host's. On a GPU the Triton kernels
-(kernels/) give the same values up to float rounding; a call they cannot take uses the reference
+(dvdq_core/kernels/) give the same values up to float rounding; a call they cannot take uses the reference
 and says once why.
 
 Shapes: x, y [B, S, C]; shift, scale, gate [B, F, C] in x's dtype: one vector per sample (F = 1), or

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from dvdq_core import QuantLinear, quantized_layers
+from ..dvdq_core import QuantLinear, quantized_layers
 
 log = logging.getLogger("dvdq")
 
@@ -137,7 +137,7 @@ def gpu_bits_problem(config, reason_fn):
     reason_fn(spec, a_bits) -> None or why not (the kernels' unsupported_reason on a probe layer).
     Only bit-widths are refused; reference-only methods and options (the baselines) stay allowed.
     """
-    from dvdq_core import LayerSpec
+    from ..dvdq_core import LayerSpec
     spec = LayerSpec(w_bits=config.w_bits, a_bits=None, method="dvdq", had_block=128, scale_block=128,
                      rotate=True, auto_scale=True, granularity="block")
     for bits in sorted({config.a_low, config.a_high}):
@@ -157,7 +157,7 @@ def check_gpu_bits(config):
     import comfy.model_management as mm
     if mm.get_torch_device().type != "cuda":
         return
-    from dvdq_core.backends import load_kernels, triton_unsupported_reason
+    from ..dvdq_core.backends import load_kernels, triton_unsupported_reason
     if isinstance(load_kernels(), str):
         return  # kernels missing: the core warns once and uses the reference backend
     x = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)

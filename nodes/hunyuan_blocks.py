@@ -28,7 +28,7 @@ import sys
 import torch
 from torch import nn
 
-from dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
+from ..dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
 
 from .block_fusion import bare_layer_norm, fused_subclass, host_function_mismatch, plain_norm, restore_classes, \
     switched_off

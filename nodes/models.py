@@ -10,10 +10,10 @@ import uuid
 import torch
 from torch import nn
 
-from dvdq_core import load_quantized, quantize_model, quantized_layers, read_metadata, save_quantized
-from dvdq_core import set_activation_bits
-from dvdq_core.serialization import SAFETENSORS_DTYPES
-from dvdq_core.spec import layer_spec
+from ..dvdq_core import load_quantized, quantize_model, quantized_layers, read_metadata, save_quantized
+from ..dvdq_core import set_activation_bits
+from ..dvdq_core.serialization import SAFETENSORS_DTYPES
+from ..dvdq_core.spec import layer_spec
 
 from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
                    guard_outer_sample, quant_device, video_dit_arch)

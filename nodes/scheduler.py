@@ -4,7 +4,7 @@ OUTER_SAMPLE wraps each sampling run (reset, or continue a split schedule; see s
 DIFFUSION_MODEL wraps each call of the diffusion model (pick the step's bits, observe the output).
 The wrapper functions only touch their arguments, so CI tests them with fake executors.
 """
-from dvdq_core import set_activation_bits
+from ..dvdq_core import set_activation_bits
 
 from .steps import BitScheduleHook
 

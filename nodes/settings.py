@@ -1,7 +1,7 @@
 """Widget values -> dvdq_core.QuantConfig (no ComfyUI imports, tested in CI)."""
-from dvdq_core import QuantConfig, parse_overrides
-from dvdq_core.activations import ACT_BITS as A_BITS
-from dvdq_core.config import GRANULARITIES as _GRANULARITIES, METHODS as _METHODS
+from ..dvdq_core import QuantConfig, parse_overrides
+from ..dvdq_core.activations import ACT_BITS as A_BITS
+from ..dvdq_core.config import GRANULARITIES as _GRANULARITIES, METHODS as _METHODS
 
 METHODS = list(_METHODS)  # the core's choices, as lists for ComfyUI's dropdowns
 GRANULARITIES = list(_GRANULARITIES)

@@ -20,7 +20,7 @@ an interrupted run is never continued.
 import math
 from dataclasses import dataclass, field
 
-from dvdq_core import BitSwitch
+from ..dvdq_core import BitSwitch
 
 
 def sigmas_close(a: float, b: float, rel: float = 1e-4, abs_tol: float = 1e-7) -> bool:

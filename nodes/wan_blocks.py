@@ -22,7 +22,7 @@ import sys
 import torch
 from torch import nn
 
-from dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
+from ..dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
 
 from .block_fusion import bare_layer_norm, fused_subclass, host_forward_mismatch, plain_norm, restore_classes, \
     switched_off

@@ -12,7 +12,7 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
 
-import kernels  # noqa: E402,F401  (registers the ops)
+from dvdq_core import kernels  # noqa: E402,F401  (registers the ops)
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(5)

@@ -13,10 +13,11 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
 
-import kernels  # noqa: E402
-from kernels import ops  # noqa: E402
+from dvdq_core import kernels  # noqa: E402
+from dvdq_core.kernels import ops  # noqa: E402
 from dvdq_core import hunyuan_ops, wan_ops  # noqa: E402
 from gpu_checks import allocations_without_host_sync  # noqa: E402
+import pack  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(78)
@@ -451,7 +452,7 @@ def test_kernels_compile_for_all_targets():
     code = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']\n"
         "import compile_targets as ct\n"
-        "from kernels import _triton as kt, configs\n"
+        "from dvdq_core.kernels import _triton as kt, configs\n"
         "for cc in (80, 86, 89, 90):\n"
         "    for fn, types, consts in (\n"
         "        (kt._head_norm_rope_kernel, {'x_ptr': '*bf16', 'w_ptr': '*bf16', 'f_ptr': '*fp32', 'y_ptr': '*bf16',\n"
@@ -538,9 +539,9 @@ def test_node_patch_refuses_a_changed_host():
     real classes are checked against ComfyUI in tests/host); the eps of RMSNorm.forward is a constant
     there and is checked too. One switch turns the Wan and HunyuanVideo fusions off."""
     from torch import nn
-    from nodes import hunyuan_blocks as hb
-    from nodes import block_fusion as bf
-    from nodes import wan_blocks as wb
+    hb = pack.sub("hunyuan_blocks")
+    bf = pack.sub("block_fusion")
+    wb = pack.sub("wan_blocks")
 
     changed = {}  # host code with another eps, and an attention without the rotation (source: never called)
     exec("def rms_forward(self, x):\n    return comfy.ldm.common_dit.rms_norm(x, self.scale, 1e-5)\n"
@@ -564,7 +565,7 @@ def test_calls_for_the_host_forward_say_why_once(monkeypatch, caplog):
     once per reason (no silent slow path)."""
     import logging
     from types import SimpleNamespace
-    from nodes import hunyuan_blocks as hb
+    hb = pack.sub("hunyuan_blocks")
 
     def attention():
         return None

@@ -16,8 +16,8 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
 
-import kernels  # noqa: E402
-from kernels import configs, ops  # noqa: E402
+from dvdq_core import kernels  # noqa: E402
+from dvdq_core.kernels import configs, ops  # noqa: E402
 from dvdq_core import LayerSpec, QuantLinear  # noqa: E402
 from dvdq_core.activations import POW2_OCTAVES, auto_scale, quantize_per_token  # noqa: E402
 from dvdq_core.backends import reference_forward  # noqa: E402
@@ -503,7 +503,7 @@ def test_gluon_gemm_failure_falls_back_loudly_once(monkeypatch):
 
 
 def test_pow2_constants_match_the_core():
-    """kernels/ imports nothing from the core, so it repeats these two numbers."""
+    """dvdq_core/kernels imports nothing else of the core, so it repeats these two numbers."""
     from dvdq_core import activations as core
     assert (ops.POW2_BITS, ops.POW2_OCTAVES) == (core.POW2_BITS, core.POW2_OCTAVES)
 
@@ -515,12 +515,12 @@ def test_weight_bits_reason():
 
 
 def test_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None; import kernels, torch; from types import SimpleNamespace as S;"
+    code = ("import sys; sys.modules['triton'] = None; from dvdq_core import kernels; import torch; from types import SimpleNamespace as S;"
             "print(kernels._triton_missing('linux')); print(kernels._triton_missing('win32'))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    old = ("import sys, types; sys.modules['triton'] = types.SimpleNamespace(__version__='3.0.0'); import kernels;"
+    old = ("import sys, types; sys.modules['triton'] = types.SimpleNamespace(__version__='3.0.0'); from dvdq_core import kernels;"
            "print(kernels._triton_missing())")
     out_old = subprocess.run([sys.executable, "-c", old], cwd=root, capture_output=True, text=True, timeout=120)
     assert "triton 3.0.0 is older than the 3.1 the kernels need" in out_old.stdout, out_old.stderr
@@ -537,7 +537,7 @@ def test_override_arch_runs_the_ampere_ada_code_path(arch):
     Triton lowers for that architecture (mma.sync, no wgmma) and assembles for the card in hand, and
     the launch choices follow (no Gluon GEMM, no workspace). The results are checked by running this
     whole file that way (tests/README.md); here: that the override really changes the code."""
-    code = ("import sys, torch; sys.path.insert(0, '.'); from kernels import ops, _triton as kt;"
+    code = ("import sys, torch; sys.path.insert(0, '.'); from dvdq_core.kernels import ops, _triton as kt;"
             "from dvdq_core.backends import reference_forward;"
             "g = torch.Generator().manual_seed(0); d = 'cuda';"
             "x = torch.randn(9000, 256, generator=g).to(torch.bfloat16).to(d);"
@@ -631,7 +631,7 @@ def test_activation_reuse():
     with torch.no_grad():
         ya = kernels.linear_forward(a, x, 8)
         yb = kernels.linear_forward(b, x, 8)
-        owners = [m for m in (sys.modules.get("kernels.ops"), sys.modules.get("dvdq_kernels.ops")) if m]
+        owners = list({id(m): m for n, m in list(sys.modules.items()) if n.endswith("dvdq_core.kernels.ops")}.values())
         assert any(m._last[1] is x for m in owners)  # the op runs in whichever copy registered it
         assert rel_err(yb, reference_forward(b, x, 8)) < 4e-3
         x.mul_(3.0)
@@ -655,7 +655,7 @@ def test_activation_reuse_inference_mode(monkeypatch):
     q, k, v, o = (make_layer(n, 128) for n in (40, 56, 24, 32))
     q.shares_input = k.shares_input = SHARE_MEMBER
     v.shares_input = SHARE_LAST
-    owners = [m for m in (sys.modules.get("kernels.ops"), sys.modules.get("dvdq_kernels.ops")) if m]
+    owners = list({id(m): m for n, m in list(sys.modules.items()) if n.endswith("dvdq_core.kernels.ops")}.values())
     calls = []
     for m in owners:
         real = m.quantize_activations
@@ -675,7 +675,7 @@ def test_activation_reuse_inference_mode(monkeypatch):
 
 def test_gelu_constants():
     """The epilogue's GELU constants are the tanh form's, folded with log2(e) for exp2."""
-    from kernels import _triton
+    from dvdq_core.kernels import _triton
     c1 = 2 * math.sqrt(2 / math.pi) * math.log2(math.e)
     assert _triton.GELU_C1.value == pytest.approx(c1, rel=1e-15)
     assert _triton.GELU_C2.value == pytest.approx(c1 * 0.044715, rel=1e-15)

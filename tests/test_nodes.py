@@ -11,24 +11,7 @@ from torch import nn
 
 from dvdq_core import QuantConfig, get_bit_state, quantize_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "ComfyUI-DVD-Quant"  # ComfyUI imports the pack under its folder name
-
-
-def load_pack():
-    """Import the repository root the way ComfyUI imports a custom-node folder."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[PACK]
-
-
-def sub(name):
-    load_pack()
-    return importlib.import_module(f"{PACK}.nodes.{name}")
+from pack import PACK, ROOT, load_pack, sub  # noqa: E402
 
 
 # ---------------------------------------------------------------- schemas (docs/nodes.md)

@@ -11,10 +11,11 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
 
-import kernels  # noqa: E402
-from kernels import ops  # noqa: E402
+from dvdq_core import kernels  # noqa: E402
+from dvdq_core.kernels import ops  # noqa: E402
 from dvdq_core import wan_ops  # noqa: E402
 from gpu_checks import allocations_without_host_sync  # noqa: E402
+import pack  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(77)
@@ -253,8 +254,8 @@ def test_node_patch_refuses_a_changed_host_forward():
     """nodes/wan_blocks.py installs its versions of the host's forwards only where the host's forward has
     the signature and the names it copies (the real classes are checked against ComfyUI in tests/host)."""
     from torch import nn
-    from nodes import block_fusion as bf
-    from nodes import wan_blocks as wb
+    bf = pack.sub("block_fusion")
+    wb = pack.sub("wan_blocks")
 
     class OtherSignature(nn.Module):
         def forward(self, x, context, transformer_options={}, **kwargs):

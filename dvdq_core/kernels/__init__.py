@@ -49,7 +49,7 @@ def _on_input_device(fn):
 def _define_op():
     name = "dvdq::w4_linear"
     if hasattr(torch.ops.dvdq, "w4_linear"):  # imported a second time under another name
-        return torch.ops.dvdq.w4_linear  # (as kernels and dvdq_kernels): the first one serves
+        return torch.ops.dvdq.w4_linear  # (a second copy of the pack, e.g. tests): the first one serves
     op = torch.library.custom_op(name, mutates_args=())(_on_input_device(_w4_linear))
 
     @op.register_fake

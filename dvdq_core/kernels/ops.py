@@ -1,6 +1,6 @@
 """Host side: buffers, launches, and the torch custom op that wraps them.
 
-Only relative imports here (the core loads this package as `dvdq_kernels`). triton is imported on
+Only relative imports here, and nothing else of the core. triton is imported on
 first use, so importing the package needs neither triton nor a GPU.
 """
 import math
