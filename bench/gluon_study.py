@@ -406,7 +406,7 @@ def int_acc_section(m, dev):
         flops = 2.0 * m * n * k
         for cfg in (SM90_DEFAULT, _fast(64, 256, 128, 8, 4, split=2), _fast(64, 256, 128, 8, 3, split=2)):
             for auto in (True, False):
-                t = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                t = bench(lambda: ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                               torch.bfloat16, sb, auto, cfg))
                 print(f"  {name} triton {cfg.to_env():24s} {'block promotion' if auto else 'int32 over all K':16s} "
                       f"{t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
@@ -442,15 +442,15 @@ def main():
         if l is None:  # folded pow2 codes: the block-promotion rows below then use l = 1
             l = torch.ones(k // sb, device=dev)
         flops = 2.0 * m * n * k
-        ref = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
+        ref = ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
         w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         t = bench(lambda: F.linear(x, w16, layer.bias))
         print(f"{name} N={n} K={k}: bf16 F.linear {t * 1e3:.3f} ms ({flops / t / 1e12:.0f} TFLOP/s)")
-        t = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+        t = bench(lambda: ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                       torch.bfloat16, sb, True))
         print(f"  shipped triton GEMM        {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
-        ref_int = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, False)
-        t = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+        ref_int = ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, False)
+        t = bench(lambda: ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                       torch.bfloat16, sb, False))
         print(f"  shipped, no promotion      {t * 1e3:.3f} ms {flops / t / 1e12:6.0f} TOP/s")
         for bm, bn, w, st, mode in VARIANTS:
@@ -460,7 +460,7 @@ def main():
             auto = not (mode == "ws-int" or mode.startswith("chain"))
             want = ref if auto else ref_int
             try:
-                f = lambda: w4_gemm_gluon(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+                f = lambda: w4_gemm_gluon(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                           torch.bfloat16, sb, auto, BM=bm, BN=bn, num_warps=w, stages=st, mode=mode)
                 y = f()
                 torch.cuda.synchronize()

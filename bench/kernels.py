@@ -61,7 +61,7 @@ def bench(fn):
 def make_layer(n, k, dev, had_block=128, scale_block=128):
     from types import SimpleNamespace
     return SimpleNamespace(
-        qweight=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev),
+        weight=torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev),
         w_scale=torch.rand(n, device=dev) * 0.01 + 1e-3,
         w_zero=torch.randint(0, 16, (n,), dtype=torch.uint8, device=dev),
         bias=torch.randn(n, device=dev, dtype=torch.bfloat16), in_features=k, out_features=n, w_bits=4,
@@ -106,7 +106,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
         row[f"ours_a{bits}"] = bench(lambda: kernels.linear_forward(layer, x, bits))
     q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
     row["act"] = bench(lambda: ops.quantize_activations(x, hb, sb, 8, True))
-    row["gemm"] = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+    row["gemm"] = bench(lambda: ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                             torch.bfloat16, sb, True))
     row["ours_a16"] = bench(lambda: kernels.linear_forward(layer, x, 16))
     # granularity "pow2" (4-bit: per-channel power-of-two scales folded into the codes, no promotion)
@@ -115,14 +115,14 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     layer.granularity = "block"
     row["act_p4"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True))
     qp, sp_, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
-    row["gemm_p4"] = bench(lambda: ops.w4_gemm(qp, layer.qweight, layer.w_zero, layer.w_scale, None, sp_, layer.bias,
+    row["gemm_p4"] = bench(lambda: ops.w4_gemm(qp, layer.weight, layer.w_zero, layer.w_scale, None, sp_, layer.bias,
                                                torch.bfloat16, sb, False))
     del qp, sp_
     if args.sweep and model in args.sweep_models:
         sweep = {}
         for cfg in sweep_candidates(args, dev):
             try:
-                sweep[str(cfg)] = bench(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s,
+                sweep[str(cfg)] = bench(lambda: ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s,
                                                             layer.bias, torch.bfloat16, sb, True, cfg))
             except Exception as e:
                 sweep[str(cfg)] = f"{type(e).__name__}: {str(e)[:150]}"
@@ -169,7 +169,7 @@ def gemm_variants(m, n, k, dev):
     flag_sets = {"plain_unpack": {"ASM_UNPACK": False}, "asm": {"ASM_UNPACK": True}}
     for cfg in cfgs:
         for name, flags in flag_sets.items():
-            w = layer.qweight
+            w = layer.weight
             key = f"{name:15s} {cfg}"
             try:
                 t = bench(lambda: ops.w4_gemm(q, w, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16,
@@ -240,7 +240,7 @@ def chain_sweep(m, models, dev):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             x[:, :: max(1, k // 7)] *= 20
             q, s, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
-            args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+            args = (q, layer.weight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
             ref = ops.w4_gemm_chain(*args)
             for cfg in CHAIN_CANDIDATES:
                 key = f"{model} {name} " + ",".join(f"{v}" for v in cfg.values())

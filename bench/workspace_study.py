@@ -156,7 +156,7 @@ def crossover(dev, record, seconds):
         for m in CROSSOVER_M:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
-            args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+            args = (q, layer.weight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
             assert torch.equal(ops.w4_gemm_chain(*args), ops.w4_gemm_u8(*args))
             t_chain, _ = sustained(lambda: ops.w4_gemm_chain(*args), seconds)
             t_u8, seen = sustained(lambda: ops.w4_gemm_u8(*args), seconds)
@@ -175,7 +175,7 @@ def block_rows(dev, record, seconds, m=32760):
         hb, sb = ops.effective_blocks(layer, k)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
-        args = (q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
+        args = (q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
         ref = ops.w4_gemm(*args)
         for cfg in (SM90_DEFAULT, _fast(128, 128, 128, 8, 4), _fast(128, 128, 128, 8, 3), _fast(128, 64, 128, 4, 4),
                     _fast(64, 256, 128, 8, 3, split=2)):
@@ -199,8 +199,8 @@ def persistent_rows(dev, record, seconds, m=32760):
         hb, sb = ops.effective_blocks(layer, k)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         q, s, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
-        w8 = ops.unpack_weights(layer.qweight, layer.w_zero, ops.layout_group(k, sb))
-        args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+        w8 = ops.unpack_weights(layer.weight, layer.w_zero, ops.layout_group(k, sb))
+        args = (q, layer.weight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
         ref = ops.w4_gemm_u8(*args, w8=w8)
         flops = 2.0 * m * n * k
         t, seen = sustained(lambda: ops.w4_gemm_u8(*args, w8=w8), seconds)
@@ -236,18 +236,18 @@ def shape_rows(name, n, k, m, dev, record, seconds):
     t, seen = sustained(lambda: ops.quantize_activations(x, hb, sb, 8, True), seconds)
     record(name, "block activation kernels (8 bits)", t, 0, seen)
     bk = ops.layout_group(k, sb)
-    w8 = ops.unpack_weights(layer.qweight, layer.w_zero, bk)
-    t, seen = sustained(lambda: ops.unpack_weights(layer.qweight, layer.w_zero, bk, w8), seconds)
+    w8 = ops.unpack_weights(layer.weight, layer.w_zero, bk)
+    t, seen = sustained(lambda: ops.unpack_weights(layer.weight, layer.w_zero, bk, w8), seconds)
     record(name, "unpack to int8 workspace", t, 0, seen, f"{1.5 * n * k / t / 1e6:.0f} GB/s")
     q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
-    t, seen = sustained(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias,
+    t, seen = sustained(lambda: ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias,
                                             torch.bfloat16, sb, True), seconds)
     record(name, "Triton GEMM, block (8-bit steps)", t, flops, seen)
     q, s, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
-    gemm_args = (q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
-    ref = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False,
+    gemm_args = (q, layer.weight, layer.w_zero, layer.w_scale, s, layer.bias, torch.bfloat16, sb)
+    ref = ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False,
                       cfg=configs.SM90_DEFAULT)
-    t, seen = sustained(lambda: ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias,
+    t, seen = sustained(lambda: ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, None, s, layer.bias,
                                             torch.bfloat16, sb, False), seconds)
     record(name, "shipped w4_gemm (unpack incl.)", t, flops, seen)
     for bm, bn, w, st, kind in VARIANTS:

@@ -27,7 +27,7 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     """ARQ / baseline math of docs/design.md in float32."""
     x = x2d.float()
     if layer.method == "smoothquant":
-        w = layer.weight.float()
+        w = layer.float_weight.float()
         s = x.abs().amax(0).clamp_min(EPS).sqrt() / w.abs().amax(0).clamp_min(EPS).sqrt()
         x = x / s
         w = minmax_quantize(w * s, layer.w_bits).dequantize()

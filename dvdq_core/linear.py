@@ -57,12 +57,14 @@ class QuantLinear(nn.Module):
         self.shares_input = SHARE_NONE  # set by whoever knows the layer's name (input_sharing)
         self.act = None  # "gelu_tanh": the GELU after this layer is applied here (dvdq_core.fusion)
         packed_k = (in_features + 1) // 2 if spec.w_bits <= 4 else in_features
-        self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8, device=device))
+        # The packed codes are the layer's `weight`, as a host expects of a Linear: code that reads, moves,
+        # measures or offloads `weight` sees the real (packed) bytes; the math needs w_scale and w_zero too.
+        self.register_buffer("weight", torch.zeros(out_features, packed_k, dtype=torch.uint8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("w_zero", torch.zeros(out_features, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         if spec.method == "smoothquant":  # the baseline re-quantizes W * s every call
-            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
+            self.register_buffer("float_weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
 
     # attributes the backends read (design.md)
     w_bits = property(lambda self: self.spec.w_bits)
@@ -89,27 +91,27 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
         if spec.method == "smoothquant":
-            m.weight.copy_(linear.weight.detach())
+            m.float_weight.copy_(linear.weight.detach())
         return m, rel
 
     @torch.no_grad()
     def load_quantized_weight(self, qw: QuantizedWeight):
-        self.qweight.copy_(qw.codes)
+        self.weight.copy_(qw.codes)
         self.w_scale.copy_(qw.scale)
         self.w_zero.copy_(qw.zero)
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.w_scale.float(), self.w_zero, self.spec.w_bits,
+        return QuantizedWeight(self.weight, self.w_scale.float(), self.w_zero, self.spec.w_bits,
                                (self.out_features, self.in_features))
 
     def dequantized_weight(self) -> torch.Tensor:
         """D * (u - z): the rotated weight this layer multiplies with (float32)."""
-        u = unpack_codes(self.qweight, self.spec.w_bits, self.in_features).float()
+        u = unpack_codes(self.weight, self.spec.w_bits, self.in_features).float()
         return self.w_scale.float().unsqueeze(1) * (u - self.w_zero.float().unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
-        layer = self if self.qweight.device == x.device else _Moved(self, x.device)  # offloaded weights
+        layer = self if self.weight.device == x.device else _Moved(self, x.device)  # offloaded weights
         x2d = x.reshape(-1, self.in_features)
         y = get_backend(self.backend, layer, x2d, bits)(layer, x2d, bits)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -13,7 +13,11 @@ from .linear import BitState, QuantLinear, input_sharing
 from .model import quantized_layers
 from .spec import LayerSpec
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# Version 1 named a quantized layer's packed codes `qweight` (and the smoothquant baseline's float
+# weight `weight`); version 2 stores the codes as the layer's `weight`, as a host expects of a Linear.
+V1_NAMES = {"weight": "qweight", "float_weight": "weight"}
+READABLE_VERSIONS = ("1", FORMAT_VERSION)
 # safetensors' dtype names; also what the CLI and the ComfyUI loader read file headers with
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -101,9 +105,9 @@ def read_metadata(path) -> dict:
     if "dvdq.format_version" not in meta:
         raise ValueError(f"{os.path.basename(str(path))} is not a DVD-Quant file (no dvdq.format_version metadata); "
                          "quantize it with the DVD-Quant Loader or `python -m dvdq_core quantize` first")
-    if meta["dvdq.format_version"] != FORMAT_VERSION:
+    if meta["dvdq.format_version"] not in READABLE_VERSIONS:
         raise ValueError(f"{os.path.basename(str(path))} has DVD-Quant format version {meta['dvdq.format_version']}, "
-                         f"this version reads {FORMAT_VERSION}: update DVD-Quant or re-quantize the model")
+                         f"this version reads {', '.join(READABLE_VERSIONS)}: update DVD-Quant or re-quantize the model")
     return {"format_version": meta["dvdq.format_version"], "config": QuantConfig.from_json(meta["dvdq.config"]),
             "layers": json.loads(meta["dvdq.layers"]), "arch": meta.get("dvdq.arch", "")}
 
@@ -147,6 +151,14 @@ def load_quantized(model: nn.Module, path, backend: str | None = None) -> QuantC
     return config
 
 
+def file_key(key: str, layers, version: str) -> str:
+    """The name a model tensor has in a file of `version` (quantized layers' names changed in version 2)."""
+    layer, _, attr = key.rpartition(".")
+    if version == "1" and layer in layers and attr in V1_NAMES:
+        return f"{layer}.{V1_NAMES[attr]}"
+    return key
+
+
 def _fill(model, path, meta, file_keys, state, backend):
     modules = dict(model.named_modules())
     for name, entry in meta["layers"].items():
@@ -158,8 +170,9 @@ def _fill(model, path, meta, file_keys, state, backend):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in set(file_keys)]
-    extra = [k for k in file_keys if k not in expected]
+    names = {file_key(k, meta["layers"], meta["format_version"]): k for k in expected}
+    missing = [k for f, k in names.items() if f not in set(file_keys)]
+    extra = [k for k in file_keys if k not in names]
     if missing or extra:
         first = missing[0] if missing else extra[0]
         raise ValueError(f"file does not match the model: tensor {first!r} is "
@@ -167,8 +180,8 @@ def _fill(model, path, meta, file_keys, state, backend):
     assign = any(t.is_meta for t in expected.values())
     sd = {}
     with safe_open(str(path), framework="pt") as f:
-        for k in expected:  # the model's order: the first mismatch reported is the first in the model
-            t = f.get_tensor(k)
+        for fk, k in names.items():  # the model's order: the first mismatch reported is the first in the model
+            t = f.get_tensor(fk)
             if tuple(t.shape) != tuple(expected[k].shape):
                 raise ValueError(f"file does not match the model: tensor {k!r} has shape {tuple(t.shape)} in the file "
                                  f"but {tuple(expected[k].shape)} in the model")

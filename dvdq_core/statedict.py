@@ -81,11 +81,11 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             specs[k] = (layer, spec)
             out_f, in_f = shape
             packed_k = (in_f + 1) // 2 if spec.w_bits <= 4 else in_f
-            plan[layer + ".qweight"] = (torch.uint8, (out_f, packed_k))
+            plan[layer + ".weight"] = (torch.uint8, (out_f, packed_k))
             plan[layer + ".w_scale"] = (torch.float32, (out_f,))
             plan[layer + ".w_zero"] = (torch.uint8, (out_f,))
             if spec.method == "smoothquant":
-                plan[n] = (torch.float32 if _scale_key(n, scale_keys) else dtype, shape)
+                plan[layer + ".float_weight"] = (torch.float32 if _scale_key(n, scale_keys) else dtype, shape)
             has_bias = any(names[b] == layer + ".bias" for b in keys)
             layers[layer] = {"in": in_f, "out": out_f, "bias": has_bias, **spec.to_dict()}
         if not layers:
@@ -99,7 +99,7 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             n = names[k]
             if k in specs:
                 layer = specs[k][0]
-                for suffix in (".qweight", ".w_scale", ".w_zero") + ((".weight",) if specs[k][1].method == "smoothquant" else ()):
+                for suffix in (".weight", ".w_scale", ".w_zero") + ((".float_weight",) if specs[k][1].method == "smoothquant" else ()):
                     ordered[layer + suffix] = plan[layer + suffix]
             else:
                 ordered[n] = plan[n]
@@ -120,11 +120,11 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
                 layer, spec = specs[k]
                 qw, rel = quantize_weight(t, spec, device)
                 errs.append(rel)
-                for suffix, v in ((".qweight", qw.codes), (".w_scale", qw.scale), (".w_zero", qw.zero)):
+                for suffix, v in ((".weight", qw.codes), (".w_scale", qw.scale), (".w_zero", qw.zero)):
                     writer.write(layer + suffix, v.cpu())
                     bytes_out += v.numel() * v.element_size()
                 if spec.method == "smoothquant":
-                    writer.write(names[k], t.to(ordered[names[k]][0]))
+                    writer.write(layer + ".float_weight", t.to(ordered[layer + ".float_weight"][0]))
                 done += 1
                 if progress is not None:
                     progress(done, len(specs), layer)

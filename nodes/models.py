@@ -331,7 +331,7 @@ def load_prequantized(path, a_bits, node_id):
             shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:
         raise DVDQuantError(f"{fname} cannot be read ({e}); the file is damaged: save or download it again") from None
-    quant_suffixes = (".qweight", ".w_scale", ".w_zero")
+    quant_suffixes = (".weight", ".qweight", ".float_weight", ".w_scale", ".w_zero")  # format 2 and 1
     fake = {}
     float_dtypes = []
     for k, (shape, dt) in shapes.items():

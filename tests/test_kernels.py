@@ -44,7 +44,7 @@ def make_layer(n, k, *, method="dvdq", had_block=128, scale_block=128, bias=True
                      scale_block=effective_block(scale_block, k), rotate=rot,
                      auto_scale=method == "dvdq", granularity=granularity)
     layer = QuantLinear(k, n, spec, bias=bias, bias_dtype=dtype, state=BitState(8), backend="triton", device=DEV)
-    layer.qweight.copy_(torch.randint(0, 256, (n, k // 2), generator=GEN, dtype=torch.uint8))
+    layer.weight.copy_(torch.randint(0, 256, (n, k // 2), generator=GEN, dtype=torch.uint8))
     layer.w_zero.copy_(torch.randint(0, 16, (n,), generator=GEN, dtype=torch.uint8))
     layer.w_scale.copy_(torch.rand(n, generator=GEN) * 0.02 + 1e-3)
     if bias:
@@ -66,7 +66,7 @@ def rel_err(y, ref):
 def run_linear(layer, x, bits, cfg=None, **variant):
     """The kernels' forward into a NaN-poisoned output (so an unwritten element fails the check)."""
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=x.device)
-    y = ops.w4_linear_impl(x, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, bits, layer.had_block,
+    y = ops.w4_linear_impl(x, layer.weight, layer.w_scale, layer.w_zero, layer.bias, bits, layer.had_block,
                            layer.scale_block, layer.auto_scale, gemm_cfg=cfg, out=out,
                            pow2=layer.granularity == "pow2", gelu=layer.act == "gelu_tanh", **variant)
     assert y.data_ptr() == out.data_ptr()
@@ -402,7 +402,7 @@ def test_no_room_for_the_workspace_means_unpacking_in_the_loop(monkeypatch):
     x = activations(37, 256, torch.bfloat16)
     hb, sb = ops.effective_blocks(layer, 256)
     q, s, l = ops.quantize_activations(x, hb, sb, 8, True)
-    args = (q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
+    args = (q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, True)
     want = ops.w4_gemm(*args)
     monkeypatch.setattr(ops, "unpack_weights", no_room)
     monkeypatch.setattr(configs, "use_workspace", lambda *a: True)
@@ -411,7 +411,7 @@ def test_no_room_for_the_workspace_means_unpacking_in_the_loop(monkeypatch):
     monkeypatch.setattr(ops, "chain_gemm_applies", lambda *a: True)
     monkeypatch.setattr(ops, "w4_gemm_u8", lambda *a, **kw: seen.append("u8"))
     monkeypatch.setattr(ops, "w4_gemm_chain", lambda *a, **kw: seen.append("chain"))
-    ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False)
+    ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False)
     assert seen == ["chain"]
 
 
@@ -425,7 +425,7 @@ def test_triton_gemm_from_the_workspace_equals_unpacking_in_the_loop(m, n, k, au
     x = activations(m, k, torch.bfloat16)
     hb, sb = ops.effective_blocks(layer, k)
     q, s, l = ops.quantize_activations(x, hb, sb, 8, auto)
-    args = (q, layer.qweight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, auto)
+    args = (q, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias, torch.bfloat16, sb, auto)
     cfg = configs.SM90_DEFAULT if ON_GPU else configs.INTERPRETER_CONFIG
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
     got = ops.w4_gemm(*args, cfg=cfg, out=out, W8=True)
@@ -448,11 +448,11 @@ def test_gluon_gemms_equal_triton_gemm(path, m, n, k, dtype, bias, gelu):
     x = activations(m, k, dtype)
     sb = ops.effective_blocks(layer, k)[1]
     q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
-    assert ops.chain_gemm_applies(q, layer.qweight, False)
+    assert ops.chain_gemm_applies(q, layer.weight, False)
     gemm = ops.w4_gemm_chain if path == "chain" else ops.w4_gemm_u8
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
-    y = gemm(q, layer.qweight, layer.w_zero, layer.w_scale, s, layer.bias, dtype, sb, out=out, gelu=gelu)
-    y_triton = ops.w4_gemm(q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
+    y = gemm(q, layer.weight, layer.w_zero, layer.w_scale, s, layer.bias, dtype, sb, out=out, gelu=gelu)
+    y_triton = ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
                            cfg=configs.SM90_DEFAULT, gelu=gelu)
     assert y.data_ptr() == out.data_ptr() and torch.equal(y, y_triton)
 
@@ -482,7 +482,7 @@ def test_gluon_gemm_failure_falls_back_loudly_once(monkeypatch):
     x = activations(40, 192, torch.bfloat16)
     sb = ops.effective_blocks(layer, 192)[1]
     q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True)
-    args = (q, layer.qweight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False)
+    args = (q, layer.weight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False)
     want = ops.w4_gemm(*args, cfg=configs.INTERPRETER_CONFIG if not ON_GPU else configs.SM90_DEFAULT)
     monkeypatch.setattr(ops, "_gluon_state", [object()])
     monkeypatch.setattr(ops, "chain_gemm_applies", lambda *a: ops._gluon_state[0] is not None)

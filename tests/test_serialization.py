@@ -81,10 +81,30 @@ def test_wrong_version_and_non_dvdq_file(tmp_path):
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         dq.load_quantized(TinyModel(), garbage)
-    v2 = tmp_path / "v2.safetensors"
-    save_file({"a": torch.zeros(2)}, v2, metadata={"dvdq.format_version": "2"})
-    with pytest.raises(ValueError, match="format version 2"):
-        dq.load_quantized(TinyModel(), v2)
+    v3 = tmp_path / "v3.safetensors"
+    save_file({"a": torch.zeros(2)}, v3, metadata={"dvdq.format_version": "3"})
+    with pytest.raises(ValueError, match="format version 3, this version reads 1, 2"):
+        dq.load_quantized(TinyModel(), v3)
+
+
+def test_reads_format_1_files(tmp_path):
+    """Format 1 named the packed codes `qweight`; such files load to the same layers as format 2."""
+    from safetensors import safe_open
+    m = _quantized()
+    new = tmp_path / "v2.safetensors"
+    dq.save_quantized(m, new, dq.QuantConfig())
+    layers = {n for n, _ in dq.quantized_layers(m)}
+    with safe_open(str(new), "pt") as f:
+        meta = dict(f.metadata(), **{"dvdq.format_version": "1"})
+        old = {(k[:-len(".weight")] + ".qweight" if k[:-len(".weight")] in layers and k.endswith(".weight") else k):
+               f.get_tensor(k) for k in f.keys()}
+    assert any(k.endswith(".qweight") for k in old)
+    save_file(old, tmp_path / "v1.safetensors", metadata=meta)
+    a, b = TinyModel(), TinyModel()
+    dq.load_quantized(a, new)
+    dq.load_quantized(b, tmp_path / "v1.safetensors")
+    for k, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[k]), k
 
 
 def _wan_like_state_dict():
@@ -114,17 +134,19 @@ def test_cli_quantize_matches_quantize_model(tmp_path, capsys):
     from safetensors import safe_open
     with safe_open(str(dst), "pt") as f:
         keys = set(f.keys())
-        assert "blocks.1.ffn.0.weight" in keys and "blocks.0.ffn.0.weight" not in keys and "head.modulation" in keys
+        assert "blocks.1.ffn.0.w_scale" not in keys and "blocks.0.ffn.0.w_scale" in keys and "head.modulation" in keys
+        assert f.get_tensor("blocks.0.ffn.0.weight").dtype == torch.uint8  # packed codes
+        assert f.get_tensor("blocks.1.ffn.0.weight").dtype == torch.bfloat16
         # the same weight through quantize_model's path gives the same codes
         lin = torch.nn.Linear(64, 64)
         lin.weight.data = sd["blocks.0.self_attn.q.weight"].float()
         spec = dq.LayerSpec.from_dict(meta["layers"]["blocks.0.self_attn.q"])
         q, _ = dq.QuantLinear.from_linear(lin, spec, dq.BitState())
-        assert torch.equal(f.get_tensor("blocks.0.self_attn.q.qweight"), q.qweight)
+        assert torch.equal(f.get_tensor("blocks.0.self_attn.q.weight"), q.weight)
         assert f.get_tensor("blocks.0.self_attn.q.bias").dtype == torch.bfloat16
     assert cli_main(["inspect", str(dst)]) == 0
     out = capsys.readouterr().out
-    assert "DVD-Quant format 1, arch wan" in out and "10 quantized layers" in out
+    assert "DVD-Quant format 2, arch wan" in out and "10 quantized layers" in out
     # refuses to overwrite, refuses a non-DiT and a DVD-Quant input, with one clear line
     assert cli_main(["quantize", str(src), str(dst)]) == 2
     assert "exists" in capsys.readouterr().err
@@ -166,7 +188,7 @@ def test_cli_reads_an_fp8_scaled_file_as_the_weights_it_stands_for(tmp_path):
         lin.weight.data = scaled["blocks.0.self_attn.q.weight"].float() * scaled["blocks.0.self_attn.q.scale_weight"]
         spec = dq.LayerSpec.from_dict(dq.read_metadata(dst)["layers"]["blocks.0.self_attn.q"])
         q, _ = dq.QuantLinear.from_linear(lin, spec, dq.BitState())
-        assert torch.equal(f.get_tensor("blocks.0.self_attn.q.qweight"), q.qweight)
+        assert torch.equal(f.get_tensor("blocks.0.self_attn.q.weight"), q.weight)
         assert torch.equal(f.get_tensor("blocks.0.self_attn.q.w_scale"), q.w_scale)
 
 

@@ -85,7 +85,7 @@ def backend_used(model, dtype) -> str:
     layer = layers[0][1]
     if layer.backend == "reference":
         return "reference"
-    x = torch.zeros(1, layer.in_features, device=layer.qweight.device, dtype=dtype)
+    x = torch.zeros(1, layer.in_features, device=layer.weight.device, dtype=dtype)
     reason = triton_unsupported_reason(layer, x, 4)
     return "triton" if reason is None else f"reference ({reason})"
 

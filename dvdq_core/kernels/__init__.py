@@ -140,7 +140,7 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     auto_scale = bool(layer.auto_scale) and not (layer.granularity == "pow2-fast" and a_bits != ops.POW2_BITS)
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
     gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
-    return _w4_linear_op(x2d, layer.qweight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
+    return _w4_linear_op(x2d, layer.weight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
                          share, pow2, gelu)
 
 
@@ -182,8 +182,8 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
         return f"input width {k} != in_features {layer.in_features}"
     if k % 64:
         return f"in_features {k} is not a multiple of 64"
-    if layer.qweight.dtype != torch.uint8 or tuple(layer.qweight.shape) != (layer.out_features, (k + 1) // 2):
-        return "qweight is not packed 4-bit codes of shape [out_features, in_features / 2]"
+    if layer.weight.dtype != torch.uint8 or tuple(layer.weight.shape) != (layer.out_features, (k + 1) // 2):
+        return "the weight is not packed 4-bit codes of shape [out_features, in_features / 2]"
     for name, v in (("had_block", layer.had_block), ("scale_block", layer.scale_block)):
         v = int(v)
         if v < 1 or v & (v - 1):
