@@ -27,8 +27,10 @@ class FusedGELU(nn.Identity):
 
 
 def _adjacent(model: nn.Module):
-    """(Sequential, first child, name of the second, second child) for every adjacent pair of children."""
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+    """(Sequential, first child, name of the second, second child) for every adjacent pair of children of a
+    Sequential that runs its children in order. A subclass with a forward of its own may not call them all
+    (ComfyUI's newer WanFeedForward applies the GELU itself and skips the module), so it is left alone."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]:
         children = list(seq._modules.items())
         for (_, first), (name, second) in zip(children, children[1:]):
             yield seq, first, name, second

@@ -87,8 +87,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress=None, device=None) -> QuantReport:
-    """Replace every nn.Linear (subclasses included) that `config` selects, in place.
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress=None, device=None,
+                   layer_cls=QuantLinear) -> QuantReport:
+    """Replace every nn.Linear (subclasses included) that `config` selects, in place, by `layer_cls`
+    (QuantLinear or a subclass, e.g. one a host's memory manager knows as its own layer).
 
     Layers are quantized one at a time (on `device` if given, e.g. the GPU while the model sits on
     the CPU) and each float weight is released as soon as its replacement exists, so peak memory
@@ -115,7 +117,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
         t0 = time.perf_counter()
         linear = model.get_submodule(name)
         report.bytes_before += _tensor_bytes(linear)
-        q, rel = QuantLinear.from_linear(linear, spec, state, backend=config.backend, device=device)
+        q, rel = layer_cls.from_linear(linear, spec, state, backend=config.backend, device=device)
         q.shares_input = input_sharing(name)
         _set_submodule(model, name, q)
         del linear

@@ -113,10 +113,10 @@ def read_metadata(path) -> dict:
 
 
 @torch.no_grad()
-def load_quantized(model: nn.Module, path, backend: str | None = None) -> QuantConfig:
+def load_quantized(model: nn.Module, path, backend: str | None = None, layer_cls=QuantLinear) -> QuantConfig:
     """Load a file written by save_quantized (or the CLI) into a float model of the same architecture.
 
-    The listed Linear layers are replaced by QuantLinear shells and filled from the file, without
+    The listed Linear layers are replaced by `layer_cls` (QuantLinear or a subclass) shells and filled from the file, without
     running BGR. The model may live on the meta device (weights are then assigned from the file).
     Refuses a file that does not match the model, naming the first mismatching layer.
     """
@@ -141,7 +141,7 @@ def load_quantized(model: nn.Module, path, backend: str | None = None) -> QuantC
         file_keys = list(f.keys())
     originals = {name: modules[name] for name in meta["layers"]}
     try:
-        _fill(model, path, meta, file_keys, state, backend or config.backend)
+        _fill(model, path, meta, file_keys, state, backend or config.backend, layer_cls)
     except BaseException:  # leave the model as it was
         for name, m in originals.items():
             parent, _, child = name.rpartition(".")
@@ -159,20 +159,23 @@ def file_key(key: str, layers, version: str) -> str:
     return key
 
 
-def _fill(model, path, meta, file_keys, state, backend):
+def _fill(model, path, meta, file_keys, state, backend, layer_cls):
     modules = dict(model.named_modules())
     for name, entry in meta["layers"].items():
         m = modules[name]
-        q = QuantLinear(m.in_features, m.out_features, LayerSpec.from_dict(entry), bias=entry["bias"],
-                        bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, weight_dtype=m.weight.dtype,
-                        state=state, backend=backend, device=m.weight.device)
+        w = m.weight if m.weight is not None else torch.empty(0, device="meta")  # (a host may create it lazily)
+        q = layer_cls(m.in_features, m.out_features, LayerSpec.from_dict(entry), bias=entry["bias"],
+                      bias_dtype=m.bias.dtype if m.bias is not None else torch.float32, weight_dtype=w.dtype,
+                      state=state, backend=backend, device=w.device)
         q.shares_input = input_sharing(name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     expected = model.state_dict()
     names = {file_key(k, meta["layers"], meta["format_version"]): k for k in expected}
+    # parameters a host creates lazily (None until its own loader fills them from the state dict)
+    lazy = {f"{n}.{p}" if n else p for n, mod in model.named_modules() for p, t in mod._parameters.items() if t is None}
     missing = [k for f, k in names.items() if f not in set(file_keys)]
-    extra = [k for k in file_keys if k not in names]
+    extra = [k for k in file_keys if k not in names and k not in lazy]
     if missing or extra:
         first = missing[0] if missing else extra[0]
         raise ValueError(f"file does not match the model: tensor {first!r} is "
@@ -186,4 +189,6 @@ def _fill(model, path, meta, file_keys, state, backend):
                 raise ValueError(f"file does not match the model: tensor {k!r} has shape {tuple(t.shape)} in the file "
                                  f"but {tuple(expected[k].shape)} in the model")
             sd[k] = t
+        for k in lazy.intersection(file_keys):
+            sd[k] = f.get_tensor(k)
     model.load_state_dict(sd, strict=True, assign=assign)

@@ -8,10 +8,12 @@ its own, and only where the host's code still is what it follows (signature and 
 changed ComfyUI keeps its own forward (correct, only slower) and a warning says so.
 """
 import inspect
+import logging
 import os
 
 from torch import nn
 
+log = logging.getLogger("dvdq")
 SWITCHES = ("DVDQ_FUSE_BLOCKS", "DVDQ_FUSE_WAN")  # either =0 turns the fused block steps off (DVDQ_FUSE_WAN: earlier name)
 
 
@@ -32,9 +34,37 @@ def _names(code) -> set:
     return out
 
 
+def host_attr(module, dotted: str):
+    """module.<dotted> ("Class.forward"), or None where the host no longer has it in that form."""
+    obj = module
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+_SAID = set()
+
+
+def host_changed(family: str, why: str) -> str:
+    """Log once per host difference that a family's fused forwards are off; the UI's short reason."""
+    if (family, why) not in _SAID:
+        _SAID.add((family, why))
+        log.warning("DVD-Quant: ComfyUI's %s code differs from what the fused block steps follow (%s); they are off "
+                    "and the model runs ComfyUI's own forwards (correct, only slower). Please report the ComfyUI "
+                    "version.", family, why)
+    return f"ComfyUI's {family} code changed (see the log)"
+
+
 def host_function_mismatch(fn, expected, subject: str = "it") -> str | None:
     """None when the function has the expected (parameters, names[, constants it must hold]), else
-    what differs."""
+    what differs. Fails closed: anything that cannot be read as such a function is a difference."""
+    try:
+        return _mismatch(fn, expected, subject)
+    except Exception as e:  # not a Python function any more (None, a builtin, a C extension ...)
+        return f"{subject} cannot be checked ({type(e).__name__}: {e})"
+
+
+def _mismatch(fn, expected, subject):
     params, names, *consts = expected
     got = tuple(inspect.signature(fn).parameters)
     if got != params:
@@ -50,7 +80,7 @@ def host_function_mismatch(fn, expected, subject: str = "it") -> str | None:
 
 def host_forward_mismatch(cls, expected) -> str | None:
     """None when cls.forward has the expected (parameters, names), else what differs."""
-    return host_function_mismatch(cls.forward, expected, "its forward")
+    return host_function_mismatch(getattr(cls, "forward", None), expected, "its forward")
 
 
 def plain_norm(norm: nn.Module) -> bool:

@@ -1,4 +1,5 @@
-"""ComfyUI glue: errors, events, our model folder and file names, input checks, the LoRA guard.
+"""ComfyUI glue: errors, events, our model folder and file names, input checks, the layer class the
+host's memory manager knows, the guard against weight patches on packed layers.
 
 ComfyUI modules (`comfy.*`, `folder_paths`, `server`) are imported inside the functions, so the
 node definitions import without ComfyUI (CI).
@@ -16,6 +17,7 @@ log = logging.getLogger("dvdq")
 FOLDER = "dvdq"  # our model folder: models/dvdq, also settable in extra_model_paths.yaml
 EXTENSIONS = {".safetensors"}
 GUARD_KEY = "dvdq_guard"
+ATTACHMENT = "dvdq"  # the ModelPatcher attachment with what the pack knows of a quantized MODEL
 # ComfyUI model code of the video DiTs the pack is built for (others are refused with a clear error)
 VIDEO_DIT_MODULES = {"comfy.ldm.wan.": "wan", "comfy.ldm.hunyuan_video.": "hunyuan_video"}
 
@@ -172,11 +174,28 @@ def check_gpu_bits(config):
 
 def quantized_keys(base_model) -> set:
     """State-dict prefixes ("diffusion_model.<layer>") of a model's DVD-Quant layers."""
-    keys = getattr(base_model, "_dvdq_layer_keys", None)
-    if keys is None:
-        dm = getattr(base_model, "diffusion_model", None)
-        keys = {"diffusion_model." + n for n, _ in quantized_layers(dm)} if dm is not None else set()
-    return keys
+    dm = getattr(base_model, "diffusion_model", None)
+    return {"diffusion_model." + n for n, _ in quantized_layers(dm)} if dm is not None else set()
+
+
+_LAYER_CLASS = []
+
+
+def layer_class():
+    """QuantLinear as one of ComfyUI's own layers: with comfy.ops.CastWeightBiasOp's attributes the host's
+    memory manager loads, offloads (low VRAM, dynamic VRAM) and measures it like its Linear layers, by
+    its packed buffers (`weight` holds the packed codes); the forward runs them on the input's device."""
+    if not _LAYER_CLASS:
+        import comfy.ops
+
+        class DVDQuantLinear(QuantLinear, comfy.ops.CastWeightBiasOp):
+            def forward(self, x):
+                if self.weight_function or self.bias_function:  # a weight patch the guard did not see
+                    raise DVDQuantError(lora_after_message(["this layer"]))
+                return super().forward(x)
+
+        _LAYER_CLASS.append(DVDQuantLinear)
+    return _LAYER_CLASS[0]
 
 
 def _targets(keys, layer_keys):
@@ -189,7 +208,9 @@ def _targets(keys, layer_keys):
 
 
 def check_no_patches_on_quantized(patcher):
-    """Refuse weight patches (LoRA etc.) that target quantized layers: ComfyUI would drop them silently."""
+    """Refuse weight patches (LoRA etc.) that target quantized layers: they cannot apply to packed codes.
+    ComfyUI maps a LoRA onto a layer by its `weight` key, which quantized layers keep, so the patches of
+    LoraLoader, hook LoRAs and weight wrappers all arrive here, on the pack's own OUTER_SAMPLE wrapper."""
     layer_keys = quantized_keys(patcher.model)
     if not layer_keys:
         return
@@ -202,7 +223,7 @@ def check_no_patches_on_quantized(patcher):
 
 def lora_after_message(examples) -> str:
     return ("DVD-Quant: a LoRA (or another weight patch) was applied after quantization; it would change "
-            f"4-bit packed layers such as {', '.join(examples)} and would be silently lost. Put the LoRA loader "
+            f"4-bit packed layers such as {', '.join(examples)}, which cannot take it yet. Put the LoRA loader "
             "before 'DVD-Quant Apply' (Load Diffusion Model -> LoRA -> DVD-Quant Apply) so the LoRA is merged "
             "into the weights before they are quantized.")
 
@@ -210,8 +231,8 @@ def lora_after_message(examples) -> str:
 def hook_lora_hits(guider, layer_keys: set) -> list:
     """LoRA keys of conditioning weight hooks ("Create Hook LoRA") that address quantized layers.
 
-    ComfyUI maps hook LoRAs by the model's `.weight` keys with missing keys unlogged, so on packed
-    layers they would vanish without a word; the user's conds (before ComfyUI filters them) tell."""
+    Hook LoRAs reach the patcher only once sampling has begun; the user's conds (before ComfyUI filters
+    them) tell beforehand."""
     hits = []
     for conds in (getattr(guider, "original_conds", None) or {}).values():
         for c in conds or []:
@@ -243,32 +264,6 @@ def lora_hits(lora: dict, layer_keys: set) -> list:
         if any(".".join(parts[:i]) in stems for i in range(1, len(parts))):
             hits.append(key)
     return hits
-
-
-def install_lora_guard():
-    """Make LoraLoader / LoraLoaderModelOnly refuse a LoRA on an already quantized MODEL with a clear
-    message: ComfyUI maps LoRA keys through the model's state dict, in which packed layers have no
-    `.weight`, so it would only log 'lora key not loaded' and go on without the LoRA."""
-    try:
-        import comfy.sd
-    except ImportError:
-        return
-    orig = comfy.sd.load_lora_for_models
-    if getattr(orig, "_dvdq_guard", False):
-        return
-
-    def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
-        if model is not None and strength_model != 0:
-            layer_keys = quantized_keys(model.model)
-            if layer_keys:
-                hits = lora_hits(lora, layer_keys)
-                if hits:
-                    raise DVDQuantError(lora_after_message(hits[:3]))
-        return orig(model, clip, lora, strength_model, strength_clip)
-
-    load_lora_for_models._dvdq_guard = True
-    load_lora_for_models.__wrapped__ = orig
-    comfy.sd.load_lora_for_models = load_lora_for_models
 
 
 def split_prefix(prefix: str):

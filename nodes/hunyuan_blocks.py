@@ -30,8 +30,8 @@ from torch import nn
 
 from ..dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
 
-from .block_fusion import bare_layer_norm, fused_subclass, host_function_mismatch, plain_norm, restore_classes, \
-    switched_off
+from .block_fusion import bare_layer_norm, fused_subclass, host_attr, host_changed, host_function_mismatch, plain_norm, \
+    restore_classes, switched_off
 
 log = logging.getLogger("dvdq")
 
@@ -183,13 +183,12 @@ def _fused_class(cls, kind: str, host):
 
 
 def host_mismatch(layers) -> str | None:
-    """None when comfy.ldm.flux.layers (`layers`) has the code the fused forwards follow, else what differs."""
-    for what, fn, expected in (("DoubleStreamBlock.forward", layers.DoubleStreamBlock.forward, DOUBLE_BLOCK),
-                               ("SingleStreamBlock.forward", layers.SingleStreamBlock.forward, SINGLE_BLOCK),
-                               ("attention", layers.attention, ATTENTION), ("apply_mod", layers.apply_mod, APPLY_MOD),
-                               ("QKNorm.forward", layers.QKNorm.forward, QK_NORM),
-                               ("RMSNorm.forward", layers.RMSNorm.forward, RMS_NORM)):
-        why = host_function_mismatch(fn, expected)
+    """None when comfy.ldm.flux.layers (`layers`) has the code the fused forwards follow, else what differs
+    (a name that is gone or not a function, e.g. RMSNorm = None in newer ComfyUI, counts as different)."""
+    for what, expected in (("DoubleStreamBlock.forward", DOUBLE_BLOCK), ("SingleStreamBlock.forward", SINGLE_BLOCK),
+                           ("attention", ATTENTION), ("apply_mod", APPLY_MOD), ("QKNorm.forward", QK_NORM),
+                           ("RMSNorm.forward", RMS_NORM)):
+        why = host_function_mismatch(host_attr(layers, what), expected)
         if why is not None:
             return f"{what}: {why}"
     return None
@@ -216,9 +215,7 @@ def fuse_hunyuan(diffusion_model: nn.Module) -> tuple[int, str | None]:
         return 0, None
     why = host_mismatch(layers)
     if why is not None:
-        log.warning("DVD-Quant: ComfyUI's HunyuanVideo code changed (%s); its fused elementwise steps are off for this "
-                    "model. It runs correctly with ComfyUI's own (slower) code; please report the ComfyUI version.", why)
-        return 0, "ComfyUI's HunyuanVideo code changed (see the log)"
+        return 0, host_changed("HunyuanVideo", why)
     _HOST.update(attention=layers.attention, apply_mod=layers.apply_mod, QKNorm=layers.QKNorm.forward,
                  RMSNorm=layers.RMSNorm.forward)
     for m, kind in targets:

@@ -5,7 +5,6 @@ ComfyUI modules are imported inside the functions (see host.py).
 import logging
 import os
 import time
-import uuid
 
 import torch
 from torch import nn
@@ -15,56 +14,64 @@ from ..dvdq_core import set_activation_bits
 from ..dvdq_core.serialization import SAFETENSORS_DTYPES
 from ..dvdq_core.spec import layer_spec
 
-from .host import (FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
-                   guard_outer_sample, quant_device, video_dit_arch)
-from .hunyuan_blocks import fuse_hunyuan
-from .wan_blocks import fuse_wan
+from .host import (ATTACHMENT, FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
+                   guard_outer_sample, layer_class, quant_device, video_dit_arch)
+from .block_fusion import host_changed
+from .hunyuan_blocks import fuse_hunyuan, unfuse_hunyuan
+from .wan_blocks import fuse_wan, unfuse_wan
 
 log = logging.getLogger("dvdq")
 VIDEO_IMAGE_MODELS = ("wan2.1", "hunyuan_video")  # unet_config["image_model"] of the accepted families
-# arch -> (function that fuses the blocks' elementwise steps, what it switches: for the log)
-FUSED_BLOCKS = {"wan": (fuse_wan, "Wan blocks and self-attention modules"),
-                "hunyuan_video": (fuse_hunyuan, "HunyuanVideo double- and single-stream blocks")}
+# arch -> (fuse, unfuse, what they switch: for the log)
+FUSED_BLOCKS = {"wan": (fuse_wan, unfuse_wan, "Wan blocks and self-attention modules"),
+                "hunyuan_video": (fuse_hunyuan, unfuse_hunyuan, "HunyuanVideo double- and single-stream blocks")}
 
 
-def prepare_for_comfy(base_model, config, arch: str, source: str):
-    """Let ComfyUI's memory manager move QuantLinear per module like its own layers: a module
-    counts for ModelPatcher.load/partially_unload only if it has parameters or `comfy_cast_weights`.
-    With these attributes packed layers are loaded, offloaded (low-VRAM) and measured by their
-    packed buffers; their forward moves the buffers to the input's device when offloaded."""
+def fuse_blocks(base_model, arch: str) -> dict:
+    """The fused block forwards where the host's code is the one they follow; the summary's fields.
+    Fails closed: an error while checking or switching leaves the host's own forwards (one warning)."""
+    if arch not in FUSED_BLOCKS:
+        return {"fused_steps": None, "fusion_off": None}
+    fuse, unfuse, what = FUSED_BLOCKS[arch]
     dm = base_model.diffusion_model
-    names = []
-    for name, m in quantized_layers(dm):
-        m.comfy_cast_weights = False
-        m.weight_function = []
-        m.bias_function = []
-        names.append("diffusion_model." + name)
-    base_model._dvdq_layer_keys = set(names)
-    base_model._dvdq_info = {"config": config, "arch": arch, "source": source}
-    fusion = FUSED_BLOCKS.get(arch)
-    if fusion:
-        fused, off = fusion[0](dm)
-        base_model._dvdq_info.update(fused_steps=fused, fusion_off=off)
-        log.info("DVD-Quant: elementwise steps fused in %d %s%s", fused, fusion[1], f" ({off})" if off else "")
+    try:
+        fused, off = fuse(dm)
+    except Exception as e:
+        unfuse(dm)
+        fused, off = 0, host_changed(arch, f"{type(e).__name__} while fusing: {e}")
+    log.info("DVD-Quant: elementwise steps fused in %d %s%s", fused, what, f" ({off})" if off else "")
+    return {"fused_steps": fused, "fusion_off": off}
 
 
-def fusion_fields(base_model) -> dict:
-    """The quant summary's fields on the fused block steps (None for models without them)."""
-    info = base_model._dvdq_info
-    return {"fused_steps": info.get("fused_steps"), "fusion_off": info.get("fusion_off")}
-
-
-def finish_patcher(patcher):
-    patcher.size = 0  # ModelPatcher caches its size: measure the packed model again
-    patcher.model_size()
-    patcher.remove_wrappers_with_key(_wrappers().OUTER_SAMPLE, GUARD_KEY)
-    patcher.add_wrapper_with_key(_wrappers().OUTER_SAMPLE, GUARD_KEY, guard_outer_sample)
+def quantized_patcher(base_model, info: dict, cls, load_device, offload_device, carry_from=None):
+    """A new ModelPatcher of the host's class `cls` (dynamic VRAM where the host uses it) for a quantized
+    model, so its size is measured from the packed layers; it carries the pack's info as an attachment and
+    the guard against weight patches on packed layers as an OUTER_SAMPLE wrapper (both survive clones).
+    carry_from: a MODEL whose model options, object patches (e.g. ModelSamplingSD3's shift), wrappers,
+    callbacks and attachments the new one takes, as copied by the host's own clone(), but not its weight
+    patches (Apply bakes them into the quantized weights)."""
+    import comfy.patcher_extension
+    patcher = cls(base_model, load_device=load_device, offload_device=offload_device)
+    if carry_from is not None:
+        donor = carry_from.clone()
+        for attr in CARRIED:
+            if hasattr(donor, attr):
+                setattr(patcher, attr, getattr(donor, attr))
+    patcher.set_attachments(ATTACHMENT, info)
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    patcher.remove_wrappers_with_key(outer, GUARD_KEY)
+    patcher.add_wrapper_with_key(outer, GUARD_KEY, guard_outer_sample)
     return patcher
 
 
-def _wrappers():
-    import comfy.patcher_extension
-    return comfy.patcher_extension.WrappersMP
+CARRIED = ("model_options", "object_patches", "wrappers", "callbacks", "attachments", "additional_models", "injections",
+           "force_cast_weights")  # ModelPatcher fields clone() copies that Apply's new MODEL keeps
+
+
+def dvdq_info(patcher):
+    """What the pack knows of a MODEL it quantized ({"config", "arch", "source", ...}), else None."""
+    get = getattr(patcher, "get_attachment", None)
+    return get(ATTACHMENT) if get is not None else None
 
 
 def selected_layers(dm: nn.Module, config) -> list:
@@ -148,19 +155,20 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
 
     prepare(0)
     try:
-        report = quantize_model(dm, config, progress=progress, device=quant_device())
+        report = quantize_model(dm, config, progress=progress, device=quant_device(), layer_cls=layer_class())
     except ValueError as e:  # bad overrides, bits, ...: the core's message says what is wrong
         raise DVDQuantError(f"DVD-Quant could not quantize {source_name or 'the model'}: {e}") from None
     report.bytes_before = stored_bytes  # (the core measured the float32 weights prepare swapped in)
-    prepare_for_comfy(base_model, config, arch, "quantized")
+    info = {"config": config, "arch": arch, "source": "quantized", **fuse_blocks(base_model, arch)}
     emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(report.layers), "w_bits": config.w_bits,
                                 "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
                                 "mean_rel_error": report.mean_rel_error, "seconds": report.seconds,
-                                "source": "quantized", **fusion_fields(base_model)})
+                                "source": "quantized", "fused_steps": info["fused_steps"],
+                                "fusion_off": info["fusion_off"]})
     log.info("DVD-Quant: %s: %d layers, %.1f MiB -> %.1f MiB, mean rel. error %.4f, %.1f s", source_name,
              len(report.layers), report.bytes_before / 2**20, report.bytes_after / 2**20, report.mean_rel_error,
              report.seconds)
-    return report
+    return info
 
 
 def _header_state_dict(path) -> dict:
@@ -210,8 +218,8 @@ def load_and_quantize(path, config, node_id):
     except Exception as e:
         raise DVDQuantError(f"could not read {os.path.basename(path)} ({type(e).__name__}: {e}); "
                             "is the file complete? Download it again.") from None
-    quantize_base_model(patcher.model, config, node_id, source_name=os.path.basename(path))
-    return finish_patcher(patcher)
+    info = quantize_base_model(patcher.model, config, node_id, source_name=os.path.basename(path))
+    return quantized_patcher(patcher.model, info, type(patcher), patcher.load_device, patcher.offload_device)
 
 
 def _file_metadata(path) -> dict:
@@ -239,7 +247,7 @@ def apply_to_model(model, config, node_id):
     src = model
     base = src.model
     video_dit_arch(base)
-    if getattr(base, "_dvdq_layer_keys", None):
+    if quantized_layers(base.diffusion_model):
         raise DVDQuantError("this MODEL is already quantized by DVD-Quant; connect the unquantized model")
     check_plain_weights(base.diffusion_model, selected_layers(base.diffusion_model, config), "DVD-Quant Apply")
     offload = src.offload_device
@@ -271,23 +279,16 @@ def apply_to_model(model, config, node_id):
     new = base.model_config.get_model({k[len("diffusion_model."):]: v for k, v in fake.items()}, "", device="meta")
     new.load_state_dict(sd, strict=True, assign=True)
     _check_materialized(new, "DVD-Quant Apply")
-    n = src.clone()
-    n.model = new
-    for attr, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0), ("model_lowvram", False),
-                        ("current_weight_patches_uuid", None), ("device", offload)):
-        setattr(new, attr, value)
-    n.patches, n.backup, n.object_patches_backup, n.hook_backup = {}, {}, {}, {}
-    n.patches_uuid = uuid.uuid4()
-    n.is_injected = False
-    n.parent = None
+    new.device = offload  # built on "meta"; its tensors are the input's, on the offload device
 
     def layer_weight(name):  # None without patches: quantize_base_model then converts as ComfyUI would
         key = "diffusion_model." + name + ".weight"
         return patched(key, stored=False) if len(key_patches.get(key, ())) > 1 else None
 
-    quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
+    info = quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
+    n = quantized_patcher(new, info, type(src), src.load_device, src.offload_device, carry_from=src)
     check_no_patches_on_quantized(n)
-    return finish_patcher(n)
+    return n
 
 
 def _is_quantized_weight_key(key, base, config) -> bool:
@@ -359,7 +360,7 @@ def load_prequantized(path, a_bits, node_id):
     arch = video_dit_arch(base)
     want = {k: v.dtype for k, v in base.diffusion_model.state_dict().items()}
     try:
-        config = load_quantized(base.diffusion_model, path)
+        config = load_quantized(base.diffusion_model, path, layer_cls=layer_class())
     except ValueError as e:
         raise DVDQuantError(f"{fname} does not match the model ComfyUI built from it: {e}. "
                             "The file may be damaged or from an incompatible version: re-quantize the original.") from None
@@ -367,17 +368,19 @@ def load_prequantized(path, a_bits, node_id):
     _check_materialized(base, "DVD-Quant Loader")
     set_activation_bits(base.diffusion_model, a_bits)
     config.a_bits = a_bits
-    prepare_for_comfy(base, config, arch, "loaded")
+    info = {"config": config, "arch": arch, "source": "loaded", **fuse_blocks(base, arch)}
     base.device = None  # built on "meta"; ModelPatcher sets its offload device, as for ComfyUI's own loader
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload)
+    cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)  # what the host's loader uses
+    patcher = quantized_patcher(base, info, cls, load_device, offload)
     qbytes = sum(t.numel() * t.element_size() for _, m in quantized_layers(base.diffusion_model)
                  for t in m.state_dict().values())
     elt = torch.empty((), dtype=wdtype).element_size()
     before = sum(e["out"] * e["in"] * elt + (e["out"] * elt if e["bias"] else 0) for e in layers.values())
     emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(layers), "w_bits": config.w_bits,
                                 "bytes_before": before, "bytes_after": qbytes, "mean_rel_error": None,
-                                "seconds": time.perf_counter() - t0, "source": "loaded", **fusion_fields(base)})
-    return finish_patcher(patcher)
+                                "seconds": time.perf_counter() - t0, "source": "loaded",
+                                "fused_steps": info["fused_steps"], "fusion_off": info["fusion_off"]})
+    return patcher
 
 
 def _cast_like(dm, dtypes: dict, quantized: set):
@@ -398,7 +401,7 @@ def _cast_like(dm, dtypes: dict, quantized: set):
 
 def save_model(patcher, path):
     base = patcher.model
-    info = getattr(base, "_dvdq_info", None)
+    info = dvdq_info(patcher)
     if info is None:
         raise DVDQuantError("DVD-Quant Save needs a MODEL quantized by DVD-Quant Loader or Apply")
     if patcher.patches:

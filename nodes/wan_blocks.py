@@ -24,8 +24,8 @@ from torch import nn
 
 from ..dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
 
-from .block_fusion import bare_layer_norm, fused_subclass, host_forward_mismatch, plain_norm, restore_classes, \
-    switched_off
+from .block_fusion import bare_layer_norm, fused_subclass, host_changed, host_forward_mismatch, plain_norm, \
+    restore_classes, switched_off
 
 log = logging.getLogger("dvdq")
 
@@ -104,9 +104,7 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
             continue
         why = host_forward_mismatch(base, expected)
         if why is not None:
-            log.warning("DVD-Quant: ComfyUI's %s changed (%s); its fused elementwise steps are off for this model. "
-                        "It runs correctly with ComfyUI's own (slower) code; please report the ComfyUI version.", base.__name__, why)
-            off = "ComfyUI's Wan code changed (see the log)"
+            off = host_changed(f"Wan ({base.__name__})", why)
             continue
         host = sys.modules[base.__module__]
         for m in targets:

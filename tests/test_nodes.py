@@ -385,7 +385,13 @@ def test_hook_lora_on_quantized_layers_is_refused():
     assert host.hook_lora_hits(guider, layers) == ["diffusion_model.blocks.0.self_attn.q.lora_A.weight"]
     assert host.hook_lora_hits(NS(original_conds={"positive": [{"hooks": NS(hooks=[other])}]}), layers) == []
 
-    base = NS(_dvdq_layer_keys=layers)
+    from dvdq_core import LayerSpec, QuantLinear
+    spec = LayerSpec(w_bits=4, a_bits=None, method="dvdq", had_block=64, scale_block=64, rotate=True,
+                     auto_scale=True, granularity="block")
+    dm = nn.ModuleDict({"blocks": nn.ModuleList([nn.ModuleDict({"self_attn": nn.ModuleDict({"q": QuantLinear(64, 64, spec)})})]),
+                        "head": nn.ModuleDict({"head": nn.Linear(64, 64)})})
+    base = NS(diffusion_model=dm)
+    assert host.quantized_keys(base) == layers  # found from the model's layers, nothing stored on host objects
     patcher = NS(model=base, patches={}, weight_wrapper_patches={}, hook_patches={})
 
     class Executor:
