@@ -9,6 +9,7 @@ gets quantized, the Linear weights left unquantized are written as those float32
 the marker and scale keys are dropped, so the output is a plain DVD-Quant file. 8-bit float biases
 of quantized layers are written in float32 (QuantLinear keeps them so).
 """
+import json
 import time
 
 import torch
@@ -37,6 +38,14 @@ def _scale_key(name: str, scale_keys: dict):
     return scale_keys.get(name[: -len(".weight")]) if name.endswith(".weight") else None
 
 
+def _quant_format(conf: torch.Tensor) -> str:
+    """The layout name in a ComfyUI `.comfy_quant` entry (JSON as uint8 bytes: {"format": "float8_e4m3fn", ...})."""
+    try:
+        return str(json.loads(bytes(conf.reshape(-1).tolist()).decode("utf-8")).get("format", "unknown"))
+    except (ValueError, AttributeError):
+        return "unreadable"
+
+
 def _strip(key: str) -> str:
     for p in _PREFIXES:
         if key.startswith(p):
@@ -55,6 +64,12 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
         if "dvdq.format_version" in (f.metadata() or {}):
             raise ValueError(f"{src} is already a DVD-Quant file; quantize the original model instead")
         keys = list(f.keys())
+        formats = sorted({_quant_format(f.get_tensor(k)) for k in keys if k.endswith(".comfy_quant")})
+        if formats:
+            raise ValueError(f"{src} holds layers in ComfyUI's quantized formats ({', '.join(formats)}; '.comfy_quant' "
+                             "entries), whose scales the CLI does not apply. Quantize the original bf16/fp16 file, or "
+                             "load this one with ComfyUI's DVD-Quant Loader, which reads each layer through ComfyUI's "
+                             "own dequantization")
         names = {k: _strip(k) for k in keys}
         scaled = "scaled_fp8" in names.values()
         scale_keys = {}

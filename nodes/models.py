@@ -79,24 +79,40 @@ def selected_layers(dm: nn.Module, config) -> list:
     return [n for n, m in dm.named_modules() if isinstance(m, nn.Linear) and layer_spec(config, n, m.in_features)]
 
 
+def host_quantized(w) -> bool:
+    """A weight held as newer ComfyUI's own QuantizedTensor (fp8, int8, nvfp4, ... layouts: comfy/quant_ops.py)."""
+    try:
+        from comfy.quant_ops import QuantizedTensor
+    except ImportError:  # ComfyUI before 0.8: no such tensors
+        return False
+    return isinstance(w, QuantizedTensor)
+
+
 def check_plain_weights(dm, names, source: str):
-    """DVD-Quant reads each layer's float weight. A weight held in a tensor subclass is another
-    quantized format (ComfyUI-GGUF's GGMLTensor keeps raw Q4/Q8 blocks behind its logical shape):
-    reading it as floats would give a broken model, so it is refused before any work."""
+    """DVD-Quant reads each layer's float weight: plain tensors, or ComfyUI's own QuantizedTensor, which
+    the host dequantizes itself. Any other tensor subclass is another pack's quantized format
+    (ComfyUI-GGUF's GGMLTensor keeps raw Q4/Q8 blocks behind its logical shape): reading it as floats
+    would give a broken model, so it is refused before any work."""
     for name in names:
         w = dm.get_submodule(name).weight
-        if type(w) not in (torch.Tensor, nn.Parameter):
+        if type(w) not in (torch.Tensor, nn.Parameter) and not host_quantized(w):
             raise DVDQuantError(f"{source}: layer {name} holds its weight as {type(w).__name__}, a quantized tensor "
-                                "format (e.g. GGUF's, or a ComfyUI version newer than this pack knows), not float "
-                                "weights DVD-Quant can read. Load the model's original bf16/fp16 (or fp8) "
-                                ".safetensors with 'Load Diffusion Model' (or pick it in DVD-Quant Loader); "
-                                "re-quantizing quantized weights would also compound their rounding.")
+                                "format of another node pack (e.g. GGUF's), not weights DVD-Quant can read. Load the "
+                                "model's original bf16/fp16 (or fp8) .safetensors with 'Load Diffusion Model' (or "
+                                "pick it in DVD-Quant Loader); re-quantizing quantized weights would also compound "
+                                "their rounding.")
 
 
 def computed_weight(linear):
     """The float32 weight a ComfyUI Linear computes with where it differs from the stored one, else None:
-    ComfyUI's convert_weight (fp8_scaled checkpoints store weight / scale_weight, and their layers
-    multiply it back) on a float32 copy. Quantizing the stored fp8 values instead gave a wrong model."""
+    a QuantizedTensor dequantized by the host's own code (its layout's scales applied), or ComfyUI's
+    convert_weight (fp8_scaled checkpoints store weight / scale_weight, and their layers multiply it
+    back) on a float32 copy. Quantizing the stored codes instead gave a wrong model."""
+    weight = getattr(linear, "weight", None)
+    if weight is None:
+        return None
+    if host_quantized(weight):
+        return weight.dequantize().to(torch.float32)
     convert = getattr(linear, "convert_weight", None)
     if convert is None:
         return None
@@ -258,7 +274,10 @@ def apply_to_model(model, config, node_id):
         the layer computes with it (stored=False: what a quantized layer is made from), or back in the
         stored form (ComfyUI's set_weight where the layer has one: fp8_scaled divides by scale_weight)."""
         (weight, convert), *patches = key_patches[key]
-        w = convert(weight.to(device=offload, dtype=torch.float32, copy=True), inplace=True)
+        if host_quantized(weight):  # the host's own dequantization (its layout's scales)
+            w = weight.dequantize().to(device=offload, dtype=torch.float32)
+        else:
+            w = convert(weight.to(device=offload, dtype=torch.float32, copy=True), inplace=True)
         if patches:
             w = comfy.lora.calculate_weight(patches, w, key)
         if not stored:

@@ -219,3 +219,19 @@ def test_shared_input_groups_marked_on_quantize_and_load(tmp_path):
     for model in (m, fresh):
         got = {n: q.shares_input for n, q in dq.quantized_layers(model)}
         assert {n: s for n, s in got.items() if s} == want
+
+
+def test_cli_refuses_comfyui_quantized_layouts(tmp_path, capsys):
+    """Newer ComfyUI's quantized files (a '.comfy_quant' JSON per layer, scales beside the codes): the CLI
+    names the layout instead of quantizing the stored codes without their scales."""
+    import json as _json
+    sd = {"model.diffusion_model." + k: v for k, v in _wan_like_state_dict().items()}
+    key = "model.diffusion_model.blocks.0.self_attn.q"
+    sd[key + ".weight"] = sd[key + ".weight"].float().clamp(-1, 1).mul(127).to(torch.int8)
+    sd[key + ".weight_scale"] = torch.tensor(1 / 127)
+    sd[key + ".comfy_quant"] = torch.tensor(list(_json.dumps({"format": "int8_tensorwise"}).encode()), dtype=torch.uint8)
+    src, dst = tmp_path / "int8.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, src)
+    assert cli_main(["quantize", str(src), str(dst), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "int8_tensorwise" in err and "DVD-Quant Loader" in err and not dst.exists()

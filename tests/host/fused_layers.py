@@ -20,13 +20,10 @@ import dvdq_core as dq  # noqa: E402
 
 
 def pack_module(name):
-    """nodes/<name>.py of the pack, as dvdq_nodes.<name> (ComfyUI has a top-level `nodes` module of its
-    own; the pack's nodes/__init__.py is not run)."""
-    if "dvdq_nodes" not in sys.modules:
-        pkg = types.ModuleType("dvdq_nodes")
-        pkg.__path__ = [os.path.join(ROOT, "nodes")]
-        sys.modules["dvdq_nodes"] = pkg
-    return importlib.import_module("dvdq_nodes." + name)
+    """nodes/<name>.py of the pack, imported as ComfyUI imports the pack (tests/pack.py)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import pack
+    return pack.sub(name)
 
 
 CALLS = {}

@@ -40,6 +40,24 @@ def randomize(sd: dict, seed: int) -> dict:
     return out
 
 
+def newer_fields(params_cls, values: dict) -> dict:
+    """Required fields that newer ComfyUI added to a model's params dataclass, at what its detection sets
+    for the original model; none on hosts without them."""
+    import dataclasses
+    return {f.name: values[f.name] for f in dataclasses.fields(params_cls) if f.name in values}
+
+
+def hunyuan_extras() -> dict:  # HunyuanVideo 1.5's fields (0.8.0 on), as for a 1.0 file
+    from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+    return newer_fields(HunyuanVideoParams, {"use_cond_type_embedding": False, "vision_in_dim": None,
+                                             "meanflow_sum": False})
+
+
+def flux_extras() -> dict:  # Flux 2's field (0.8.0 on), as for a Flux 1 file
+    from comfy.ldm.flux.model import FluxParams
+    return newer_fields(FluxParams, {"txt_ids_dims": []})
+
+
 def build_module(kind: str, ops=OPS) -> torch.nn.Module:
     """One of ComfyUI's own model classes at tiny size (weights not initialised: see build); ops: the
     layer classes (ComfyUI's manual_cast ones cast every weight at each call, as for fp8 storage)."""
@@ -53,11 +71,12 @@ def build_module(kind: str, ops=OPS) -> torch.nn.Module:
         m = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
                          context_in_dim=4096, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1,
                          depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
-                         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=ops)
+                         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=ops,
+                         **hunyuan_extras())
     elif kind == "flux":  # an image DiT ComfyUI knows: the Loader must refuse it before loading
         m = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=256, mlp_ratio=4.0,
                  num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-                 qkv_bias=True, guidance_embed=False, operations=ops)
+                 qkv_bias=True, guidance_embed=False, operations=ops, **flux_extras())
     else:
         raise ValueError(kind)
     return m
@@ -98,6 +117,35 @@ def scaled_fp8(sd: dict) -> dict:
     return out
 
 
+COMFY_QUANT = {"float8_e4m3fn": (torch.float8_e4m3fn, 448.0), "int8_tensorwise": (torch.int8, 127.0)}
+
+
+def comfy_quant_formats() -> list:
+    """The layouts of COMFY_QUANT this host loads as QuantizedTensor (ComfyUI 0.8.0 and later)."""
+    try:
+        from comfy.quant_ops import QUANT_ALGOS
+    except ImportError:
+        return []
+    return [f for f in COMFY_QUANT if f in QUANT_ALGOS]
+
+
+def comfy_quant(sd: dict, fmt: str) -> dict:
+    """Newer ComfyUI's quantized checkpoint form: each block Linear's weight stored in `fmt` divided by a
+    per-tensor `weight_scale`, with a `comfy_quant` JSON entry naming the layout (comfy/ops.py reads it)."""
+    import json
+    dtype, top = COMFY_QUANT[fmt]
+    out = dict(sd)
+    for k, t in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and t.ndim == 2:
+            stem = k[:-len("weight")]
+            scale = t.float().abs().amax() / top
+            q = t.float() / scale
+            out[k] = (q.round().clamp(-top, top) if dtype == torch.int8 else q).to(dtype)
+            out[stem + "weight_scale"] = scale.reshape(())
+            out[stem + "comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+    return out
+
+
 def lora_for_wan(seed: int, rank: int = 4) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -116,6 +164,8 @@ def main(out_dir):
     for name, (kind, seed) in MODELS.items():
         save_file(build(kind, seed), os.path.join(dm, name))
     save_file(scaled_fp8(build("wan21_t2v", 1)), os.path.join(dm, "tiny_wan2.1_t2v_fp8_scaled.safetensors"))
+    for fmt in comfy_quant_formats():
+        save_file(comfy_quant(build("wan21_t2v", 1), fmt), os.path.join(dm, f"tiny_wan2.1_t2v_{fmt}.safetensors"))
     save_file(lora_for_wan(7), os.path.join(out_dir, "loras", "tiny_wan_lora.safetensors"))
     save_file({"encoder.layer.weight": torch.randn(8, 8)}, os.path.join(dm, "not_a_dit.safetensors"))
 

@@ -389,9 +389,9 @@ def test_failed_run_leaves_next_run_correct(server):
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU: ComfyUI refuses --lowvram together with --cpu; the low-VRAM load "
                            "path itself runs in test_memory_accounting_and_lowvram_path")
-def test_lowvram_server(host_dir):
+def test_lowvram_server(comfy, host_dir):
     from comfy_server import ComfyServer
-    s = ComfyServer(os.environ["COMFYUI_PATH"], host_dir, extra_args=["--lowvram"], cpu=False)
+    s = ComfyServer(comfy.path, host_dir, extra_args=["--lowvram"], cpu=False, python=comfy.python)
     try:
         hist, msgs = run_ok(s, quant_graph("lowvram", seed=9))
         assert torch.isfinite(latent(s, hist)).all() and len(events(msgs, "dvdq.bits")) == 4
@@ -400,15 +400,14 @@ def test_lowvram_server(host_dir):
         s.stop()
 
 
-def test_fusions_find_comfyui_models(host_dir):
+def test_fusions_find_comfyui_models(comfy, host_dir):
     """The GELU fusion (dvdq_core.fusion) finds the feed-forward of ComfyUI's own Wan and HunyuanVideo
     classes, the block fusions (nodes/wan_blocks.py, nodes/hunyuan_blocks.py) ComfyUI's Wan and
     HunyuanVideo blocks; if ComfyUI restructured them, the pack would still be correct but slower:
     this says so."""
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.environ["COMFYUI_PATH"])
-    res = subprocess.run([sys.executable, os.path.join(here, "fused_layers.py")], capture_output=True, text=True,
-                         env=env, cwd=host_dir)
+    res = subprocess.run([comfy.python, os.path.join(here, "fused_layers.py")], capture_output=True, text=True,
+                         env=comfy.env, cwd=host_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     fused = json.loads(res.stdout.strip().splitlines()[-1])
     assert fused["wan21_t2v"] == ["blocks.0.ffn.0", "blocks.1.ffn.0"]
@@ -461,3 +460,53 @@ def test_pow2_fast_granularity_through_the_nodes(server):
     assert torch.equal(run("fast4", "pow2-fast", "4,4,4,4"), run("pow2_4", "pow2", "4,4,4,4"))
     fast8, pow2_8 = run("fast8", "pow2-fast", "8,8,8,8"), run("pow2_8", "pow2", "8,8,8,8")
     assert not torch.equal(fast8, pow2_8) and rel(fast8, pow2_8) < 0.05
+
+
+def test_installing_the_pack_changes_no_other_workflow(comfy, server):
+    """Workflows without our nodes (one with a LoRA loader, one plain) give bit-identical latents on a
+    server with the pack installed and one without it (same host, same models, only the test nodes)."""
+    from comfy_server import ComfyServer
+    bare = os.path.join(server.base_dir, "without_pack")
+    os.makedirs(os.path.join(bare, "custom_nodes"), exist_ok=True)
+    for d in ("output", "input", "user"):
+        os.makedirs(os.path.join(bare, d), exist_ok=True)
+    fixture = os.path.join(server.base_dir, "custom_nodes", "dvdq_test_nodes")
+    if not os.path.exists(os.path.join(bare, "custom_nodes", "dvdq_test_nodes")):
+        os.symlink(os.path.realpath(fixture), os.path.join(bare, "custom_nodes", "dvdq_test_nodes"))
+    with open(os.path.join(server.base_dir, "extra_model_paths.yaml")) as f:
+        yaml = f.read().replace("custom_nodes: custom_nodes", f"custom_nodes: {bare}/custom_nodes")
+    with open(os.path.join(bare, "extra_model_paths.yaml"), "w") as f:
+        f.write(yaml)
+    lora = {"unet": node("UNETLoader", unet_name=T2V, weight_dtype="default"),
+            "lora": node("LoraLoaderModelOnly", model=["unet", 0], lora_name="tiny_wan_lora.safetensors",
+                         strength_model=0.8)}
+    graphs = {"lora": sample_graph(lora, ["lora", 0], "nopack_lora", seed=5),
+              "plain": float_graph(T2V, "nopack_plain", seed=5)}
+    with_pack = {k: latent(server, run_ok(server, g)[0]) for k, g in graphs.items()}
+    s = ComfyServer(comfy.path, bare, python=comfy.python)
+    try:
+        assert "ComfyUI-DVD-Quant" not in s.log() and "DVDQuantLoader" not in s.get("/object_info")
+        without = {k: latent(s, run_ok(s, g)[0]) for k, g in graphs.items()}
+    finally:
+        s.stop()
+    for k in graphs:
+        assert torch.equal(with_pack[k], without[k]), k
+    assert not torch.equal(with_pack["lora"], with_pack["plain"])  # the LoRA took effect
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "int8_tensorwise"])
+def test_comfyui_quantized_layouts_are_read_through_the_host(server, fmt, capsys):
+    """A file in newer ComfyUI's own quantized format (QuantizedTensor weights, `.comfy_quant` per layer)
+    is quantized from the weights the host dequantizes, not refused and not read as raw codes: the
+    Loader's W8A8 run is as close to ComfyUI's own run of that file as the fp16 file's is to its own."""
+    name = f"tiny_wan2.1_t2v_{fmt}.safetensors"
+    if not os.path.exists(os.path.join(server.base_dir, "models", "diffusion_models", name)):
+        pytest.skip(f"this ComfyUI has no {fmt} QuantizedTensor layout (added in 0.8.0)")
+    kw = dict(mode="fixed", fixed_bits=8, a_low=8, a_high=8, w_bits=4)
+    own = latent(server, run_ok(server, float_graph(name, "cq_float_" + fmt))[0])
+    q = latent(server, run_ok(server, quant_graph("cq_q_" + fmt, name=name, **kw))[0])
+    base = latent(server, run_ok(server, float_graph(T2V, "cq_float16"))[0])
+    q16 = latent(server, run_ok(server, quant_graph("cq_q16", **kw))[0])
+    with capsys.disabled():
+        print(f"\n[host] {fmt} file: W4A8 vs its float run {rel(q, own):.4f} (fp16 file: {rel(q16, base):.4f})")
+    assert torch.isfinite(q).all() and rel(q, own) < 2 * rel(q16, base) + 0.01
