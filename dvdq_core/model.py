@@ -49,6 +49,17 @@ class QuantReport:
         return d
 
 
+def is_linear(m: nn.Module) -> bool:
+    """An nn.Linear, or a module that is one in all but class (in_features, out_features and a weight of
+    that shape: hosts' mixed-precision layers hold quantized weights in a plain nn.Module). Not ours."""
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, QuantLinear) or not isinstance(getattr(m, "in_features", None), int):
+        return False
+    w = getattr(m, "weight", None)
+    return getattr(w, "shape", None) is not None and tuple(w.shape) == (getattr(m, "out_features", None), m.in_features)
+
+
 def _tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
@@ -60,7 +71,7 @@ def check_overrides(model: nn.Module, config: QuantConfig):
         hits = [n for n in modules if n and fnmatch.fnmatchcase(n, glob)]
         if not hits:
             raise ValueError(f"layer override {glob!r} matches no layer of the model")
-        if not any(isinstance(modules[n], (nn.Linear, QuantLinear)) for n in hits):
+        if not any(is_linear(modules[n]) or isinstance(modules[n], QuantLinear) for n in hits):
             n = hits[0]
             raise ValueError(f"layer override {glob!r} matches {n!r}, a {type(modules[n]).__name__}, "
                              "not a Linear layer: only Linear layers are quantized")
@@ -103,7 +114,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, progress
     check_overrides(model, config)
     todo = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
+        if is_linear(m):
             spec = layer_spec(config, name, m.in_features)
             if spec is not None:
                 todo.append((name, spec))

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from .config import QuantConfig
 from .fusion import fuse_gelu
 from .linear import BitState, QuantLinear, input_sharing
-from .model import quantized_layers
+from .model import is_linear, quantized_layers
 from .spec import LayerSpec
 
 FORMAT_VERSION = "2"
@@ -131,7 +131,7 @@ def load_quantized(model: nn.Module, path, backend: str | None = None, layer_cls
         m = modules.get(name)
         if isinstance(m, QuantLinear):
             raise ValueError("the model is already quantized; load the file into an unquantized model")
-        if not isinstance(m, nn.Linear):
+        if not is_linear(m):
             what = "does not exist in the model" if m is None else f"is a {type(m).__name__} in the model, not a Linear layer"
             raise ValueError(f"file does not match the model: layer {name!r} {what}")
         if (m.out_features, m.in_features) != (entry["out"], entry["in"]):

@@ -12,6 +12,7 @@ from torch import nn
 from ..dvdq_core import load_quantized, quantize_model, quantized_layers, read_metadata, save_quantized
 from ..dvdq_core import set_activation_bits
 from ..dvdq_core.serialization import SAFETENSORS_DTYPES
+from ..dvdq_core.model import is_linear
 from ..dvdq_core.spec import layer_spec
 
 from .host import (ATTACHMENT, FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
@@ -76,7 +77,7 @@ def dvdq_info(patcher):
 
 def selected_layers(dm: nn.Module, config) -> list:
     """The Linear layers quantize_model will replace, in its order."""
-    return [n for n, m in dm.named_modules() if isinstance(m, nn.Linear) and layer_spec(config, n, m.in_features)]
+    return [n for n, m in dm.named_modules() if is_linear(m) and layer_spec(config, n, m.in_features)]
 
 
 def host_quantized(w) -> bool:
@@ -318,7 +319,7 @@ def _is_quantized_weight_key(key, base, config) -> bool:
         m = base.diffusion_model.get_submodule(name)
     except AttributeError:
         return False
-    return isinstance(m, nn.Linear) and layer_spec(config, name, m.in_features) is not None
+    return is_linear(m) and layer_spec(config, name, m.in_features) is not None
 
 
 def _check_materialized(base_model, what):

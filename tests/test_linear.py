@@ -218,3 +218,28 @@ def test_pow2_fast_granularity(bits):
             out[name] = m(x)
     assert torch.equal(out["fast"], out["pow2" if bits == 4 else "none"])
     assert not torch.equal(out["pow2"], out["none"])  # the auto-scale does change these outputs
+
+
+def test_linear_like_modules_are_quantized():
+    """A host layer that is a Linear in all but class (ComfyUI's mixed-precision Linear is a plain
+    nn.Module with in_features, out_features and a weight) is quantized like an nn.Linear."""
+    import dvdq_core as dq
+
+    class HostLinear(nn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.in_features, self.out_features = i, o
+            self.weight = nn.Parameter(torch.randn(o, i) / 8, requires_grad=False)
+            self.bias = nn.Parameter(torch.zeros(o), requires_grad=False)
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight, self.bias)
+
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.blocks = nn.ModuleList([HostLinear(64, 32)])
+    x = torch.randn(5, 64)
+    ref = m.blocks[0](x)
+    dq.quantize_model(m, dq.QuantConfig(overrides="blocks.0=w8a8", backend="reference"))
+    assert isinstance(m.blocks[0], dq.QuantLinear)
+    assert ((m.blocks[0](x) - ref).norm() / ref.norm()).item() < 0.02
