@@ -120,6 +120,10 @@ def computed_weight(linear):
     return convert(linear.weight.detach().to(torch.float32, copy=True), inplace=True)
 
 
+# what ComfyUI stores beside a converted or quantized weight (fp8_scaled; QuantizedTensor layouts)
+HOST_SCALE_KEYS = ("scale_weight", "scale_input", "weight_scale", "weight_scale_2", "input_scale", "comfy_quant")
+
+
 def float_state_dict(dm) -> dict:
     """dm's tensors for a DVD-Quant file: a layer ComfyUI stores converted (fp8_scaled: weight divided by
     scale_weight, plus scale_weight / scale_input) is written as the float32 weight it computes with,
@@ -129,8 +133,8 @@ def float_state_dict(dm) -> dict:
         w = computed_weight(m)
         if w is not None:
             sd[name + ".weight"] = w
-            sd.pop(name + ".scale_weight", None)
-            sd.pop(name + ".scale_input", None)
+            for extra in HOST_SCALE_KEYS:
+                sd.pop(f"{name}.{extra}", None)
     return sd
 
 

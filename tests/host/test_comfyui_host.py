@@ -40,6 +40,16 @@ def events(msgs, kind):
     return [m["data"] for m in msgs if m.get("type") == kind]
 
 
+def check_fusion(server, summary, n):
+    """The summary's fused block steps: n modules with nothing off where this host's model code is what the
+    fused forwards follow (0.3.64); elsewhere fewer, with the reason shown and logged (fail closed)."""
+    got = (summary["fused_steps"], summary["fusion_off"])
+    if "differs from what the fused block steps follow" in server.log():
+        assert got[0] < n and "changed" in got[1], got
+    else:
+        assert got == (n, None), got
+
+
 def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -85,7 +95,7 @@ def test_w8a8_close_to_float_w4a4_further(server, capsys):
     assert summary["bytes_after"] * 3 < summary["bytes_before"]
     assert 0 < summary["mean_rel_error"] < 1
     assert "elementwise steps fused in 4 Wan blocks and self-attention modules" in server.log()
-    assert (summary["fused_steps"], summary["fusion_off"]) == (4, None)  # shown in the web panel
+    check_fusion(server, summary, 4)  # shown in the web panel
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
@@ -155,7 +165,7 @@ def test_saved_copy_loads_to_identical_results(server):
     assert torch.equal(latent(server, hist_a), latent(server, hist_b))
     (summary,) = events(msgs, "dvdq.quant_summary")
     assert summary["source"] == "loaded" and summary["mean_rel_error"] is None
-    assert (summary["fused_steps"], summary["fusion_off"]) == (4, None)  # a loaded file gets them too
+    check_fusion(server, summary, 4)  # a loaded file gets them too
     # the Save node never overwrites: two saves of one model give two files
     save = {"load": loader(T2V), "s1": node("DVDQuantSave", model=["load", 0], filename_prefix="dvdq/tiny_saved")}
     run_ok(server, save)
@@ -182,7 +192,8 @@ def test_hunyuan_saved_copy_and_arq_overrides(server):
     (loaded,) = events(msgs_b, "dvdq.quant_summary")
     assert loaded["layers"] == summary["layers"] and loaded["bytes_after"] == summary["bytes_after"]
     # the double- and single-stream block switch to the fused forwards (nodes/hunyuan_blocks.py)
-    assert (loaded["fused_steps"], loaded["fusion_off"]) == (summary["fused_steps"], summary["fusion_off"]) == (2, None)
+    assert (loaded["fused_steps"], loaded["fusion_off"]) == (summary["fused_steps"], summary["fusion_off"])
+    check_fusion(server, loaded, 2)
     assert "elementwise steps fused in 2 HunyuanVideo double- and single-stream blocks" in server.log()
     # *.img_mlp.* skipped: its two Linear layers of the one double block stay float
     full = run_ok(server, quant_graph("hy_c", name=name, cond=HY_COND, cfg=1.0))[1]
