@@ -2,6 +2,7 @@
 
 ComfyUI modules are imported inside the functions (see host.py).
 """
+import copy
 import logging
 import os
 import time
@@ -146,6 +147,7 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
     exists at a time. Where it gives None, the layer's weight goes through ComfyUI's convert_weight
     if the layer has one (computed_weight).
     """
+    import comfy.model_management
     import comfy.utils
     arch = video_dit_arch(base_model)
     check_gpu_bits(config)
@@ -154,7 +156,8 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
     if not order:
         raise DVDQuantError(f"no Linear layer of this model matches {list(config.include)}; is it a video DiT?")
     check_plain_weights(dm, order, source_name or "the model")
-    stored_bytes = sum(t.numel() * t.element_size() for n in order for t in dm.get_submodule(n).state_dict().values())
+    # the host's own measure: newer ComfyUI counts a QuantizedTensor by its stored bytes (nbytes)
+    stored_bytes = sum(comfy.model_management.module_size(dm.get_submodule(n)) for n in order)
     pbar = comfy.utils.ProgressBar(len(order), node_id=node_id)
 
     def prepare(i):
@@ -252,18 +255,49 @@ def _file_metadata(path) -> dict:
         return {}
 
 
+def _tree_copy(module: nn.Module, device) -> nn.Module:
+    """A new module tree of the same classes whose parameters and buffers are module's tensors (no copy;
+    moved to device where they are elsewhere): layers of any kind, ComfyUI's own quantized ones
+    (QuantizedTensor weights with their scales) included, come along as they are, and changing the
+    copy's tensors or layers leaves module's alone."""
+    new = copy.copy(module)  # a new __dict__ holding the same values ...
+    # ... and new dicts of tensors and children (torch's own fields of every nn.Module)
+    new._parameters = {k: t if t is None or t.device == device else nn.Parameter(t.to(device), requires_grad=False)
+                       for k, t in module._parameters.items()}
+    new._buffers = {k: t if t is None or t.device == device else t.to(device) for k, t in module._buffers.items()}
+    new._modules = {k: None if m is None else _tree_copy(m, device) for k, m in module._modules.items()}
+    return new
+
+
+def _stored_weight(src, key):
+    """(weight, convert) of a MODEL's key without its patches, as ComfyUI's get_key_patches gives them (the
+    original from the patcher's backups while the model is loaded patched), for one key: that method
+    reads every key of the state dict, and newer ComfyUI's quantized layers put scale entries there
+    that are no attribute of the layer, so it fails on such models."""
+    import comfy.model_patcher
+    weight, _, convert = comfy.model_patcher.get_key_weight(src.model, key)
+    backup = src.backup.get(key)
+    if backup is not None:
+        weight = backup.weight
+    hook_backup = src.hook_backup.get(key)
+    if hook_backup is not None:
+        weight = hook_backup[0]
+    return weight, convert or (lambda a, **kwargs: a)
+
+
 def apply_to_model(model, config, node_id):
     """Quantize a MODEL from any loader chain into a new MODEL; the input is left untouched.
 
     ModelPatcher.clone() shares the torch module (weights and all) with the input, so quantizing a
-    clone in place would swap the input's layers too, under every other node using it. Instead a
-    new model is built on the meta device from the same model config; its non-quantized tensors
-    share storage with the input's (no copy), and each quantized layer is made from the input's
-    weight with the MODEL's patches (e.g. a LoRA) applied, one layer at a time.
+    clone in place would swap the input's layers too, under every other node using it. Instead the
+    new model is a copy of the module tree whose tensors are the input's (no copy), a layer that
+    has weight patches (e.g. a LoRA) gets its patched weight, and each quantized layer is made from
+    the input's weight with the MODEL's patches applied, one layer at a time.
     """
-    import comfy.lora
     import comfy.float
+    import comfy.lora
     import comfy.model_patcher
+    import comfy.utils
 
     src = model
     base = src.model
@@ -272,42 +306,44 @@ def apply_to_model(model, config, node_id):
         raise DVDQuantError("this MODEL is already quantized by DVD-Quant; connect the unquantized model")
     check_plain_weights(base.diffusion_model, selected_layers(base.diffusion_model, config), "DVD-Quant Apply")
     offload = src.offload_device
-    key_patches = src.get_key_patches()  # {key: [(weight, convert_func), *patches]} with originals from backups
+    seed_of = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed  # moved in 0.33
 
     def patched(key, stored=True):
         """The weight with ComfyUI's conversion (scaled fp8) and the MODEL's patches applied: in float32 as
         the layer computes with it (stored=False: what a quantized layer is made from), or back in the
         stored form (ComfyUI's set_weight where the layer has one: fp8_scaled divides by scale_weight)."""
-        (weight, convert), *patches = key_patches[key]
+        weight, convert = _stored_weight(src, key)
         if host_quantized(weight):  # the host's own dequantization (its layout's scales)
             w = weight.dequantize().to(device=offload, dtype=torch.float32)
         else:
             w = convert(weight.to(device=offload, dtype=torch.float32, copy=True), inplace=True)
-        if patches:
-            w = comfy.lora.calculate_weight(patches, w, key)
+        w = comfy.lora.calculate_weight(src.patches[key], w, key)
         if not stored:
             return w
-        seed = comfy.model_patcher.string_to_seed(key)
         set_func = comfy.model_patcher.get_key_weight(base, key)[1]
         if set_func is not None:
-            return set_func(w, return_weight=True, seed=seed)
-        return comfy.float.stochastic_rounding(w, weight.dtype, seed=seed)
+            return set_func(w, return_weight=True, seed=seed_of(key))
+        if host_quantized(weight):
+            raise DVDQuantError(f"DVD-Quant Apply: {key} is held in ComfyUI's {type(weight).__name__} and has a "
+                                "LoRA or other weight patch, which this ComfyUI cannot store back into it. Load the "
+                                "model's bf16/fp16 file, or quantize that layer too (ARQ Settings' layer overrides).")
+        return comfy.float.stochastic_rounding(w, weight.dtype, seed=seed_of(key))
 
-    sd = {}
-    for key, entry in key_patches.items():
-        weight = entry[0][0].detach()
-        w = patched(key) if len(entry) > 1 and not _is_quantized_weight_key(key, base, config) else None
-        t = w if w is not None else weight
-        sd[key] = t if t.device == offload else t.to(offload)
-    fake = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items() if k.startswith("diffusion_model.")}
-    new = base.model_config.get_model({k[len("diffusion_model."):]: v for k, v in fake.items()}, "", device="meta")
-    new.load_state_dict(sd, strict=True, assign=True)
+    new = _tree_copy(base, offload)
+    # The module may hold another clone's patched weights right now (a LoRA'd clone that sampled last
+    # patches the shared module in place; the clones share the backups of the originals)
+    for key in set(src.backup) | set(src.hook_backup):
+        if not src.patches.get(key):
+            comfy.utils.set_attr_param(new, key, _stored_weight(src, key)[0].to(offload))
+    for key in src.patches:
+        if src.patches[key] and not _is_quantized_weight_key(key, base, config):  # kept layers: patched weight
+            comfy.utils.set_attr_param(new, key, patched(key))
     _check_materialized(new, "DVD-Quant Apply")
-    new.device = offload  # built on "meta"; its tensors are the input's, on the offload device
+    new.device = offload
 
     def layer_weight(name):  # None without patches: quantize_base_model then converts as ComfyUI would
         key = "diffusion_model." + name + ".weight"
-        return patched(key, stored=False) if len(key_patches.get(key, ())) > 1 else None
+        return patched(key, stored=False) if src.patches.get(key) else None
 
     info = quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
     n = quantized_patcher(new, info, type(src), src.load_device, src.offload_device, carry_from=src)

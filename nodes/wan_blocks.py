@@ -11,8 +11,8 @@ for HunyuanVideo (nodes/hunyuan_blocks.py).
 
 The forwards are the pack's own, written to compute what the host's compute (same steps in the same
 order, with the fused ops), so they are only installed where the host's forward is the one they
-follow: same signature and the same names used (a fingerprint of ComfyUI 0.3.x; nodes/block_fusion.py
-has what the model families share). If ComfyUI changes one, the model keeps the host's forward and a
+follow: same signature and the same names used (the block's forms of ComfyUI 0.3.64, 0.8.0 and 0.33.0;
+nodes/block_fusion.py has what the model families share). If ComfyUI changes one, the model keeps the host's forward and a
 warning says so (correct, only slower).
 Subclasses with forwards of their own (VACE, audio blocks, the cross-attentions) are left alone.
 """
@@ -36,6 +36,16 @@ SELF_ATTENTION = (("self", "x", "freqs", "transformer_options"),
 BLOCK = (("self", "x", "e", "freqs", "context", "context_img_len", "transformer_options"),
          {"addcmul", "cast_to", "chunk", "comfy", "cross_attn", "device", "dtype", "ffn", "model_management",
           "modulation", "ndim", "norm1", "norm2", "norm3", "repeat_e", "self_attn", "torch", "unbind", "unsqueeze"})
+# the block's later forms: 0.8.0 makes x contiguous before norm1; 0.33.0 also runs the "attn2_patch"
+# patches of transformer_options after the cross-attention
+BLOCK_CONTIGUOUS = (BLOCK[0], BLOCK[1] | {"contiguous"})
+BLOCK_ATTN2_PATCH = (BLOCK[0], BLOCK[1] | {"contiguous", "get"}, {"patches", "attn2_patch"})
+# 0.33.0's self-attention runs the "attn1_patch" patches after the attention
+SELF_ATTENTION_ATTN1_PATCH = (SELF_ATTENTION[0], SELF_ATTENTION[1] | {"get"}, {"patches", "attn1_patch"})
+FORMS = {  # (expected, whether the host runs transformer_options' patches there), newest first
+    "self_attention": ((SELF_ATTENTION_ATTN1_PATCH, True), (SELF_ATTENTION, False)),
+    "block": ((BLOCK_ATTN2_PATCH, True), (BLOCK_CONTIGUOUS, False), (BLOCK, False)),
+}
 _FUSED_CLASSES = {}  # host class -> our subclass
 
 
@@ -54,9 +64,14 @@ def _modulated(norm: nn.Module, x, shift, scale, repeat_e):
     return torch.addcmul(repeat_e(shift, x), norm(x), 1 + repeat_e(scale, x))  # the host's expression
 
 
-def _fused_class(cls, kind: str, host):
+def _patches(transformer_options, name):
+    return transformer_options.get("patches", {}).get(name, ())
+
+
+def _fused_class(cls, kind: str, host, patches: bool):
     """cls (ComfyUI's class or a subclass keeping its forward) with the fused forward; host: the module
-    of ComfyUI's class, whose names the forward uses (a subclass may live in another package)."""
+    of ComfyUI's class, whose names the forward uses (a subclass may live in another package);
+    patches: the host's forward runs transformer_options' attn1_patch / attn2_patch (0.33.0 and later)."""
     if kind == "self_attention":
         class Fused(cls):
             """The host's WanSelfAttention.forward with norm + apply_rope1 fused (dvdq_core.wan_ops)."""
@@ -67,6 +82,8 @@ def _fused_class(cls, kind: str, host):
                 k = _normed_rotated(self.norm_k, self.k(x), freqs, n)
                 x = host.optimized_attention(q.view(b, s, n * d), k.view(b, s, n * d), self.v(x).view(b, s, n * d),
                                              heads=self.num_heads, transformer_options=transformer_options)
+                for p in _patches(transformer_options, "attn1_patch") if patches else ():
+                    x = p({"x": x, "q": q, "k": k, "transformer_options": transformer_options})
                 return self.o(x)
     else:
         class Fused(cls):
@@ -81,6 +98,8 @@ def _fused_class(cls, kind: str, host):
                 del y
                 x = x + self.cross_attn(self.norm3(x), context, context_img_len=context_img_len,
                                         transformer_options=transformer_options)
+                for p in _patches(transformer_options, "attn2_patch") if patches else ():
+                    x = p({"x": x, "transformer_options": transformer_options})
                 y = self.ffn(_modulated(self.norm2, x, e[3], e[4], host.repeat_e))
                 return gated_residual(x, y, e[5])
     return Fused
@@ -98,17 +117,18 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
     except ImportError:  # another host layout: nothing of ours to replace
         return 0, None
     switched, off = 0, None
-    for base, kind, expected in ((WanSelfAttention, "self_attention", SELF_ATTENTION), (WanAttentionBlock, "block", BLOCK)):
+    for base, kind in ((WanSelfAttention, "self_attention"), (WanAttentionBlock, "block")):
+        forms = FORMS[kind]
         targets = [m for m in diffusion_model.modules() if isinstance(m, base) and type(m).forward is base.forward]
         if not targets:
             continue
-        why = host_forward_mismatch(base, expected)
-        if why is not None:
-            off = host_changed(f"Wan ({base.__name__})", why)
+        matched = [attn2 for expected, attn2 in forms if host_forward_mismatch(base, expected) is None]
+        if not matched:
+            off = host_changed(f"Wan ({base.__name__})", host_forward_mismatch(base, forms[0][0]))
             continue
         host = sys.modules[base.__module__]
         for m in targets:
-            m.__class__ = fused_subclass(_FUSED_CLASSES, type(m), lambda cls: _fused_class(cls, kind, host))
+            m.__class__ = fused_subclass(_FUSED_CLASSES, type(m), lambda cls: _fused_class(cls, kind, host, matched[0]))
         switched += len(targets)
     return switched, off
 

@@ -64,8 +64,21 @@ def subclasses_elsewhere(m):
                 mod.__class__ = sub
 
 
-def wan_fused(kind, dtype, quantize, elsewhere=False, cast=False):
-    """cast: ComfyUI's manual_cast layers (every weight cast at each call: fp8 storage, weight_dtype)."""
+def attention_patches():
+    """transformer_options with an attn1_patch and an attn2_patch (run by ComfyUI 0.33.0's Wan
+    self-attention and block, ignored by older hosts) that change x, so a fused forward that skipped
+    them, or ran them where the host does not, would give another output."""
+    def attn1(d):
+        return d["x"] * 0.5 + d["q"].flatten(2).mean() + d["k"].flatten(2).std()
+
+    def attn2(d):
+        return d["x"] - 0.25
+    return {"patches": {"attn1_patch": [attn1], "attn2_patch": [attn2]}}
+
+
+def wan_fused(kind, dtype, quantize, elsewhere=False, cast=False, patches=False):
+    """cast: ComfyUI's manual_cast layers (every weight cast at each call: fp8 storage, weight_dtype);
+    patches: transformer_options with attention patches (attention_patches)."""
     import comfy.ops
     m = build_module(kind, comfy.ops.manual_cast) if cast else build_module(kind)
     m.load_state_dict(randomize(m.state_dict(), 0))
@@ -82,17 +95,19 @@ def wan_fused(kind, dtype, quantize, elsewhere=False, cast=False):
     # blocks then get one modulation vector per latent frame
     t = torch.tensor([[500.0, 300.0]]) if kind == "wan22_5b" else torch.tensor([500.0])
     clip = torch.randn(1, 257, 1280, generator=g).to(dtype) if kind == "wan21_i2v" else None
+    kw = {"transformer_options": attention_patches()} if patches else {}
     with torch.no_grad():
-        before = m(x, t, ctx, clip_fea=clip)
+        before = m(x, t, ctx, clip_fea=clip, **kw)
+        host_runs_patches = patches and not torch.equal(before, m(x, t, ctx, clip_fea=clip))
         fused, off = wb.fuse_wan(m)
         again, _ = wb.fuse_wan(m)
         CALLS.clear()
-        after = m(x, t, ctx, clip_fea=clip)
+        after = m(x, t, ctx, clip_fea=clip, **kw)
         calls = dict(CALLS)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "Attention" in type(mod).__name__})
         restored = wb.unfuse_wan(m)
     return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored, "equal": bool(torch.equal(before, after)),
-            "finite": bool(torch.isfinite(after).all()), "classes": classes}
+            "finite": bool(torch.isfinite(after).all()), "classes": classes, "host_runs_patches": host_runs_patches}
 
 
 def outcome(f):
@@ -172,6 +187,9 @@ for kind in ("wan21_t2v", "hunyuan_video"):
     m.load_state_dict({k: v.float() for k, v in randomize(m.state_dict(), 0).items()})
     dq.quantize_model(m, dq.QuantConfig(backend="reference"))
     out[kind] = sorted(name for name, q in dq.quantized_layers(m) if q.act == "gelu_tanh")
+    # whether the feed-forward is a Sequential running its children (0.33.0's WanFeedForward applies the GELU itself)
+    out[kind + "_ffn_sequential"] = [type(f).forward is torch.nn.Sequential.forward
+                                     for f in (m.blocks[0].ffn if kind.startswith("wan") else m.double_blocks[0].img_mlp,)]
 out["wan"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": wan_fused(kind, dtype, quantize)
                for kind, dtype, quantize in [("wan21_t2v", torch.float32, False), ("wan21_t2v", torch.bfloat16, False),
                                              ("wan21_t2v", torch.bfloat16, True), ("wan21_i2v", torch.float32, False),
@@ -179,6 +197,7 @@ out["wan"] = {f"{kind}/{str(dtype)[6:]}/{'quantized' if quantize else 'float'}":
 out["wan"]["wan21_t2v/bfloat16/subclasses in another pack"] = wan_fused("wan21_t2v", torch.bfloat16, False,
                                                                         elsewhere=True)
 out["wan"]["wan21_t2v/bfloat16/manual_cast layers"] = wan_fused("wan21_t2v", torch.bfloat16, True, cast=True)
+out["wan"]["wan21_t2v/float32/attention patches"] = wan_fused("wan21_t2v", torch.float32, False, patches=True)
 out["hunyuan"] = {f"{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": hunyuan_fused(dtype, quantize)
                   for dtype, quantize in [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
                                           (torch.bfloat16, True)]}
