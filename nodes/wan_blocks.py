@@ -15,6 +15,9 @@ follow: same signature and the same names used (the block's forms of ComfyUI 0.3
 nodes/block_fusion.py has what the model families share). If ComfyUI changes one, the model keeps the host's forward and a
 warning says so (correct, only slower).
 Subclasses with forwards of their own (VACE, audio blocks, the cross-attentions) are left alone.
+0.33.0's WanFeedForward (which applies the GELU itself through comfy.ops.linear_input_act) gets a
+forward that lets the first quantized layer apply it instead, as the GELU fold of dvdq_core.fusion does
+for the older Sequential, wherever one of its layers is ours.
 """
 import logging
 import sys
@@ -22,6 +25,7 @@ import sys
 import torch
 from torch import nn
 
+from ..dvdq_core.linear import QuantLinear
 from ..dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
 
 from .block_fusion import bare_layer_norm, fused_subclass, host_changed, host_forward_mismatch, plain_norm, \
@@ -42,9 +46,12 @@ BLOCK_CONTIGUOUS = (BLOCK[0], BLOCK[1] | {"contiguous"})
 BLOCK_ATTN2_PATCH = (BLOCK[0], BLOCK[1] | {"contiguous", "get"}, {"patches", "attn2_patch"})
 # 0.33.0's self-attention runs the "attn1_patch" patches after the attention
 SELF_ATTENTION_ATTN1_PATCH = (SELF_ATTENTION[0], SELF_ATTENTION[1] | {"get"}, {"patches", "attn1_patch"})
+# 0.33.0's feed-forward [Linear, GELU(tanh), Linear] applies the GELU itself: linear_input_act(self[2], self[0](x))
+FEED_FORWARD = (("self", "x"), {"comfy", "ops", "linear_input_act"}, {"gelu_tanh"})
 FORMS = {  # (expected, whether the host runs transformer_options' patches there), newest first
     "self_attention": ((SELF_ATTENTION_ATTN1_PATCH, True), (SELF_ATTENTION, False)),
     "block": ((BLOCK_ATTN2_PATCH, True), (BLOCK_CONTIGUOUS, False), (BLOCK, False)),
+    "feed_forward": ((FEED_FORWARD, False),),
 }
 _FUSED_CLASSES = {}  # host class -> our subclass
 
@@ -72,7 +79,18 @@ def _fused_class(cls, kind: str, host, patches: bool):
     """cls (ComfyUI's class or a subclass keeping its forward) with the fused forward; host: the module
     of ComfyUI's class, whose names the forward uses (a subclass may live in another package);
     patches: the host's forward runs transformer_options' attn1_patch / attn2_patch (0.33.0 and later)."""
-    if kind == "self_attention":
+    if kind == "feed_forward":
+        class Fused(cls):
+            """The host's WanFeedForward, self[2](gelu_tanh(self[0](x))), with the GELU applied by the first layer's
+            kernel where that layer is ours (the fold dvdq_core.fusion makes for Sequentials), and without
+            comfy.ops.linear_input_act: that helper reads the down-projection's weight as a float or ComfyUI
+            QuantizedTensor weight on some paths (newer ComfyUI with fp16 accumulation), not our packed codes."""
+
+            def forward(self, x):
+                if isinstance(self[0], QuantLinear) and self[0].act == "gelu_tanh":
+                    return self[2](self[0](x))
+                return self[2](torch.nn.functional.gelu(self[0](x), approximate="tanh"))
+    elif kind == "self_attention":
         class Fused(cls):
             """The host's WanSelfAttention.forward with norm + apply_rope1 fused (dvdq_core.wan_ops)."""
 
@@ -116,10 +134,16 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
         from comfy.ldm.wan.model import WanAttentionBlock, WanSelfAttention
     except ImportError:  # another host layout: nothing of ours to replace
         return 0, None
+    import comfy.ldm.wan.model as host_wan
+    feed_forward = getattr(host_wan, "WanFeedForward", None)  # 0.33.0 and later
     switched, off = 0, None
-    for base, kind in ((WanSelfAttention, "self_attention"), (WanAttentionBlock, "block")):
+    for base, kind in ((WanSelfAttention, "self_attention"), (WanAttentionBlock, "block"), (feed_forward, "feed_forward")):
+        if base is None:
+            continue
         forms = FORMS[kind]
         targets = [m for m in diffusion_model.modules() if isinstance(m, base) and type(m).forward is base.forward]
+        if kind == "feed_forward":  # only where one of its layers is ours (else the host's own path is right)
+            targets = [m for m in targets if any(isinstance(lin, QuantLinear) for lin in (m[0], m[2]))]
         if not targets:
             continue
         matched = [attn2 for expected, attn2 in forms if host_forward_mismatch(base, expected) is None]
@@ -128,6 +152,8 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
             continue
         host = sys.modules[base.__module__]
         for m in targets:
+            if kind == "feed_forward" and isinstance(m[0], QuantLinear) and m[0].act is None:
+                m[0].act = "gelu_tanh"  # unfuse_wan undoes it
             m.__class__ = fused_subclass(_FUSED_CLASSES, type(m), lambda cls: _fused_class(cls, kind, host, matched[0]))
         switched += len(targets)
     return switched, off
@@ -135,5 +161,9 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
 
 def unfuse_wan(diffusion_model: nn.Module) -> int:
     """Undo fuse_wan (benchmarks measure what it saves); returns how many modules."""
+    ours = set(_FUSED_CLASSES.values())
+    for m in diffusion_model.modules():
+        if type(m) in ours and isinstance(m, nn.Sequential) and isinstance(m[0], QuantLinear) and m[0].act == "gelu_tanh":
+            m[0].act = None  # the feed-forward's GELU back to the host's path
     return restore_classes(diffusion_model, _FUSED_CLASSES)
 

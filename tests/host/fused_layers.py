@@ -99,15 +99,19 @@ def wan_fused(kind, dtype, quantize, elsewhere=False, cast=False, patches=False)
     with torch.no_grad():
         before = m(x, t, ctx, clip_fea=clip, **kw)
         host_runs_patches = patches and not torch.equal(before, m(x, t, ctx, clip_fea=clip))
+        fold = {n for n, q in dq.quantized_layers(m) if q.act == "gelu_tanh"}  # dvdq_core.fusion's (Sequential)
         fused, off = wb.fuse_wan(m)
         again, _ = wb.fuse_wan(m)
+        gelu = sorted(n for n, q in dq.quantized_layers(m) if q.act == "gelu_tanh" and n not in fold)
         CALLS.clear()
         after = m(x, t, ctx, clip_fea=clip, **kw)
         calls = dict(CALLS)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "Attention" in type(mod).__name__})
         restored = wb.unfuse_wan(m)
     return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored, "equal": bool(torch.equal(before, after)),
-            "finite": bool(torch.isfinite(after).all()), "classes": classes, "host_runs_patches": host_runs_patches}
+            "finite": bool(torch.isfinite(after).all()), "classes": classes, "host_runs_patches": host_runs_patches,
+            "quantized": quantize, "gelu_by_fused_ffn": gelu,
+            "gelu_after_unfuse": sorted(n for n, q in dq.quantized_layers(m) if q.act == "gelu_tanh" and n not in fold)}
 
 
 def outcome(f):
