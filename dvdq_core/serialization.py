@@ -191,4 +191,7 @@ def _fill(model, path, meta, file_keys, state, backend, layer_cls):
             sd[k] = t
         for k in lazy.intersection(file_keys):
             sd[k] = f.get_tensor(k)
+    if assign:  # the tensors become the model's: copies out of the file's buffer, whose tensors sit at 8-byte
+        # offsets (the header's padding), where CPU matmuls round differently from aligned memory
+        sd = {k: t.clone() for k, t in sd.items()}
     model.load_state_dict(sd, strict=True, assign=assign)
