@@ -4,6 +4,7 @@ feed-forward GELU, and for Wan's blocks and self-attention and HunyuanVideo's do
 single-stream blocks with their elementwise steps fused (nodes/wan_blocks.py, nodes/hunyuan_blocks.py)
 how many modules switch, how often each fused op runs, and whether the model's output stays
 identical (on the CPU the fused forwards run the host's own ops, so it must be bit for bit)."""
+import contextlib
 import importlib
 import json
 import os
@@ -64,6 +65,26 @@ def subclasses_elsewhere(m):
                 mod.__class__ = sub
 
 
+@contextlib.contextmanager
+def no_linear_input_act_on_ours():
+    """comfy.ops.linear_input_act (0.33.0 and later) failing for our layers: the fused forwards must not pass
+    them there (its newer forms cast the layer's weight as a float or QuantizedTensor one)."""
+    import comfy.ops
+    real = getattr(comfy.ops, "linear_input_act", None)
+
+    def refuse(linear, *a, **k):
+        if isinstance(linear, dq.QuantLinear):
+            raise AssertionError("a DVD-Quant layer reached comfy.ops.linear_input_act")
+        return real(linear, *a, **k)
+    if real is not None:
+        comfy.ops.linear_input_act = refuse
+    try:
+        yield
+    finally:
+        if real is not None:
+            comfy.ops.linear_input_act = real
+
+
 def attention_patches():
     """transformer_options with an attn1_patch and an attn2_patch (run by ComfyUI 0.33.0's Wan
     self-attention and block, ignored by older hosts) that change x, so a fused forward that skipped
@@ -104,7 +125,8 @@ def wan_fused(kind, dtype, quantize, elsewhere=False, cast=False, patches=False)
         again, _ = wb.fuse_wan(m)
         gelu = sorted(n for n, q in dq.quantized_layers(m) if q.act == "gelu_tanh" and n not in fold)
         CALLS.clear()
-        after = m(x, t, ctx, clip_fea=clip, **kw)
+        with no_linear_input_act_on_ours():
+            after = m(x, t, ctx, clip_fea=clip, **kw)
         calls = dict(CALLS)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "Attention" in type(mod).__name__})
         restored = wb.unfuse_wan(m)
