@@ -54,8 +54,10 @@ def build(arch, dev):
     import comfy.ops
     ops = comfy.ops.disable_weight_init
     if arch.startswith("hunyuan"):
-        from comfy.ldm.hunyuan_video.model import HunyuanVideo
-        model = HunyuanVideo(device=dev, dtype=torch.bfloat16, operations=ops, **ARCH[arch])
+        from comfy.ldm.hunyuan_video.model import HunyuanVideo, HunyuanVideoParams
+        newer = {"use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False}  # 1.5's (0.8.0 on)
+        extra = {f.name: newer[f.name] for f in dataclasses.fields(HunyuanVideoParams) if f.name in newer}
+        model = HunyuanVideo(device=dev, dtype=torch.bfloat16, operations=ops, **ARCH[arch], **extra)
     else:
         from comfy.ldm.wan.model import WanModel
         model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, freq_dim=256, text_dim=4096,
@@ -73,20 +75,26 @@ def build(arch, dev):
     return model.eval()
 
 
-def pack_block_fusion(arch):
-    """(fuse, unfuse) of the pack's fused block steps for arch (nodes/wan_blocks.py, nodes/hunyuan_blocks.py),
-    imported from the repository as a package named dvdq_pack, the way ComfyUI imports the pack (its
-    modules import the core relatively; a ComfyUI checkout on sys.path has a top-level `nodes` of its own)."""
+def pack_module(name: str):
+    """A module of the repository imported as a package named dvdq_pack, the way ComfyUI imports the pack
+    (its modules import the core relatively; a ComfyUI checkout on sys.path has a top-level `nodes` of its
+    own). The core comes from the same package, so the layers quantized here are the class the pack's
+    fused forwards recognise."""
     import importlib
     import types
     if "dvdq_pack" not in sys.modules:
         pkg = types.ModuleType("dvdq_pack")
         pkg.__path__ = [ROOT]
         sys.modules["dvdq_pack"] = pkg
+    return importlib.import_module("dvdq_pack." + name)
+
+
+def pack_block_fusion(arch):
+    """(fuse, unfuse) of the pack's fused block steps for arch (nodes/wan_blocks.py, nodes/hunyuan_blocks.py)."""
     if arch.startswith("hunyuan"):
-        mod = importlib.import_module("dvdq_pack.nodes.hunyuan_blocks")
+        mod = pack_module("nodes.hunyuan_blocks")
         return mod.fuse_hunyuan, mod.unfuse_hunyuan
-    mod = importlib.import_module("dvdq_pack.nodes.wan_blocks")
+    mod = pack_module("nodes.wan_blocks")
     return mod.fuse_wan, mod.unfuse_wan
 
 
@@ -182,11 +190,12 @@ def main():
     import comfy.ldm.wan.model as wan
     attention_users = {"hunyuan": (flux_math, hunyuan), "hunyuan-i2v": (flux_math, hunyuan)}  # modules whose
     # optimized_attention the step calls
-    from dvdq_core import QuantConfig, quantize_model, set_activation_bits
-    from dvdq_core.backends import load_kernels
+    core = pack_module("dvdq_core")
+    QuantConfig, quantize_model, set_activation_bits = core.QuantConfig, core.quantize_model, core.set_activation_bits
+    load_kernels = pack_module("dvdq_core.backends").load_kernels
     load_kernels()  # as the pack's loader does (nodes.host.check_gpu_bits): never first inside a compiled forward
-    from dvdq_core.fusion import fuse_gelu, unfuse_gelu
-    from dvdq_core.hadamard import effective_block
+    fuse_gelu, unfuse_gelu = pack_module("dvdq_core.fusion").fuse_gelu, pack_module("dvdq_core.fusion").unfuse_gelu
+    effective_block = pack_module("dvdq_core.hadamard").effective_block
 
     sage_calls = [0]
     attn_impls = {"sdpa": attn.attention_pytorch}
@@ -206,9 +215,19 @@ def main():
     from gpu_clock import ClockMonitor
     clock = ClockMonitor().__enter__()  # sampled until the end: a throttled run says so
     results = []
-    from dvdq_core.kernels import ops
+    ops = pack_module("dvdq_core.kernels.ops")
     info = {"device": torch.cuda.get_device_name(), "compiled_for": ops._capability(dev), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    try:  # newer ComfyUI runs some of its own steps (rotary, norms) through comfy-kitchen: which backends ran
+        import comfy_kitchen
+        info["comfy_kitchen"] = {k: v["available"] for k, v in comfy_kitchen.list_backends().items()}
+    except ImportError:
+        pass
+    try:
+        import comfyui_version
+        info["comfyui"] = comfyui_version.__version__
+    except ImportError:
+        pass
     print(json.dumps(info), flush=True)
     for arch in args.arch:
         model = build(arch, dev)
