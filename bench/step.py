@@ -43,10 +43,10 @@ def kernel_class(name: str) -> str:
     n = name.lower()
     if "_absmax_kernel" in n or "_quantize_kernel" in n or "_quantize_pow2_kernel" in n or "_rotate_kernel" in n:
         return "act_quant"
+    if "flash" in n or "fmha" in n or "attn" in n or "attention" in n or "sdpa" in n:  # first: FlashAttention's
+        return "attention"  # kernel names carry cutlass types
     if "w4_gemm" in n or "gemm" in n or "nvjet" in n or "cutlass" in n or "xmma" in n or "cublas" in n or "s16816" in n:
         return "gemm"
-    if "flash" in n or "fmha" in n or "attn" in n or "attention" in n or "sdpa" in n:
-        return "attention"
     return "other"
 
 
