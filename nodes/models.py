@@ -60,10 +60,22 @@ def quantized_patcher(base_model, info: dict, cls, load_device, offload_device, 
             if hasattr(donor, attr):
                 setattr(patcher, attr, getattr(donor, attr))
     patcher.set_attachments(ATTACHMENT, info)
+    if hasattr(patcher, "cached_patcher_init"):  # 0.33.0 on: how the host makes a model of its own for this MODEL
+        # (a non-dynamic delegate for conditioning hooks, a copy per GPU), as its own loaders register
+        patcher.cached_patcher_init = (_patcher_copy, (base_model, info, load_device, offload_device))
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     patcher.remove_wrappers_with_key(outer, GUARD_KEY)
     patcher.add_wrapper_with_key(outer, GUARD_KEY, guard_outer_sample)
     return patcher
+
+
+def _patcher_copy(base_model, info, load_device, offload_device, disable_dynamic=False):
+    """cached_patcher_init's factory: a new patcher (ComfyUI's plain class where the host asks for one without
+    dynamic VRAM) on a copy of the quantized module tree sharing its tensors; nothing is quantized again.
+    The host takes only the model from it and copies the rest from the MODEL it clones."""
+    import comfy.model_patcher
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
+    return quantized_patcher(_tree_copy(base_model, offload_device), info, cls, load_device, offload_device)
 
 
 CARRIED = ("model_options", "object_patches", "wrappers", "callbacks", "attachments", "additional_models", "injections",
@@ -255,12 +267,23 @@ def _file_metadata(path) -> dict:
         return {}
 
 
+# What ComfyUI's patchers put on a model and its modules while loading it (memory state, dynamic VRAM's
+# slots and pins, cast switches, weight patch functions): a copy starts without the source's, as a new model
+LOAD_STATE = {"model_loaded_weight_memory", "lowvram_patch_counter", "model_lowvram", "current_weight_patches_uuid",
+              "model_offload_buffer_memory", "dynamic_vbars", "dynamic_pins", "dynamic_patchers", "comfy_cast_weights",
+              "prev_comfy_cast_weights", "comfy_patched_weights", "weight_function", "bias_function",
+              "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_v", "_v_signature", "_v_weight",
+              "_v_bias", "_pin_state", "_pins", "_prefetch"}
+
+
 def _tree_copy(module: nn.Module, device) -> nn.Module:
     """A new module tree of the same classes whose parameters and buffers are module's tensors (no copy;
     moved to device where they are elsewhere): layers of any kind, ComfyUI's own quantized ones
     (QuantizedTensor weights with their scales) included, come along as they are, and changing the
-    copy's tensors or layers leaves module's alone."""
+    copy's tensors or layers leaves module's alone. The host's load state (LOAD_STATE) stays behind."""
     new = copy.copy(module)  # a new __dict__ holding the same values ...
+    for key in LOAD_STATE.intersection(new.__dict__):
+        del new.__dict__[key]
     # ... and new dicts of tensors and children (torch's own fields of every nn.Module)
     new._parameters = {k: t if t is None or t.device == device else nn.Parameter(t.to(device), requires_grad=False)
                        for k, t in module._parameters.items()}

@@ -160,6 +160,24 @@ def test_two_experts_share_one_schedule(server):
     assert torch.isfinite(latent(server, hist)).all()
 
 
+def test_host_made_copy_of_a_quantized_model(server):
+    """ComfyUI 0.33.0 makes a model of its own for a MODEL (the non-dynamic delegate that conditioning hooks
+    need under dynamic VRAM, a copy per GPU) from the patcher's cached_patcher_init, which its own loaders
+    register; without one it stops with "cached_patcher_init is not initialized". The pack registers a
+    factory copying the quantized module tree (no re-quantizing): the copy samples to the same latent."""
+    with open(os.path.join(server.comfy_path, "comfy", "model_patcher.py")) as f:
+        if "cached_patcher_init" not in f.read():
+            pytest.skip("this ComfyUI makes no copies of a MODEL from cached_patcher_init (added after 0.8.0)")
+    direct = latent(server, run_ok(server, quant_graph("copy_a", mode="fixed", fixed_bits=8))[0])
+    g = quant_graph("copy_b", mode="fixed", fixed_bits=8)
+    g["copy"] = node("DVDQTestHostCopy", model=["load", 0])
+    g["bs"]["inputs"]["model"] = ["copy", 0]
+    hist, msgs = run_ok(server, g)
+    assert torch.equal(latent(server, hist), direct)
+    # the Loader's output is the first run's (cached by the server): quantizing here would be the copy's
+    assert events(msgs, "dvdq.quant_progress") == [] and events(msgs, "dvdq.quant_summary") == []
+
+
 def test_saved_copy_loads_to_identical_results(server):
     dvdq_dir = os.path.join(server.base_dir, "models", "dvdq")
     before = set(os.listdir(dvdq_dir))
