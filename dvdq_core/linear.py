@@ -129,8 +129,9 @@ class _Moved:
     def __init__(self, layer: QuantLinear, device):
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
                                                               "shares_input", "act")})
-        for name, buf in layer.named_buffers(recurse=False):
-            setattr(self, name, buf.to(device, non_blocking=True))
+        # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer)
+        for name, t in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
+            setattr(self, name, t.detach().to(device, non_blocking=True))
         if "bias" not in self.__dict__:
             self.bias = None
 

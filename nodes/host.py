@@ -190,7 +190,9 @@ def layer_class():
 
         class DVDQuantLinear(QuantLinear, comfy.ops.CastWeightBiasOp):
             def forward(self, x):
-                if self.weight_function or self.bias_function:  # a weight patch the guard did not see
+                if self.weight_function or self.bias_function or getattr(self, "weight_lowvram_function", None) \
+                        or getattr(self, "bias_lowvram_function", None):  # a weight patch the guard did not see
+                    # (dynamic VRAM attaches patches as *_lowvram_function)
                     raise DVDQuantError(lora_after_message(["this layer"]))
                 return super().forward(x)
 

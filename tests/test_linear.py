@@ -243,3 +243,23 @@ def test_linear_like_modules_are_quantized():
     dq.quantize_model(m, dq.QuantConfig(overrides="blocks.0=w8a8", backend="reference"))
     assert isinstance(m.blocks[0], dq.QuantLinear)
     assert ((m.blocks[0](x) - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_offloaded_view_takes_tensors_the_host_made_parameters():
+    """ComfyUI force-loads small layers with set_attr_param, which turns a layer's buffers (the packed `weight`,
+    the bias) into nn.Parameters; the per-call copy to the input's device (offloaded layers) must still carry
+    them (it copied buffers only: 'no attribute weight', and a bias silently dropped)."""
+    from dvdq_core.linear import _Moved
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    spec = dq.LayerSpec(4, None, "dvdq", 64, 64, True, True, "block")
+    q, _ = dq.QuantLinear.from_linear(lin, spec, dq.BitState(8), backend="reference")
+    x = torch.randn(2, 64)
+    before = q(x)
+    for name in ("weight", "bias"):
+        t = getattr(q, name)
+        delattr(q, name)
+        setattr(q, name, nn.Parameter(t, requires_grad=False))  # what ComfyUI's set_attr_param leaves
+    moved = _Moved(q, torch.device("cpu"))
+    assert torch.equal(moved.weight, q.weight) and torch.equal(moved.bias, q.bias)
+    assert torch.equal(q(x), before)
