@@ -18,6 +18,7 @@ demo: venv
 
 # Triton kernels run on the CPU through Triton's interpreter here.
 test: venv
+	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 clean:

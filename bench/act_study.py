@@ -25,8 +25,18 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dvdq_core.kernels import ops  # noqa: E402
-from dvdq_core.kernels._triton import (EPS, _absmax_kernel, _clamp_round, _ceil_log2, _exp2i, _load_rotation,  # noqa: E402
-                             _pow2_exponents, _quantize_kernel, _quantize_pow2_kernel, _rotate_tile)
+from dvdq_core.kernels._triton import (  # noqa: E402
+    EPS,
+    _absmax_kernel,
+    _ceil_log2,
+    _clamp_round,
+    _exp2i,
+    _load_rotation,
+    _pow2_exponents,
+    _quantize_kernel,
+    _quantize_pow2_kernel,
+    _rotate_tile,
+)
 
 
 @triton.jit

@@ -43,7 +43,7 @@ def main():
     g = torch.Generator(device=a.device).manual_seed(0)
     print(f"BGR on {a.device} ({torch.cuda.get_device_name() if a.device.startswith('cuda') else 'CPU'}), "
           f"model {a.model}, {'Student-t' if a.student_t else 'normal'} weights")
-    print(f"| layer | shape | BGR s | min-max s | BGR/min-max squared error |")
+    print("| layer | shape | BGR s | min-max s | BGR/min-max squared error |")
     print("|---|---|---|---|---|")
     total_bgr = 0.0
     for name, n, k, count in layers:

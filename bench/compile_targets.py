@@ -1,5 +1,6 @@
 """Compile the shipped kernels for every GPU target the triton backend claims (sm_80, sm_86, sm_89,
-sm_90, sm_100, sm_120; the Gluon GEMM for sm_90 only) on a machine without a GPU, with the launch configurations configs.py picks, and check what
+sm_90, sm_100, sm_120; the Gluon GEMM for sm_90 only) on a machine without a GPU, with the launch
+configurations configs.py picks, and check what
 can be checked without the card: the compile succeeds, no registers spill to local memory, the
 shared memory fits the target's per-block limit, and the MMA instructions are the expected kind
 (wgmma on sm_90: IGMMA / HGMMA in SASS; mma.sync elsewhere: IMMA / HMMA, Blackwell included).
@@ -69,6 +70,7 @@ def compile_gluon_gemm(kind="chain", cfg=None, gelu=False):
     ptxas advisories, wgmma wait depths in SASS). It must keep one wgmma in flight (a wait depth
     of 1) and get no ptxas "wgmma ... serialized" advisory (C751x)."""
     from triton.experimental.gluon import language as gl
+
     from dvdq_core.kernels import _gluon as kg
     cfg = cfg or (configs.CHAIN_SM90 if kind == "chain" else configs.U8_SM90)
     bm, bn, bk = cfg["BM"], cfg["BN"], ops.layout_group(K, SB)

@@ -230,8 +230,8 @@ def pow2_channel_accuracy(dev, m=512, n=256, k=5120):
 
 
 def run():
-    from triton.testing import do_bench
     import torch.nn.functional as F
+    from triton.testing import do_bench
 
     dev = "cuda"
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -303,6 +303,7 @@ def compile_only():
     """sm_90 compile on a CPU machine: registers, spills, shared memory, wgmma waits, QGMMA count."""
     import re
     import subprocess
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -296,9 +296,10 @@ def perm_h(k, bk, device):
 
 
 def run(args):
-    from triton.testing import do_bench
     import torch.nn.functional as F
-    from dvdq_core.kernels import ops, configs
+    from triton.testing import do_bench
+
+    from dvdq_core.kernels import configs, ops
 
     dev = "cuda"
     torch.manual_seed(0)
@@ -396,6 +397,7 @@ def compile_only(args):
     """sm_90 compile on a CPU machine: registers, spills, shared memory, wgmma waits."""
     import re
     import subprocess
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

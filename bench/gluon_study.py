@@ -38,17 +38,22 @@ import torch
 import torch.nn.functional as F
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.testing import do_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.compile_targets import compile_gluon, compile_gluon_gemm  # noqa: E402
+from bench.kernels import make_layer  # noqa: E402
 from dvdq_core.kernels import ops  # noqa: E402
 from dvdq_core.kernels._gluon import _tile_offsets  # noqa: E402
 from dvdq_core.kernels._triton import UNPACK_PTX  # noqa: E402
-from bench.compile_targets import compile_gluon, compile_gluon_gemm  # noqa: E402
-from bench.kernels import make_layer  # noqa: E402
 
 EPS: gl.constexpr = gl.constexpr(1e-8)  # as kernels._triton.EPS: floor of the auto-scale l_b
 

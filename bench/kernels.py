@@ -19,7 +19,6 @@ usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyua
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -97,7 +96,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     try:
         xq, wq, xs, ws = fp8_operands(x, w)
         row["fp8"] = bench(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=torch.bfloat16))
-        del xq, wq
+        xq = wq = None  # free the GPU memory (the timed lambdas read them)
     except Exception as e:
         row["fp8_err"] = repr(e)[:200]
     layer = make_layer(n, k, dev)
@@ -117,7 +116,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     qp, sp_, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
     row["gemm_p4"] = bench(lambda: ops.w4_gemm(qp, layer.weight, layer.w_zero, layer.w_scale, None, sp_, layer.bias,
                                                torch.bfloat16, sb, False))
-    del qp, sp_
+    qp = sp_ = None  # free the GPU memory (the timed lambdas read them)
     if args.sweep and model in args.sweep_models:
         sweep = {}
         for cfg in sweep_candidates(args, dev):
@@ -127,7 +126,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
             except Exception as e:
                 sweep[str(cfg)] = f"{type(e).__name__}: {str(e)[:150]}"
         row["sweep"] = sweep
-    del q, s, l
+    q = s = l = None  # free the GPU memory (the timed lambdas read them)
     if ck_qt is not None and args.ck and model in args.ck_models:
         for key, layout, kw in (("ck_int8", "TensorWiseINT8Layout", {"per_channel": True, "convrot": True}),
                                 ("ck_w4a8", "AsymW4A8Int8Layout", {})):
@@ -137,7 +136,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
                 ref = F.linear(x, w, b).float()
                 row[key + "_relerr"] = ((y.float() - ref).norm() / ref.norm()).item()
                 row[key] = bench(lambda: F.linear(x, qt, b))
-                del qt, y, ref
+                qt = y = ref = None  # free the GPU memory (the timed lambdas read them)
             except Exception as e:
                 row[key + "_err"] = f"{type(e).__name__}: {str(e)[:300]}"
     # two-number floors of our full layer: int8 MMA at peak, and the bytes it must move
@@ -145,7 +144,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     row["floor"] = max(flops / PEAK_INT8, bytes_min / COPY_BW)
     row["gemm_tops"] = flops / row["gemm"] / 1e12
     rows.append(row)
-    del x, w, b
+    x = w = b = None  # free the GPU memory (the timed lambdas read them)
     torch.cuda.empty_cache()
     return row
 
@@ -220,7 +219,7 @@ def act_sweep(m, dev, pow2=False):
                     out[key] = f"{type(e).__name__}: {str(e)[:120]}"
                 v = out[key]
                 print(key + ": " + (f"{v[0] * 1e3:.3f} ms {v[1]:.2f} TB/s" if isinstance(v, tuple) else v), flush=True)
-        del x
+        x = None  # free the GPU memory (the timed lambdas read them)
     return out
 
 
@@ -252,7 +251,7 @@ def chain_sweep(m, models, dev):
                 except Exception as e:
                     out[key] = f"{type(e).__name__}: {str(e)[:150]}"
                     print(f"{key}: {out[key]}", flush=True)
-            del x, q, s, ref
+            x = q = s = ref = None  # free the GPU memory (the timed lambdas read them)
             torch.cuda.empty_cache()
     return out
 
@@ -261,7 +260,8 @@ def fmt_row(r):
     def ms(key):
         v = r.get(key)
         return f"{v * 1e3:7.3f}" if isinstance(v, float) else "    n/a"
-    sp = lambda key: f"{r['bf16'] / r[key]:5.2f}x" if isinstance(r.get(key), float) else "   n/a"
+    def sp(key):
+        return f"{r['bf16'] / r[key]:5.2f}x" if isinstance(r.get(key), float) else "   n/a"
     return (f"{r['model']:8s} {r['layer']:8s} {r['M']:6d} {r['N']:6d} {r['K']:6d} | {ms('bf16')} {ms('fp8')} "
             f"{ms('ours_a8')} {ms('ours_a4')} {ms('gemm')} {ms('act')} {ms('ours_p4')} {ms('gemm_p4')} {ms('act_p4')} "
             f"{ms('ours_a16')} {ms('ck_int8')} {ms('ck_w4a8')} |"
@@ -327,7 +327,9 @@ def run(args, clock):
             res = gemm_variants(args.m[0], n, k, dev)
             study[name] = res
             for key, v in res.items():
-                print(f"{name:5s} {key}: " + (f"{v[0] * 1e3:.3f} ms {v[1]:.0f} {'TB/s' if key.startswith('act') else 'TOP/s'}" if isinstance(v, tuple) else v), flush=True)
+                unit = "TB/s" if key.startswith("act") else "TOP/s"
+                text = f"{v[0] * 1e3:.3f} ms {v[1]:.0f} {unit}" if isinstance(v, tuple) else v
+                print(f"{name:5s} {key}: {text}", flush=True)
         finish(args, info, clock, variants=study)
         return
     print(HEADER)
@@ -342,7 +344,8 @@ def run(args, clock):
                             print(f"   {key}: {r[key]}")
                     if "sweep" in r:
                         for c, t in sorted(r["sweep"].items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 9):
-                            print(f"   sweep {c}: " + (f"{t * 1e3:.3f} ms {2 * m * n * k / t / 1e12:.0f} TOP/s" if isinstance(t, float) else t))
+                            text = f"{t * 1e3:.3f} ms {2 * m * n * k / t / 1e12:.0f} TOP/s" if isinstance(t, float) else t
+                            print(f"   sweep {c}: {text}")
                 except Exception:
                     traceback.print_exc()
                     torch.cuda.empty_cache()

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import quality as q  # noqa: E402  (bench/quality.py: models, sampler and metrics)
+
 import dvdq_core  # noqa: E402
 from dvdq_core import activations, backends  # noqa: E402
 from dvdq_core.demo import clips  # noqa: E402

@@ -176,7 +176,8 @@ def run_variant(label, base, args, trained):
     # Ablations at W4A4: neither = minmax; BGR only; ARQ only (min-max weights); both = dvdq.
     abl = []
     for name, cfg, wf in (
-            ("BGR only (no rotation, no auto-scale)", dvdq_core.QuantConfig(rotate=False, auto_scale=False, backend=args.backend), None),
+            ("BGR only (no rotation, no auto-scale)",
+             dvdq_core.QuantConfig(rotate=False, auto_scale=False, backend=args.backend), None),
             ("ARQ only (rotation + auto-scale, min-max weights)", dvdq_core.QuantConfig(backend=args.backend), "minmax"),
             ("rotation only (QuaRot, min-max weights)", dvdq_core.QuantConfig(method="quarot", backend=args.backend), None),
             ("BGR + rotation, no auto-scale", dvdq_core.QuantConfig(auto_scale=False, backend=args.backend), None),

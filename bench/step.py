@@ -184,9 +184,9 @@ def main():
     args = ap.parse_args()
     sys.path.insert(0, os.path.abspath(args.comfy))
     dev = torch.device("cuda")
-    import comfy.ldm.modules.attention as attn
     import comfy.ldm.flux.math as flux_math
     import comfy.ldm.hunyuan_video.model as hunyuan
+    import comfy.ldm.modules.attention as attn
     import comfy.ldm.wan.model as wan
     attention_users = {"hunyuan": (flux_math, hunyuan), "hunyuan-i2v": (flux_math, hunyuan)}  # modules whose
     # optimized_attention the step calls
@@ -201,7 +201,7 @@ def main():
     attn_impls = {"sdpa": attn.attention_pytorch}
     if args.sage:
         try:
-            import sageattention
+            import sageattention  # noqa: F401  (present, or the host's attention_sage cannot run)
             real = attn.sageattn
 
             def counted(*a, **k):
@@ -273,7 +273,8 @@ def main():
                     r["sage_calls"] = sage_calls[0]
                 results.append(r)
                 sh = r["shares"]
-                print(f"[{arch}] {variant:13s} {impl_name:5s} warm-up {r['warmup_s']:.0f} s  step {r['step_s']:.3f} s  peak {r['peak_gib']:.1f} GiB  "
+                print(f"[{arch}] {variant:13s} {impl_name:5s} warm-up {r['warmup_s']:.0f} s  step {r['step_s']:.3f} s  "
+                      f"peak {r['peak_gib']:.1f} GiB  "
                       f"block weights {r['weight_gib']:.2f} GiB  finite={r['finite']}  shares " +
                       " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k not in ("gpu_s", "top_kernels")), flush=True)
                 for ms, cls, name in sh.get("top_kernels", []):

@@ -15,8 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dvdq_core.backends import load_kernels  # noqa: E402
 from dvdq_core import wan_ops  # noqa: E402
+from dvdq_core.backends import load_kernels  # noqa: E402
 
 SHAPES = {"wan14b": (40, 128), "wan1.3b": (12, 128)}  # heads, head dim (C = heads x head dim)
 TOKENS = 32760

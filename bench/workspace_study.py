@@ -38,11 +38,12 @@ import triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "bench"))
-from dvdq_core.kernels import configs, ops  # noqa: E402
 from mma_ceiling import sustained  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait  # noqa: E402
+
+from dvdq_core.kernels import configs, ops  # noqa: E402
 from dvdq_core.kernels._gluon import _mma_layout, _store_tile, _tile_offsets  # noqa: E402
 
 

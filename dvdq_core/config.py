@@ -32,7 +32,8 @@ def parse_rule(text: str) -> LayerRule:
     m = re.fullmatch(r"w(\d+)a(\d+)", t)
     if m:
         return LayerRule(w_bits=check_w_bits(int(m[1])), a_bits=check_act_bits(int(m[2])))
-    raise ValueError(f"unknown precision {text!r}: use skip, 16, a bit-width 2..8 (weights and activations), or wXaY such as w4a8")
+    raise ValueError(f"unknown precision {text!r}: use skip, 16, a bit-width 2..8 (weights and activations), "
+                     "or wXaY such as w4a8")
 
 
 def parse_overrides(text) -> dict:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .linear import QuantLinear
 
+
 class FusedGELU(nn.Identity):
     """Stands where the GELU was: a marker that the preceding QuantLinear applies it."""
 

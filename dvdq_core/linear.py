@@ -9,7 +9,6 @@ from .hadamard import rotate
 from .spec import LayerSpec
 from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, unpack_codes
 
-
 # Sibling projections that read one input tensor one after the other without changing it in place
 # (Wan's attention, in ComfyUI and in the reference code; "v" always comes last). Backends may then
 # quantize that input once for the group, also under torch.inference_mode(), where tensors carry no

@@ -4,8 +4,8 @@ import os
 import struct
 
 import torch
-from torch import nn
 from safetensors import safe_open
+from torch import nn
 
 from .config import QuantConfig
 from .fusion import fuse_gelu

@@ -114,7 +114,8 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             n = names[k]
             if k in specs:
                 layer = specs[k][0]
-                for suffix in (".weight", ".w_scale", ".w_zero") + ((".float_weight",) if specs[k][1].method == "smoothquant" else ()):
+                extra = (".float_weight",) if specs[k][1].method == "smoothquant" else ()
+                for suffix in (".weight", ".w_scale", ".w_zero") + extra:
                     ordered[layer + suffix] = plan[layer + suffix]
             else:
                 ordered[n] = plan[n]

@@ -13,7 +13,8 @@ As for Wan (nodes/wan_blocks.py; what both share is nodes/block_fusion.py), the 
 own versions of the host's (same steps, same order), installed only where the host's code is the one
 they follow: the block forwards, `attention` and `apply_mod` of comfy.ldm.flux, and the QKNorm /
 RMSNorm forwards (eps 1e-6) have the signature and the names fingerprinted here (ComfyUI 0.3.x).
-Otherwise the model keeps the host's forwards and a warning says so. Only the blocks inside a HunyuanVideo model switch (Flux shares the classes).
+Otherwise the model keeps the host's forwards and a warning says so. Only the blocks inside a HunyuanVideo model
+switch (Flux shares the classes).
 I2V guiding frames (`modulation_dims`: the first latent frame's tokens modulated by one vector, the
 rest by another, which the host applies to slices in place) run fused too, for a batch of one and
 the two forms HunyuanVideo.forward_orig passes (dvdq_core.hunyuan_ops.kernel_dims), with the host's
@@ -29,9 +30,16 @@ import torch
 from torch import nn
 
 from ..dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
-
-from .block_fusion import bare_layer_norm, fused_subclass, host_attr, host_changed, host_function_mismatch, plain_norm, \
-    restore_classes, switched_off
+from .block_fusion import (
+    bare_layer_norm,
+    fused_subclass,
+    host_attr,
+    host_changed,
+    host_function_mismatch,
+    plain_norm,
+    restore_classes,
+    switched_off,
+)
 
 log = logging.getLogger("dvdq")
 

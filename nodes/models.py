@@ -10,15 +10,31 @@ import time
 import torch
 from torch import nn
 
-from ..dvdq_core import load_quantized, quantize_model, quantized_layers, read_metadata, save_quantized
-from ..dvdq_core import set_activation_bits
-from ..dvdq_core.serialization import SAFETENSORS_DTYPES
+from ..dvdq_core import (
+    load_quantized,
+    quantize_model,
+    quantized_layers,
+    read_metadata,
+    save_quantized,
+    set_activation_bits,
+)
 from ..dvdq_core.model import is_linear
+from ..dvdq_core.serialization import SAFETENSORS_DTYPES
 from ..dvdq_core.spec import layer_spec
-
-from .host import (ATTACHMENT, FOLDER, GUARD_KEY, DVDQuantError, check_gpu_bits, check_no_patches_on_quantized, emit,
-                   guard_outer_sample, layer_class, quant_device, video_dit_arch)
 from .block_fusion import host_changed
+from .host import (
+    ATTACHMENT,
+    FOLDER,
+    GUARD_KEY,
+    DVDQuantError,
+    check_gpu_bits,
+    check_no_patches_on_quantized,
+    emit,
+    guard_outer_sample,
+    layer_class,
+    quant_device,
+    video_dit_arch,
+)
 from .hunyuan_blocks import fuse_hunyuan, unfuse_hunyuan
 from .wan_blocks import fuse_wan, unfuse_wan
 
@@ -248,8 +264,9 @@ def load_and_quantize(path, config, node_id):
         patcher = comfy.sd.load_diffusion_model(path)
     except RuntimeError as e:
         if "Could not detect model type" in str(e):
-            raise DVDQuantError(f"{os.path.basename(path)} is not a diffusion model ComfyUI recognizes. DVD-Quant needs "
-                                "a Wan 2.1/2.2 or HunyuanVideo diffusion model file (as used by 'Load Diffusion Model').") from None
+            raise DVDQuantError(f"{os.path.basename(path)} is not a diffusion model ComfyUI recognizes. DVD-Quant "
+                                "needs a Wan 2.1/2.2 or HunyuanVideo diffusion model file (as used by 'Load Diffusion "
+                                "Model').") from None
         raise
     except Exception as e:
         raise DVDQuantError(f"could not read {os.path.basename(path)} ({type(e).__name__}: {e}); "

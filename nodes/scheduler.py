@@ -5,7 +5,6 @@ DIFFUSION_MODEL wraps each call of the diffusion model (pick the step's bits, ob
 The wrapper functions only touch their arguments, so CI tests them with fake executors.
 """
 from ..dvdq_core import set_activation_bits
-
 from .steps import BitScheduleHook
 
 WRAPPER_KEY = "dvdq_bitswitch"

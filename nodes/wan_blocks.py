@@ -27,9 +27,15 @@ from torch import nn
 
 from ..dvdq_core.linear import QuantLinear
 from ..dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
-
-from .block_fusion import bare_layer_norm, fused_subclass, host_changed, host_forward_mismatch, plain_norm, \
-    restore_classes, switched_off
+from .block_fusion import (
+    bare_layer_norm,
+    fused_subclass,
+    host_changed,
+    host_forward_mismatch,
+    plain_norm,
+    restore_classes,
+    switched_off,
+)
 
 log = logging.getLogger("dvdq")
 

@@ -16,12 +16,15 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
 
-from dvdq_core import kernels  # noqa: E402
-from dvdq_core.kernels import configs, ops  # noqa: E402
-from dvdq_core import LayerSpec, QuantLinear  # noqa: E402
+from dvdq_core import (  # noqa: E402
+    LayerSpec,
+    QuantLinear,
+    kernels,  # noqa: E402
+)
 from dvdq_core.activations import POW2_OCTAVES, auto_scale, quantize_per_token  # noqa: E402
 from dvdq_core.backends import reference_forward  # noqa: E402
 from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
+from dvdq_core.kernels import configs, ops  # noqa: E402
 from dvdq_core.linear import BitState  # noqa: E402
 from gpu_checks import allocations_without_host_sync  # noqa: E402
 
@@ -515,7 +518,8 @@ def test_weight_bits_reason():
 
 
 def test_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None; from dvdq_core import kernels; import torch; from types import SimpleNamespace as S;"
+    code = ("import sys; sys.modules['triton'] = None; from dvdq_core import kernels; import torch; "
+            "from types import SimpleNamespace as S;"
             "print(kernels._triton_missing('linux')); print(kernels._triton_missing('win32'))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

@@ -1,18 +1,12 @@
 """The ComfyUI nodes without ComfyUI: schemas (docs/nodes.md), settings parsing, the step-from-sigma
 logic, the per-step delta-GBS state machine and the sampler wrappers with fake executors."""
-import importlib
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 from dvdq_core import QuantConfig, get_bit_state, quantize_model
-
-from pack import PACK, ROOT, load_pack, sub  # noqa: E402
-
+from pack import load_pack, sub  # noqa: E402
 
 # ---------------------------------------------------------------- schemas (docs/nodes.md)
 

@@ -1,13 +1,11 @@
-import json
-import struct
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_linear import TinyModel
 
 import dvdq_core as dq
 from dvdq_core.cli import main as cli_main
-from test_linear import TinyModel
 
 
 def _quantized(config=None, seed=0):
@@ -133,7 +131,8 @@ def test_cli_quantize_matches_quantize_model(tmp_path, capsys):
     assert cli_main(["quantize", str(src), str(dst), "--device", "cpu", "--override", "blocks.1.ffn.*=skip"]) == 0
     meta = dq.read_metadata(dst)
     assert meta["arch"] == "wan"
-    assert set(meta["layers"]) == {f"blocks.{i}.self_attn.{n}" for i in range(2) for n in "qkvo"} | {"blocks.0.ffn.0", "blocks.0.ffn.2"}
+    attention = {f"blocks.{i}.self_attn.{n}" for i in range(2) for n in "qkvo"}
+    assert set(meta["layers"]) == attention | {"blocks.0.ffn.0", "blocks.0.ffn.2"}
     from safetensors import safe_open
     with safe_open(str(dst), "pt") as f:
         keys = set(f.keys())

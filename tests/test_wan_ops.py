@@ -11,11 +11,10 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported
 
-from dvdq_core import kernels  # noqa: E402
-from dvdq_core.kernels import ops  # noqa: E402
-from dvdq_core import wan_ops  # noqa: E402
-from gpu_checks import allocations_without_host_sync  # noqa: E402
 import pack  # noqa: E402
+from dvdq_core import kernels, wan_ops  # noqa: E402
+from dvdq_core.kernels import ops  # noqa: E402
+from gpu_checks import allocations_without_host_sync  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(77)

@@ -114,7 +114,8 @@ def check_ui(wf):
         if got != want[: len(got)] or len(got) < len(required):
             problems.append(f"{where}: inputs {got} do not match the schema {want}")
         for s in sockets:
-            if not s.get("optional") and not any(i["name"] == s["name"] and i.get("link") is not None for i in n.get("inputs", [])):
+            linked = any(i["name"] == s["name"] and i.get("link") is not None for i in n.get("inputs", []))
+            if not s.get("optional") and not linked:
                 problems.append(f"{where}: required input {s['name']} is not connected")
         outs = [(o["name"], o["type"]) for o in n.get("outputs", [])]
         if outs != [(o["name"], o["type"]) for o in spec["outputs"]]:
@@ -166,7 +167,8 @@ def check_ui(wf):
         if not 0 <= dst_slot < len(ins):
             problems.append(f"link {lid}: node {dst} has no input {dst_slot}")
         elif ins[dst_slot]["type"] != type_ or ins[dst_slot].get("link") != lid:
-            problems.append(f"link {lid}: target {b['type']}.{ins[dst_slot]['name']} is {ins[dst_slot]['type']} / not linked to it")
+            problems.append(f"link {lid}: target {b['type']}.{ins[dst_slot]['name']} is {ins[dst_slot]['type']} "
+                            "/ not linked to it")
     return problems
 
 

@@ -181,7 +181,8 @@ class Graph:
                 elif i["name"] in n.inputs:
                     _, src, slot = n.inputs[i["name"]]
                     inputs[i["name"]] = [str(src.id), slot]
-            out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.spec.get("display_name", n.type)}}
+            title = n.title or n.spec.get("display_name", n.type)
+            out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": title}}
         return out
 
 

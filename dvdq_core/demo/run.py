@@ -71,8 +71,9 @@ def load_model(args):
         return model, f"the trained mini-Wan ({os.path.basename(args.weights)})"
     if args.weights != WEIGHTS:
         raise SystemExit(f"error: weights file {args.weights} does not exist")
-    return random_model(MiniWanConfig(), args.seed), ("RANDOM weights: the trained model file is missing, so the clips are noise and the "
-                   "task accuracy means nothing (re-make it with `python -m dvdq_core.demo.train`)")
+    return random_model(MiniWanConfig(), args.seed), (
+        "RANDOM weights: the trained model file is missing, so the clips are noise and the "
+        "task accuracy means nothing (re-make it with `python -m dvdq_core.demo.train`)")
 
 
 def backend_used(model, dtype) -> str:
@@ -104,7 +105,8 @@ def run_variant(base, name, config, bitswitch, noise, ids, args):
     bits = [b if b is not None else (config.a_bits if config is not None else 16) for b in res.bits]
     indicator = [r.indicator for r in bitswitch.log] if bitswitch is not None else None
     return {"name": name, "video": res.video.cpu(), "latents": res.latents, "bits": bits,
-            "indicator": indicator, "quant_seconds": tq, "sample_seconds": ts, "backend": backend_used(model, next(base.parameters()).dtype),
+            "indicator": indicator, "quant_seconds": tq, "sample_seconds": ts,
+            "backend": backend_used(model, next(base.parameters()).dtype),
             "weight_rel_error": report.mean_rel_error if report is not None else 0.0,
             "bytes": (report.bytes_before, report.bytes_after) if report is not None else None}
 
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
         (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base = base.to(device=device, dtype=dtype).eval()
-    print(f"DVD-Quant demo on {what}; device {device}, {str(dtype).replace('torch.', '')}; {len(labels)} prompts, {args.steps} Euler steps, "
+    print(f"DVD-Quant demo on {what}; device {device}, {str(dtype).replace('torch.', '')}; {len(labels)} prompts, "
+          f"{args.steps} Euler steps, "
           f"CFG {args.cfg}, same noise for every variant")
     ids = labels_to_prompt_ids(labels).to(device)
     g = torch.Generator(device="cpu").manual_seed(args.seed)

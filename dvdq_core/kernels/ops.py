@@ -22,7 +22,7 @@ def interpreting() -> bool:
 
 
 def _triton():
-    from . import _triton as kt  # noqa: lazy: needs triton
+    from . import _triton as kt  # imported here: needs triton
     return kt
 
 
@@ -195,7 +195,7 @@ def _gluon():
         mod = None
         if os.environ.get("DVDQ_GEMM_IMPL", "") != "triton":
             try:
-                from . import _gluon as mod  # noqa: lazy: needs triton >= 3.5
+                from . import _gluon as mod  # imported here: needs triton >= 3.5
             except Exception as e:  # an older triton: the Triton GEMM serves (same result, slower)
                 warnings.warn(f"DVD-Quant: the Hopper GEMM without per-block scales needs Triton's Gluon "
                               f"(triton >= 3.5; import failed: {e}); using the Triton GEMM, same results, "

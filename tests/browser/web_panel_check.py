@@ -243,7 +243,8 @@ def main():
             sys.exit("the pack failed to import:\n" + "".join(failed))
         post(url + "settings/Comfy.TutorialCompleted", True)  # no template gallery over the canvas
         post(url + "settings/Comfy.Minimap.Visible", False)
-        env = dict(os.environ, COMFY_URL=url, WF_DIR=os.path.join(ROOT, "workflows"), TINY=tiny, TINY_SPLIT=tiny_split, OUT_DIR=out,
+        env = dict(os.environ, COMFY_URL=url, WF_DIR=os.path.join(ROOT, "workflows"), TINY=tiny, TINY_SPLIT=tiny_split,
+                   OUT_DIR=out,
                    CHROMIUM=args.chromium, PLAYWRIGHT_CORE_DIR=os.path.join(os.path.abspath(args.playwright_dir), "node_modules"),
                    PROFILE_DIR=os.path.join(tmp, "chromium-profile"))
         proc = subprocess.run(["node", os.path.join(HERE, "web_panel_check.mjs")], env=env, capture_output=True,

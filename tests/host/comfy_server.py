@@ -87,7 +87,8 @@ class ComfyServer:
         self.port = free_port()
         self.log_path = os.path.join(base_dir, f"comfyui_{self.port}.log")
         yaml = os.path.join(base_dir, "extra_model_paths.yaml")
-        cmd = [python, os.path.join(comfy_path, "main.py"), *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [python, os.path.join(comfy_path, "main.py"), *(["--cpu"] if cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--extra-model-paths-config", yaml,
                "--output-directory", os.path.join(base_dir, "output"), "--input-directory", os.path.join(base_dir, "input"),
                "--user-directory", os.path.join(base_dir, "user"), "--database-url",

@@ -47,8 +47,8 @@ if want_dynamic:
             comfy_aimdo.control.init(simple_vram_headroom=None)
         except TypeError:
             comfy_aimdo.control.init()
-import comfy.model_management as mm  # noqa: E402
 import comfy.memory_management  # noqa: E402
+import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.ops  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -80,13 +80,14 @@ pack = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pack)
 models = pack.sub("models")
 host = pack.sub("host")
-import dvdq_core as dq  # noqa: E402
-from dvdq_core.linear import _Moved  # noqa: E402
+import math  # noqa: E402
 
 # ---- a tiny random Wan 2.1 t2v state dict (tests/host/make_models.py: WAN and randomize), built
 # with eager layers (before aimdo_enabled: lazy layers have no weights to randomise)
 from comfy.ldm.wan.model import WanModel  # noqa: E402
-import math  # noqa: E402
+
+import dvdq_core as dq  # noqa: E402
+from dvdq_core.linear import _Moved  # noqa: E402
 
 WAN = dict(patch_size=(1, 2, 2), text_len=512, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096, num_heads=2,
            num_layers=2, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)

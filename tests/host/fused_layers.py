@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from make_models import build_module, randomize  # noqa: E402  (sets ComfyUI to CPU first)
 
+# isort: split
 import torch  # noqa: E402
 
 import dvdq_core as dq  # noqa: E402
@@ -130,7 +131,8 @@ def wan_fused(kind, dtype, quantize, elsewhere=False, cast=False, patches=False)
         calls = dict(CALLS)
         classes = sorted({type(mod).__name__ for mod in m.modules() if "Attention" in type(mod).__name__})
         restored = wb.unfuse_wan(m)
-    return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored, "equal": bool(torch.equal(before, after)),
+    return {"fused": fused, "off": off, "again": again, "calls": calls, "restored": restored,
+            "equal": bool(torch.equal(before, after)),
             "finite": bool(torch.isfinite(after).all()), "classes": classes, "host_runs_patches": host_runs_patches,
             "quantized": quantize, "gelu_by_fused_ffn": gelu,
             "gelu_after_unfuse": sorted(n for n, q in dq.quantized_layers(m) if q.act == "gelu_tanh" and n not in fold)}

@@ -9,16 +9,15 @@ import os
 import sys
 
 import torch
+from comfy.cli_args import args
 from safetensors.torch import save_file
 
-from comfy.cli_args import args
-
 args.cpu = True  # before comfy.model_management is imported: this script never needs a GPU
-import comfy.ops  # noqa: E402
 import comfy.model_detection  # noqa: E402
-from comfy.ldm.wan.model import WanModel
-from comfy.ldm.hunyuan_video.model import HunyuanVideo
-from comfy.ldm.flux.model import Flux
+import comfy.ops  # noqa: E402
+from comfy.ldm.flux.model import Flux  # noqa: E402
+from comfy.ldm.hunyuan_video.model import HunyuanVideo  # noqa: E402
+from comfy.ldm.wan.model import WanModel  # noqa: E402
 
 OPS = comfy.ops.disable_weight_init
 WAN = dict(patch_size=(1, 2, 2), text_len=512, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096, num_heads=2,

@@ -232,8 +232,6 @@ def test_cli_quantized_file_loads_in_comfyui(server, name, cond, cfg, bits):
     Loader's own result; also from an fp8_scaled file (compared with 16-bit activations: its unquantized
     layers are float32 products in the file and ComfyUI's scaled ops in the Loader, 1e-7 apart, ties
     that 8-bit codes would amplify)."""
-    import subprocess
-    import sys
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = os.path.join(server.base_dir, "models", "dvdq", "cli_" + name)
     src = os.path.join(server.base_dir, "models", "diffusion_models", name)
@@ -332,7 +330,8 @@ def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
               + ", ".join(f"{k} {rel(q, f):.4f}" for k, (q, f) in cases.items())
               + f" (the fp8 models' own float runs vs fp16's: {rel(scaled_float, base):.4f}, {rel(cast_float, base):.4f})"
               + f"\n[host] fp8_scaled + LoRA vs the fp16 model + LoRA: ours W8A8 {rel(q_lora, lora16):.4f}, ComfyUI's "
-              f"float run {rel(f_lora, lora16):.4f}; the LoRA moves ours by {rel(q_lora, cases['apply, fp8_scaled file'][0]):.4f}")
+              f"float run {rel(f_lora, lora16):.4f}; the LoRA moves ours by "
+              f"{rel(q_lora, cases['apply, fp8_scaled file'][0]):.4f}")
     for label, (q, f) in cases.items():
         assert torch.isfinite(q).all() and rel(q, f) < 2 * rel(ref[0], base) + 0.01, label
     assert rel(q_lora, lora16) < rel(f_lora, lora16) + 0.01
