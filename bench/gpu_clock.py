@@ -1,7 +1,7 @@
 """SM clock and temperature while a benchmark runs, so throttled runs are seen, not recorded.
 
 A lent H100 once ran a whole benchmark at 540 MHz median (of 1980) at 87 C: every time doubled,
-ratios erratic (bench/logs/clocks_s4call8_throttled.log). `ClockMonitor` samples nvidia-smi every
+ratios erratic (a throttled call's log, clocks_s4call8_throttled.log, in git history). `ClockMonitor` samples nvidia-smi every
 few seconds in a thread; `summary()` gives the median SM clock under load (utilisation >= 50%),
 the maximum clock and temperature, and `throttled` when the median is below 70% of the maximum.
 (Under sustained tensor-core load an H100 SXM runs power-capped at about 1500-1900 MHz of 1980,

@@ -156,7 +156,8 @@ def sweep_candidates(args, dev):
 
 def gemm_variants(m, n, k, dev):
     """GEMM tiles with and without the inline-PTX unpack, cuBLAS int8 (_int_mm) and activation-kernel
-    tiles. The loop-structure study (plain int8 GEMM, promotion, unpack layouts) is bench/gemm_study.py."""
+    tiles. What the loop-structure study found (plain int8
+    GEMM, promotion, unpack layouts): docs/kernel-notes.md."""
     layer = make_layer(n, k, dev)
     hb, sb = ops.effective_blocks(layer, k)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)

@@ -3,7 +3,7 @@
 As the host writes them these are memory-bound chains of PyTorch ops over the full activation
 (B x S x C: 671 MB per tensor for one CFG step of Wan 14B at 480p), some in float32 temporaries,
 some broadcasting a per-sample vector through PyTorch's slow non-vectorised path. Together about a
-fifth of a Wan 14B step on an H100 (bench/RESULTS.md). Each op here reads its inputs once and
+fifth of a Wan 14B step on an H100 (docs/kernel-notes.md). Each op here reads its inputs once and
 writes its output once.
 
 - norm_rope: q/k RMS norm (with weight) and the rotary embedding of the self-attention.

@@ -3,7 +3,7 @@
 Around the linear layers, ComfyUI's WanAttentionBlock modulates (LayerNorm, then a per-sample
 shift and scale broadcast through PyTorch's slow non-vectorised path) and adds gated residuals, and
 WanSelfAttention rotates q and k in float32 through full-size temporaries (`apply_rope1`). Together
-about a fifth of a Wan 14B step on an H100 (bench/RESULTS.md). Models that the pack loads or
+about a fifth of a Wan 14B step on an H100 (docs/kernel-notes.md). Models that the pack loads or
 quantizes get subclasses whose forwards do the host's steps with those replaced by
 dvdq_core.wan_ops (the same math; on the CPU the same PyTorch ops). Structure only: nothing is
 stored in files; DVDQ_FUSE_BLOCKS=0 (or its earlier name DVDQ_FUSE_WAN=0) turns it off, here and

@@ -5,13 +5,13 @@ at 4 bits, and methods without auto-scale), written in Gluon (imported lazily: n
 
 Same result as `_triton._w4_gemm_kernel` without AUTO_SCALE (exact int32 sums, the same epilogue
 arithmetic: the GPU tests compare them bit for bit), faster because the K loop is really
-pipelined: Triton 3.6 waits for every int8 `tl.dot` before the next one (bench/NOTES-kernels.md),
+pipelined: Triton 3.6 waits for every int8 `tl.dot` before the next one (docs/kernel-notes.md),
 here each wgmma is waited for one K step later. Weights are the MMA's M side, tokens its N side.
 Two kernels, ops.w4_gemm picks by the number of tokens:
 - `_w4_gemm_u8_kernel` (many tokens): the weights were unpacked by `_triton._unpack_weights_kernel`
   into an int8 workspace [N, K] (1.5 N K bytes of traffic, ~1-3% of the GEMM at 32760 tokens), so
   the loop only has TMA and wgmma: both tiles come into a ring of STAGES shared-memory slots.
-  1.25-1.3x faster than the chain kernel at the Wan 14B shapes (bench/workspace_study.py), which
+  1.2-1.3x faster than the chain kernel at the Wan 14B shapes (docs/kernel-notes.md, the workspace study), which
   moved ~56 KB of shared memory and unpacked 16 KB per K step on the same pipes.
 - `_w4_gemm_chain_kernel` (fewer tokens, where that pass would not pay): TMA brings the activation
   codes [BM, BK] and the packed weight bytes [BN, BK/2]; the bytes are read in the MMA's A-operand

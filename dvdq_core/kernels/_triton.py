@@ -17,7 +17,7 @@ import triton.language as tl
 
 EPS = tl.constexpr(1e-8)
 # Four packed weight bytes ($2) and four zero points ($3) -> low ($0) and high ($1) nibbles - z as
-# int8 (_unpack_asm; the Gluon kernels of kernels/_gluon.py and bench/gluon_study.py use it too).
+# int8 (_unpack_asm; the Gluon kernels of kernels/_gluon.py use it too).
 UNPACK_PTX = tl.constexpr("""{
         .reg .b32 nz, t;
         sub.u32 nz, 0x80808080, $3;

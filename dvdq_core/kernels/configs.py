@@ -9,7 +9,7 @@ BK is NOT chosen here: ops.w4_gemm always replaces it by the activation layout g
 inside one scale block of l; the BK values below only keep the DVDQ_GEMM_CONFIG format.
 
 Hopper (sm_90) values come from bench/kernels.py --variants / --sweep on an H100 (see
-bench/NOTES-kernels.md). The Ampere/Ada values (sm_80/86/89) were compiled for those targets
+docs/kernel-notes.md). The Ampere/Ada values (sm_80/86/89) were compiled for those targets
 here (registers, no spills, shared memory under their ~100 KB) and run (results and a tile sweep) on a
 Hopper card compiled as sm_80 code; they were NOT run on such a card.
 DVDQ_GEMM_CONFIG="BM,BN,BK,GROUP_M,SWAP,warps,stages[,ASM,SPLIT]" overrides the choice (tuning).
@@ -89,17 +89,17 @@ def gemm_candidates(capability):
     """The tiles bench/kernels.py --sweep times for this architecture (the first one is the default)."""
     return SM90_CANDIDATES if wgmma(capability) else SM8X_CANDIDATES
 # sm_90 GEMM without per-K-block scales (_gluon._w4_gemm_chain_kernel): BM tokens x BN weight rows,
-# warps, stages, GROUP_M (bench/gluon_study.py "chain-g16": 3 stages keep two programs per SM,
+# warps, stages, GROUP_M (the Gluon study "chain-g16", docs/kernel-notes.md: 3 stages keep two programs per SM,
 # GROUP_M 16 was 2-5% faster than 8). Used for M > CHAIN_MIN_M; DVDQ_GEMM_IMPL=triton turns it off.
 CHAIN_SM90 = {"BM": 128, "BN": 128, "num_warps": 8, "stages": 3, "group_m": 16}
 CHAIN_MIN_M = 64
 # From U8_MIN_M tokens on, the weights are unpacked into an int8 workspace first and
-# _gluon._w4_gemm_u8_kernel runs (bench/workspace_study.py on an H100: 128 tokens x 256 weight rows,
-# 8 warps, 4 stages was the best of 6 tiles at the Wan 14B shapes, 1.25-1.3x the chain kernel).
-# --crossover: at 8192 tokens and more unpack + u8 won at every layer timed on the GPU (1.16-1.24x);
+# _gluon._w4_gemm_u8_kernel runs (the workspace study on an H100, docs/kernel-notes.md: 128 tokens x 256 weight rows,
+# 8 warps, 4 stages was the best of 6 tiles at the Wan 14B shapes, 1.2-1.3x the chain kernel).
+# --crossover: at 8192 tokens and more unpack + u8 won at the Wan 14B and HunyuanVideo layers timed on the GPU (1.16-1.24x; not at Wan 1.3B's 1536 x 1536 qkvo);
 # at 4096 it won for Wan 14B's layers but lost for HunyuanVideo's 3072 x 3072 (one more launch).
 # The Triton GEMM with per-K-block promotion (8-bit steps) reads the same workspace (W8) there too:
-# 4-6% faster with its default tile at the Wan 14B shapes (workspace_study.py --block).
+# 4-6% faster with its default tile at the Wan 14B shapes (the workspace study).
 U8_SM90 = {"BM": 128, "BN": 256, "num_warps": 8, "stages": 4, "group_m": 16}
 U8_MIN_M = 8192
 
@@ -138,7 +138,7 @@ ACT_NUM_STAGES = 3
 ACT_POW2_PASS1_ELEMS = 4096
 # Pass 2 of "pow2" as a persistent grid, this many programs per SM striding over the row blocks (the
 # same tile; the rotation matrix loaded once per program): 6-7% faster at K = 1536..13824 than one
-# program per block (bench/act_persistent_probe.py on an H100, bit-identical codes). Fewer rows per
+# program per block (the persistent-activation probe on an H100, docs/kernel-notes.md; bit-identical codes). Fewer rows per
 # block so that a block's second read stays in L2 was 1.5-3x slower (too little in flight).
 ACT_POW2_PASS2_PER_SM = 2
 # The Wan block's elementwise kernels (_norm_rope_kernel, _modulated_norm_kernel,
