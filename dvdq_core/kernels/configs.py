@@ -96,7 +96,8 @@ CHAIN_MIN_M = 64
 # From U8_MIN_M tokens on, the weights are unpacked into an int8 workspace first and
 # _gluon._w4_gemm_u8_kernel runs (the workspace study on an H100, docs/kernel-notes.md: 128 tokens x 256 weight rows,
 # 8 warps, 4 stages was the best of 6 tiles at the Wan 14B shapes, 1.2-1.3x the chain kernel).
-# --crossover: at 8192 tokens and more unpack + u8 won at the Wan 14B and HunyuanVideo layers timed on the GPU (1.16-1.24x; not at Wan 1.3B's 1536 x 1536 qkvo);
+# --crossover: at 8192 tokens and more unpack + u8 won at the Wan 14B and HunyuanVideo layers timed on the GPU
+# (1.16-1.24x; not at Wan 1.3B's 1536 x 1536 qkvo);
 # at 4096 it won for Wan 14B's layers but lost for HunyuanVideo's 3072 x 3072 (one more launch).
 # The Triton GEMM with per-K-block promotion (8-bit steps) reads the same workspace (W8) there too:
 # 4-6% faster with its default tile at the Wan 14B shapes (the workspace study).
