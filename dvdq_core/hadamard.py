@@ -16,12 +16,18 @@ def effective_block(block: int, k: int) -> int:
     return math.gcd(block, k)
 
 
+def sylvester(n: int) -> torch.Tensor:
+    """The +-1 Sylvester Hadamard pattern of size n (a power of two), float64 on the CPU; the kernels
+    build their rotation from it and scale by 1/sqrt(n) themselves."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
 @lru_cache(maxsize=16)
 def _hadamard_cpu(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:  # Sylvester construction
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(torch.float32)
+    return (sylvester(n) / math.sqrt(n)).to(torch.float32)
 
 
 def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:

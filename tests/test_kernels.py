@@ -505,12 +505,6 @@ def test_gluon_gemm_failure_falls_back_loudly_once(monkeypatch):
         ops.w4_gemm(*args)
 
 
-def test_pow2_constants_match_the_core():
-    """dvdq_core/kernels imports nothing else of the core, so it repeats these two numbers."""
-    from dvdq_core import activations as core
-    assert (ops.POW2_BITS, ops.POW2_OCTAVES) == (core.POW2_BITS, core.POW2_OCTAVES)
-
-
 def test_weight_bits_reason():
     layer = make_layer(40, 128)
     x = activations(4, 128, torch.bfloat16)

@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from ..activations import scale_granularity
 from . import configs, ops
 
 __all__ = ["linear_forward", "unsupported_reason", "norm_rope", "modulated_norm", "gated_residual",
@@ -134,10 +135,10 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     """Output of a QuantLinear for a 2-D input (call `unsupported_reason` first; this does not)."""
     k = x2d.shape[1]
     hb, sb = ops.effective_blocks(layer, k)
-    # as dvdq_core.activations.scale_granularity: "pow2" / "pow2-fast" fold per-channel power-of-two
-    # scales into the codes at 4 bits (ops); at other bit-widths "pow2-fast" has no auto-scale
+    # "pow2" / "pow2-fast" fold per-channel power-of-two scales into the codes at 4 bits (ops); the core's
+    # rule says which steps keep an auto-scale at all ("pow2-fast" at 6/8 bits does not)
     pow2 = layer.granularity in ("pow2", "pow2-fast")
-    auto_scale = bool(layer.auto_scale) and not (layer.granularity == "pow2-fast" and a_bits != ops.POW2_BITS)
+    auto_scale = bool(layer.auto_scale) and scale_granularity(layer.granularity, int(a_bits)) is not None
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
     gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     return _w4_linear_op(x2d, layer.weight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,

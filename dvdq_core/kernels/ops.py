@@ -10,10 +10,12 @@ from dataclasses import replace
 
 import torch
 
+from ..activations import POW2_BITS, POW2_OCTAVES
+from ..hadamard import sylvester
+from ..linear import SHARE_LAST
 from . import configs
 
 GROUP = 64  # smallest column tile of the activation kernels
-POW2_BITS, POW2_OCTAVES = 4, 4  # as dvdq_core.activations (this package imports nothing from the core)
 _rot_cache = {}
 
 
@@ -56,11 +58,7 @@ def rotation_matrix(hb: int, g: int, dtype, device) -> torch.Tensor:
     if r is None:
         size = max(hb, g)
         if hb > 1:
-            h = torch.ones(1, 1, dtype=torch.float64)
-            while h.shape[0] < hb:
-                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-            h = h.to(dtype)
-            full = torch.block_diag(*([h] * (size // hb)))
+            full = torch.block_diag(*([sylvester(hb).to(dtype)] * (size // hb)))
         else:
             full = torch.eye(size, dtype=dtype)
         perm = torch.tensor([j * g + p for j in range(size // g) for p in _perm(g)])
@@ -341,7 +339,6 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
 # DVDQ_REUSE_ACTIVATIONS=0 turns the cache off.
 _reuse = os.environ.get("DVDQ_REUSE_ACTIVATIONS", "1") != "0"
 _last = [None, None, None]  # key, input, (q, s, l)
-SHARE_LAST = 2  # as dvdq_core.linear (this package imports nothing from the core)
 
 
 def _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share=0, pow2=False):
