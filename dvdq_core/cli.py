@@ -33,13 +33,10 @@ def cmd_quantize(a):
 
 
 def cmd_inspect(a):
-    from safetensors import safe_open
-
-    from .serialization import read_metadata
+    from .serialization import read_header, read_metadata
 
     meta = read_metadata(a.file)
-    with safe_open(a.file, framework="pt") as f:
-        n_tensors = len(list(f.keys()))
+    n_tensors = len(read_header(a.file)[1])
     layers = meta["layers"]
     cfg = meta["config"]
     print(f"{a.file}: DVD-Quant format {meta['format_version']}, arch {meta['arch'] or 'unknown'}, "

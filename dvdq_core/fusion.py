@@ -37,9 +37,14 @@ def _adjacent(model: nn.Module):
             yield seq, first, name, second
 
 
+def gelu_fold_on() -> bool:
+    """False where DVDQ_FUSE_GELU=0 turns the fold off (also for the ComfyUI feed-forward the nodes fuse)."""
+    return os.environ.get("DVDQ_FUSE_GELU", "1") != "0"
+
+
 def fuse_gelu(model: nn.Module) -> int:
     """Fuse every Sequential's [QuantLinear, GELU(approximate='tanh')] pair; returns how many."""
-    if os.environ.get("DVDQ_FUSE_GELU", "1") == "0":
+    if not gelu_fold_on():
         return 0
     fused = 0
     for seq, lin, name, act in _adjacent(model):

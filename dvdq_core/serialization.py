@@ -93,6 +93,17 @@ def save_quantized(model: nn.Module, path, config: QuantConfig, arch: str = "", 
     w.close()
 
 
+def read_header(path) -> tuple[dict, dict]:
+    """(metadata, {name: (shape, torch dtype)}) of a safetensors file from its header alone: no tensor is
+    read. Dtypes torch has no name for here read as float32 (only their shape matters to the callers)."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            tensors[k] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32))
+        return f.metadata() or {}, tensors
+
+
 def read_metadata(path) -> dict:
     """The DVD-Quant metadata of a file: {"format_version", "config" (QuantConfig), "layers", "arch"}."""
     if not os.path.isfile(path):

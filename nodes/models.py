@@ -19,7 +19,7 @@ from ..dvdq_core import (
     set_activation_bits,
 )
 from ..dvdq_core.model import is_linear
-from ..dvdq_core.serialization import SAFETENSORS_DTYPES
+from ..dvdq_core.serialization import read_header
 from ..dvdq_core.spec import layer_spec
 from .block_fusion import host_changed
 from .host import (
@@ -78,20 +78,23 @@ def quantized_patcher(base_model, info: dict, cls, load_device, offload_device, 
     patcher.set_attachments(ATTACHMENT, info)
     if hasattr(patcher, "cached_patcher_init"):  # 0.33.0 on: how the host makes a model of its own for this MODEL
         # (a non-dynamic delegate for conditioning hooks, a copy per GPU), as its own loaders register
-        patcher.cached_patcher_init = (_patcher_copy, (base_model, info, load_device, offload_device))
+        patcher.cached_patcher_init = (_patcher_copy, (base_model, info, load_device, offload_device, _backups(patcher)))
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     patcher.remove_wrappers_with_key(outer, GUARD_KEY)
     patcher.add_wrapper_with_key(outer, GUARD_KEY, guard_outer_sample)
     return patcher
 
 
-def _patcher_copy(base_model, info, load_device, offload_device, disable_dynamic=False):
+def _patcher_copy(base_model, info, load_device, offload_device, backups, disable_dynamic=False):
     """cached_patcher_init's factory: a new patcher (ComfyUI's plain class where the host asks for one without
-    dynamic VRAM) on a copy of the quantized module tree sharing its tensors; nothing is quantized again.
-    The host takes only the model from it and copies the rest from the MODEL it clones."""
+    dynamic VRAM) on a pristine copy of the quantized module tree sharing its tensors, with bit states of its
+    own; nothing is quantized again. backups: those the MODEL's clones share (they stay current). The host
+    takes only the model from it and copies the rest from the MODEL it clones."""
     import comfy.model_patcher
     cls = comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
-    return quantized_patcher(_tree_copy(base_model, offload_device), info, cls, load_device, offload_device)
+    new = _pristine_copy(base_model, backups, offload_device)
+    _fresh_bit_states(new)
+    return quantized_patcher(new, info, cls, load_device, offload_device)
 
 
 CARRIED = ("model_options", "object_patches", "wrappers", "callbacks", "attachments", "additional_models", "injections",
@@ -225,14 +228,7 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
 
 def _header_state_dict(path) -> dict:
     """The file's tensors as empty meta tensors (names, shapes, dtypes from the safetensors header)."""
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        out = {}
-        for k in f.keys():
-            sl = f.get_slice(k)
-            out[k] = torch.empty(sl.get_shape(), dtype=SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32),
-                                 device="meta")
-        return out
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in read_header(path)[1].items()}
 
 
 def peek_model_config(path):
@@ -277,36 +273,74 @@ def load_and_quantize(path, config, node_id):
 
 def _file_metadata(path) -> dict:
     try:
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
+        return read_header(path)[0]
     except Exception:
         return {}
 
 
 # What ComfyUI's patchers put on a model and its modules while loading it (memory state, dynamic VRAM's
-# slots and pins, cast switches, weight patch functions): a copy starts without the source's, as a new model
+# slots and pins, cast switches, weight patch functions, the current patcher; read in 0.3.64, 0.8.0 and
+# 0.33.0): a copy starts without the source's, as a new model
 LOAD_STATE = {"model_loaded_weight_memory", "lowvram_patch_counter", "model_lowvram", "current_weight_patches_uuid",
               "model_offload_buffer_memory", "dynamic_vbars", "dynamic_pins", "dynamic_patchers", "comfy_cast_weights",
-              "prev_comfy_cast_weights", "comfy_patched_weights", "weight_function", "bias_function",
-              "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_v", "_v_signature", "_v_weight",
-              "_v_bias", "_pin_state", "_pins", "_prefetch"}
+              "prev_comfy_cast_weights", "comfy_force_cast_weights", "comfy_patched_weights", "weight_function",
+              "bias_function", "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_v",
+              "_v_signature", "_v_weight", "_v_bias", "_pin_state", "_pins", "_prefetch"}
+LOAD_STATE_RESET = {"current_patcher": None}  # set by the host's own __init__: reset, not removed
+_TORCH_FIELDS = ("_parameters", "_buffers", "_modules")
 
 
 def _tree_copy(module: nn.Module, device) -> nn.Module:
-    """A new module tree of the same classes whose parameters and buffers are module's tensors (no copy;
-    moved to device where they are elsewhere): layers of any kind, ComfyUI's own quantized ones
-    (QuantizedTensor weights with their scales) included, come along as they are, and changing the
-    copy's tensors or layers leaves module's alone. The host's load state (LOAD_STATE) stays behind."""
+    """A new module tree of the same classes whose parameters and buffers hold module's tensors (no copy of
+    the data; moved to device where they are elsewhere): layers of any kind, ComfyUI's own quantized ones
+    (QuantizedTensor weights with their scales) included, come along as they are. Parameters are new
+    Parameter objects (torch moves a Parameter's data in place, which would move the source's too), and
+    every dict, set or list a module holds (hooks among them) is the copy's own. The host's load state
+    (LOAD_STATE) stays behind."""
     new = copy.copy(module)  # a new __dict__ holding the same values ...
     for key in LOAD_STATE.intersection(new.__dict__):
         del new.__dict__[key]
-    # ... and new dicts of tensors and children (torch's own fields of every nn.Module)
-    new._parameters = {k: t if t is None or t.device == device else nn.Parameter(t.to(device), requires_grad=False)
+    for key in LOAD_STATE_RESET.keys() & new.__dict__.keys():
+        new.__dict__[key] = LOAD_STATE_RESET[key]
+    for key, value in list(new.__dict__.items()):
+        if key not in _TORCH_FIELDS and isinstance(value, (dict, set, list)):
+            new.__dict__[key] = copy.copy(value)
+    # ... and new containers of tensors and children (torch's own fields of every nn.Module)
+    new._parameters = {k: None if t is None else nn.Parameter(t if t.device == device else t.to(device),
+                                                               requires_grad=t.requires_grad)
                        for k, t in module._parameters.items()}
     new._buffers = {k: t if t is None or t.device == device else t.to(device) for k, t in module._buffers.items()}
     new._modules = {k: None if m is None else _tree_copy(m, device) for k, m in module._modules.items()}
     return new
+
+
+def _pristine_copy(base_model, backups, device) -> nn.Module:
+    """A tree copy of a MODEL's model as its loader left it. The clones of one MODEL share its module,
+    and one that sampled last leaves it patched in place (a LoRA's weights, ModelSamplingSD3's
+    model_sampling, ...) until it unloads; backups: the (weight, hook, object) backups the clones share,
+    which hold the originals."""
+    import comfy.utils
+    weights, hooks, objects = backups
+    new = _tree_copy(base_model, device)
+    for key, saved in weights.items():
+        comfy.utils.set_attr_param(new, key, saved.weight.to(device))
+    for key, saved in hooks.items():
+        comfy.utils.set_attr_param(new, key, saved[0].to(device))
+    for key, obj in objects.items():
+        comfy.utils.set_attr(new, key, _tree_copy(obj, device) if isinstance(obj, nn.Module) else obj)
+    return new
+
+
+def _backups(patcher) -> tuple:
+    """The originals a patcher's clones share while one of them has the module patched."""
+    return patcher.backup, getattr(patcher, "hook_backup", {}), patcher.object_patches_backup
+
+
+def _fresh_bit_states(model: nn.Module):
+    """Give a copied quantized tree bit states of its own (the copy's steps must not switch the source's)."""
+    fresh = {}
+    for _, layer in quantized_layers(model):
+        layer.state = fresh.setdefault(id(layer.state), copy.copy(layer.state))
 
 
 def _stored_weight(src, key):
@@ -369,12 +403,7 @@ def apply_to_model(model, config, node_id):
                                 "model's bf16/fp16 file, or quantize that layer too (ARQ Settings' layer overrides).")
         return comfy.float.stochastic_rounding(w, weight.dtype, seed=seed_of(key))
 
-    new = _tree_copy(base, offload)
-    # The module may hold another clone's patched weights right now (a LoRA'd clone that sampled last
-    # patches the shared module in place; the clones share the backups of the originals)
-    for key in set(src.backup) | set(src.hook_backup):
-        if not src.patches.get(key):
-            comfy.utils.set_attr_param(new, key, _stored_weight(src, key)[0].to(offload))
+    new = _pristine_copy(base, _backups(src), offload)
     for key in src.patches:
         if src.patches[key] and not _is_quantized_weight_key(key, base, config):  # kept layers: patched weight
             comfy.utils.set_attr_param(new, key, patched(key))
@@ -417,7 +446,6 @@ def load_prequantized(path, a_bits, node_id):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.utils
-    from safetensors import safe_open
 
     t0 = time.perf_counter()
     fname = os.path.basename(path)
@@ -428,18 +456,16 @@ def load_prequantized(path, a_bits, node_id):
     layers = meta["layers"]
     check_gpu_bits(meta["config"])
     try:
-        with safe_open(path, framework="pt") as f:
-            shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+        shapes = read_header(path)[1]
     except Exception as e:
         raise DVDQuantError(f"{fname} cannot be read ({e}); the file is damaged: save or download it again") from None
     quant_suffixes = (".weight", ".qweight", ".float_weight", ".w_scale", ".w_zero")  # format 2 and 1
     fake = {}
     float_dtypes = []
-    for k, (shape, dt) in shapes.items():
+    for k, (shape, dtype) in shapes.items():
         layer, _, suffix = k.rpartition(".")
         if layer in layers and "." + suffix in quant_suffixes:
             continue
-        dtype = SAFETENSORS_DTYPES.get(dt, torch.float32)
         fake[k] = torch.empty(shape, dtype=dtype, device="meta")
         if dtype.is_floating_point:
             float_dtypes.append(dtype)

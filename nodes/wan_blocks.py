@@ -25,6 +25,7 @@ import sys
 import torch
 from torch import nn
 
+from ..dvdq_core.fusion import gelu_fold_on
 from ..dvdq_core.linear import QuantLinear
 from ..dvdq_core.wan_ops import gated_residual, modulated_norm, norm_rope
 from .block_fusion import (
@@ -88,9 +89,10 @@ def _fused_class(cls, kind: str, host, patches: bool):
     if kind == "feed_forward":
         class Fused(cls):
             """The host's WanFeedForward, self[2](gelu_tanh(self[0](x))), with the GELU applied by the first layer's
-            kernel where that layer is ours (the fold dvdq_core.fusion makes for Sequentials), and without
-            comfy.ops.linear_input_act: that helper reads the down-projection's weight as a float or ComfyUI
-            QuantizedTensor weight on some paths (newer ComfyUI with fp16 accumulation), not our packed codes."""
+            kernel where that layer is ours (the fold dvdq_core.fusion makes for Sequentials: one read and write
+            of the widest tensor less). It calls our layers directly, not through comfy.ops.linear_input_act:
+            0.33.0's sends them to linear(gelu(x)) too, but the newer form read in upstream code casts the
+            layer's weight itself on its fp16-accumulation path, which our packed codes cannot take."""
 
             def forward(self, x):
                 if isinstance(self[0], QuantLinear) and self[0].act == "gelu_tanh":
@@ -158,9 +160,9 @@ def fuse_wan(diffusion_model: nn.Module) -> tuple[int, str | None]:
             continue
         host = sys.modules[base.__module__]
         for m in targets:
-            if kind == "feed_forward" and isinstance(m[0], QuantLinear) and m[0].act is None:
-                m[0].act = "gelu_tanh"  # unfuse_wan undoes it
             m.__class__ = fused_subclass(_FUSED_CLASSES, type(m), lambda cls: _fused_class(cls, kind, host, matched[0]))
+            if kind == "feed_forward" and isinstance(m[0], QuantLinear) and m[0].act is None and gelu_fold_on():
+                m[0].act = "gelu_tanh"  # after the class switch (only our forward skips the GELU); unfuse_wan undoes it
         switched += len(targets)
     return switched, off
 

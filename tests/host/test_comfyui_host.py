@@ -169,6 +169,12 @@ def test_host_made_copy_of_a_quantized_model(server):
         if "cached_patcher_init" not in f.read():
             pytest.skip("this ComfyUI makes no copies of a MODEL from cached_patcher_init (added after 0.8.0)")
     direct = latent(server, run_ok(server, quant_graph("copy_a", mode="fixed", fixed_bits=8))[0])
+    # a clone with another sampling shift samples first and leaves the shared module patched (ComfyUI
+    # unpatches only when it unloads): the copy must still be the Loader's model as loaded
+    shifted = quant_graph("copy_shifted", mode="fixed", fixed_bits=8)
+    shifted["shift"] = node("ModelSamplingSD3", model=["load", 0], shift=3.0)
+    shifted["bs"]["inputs"]["model"] = ["shift", 0]
+    assert not torch.equal(latent(server, run_ok(server, shifted)[0]), direct)
     g = quant_graph("copy_b", mode="fixed", fixed_bits=8)
     g["copy"] = node("DVDQTestHostCopy", model=["load", 0])
     g["bs"]["inputs"]["model"] = ["copy", 0]
@@ -248,6 +254,8 @@ def test_apply_merges_lora_and_leaves_input_untouched(server):
     lora = node("LoraLoaderModelOnly", model=["unet", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
     unet = node("UNETLoader", unet_name=T2V, weight_dtype="default")
     apply8 = dict(w_bits=8, a_low=8, a_high=8, method="dvdq")
+    # the float + LoRA run leaves the shared module LoRA'd (ComfyUI unpatches only when it unloads): Apply
+    # without the LoRA (nq below) must still read the original weights
     lf = latent(server, run_ok(server, sample_graph({"unet": unet, "lora": lora}, ["lora", 0], "lora_float"))[0])
     lq_graph = sample_graph({"unet": unet, "lora": lora, "apply": node("DVDQuantApply", model=["lora", 0], **apply8),
                              "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)}, ["bs", 0], "lora_q8")
@@ -262,6 +270,22 @@ def test_apply_merges_lora_and_leaves_input_untouched(server):
     info = json.loads(hist["outputs"]["inspect"]["info"][0])
     assert info["reference_quant_layers"] == 0 and not info["same_module"], info
     assert info["shared_tensors"] > 0, "non-quantized tensors should be shared with the input, not copied"
+    assert info["shared_param_objects"] == 0, info
+
+
+def test_apply_reads_the_loaders_model_after_a_patched_clone_sampled(server):
+    """A clone with another sampling shift (ModelSamplingSD3, an object patch) that sampled last leaves the
+    shared module's model_sampling swapped until it unloads; Apply on the unshifted MODEL must build its
+    model from the original, not carry the other clone's shift."""
+    unet = node("UNETLoader", unet_name=T2V, weight_dtype="default")
+    run_ok(server, sample_graph({"unet": unet, "shift": node("ModelSamplingSD3", model=["unet", 0], shift=3.0)},
+                                ["shift", 0], "shifted_float"))
+    g = sample_graph({"unet": unet, "apply": node("DVDQuantApply", model=["unet", 0], w_bits=8, a_low=8, a_high=8,
+                                                  method="dvdq"),
+                      "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)}, ["bs", 0], "apply_after_shift")
+    g["inspect"] = node("DVDQTestInspect", model=["apply", 0], reference=["unet", 0])
+    info = json.loads(run_ok(server, g)[0]["outputs"]["inspect"]["info"][0])
+    assert info["sampling_shift"] == info["config_shift"] != 3.0, info
 
 
 def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
