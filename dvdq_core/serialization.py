@@ -192,6 +192,10 @@ def _fill(model, path, meta, file_keys, state, backend, layer_cls):
         raise ValueError(f"file does not match the model: tensor {first!r} is "
                          f"{'missing from the file' if missing else 'in the file but not in the model'}")
     assign = any(t.is_meta for t in expected.values())
+
+    def own(t):  # assigned tensors become the model's: copies out of the file's buffer, whose tensors sit at
+        # 8-byte offsets (the header's padding), where CPU matmuls round differently from aligned memory
+        return t.clone() if assign else t
     sd = {}
     with safe_open(str(path), framework="pt") as f:
         for fk, k in names.items():  # the model's order: the first mismatch reported is the first in the model
@@ -199,10 +203,7 @@ def _fill(model, path, meta, file_keys, state, backend, layer_cls):
             if tuple(t.shape) != tuple(expected[k].shape):
                 raise ValueError(f"file does not match the model: tensor {k!r} has shape {tuple(t.shape)} in the file "
                                  f"but {tuple(expected[k].shape)} in the model")
-            sd[k] = t
+            sd[k] = own(t)
         for k in lazy.intersection(file_keys):
-            sd[k] = f.get_tensor(k)
-    if assign:  # the tensors become the model's: copies out of the file's buffer, whose tensors sit at 8-byte
-        # offsets (the header's padding), where CPU matmuls round differently from aligned memory
-        sd = {k: t.clone() for k, t in sd.items()}
+            sd[k] = own(f.get_tensor(k))
     model.load_state_dict(sd, strict=True, assign=assign)
