@@ -3,13 +3,17 @@
 A spec is what the front end needs to lay out a node: its inputs in ComfyUI's order (sockets and
 widgets), whether a widget gets ComfyUI's extra "control after generate" value, and its outputs.
 
-- Our nodes: written here from the pack's node contract (widget order = `widgets_values` order).
+- Our nodes: read from the pack's own node classes (nodes/definitions.py), as ComfyUI's `/object_info`
+  would give them (`our_node_specs`), so the workflows follow the nodes as they are.
 - ComfyUI core nodes: `core_nodes.json`, extracted from a running ComfyUI's `/object_info`
   (`python workflows/make_workflows.py --core-spec-from object_info.json`), so the types,
   widget counts and limits are the host's own, not retyped.
 """
+import importlib
+import importlib.util
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORE_SPEC_PATH = os.path.join(HERE, "core_nodes.json")
@@ -34,87 +38,6 @@ def file_folder(node_type: str, name: str) -> str | None:
     """The folder whose files a node's COMBO input lists, or None for a fixed list of choices."""
     return NODE_FILE_INPUTS.get((node_type, name)) or FILE_INPUTS.get(name)
 
-
-def _inp(name, type_, *, widget=None, optional=False, **limits):
-    d = {"name": name, "type": type_, "widget": type_ in WIDGET_TYPES if widget is None else widget}
-    if optional:
-        d["optional"] = True
-    d.update(limits)
-    return d
-
-
-_BITS = dict(min=2, max=8)
-_A_BITS = dict(min=4, max=16)
-_METHODS = ["dvdq", "minmax", "smoothquant", "quarot"]
-_BLOCKS = ["64", "128", "256"]
-
-# Our nodes, in the contract's order. `a_high` also accepts 16 (full precision), so its range is
-# 4..16 for the checks; the node itself refuses 9..15.
-OUR_NODES = {
-    "DVDQuantLoader": {
-        "display_name": "DVD-Quant Loader",
-        "inputs": [
-            _inp("model_name", "COMBO", files="diffusion_models"),
-            _inp("w_bits", "INT", default=4, **_BITS),
-            _inp("a_low", "INT", default=4, min=4, max=8),
-            _inp("a_high", "INT", default=8, **_A_BITS),
-            _inp("method", "COMBO", options=_METHODS, default="dvdq"),
-            _inp("save_quantized_copy", "BOOLEAN", default=False),
-            _inp("arq_settings", "ARQ_SETTINGS", optional=True),
-        ],
-        "outputs": [{"name": "MODEL", "type": "MODEL"}],
-        "output_node": False,
-    },
-    "DVDQuantApply": {
-        "display_name": "DVD-Quant Apply",
-        "inputs": [
-            _inp("model", "MODEL"),
-            _inp("w_bits", "INT", default=4, **_BITS),
-            _inp("a_low", "INT", default=4, min=4, max=8),
-            _inp("a_high", "INT", default=8, **_A_BITS),
-            _inp("method", "COMBO", options=_METHODS, default="dvdq"),
-            _inp("arq_settings", "ARQ_SETTINGS", optional=True),
-        ],
-        "outputs": [{"name": "MODEL", "type": "MODEL"}],
-        "output_node": False,
-    },
-    "DVDQuantARQSettings": {
-        "display_name": "ARQ Settings",
-        "inputs": [
-            _inp("rotate", "BOOLEAN", default=True),
-            _inp("had_block", "COMBO", options=_BLOCKS, default="128"),
-            _inp("auto_scale", "BOOLEAN", default=True),
-            _inp("granularity", "COMBO", options=["block", "pow2", "pow2-fast", "channel"], default="pow2"),
-            _inp("scale_block", "COMBO", options=_BLOCKS, default="128"),
-            _inp("layer_overrides", "STRING", default=""),
-        ],
-        "outputs": [{"name": "ARQ_SETTINGS", "type": "ARQ_SETTINGS"}],
-        "output_node": False,
-    },
-    "DVDQuantBitSwitch": {
-        "display_name": "Bit Switch Scheduler",
-        "inputs": [
-            _inp("model", "MODEL"),
-            _inp("mode", "COMBO", options=["delta", "fixed", "manual"], default="delta"),
-            _inp("delta", "FLOAT", default=0.09, min=0.0, max=10.0),
-            _inp("low", "INT", default=4, min=4, max=16),
-            _inp("high", "INT", default=8, min=4, max=16),
-            _inp("fixed_bits", "INT", default=8, min=4, max=16),
-            _inp("schedule", "STRING", default=""),
-        ],
-        "outputs": [{"name": "MODEL", "type": "MODEL"}],
-        "output_node": False,
-    },
-    "DVDQuantSave": {
-        "display_name": "DVD-Quant Save",
-        "inputs": [
-            _inp("model", "MODEL"),
-            _inp("filename_prefix", "STRING", default="dvdq/model"),
-        ],
-        "outputs": [],
-        "output_node": True,
-    },
-}
 
 
 def spec_from_object_info(info):
@@ -155,6 +78,35 @@ def spec_from_object_info(info):
     }
 
 
+def _pack_definitions():
+    """The pack's nodes/definitions.py, imported as ComfyUI imports the pack: the repository as a package
+    (its modules import each other relatively; nothing goes on sys.path)."""
+    name = "dvdq_workflow_pack"
+    if name not in sys.modules:
+        root = os.path.dirname(HERE)
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
+                                                      submodule_search_locations=[root])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(name + ".nodes.definitions")
+
+
+def our_node_specs():
+    """The specs of the pack's nodes, from their classes through the same reading as `/object_info`'s."""
+    defs = _pack_definitions()
+    specs = {}
+    for cid, cls in defs.NODE_CLASS_MAPPINGS.items():
+        types = cls.INPUT_TYPES()
+        sections = ("required", "optional")
+        specs[cid] = spec_from_object_info({
+            "name": cid, "display_name": defs.NODE_DISPLAY_NAME_MAPPINGS[cid],
+            "input": {s: types.get(s, {}) for s in sections}, "input_order": {s: list(types.get(s, {})) for s in sections},
+            "output": list(cls.RETURN_TYPES), "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            "output_node": bool(getattr(cls, "OUTPUT_NODE", False))})
+    return specs
+
+
 def load_core_specs():
     with open(CORE_SPEC_PATH, encoding="utf-8") as f:
         return json.load(f)["nodes"]
@@ -164,6 +116,9 @@ def all_specs():
     specs = dict(load_core_specs())
     specs.update(OUR_NODES)
     return specs
+
+
+OUR_NODES = our_node_specs()
 
 
 def sockets(spec):
