@@ -399,3 +399,24 @@ def test_hook_lora_on_quantized_layers_is_refused():
     with pytest.raises(host.DVDQuantError, match="before 'DVD-Quant Apply'"):
         host.guard_outer_sample(Executor(guider.original_conds))
     assert host.guard_outer_sample(Executor({"positive": [{"hooks": NS(hooks=[other])}]})) == "sampled"
+
+
+def test_tree_copy_shares_data_not_objects_or_host_state():
+    """Apply's and the host copies' module tree (nodes/models.py _tree_copy): the source's tensors without a
+    copy of the data, but Parameter objects, hook dicts and children of its own (torch moves a Parameter's
+    data in place: converting the copy must leave the source alone), and none of the host's load state."""
+    models = sub("models")
+    src = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    src[0].register_buffer("extra", torch.ones(2))
+    src[0].comfy_cast_weights, src[0]._v, src.current_patcher = True, object(), object()
+    src[0].register_forward_hook(lambda m, i, o: o)
+    new = models._tree_copy(src, torch.device("cpu"))
+    assert new is not src and new[0] is not src[0] and type(new[0]) is nn.Linear
+    assert new[0].weight is not src[0].weight and new[0].weight.data_ptr() == src[0].weight.data_ptr()
+    assert new[0].extra.data_ptr() == src[0].extra.data_ptr()
+    assert new[0]._forward_hooks is not src[0]._forward_hooks and len(new[0]._forward_hooks) == 1
+    assert "comfy_cast_weights" not in new[0].__dict__ and "_v" not in new[0].__dict__ and new.current_patcher is None
+    new.to(torch.float64)
+    assert src[0].weight.dtype == torch.float32 and src[1].weight.dtype == torch.float32
+    x = torch.randn(3, 4)
+    assert torch.allclose(new(x.double()).float(), src(x), atol=1e-6)
