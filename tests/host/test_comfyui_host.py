@@ -162,9 +162,10 @@ def test_two_experts_share_one_schedule(server):
 
 def test_host_made_copy_of_a_quantized_model(server):
     """ComfyUI 0.33.0 makes a model of its own for a MODEL (the non-dynamic delegate that conditioning hooks
-    need under dynamic VRAM, a copy per GPU) from the patcher's cached_patcher_init, which its own loaders
-    register; without one it stops with "cached_patcher_init is not initialized". The pack registers a
-    factory copying the quantized module tree (no re-quantizing): the copy samples to the same latent."""
+    need under dynamic VRAM; the per-GPU copy of its MultiGPU nodes, deepclone_multigpu) from the patcher's
+    cached_patcher_init, which its own loaders register; without one it stops with "cached_patcher_init is
+    not initialized". The pack registers a factory copying the quantized module tree (no re-quantizing, no
+    float model): both copies sample to the same latent, on this CPU-only run the same device."""
     with open(os.path.join(server.comfy_path, "comfy", "model_patcher.py")) as f:
         if "cached_patcher_init" not in f.read():
             pytest.skip("this ComfyUI makes no copies of a MODEL from cached_patcher_init (added after 0.8.0)")
@@ -175,13 +176,14 @@ def test_host_made_copy_of_a_quantized_model(server):
     shifted["shift"] = node("ModelSamplingSD3", model=["load", 0], shift=3.0)
     shifted["bs"]["inputs"]["model"] = ["shift", 0]
     assert not torch.equal(latent(server, run_ok(server, shifted)[0]), direct)
-    g = quant_graph("copy_b", mode="fixed", fixed_bits=8)
-    g["copy"] = node("DVDQTestHostCopy", model=["load", 0])
-    g["bs"]["inputs"]["model"] = ["copy", 0]
-    hist, msgs = run_ok(server, g)
-    assert torch.equal(latent(server, hist), direct)
-    # the Loader's output is the first run's (cached by the server): quantizing here would be the copy's
-    assert events(msgs, "dvdq.quant_progress") == [] and events(msgs, "dvdq.quant_summary") == []
+    for how in ("force_deepcopy", "multigpu"):  # multigpu: the copy MultiGPU CFG Split makes per GPU
+        g = quant_graph("copy_" + how, mode="fixed", fixed_bits=8)
+        g["copy"] = node("DVDQTestHostCopy", model=["load", 0], how=how)
+        g["bs"]["inputs"]["model"] = ["copy", 0]
+        hist, msgs = run_ok(server, g)
+        assert torch.equal(latent(server, hist), direct), how
+        # the Loader's output is the first run's (cached by the server): quantizing here would be the copy's
+        assert events(msgs, "dvdq.quant_progress") == [] and events(msgs, "dvdq.quant_summary") == [], how
 
 
 def test_saved_copy_loads_to_identical_results(server):
