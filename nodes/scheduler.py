@@ -56,7 +56,7 @@ def make_diffusion_model_wrapper(hook: BitScheduleHook):
         bits = hook.bits if sigma is None else hook.bits_for_call(sigma)
         set_activation_bits(executor.class_obj, bits)
         out = executor(*args, **kwargs)
-        hook.after_call(out)
+        hook.after_call(out, to.get("cond_or_uncond"), sigma)
         return out
     return diffusion_model
 

@@ -18,7 +18,10 @@ state carry over, also from one Bit Switch Scheduler node to another. Anything e
 an interrupted run is never continued.
 """
 import math
+import threading
 from dataclasses import dataclass, field
+
+import torch
 
 from ..dvdq_core import BitSwitch
 
@@ -126,7 +129,9 @@ class BitScheduleHook:
         self.emit = emit or (lambda event, data: None)
         self.running = False
         self.bits = high
-        self._observe_pending = False
+        self._parts = None  # the step's observed outputs by cond_or_uncond part, until observed (None: done)
+        self._step = (0, None)  # (global step, sigma of its first call)
+        self._lock = threading.Lock()  # ComfyUI's MultiGPU CFG split calls the model from worker threads
         self._shape = ()
 
     def begin_run(self, schedule, shape):
@@ -144,30 +149,55 @@ class BitScheduleHook:
         if cont is None or cont.node != self.node:
             self.emit("dvdq.bits_reset", {"node": self.node})
         self._shape = tuple(shape)
-        self._observe_pending = False
+        self._parts = None
         self.running = True
 
     def bits_for_call(self, sigma: float) -> int:
-        if not self.running:  # a model call outside a sampler run: keep the last bits
+        with self._lock:
+            if not self.running:  # a model call outside a sampler run: keep the last bits
+                return self.bits
+            step, new = self.tracker.on_call(float(sigma))
+            if new:
+                self._observe()  # the previous step, if it still waits for a part (a CFG-1 step has only one)
+                self.bits = self.bs.next_bits()
+                self._parts, self._step = {}, (step, float(sigma))
             return self.bits
-        step, new = self.tracker.on_call(float(sigma))
-        if new:
-            self.bits = self.bs.next_bits()
-            self._observe_pending = True
-        return self.bits
 
-    def after_call(self, output):
-        if not (self.running and self._observe_pending):
+    def after_call(self, output, parts=None, sigma=None):
+        """Observe a step's output once, from its first sigma's calls. parts: the call's cond_or_uncond. One
+        batched CFG call holds both parts; ComfyUI's MultiGPU CFG split sends the cond and the uncond half
+        as separate, concurrent calls: the step is then observed when both have come (or at the next step),
+        from the halves in a fixed order, which gives the batched call's relative change."""
+        with self._lock:
+            if not self.running or self._parts is None:
+                return
+            if sigma is not None and not sigmas_close(float(sigma), self._step[1]):
+                return  # a multistage sampler's call at an intermediate sigma
+            key = tuple(parts) if parts else ()
+            if key in self._parts:
+                return
+            self._parts[key] = output
+            if not key or {0, 1} <= {p for k in self._parts for p in k}:
+                self._observe()
+
+    def _observe(self):
+        if not self._parts:
+            self._parts = None
             return
-        self._observe_pending = False
-        self.bs.observe(output)
+        halves = [self._parts[k] for k in sorted(self._parts, key=lambda k: min(k, default=-1))]
+        self._parts = None
+        if len(halves) > 1:  # (on one device: each GPU's half comes from its own)
+            halves = [torch.cat([h.detach().float().to(halves[0].device) for h in halves])]
+        self.bs.observe(halves[0])
         rec = self.bs.log[-1]
-        self.emit("dvdq.bits", {"node": self.node, "step": self.tracker.current, "total": self.tracker.total,
+        self.emit("dvdq.bits", {"node": self.node, "step": self._step[0], "total": self.tracker.total,
                                 "bits": int(rec.bits),
                                 "indicator": None if rec.indicator is None else float(rec.indicator),
                                 "accumulated": float(rec.accumulated), "mode": self.mode})
 
     def end_run(self, completed: bool):
+        with self._lock:
+            self._observe()  # a last step still waiting for a part
         self.running = False
         if completed and self.tracker.schedule:
             record_run_end(RunEnd(self.node, self.tracker.schedule[-1], self._shape,

@@ -184,6 +184,45 @@ def test_delta_state_machine_and_events():
     assert len(rec.of("dvdq.bits_reset")) == 1 and [e["step"] for e in rec.of("dvdq.bits")] == [0, 1, 2, 3]
 
 
+def test_cfg_halves_in_separate_calls_decide_as_one_batched_call():
+    """ComfyUI's MultiGPU CFG split runs a step's cond and uncond halves as separate, concurrent calls (their
+    order varies). The step is observed once, from both halves, so the bits and indicators are the batched
+    run's; observing whichever half came first compared cond with uncond outputs when the order flipped.
+    A CFG-1 run has only the cond part: each step is observed at the next step (or the run's end)."""
+    steps = sub("steps")
+    g = torch.Generator().manual_seed(0)
+    cond = [torch.randn(1, 4, 1, 2, 2, generator=g) * (1 + 0.3 * i) for i in range(4)]
+    uncond = [torch.randn(1, 4, 1, 2, 2, generator=g) * (1 + 0.2 * i) for i in range(4)]
+
+    def run(split, cfg1=False):
+        steps.record_run_end(None)
+        rec = Recorder()
+        hook = steps.BitScheduleHook("5", mode="delta", delta=0.5, low=4, high=8, emit=rec)
+        hook.begin_run(torch.tensor(SCHED), (2, 4, 1, 2, 2))
+        bits = []
+        for i, sigma in enumerate(SCHED[:-1]):
+            if cfg1:
+                bits.append(hook.bits_for_call(sigma))
+                hook.after_call(cond[i], [0], sigma)
+            elif split:
+                halves = [([0], cond[i]), ([1], uncond[i])][::(-1) ** i]  # the order flips every step
+                for parts, out in halves:
+                    bits.append(hook.bits_for_call(sigma))
+                    hook.after_call(out, parts, sigma)
+            else:
+                bits.append(hook.bits_for_call(sigma))
+                hook.after_call(torch.cat([uncond[i], cond[i]]), [1, 0], sigma)
+        hook.end_run(True)
+        return hook.bits_per_step(), [e["indicator"] for e in rec.of("dvdq.bits")], [e["step"] for e in rec.of("dvdq.bits")]
+
+    batched, split = run(False), run(True)
+    assert split[0] == batched[0] and split[2] == batched[2] == [0, 1, 2, 3]
+    assert split[1][0] is None and split[1][1:] == pytest.approx(batched[1][1:], rel=1e-5)
+    assert len(set(batched[0])) == 2  # the decisions are not all the same: the test can tell them apart
+    cfg1 = run(False, cfg1=True)
+    assert cfg1[2] == [0, 1, 2, 3] and cfg1[1][0] is None and None not in cfg1[1][1:]
+
+
 def test_calls_after_the_first_of_a_step_are_not_observed():
     steps = sub("steps")
     steps.record_run_end(None)
