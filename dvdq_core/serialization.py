@@ -185,7 +185,8 @@ def _fill(model, path, meta, file_keys, state, backend, layer_cls):
     names = {file_key(k, meta["layers"], meta["format_version"]): k for k in expected}
     # parameters a host creates lazily (None until its own loader fills them from the state dict)
     lazy = {f"{n}.{p}" if n else p for n, mod in model.named_modules() for p, t in mod._parameters.items() if t is None}
-    missing = [k for f, k in names.items() if f not in set(file_keys)]
+    in_file = set(file_keys)
+    missing = [k for f, k in names.items() if f not in in_file]
     extra = [k for k in file_keys if k not in names and k not in lazy]
     if missing or extra:
         first = missing[0] if missing else extra[0]

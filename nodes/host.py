@@ -193,7 +193,7 @@ def layer_class():
                 if self.weight_function or self.bias_function or getattr(self, "weight_lowvram_function", None) \
                         or getattr(self, "bias_lowvram_function", None):  # a weight patch the guard did not see
                     # (dynamic VRAM attaches patches as *_lowvram_function)
-                    raise DVDQuantError(lora_after_message(["this layer"]))
+                    raise DVDQuantError(lora_after_message())
                 return super().forward(x)
 
         _LAYER_CLASS.append(DVDQuantLinear)
@@ -223,9 +223,11 @@ def check_no_patches_on_quantized(patcher):
         raise DVDQuantError(lora_after_message(hits[:3]))
 
 
-def lora_after_message(examples) -> str:
+def lora_after_message(examples=()) -> str:
+    """examples: weight keys the patch targets, where known."""
+    which = f" such as {', '.join(examples)}" if examples else ""
     return ("DVD-Quant: a LoRA (or another weight patch) was applied after quantization; it would change "
-            f"4-bit packed layers such as {', '.join(examples)}, which cannot take it yet. Put the LoRA loader "
+            f"quantized layers{which}, whose packed weights cannot take it yet. Put the LoRA loader "
             "before 'DVD-Quant Apply' (Load Diffusion Model -> LoRA -> DVD-Quant Apply) so the LoRA is merged "
             "into the weights before they are quantized.")
 

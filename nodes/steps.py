@@ -69,9 +69,6 @@ class StepTracker:
             return self.offset + self.steps
         return None
 
-    @property
-    def current(self) -> int:
-        return self.offset + max(self.local, 0)
 
     def on_call(self, sigma: float):
         """Returns (global step, True if this call starts that step)."""

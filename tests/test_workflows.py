@@ -402,15 +402,3 @@ def test_checker_catches_bad_api_references():
     bad[ks]["inputs"]["steps"] = 31
     assert any("differ from the UI" in p for p in check_api(bad, ui))
 
-
-# ---------------------------------------------------------------------- against the real nodes
-
-def test_our_specs_are_read_from_the_nodes():
-    """node_specs takes our nodes' schemas from the node classes (one definition); the contract they must
-    meet is checked in tests/test_nodes.py. Here: every node of the pack has a spec, with its widgets."""
-    from pack import load_pack
-    mappings = load_pack().NODE_CLASS_MAPPINGS
-    assert set(node_specs.OUR_NODES) == set(mappings)
-    for type_, spec in node_specs.OUR_NODES.items():
-        names = [n for section in ("required", "optional") for n in mappings[type_].INPUT_TYPES().get(section, {})]
-        assert [i["name"] for i in spec["inputs"]] == names, type_

@@ -135,10 +135,11 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     """Output of a QuantLinear for a 2-D input (call `unsupported_reason` first; this does not)."""
     k = x2d.shape[1]
     hb, sb = ops.effective_blocks(layer, k)
-    # "pow2" / "pow2-fast" fold per-channel power-of-two scales into the codes at 4 bits (ops); the core's
-    # rule says which steps keep an auto-scale at all ("pow2-fast" at 6/8 bits does not)
-    pow2 = layer.granularity in ("pow2", "pow2-fast")
-    auto_scale = bool(layer.auto_scale) and scale_granularity(layer.granularity, int(a_bits)) is not None
+    # the core's rule: which scale this step uses ("pow2": per-channel powers of two folded into the codes;
+    # None: no auto-scale, as "pow2-fast" at 6/8 bits)
+    granularity = scale_granularity(layer.granularity, int(a_bits))
+    auto_scale = bool(layer.auto_scale) and granularity is not None
+    pow2 = auto_scale and granularity == "pow2"
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
     gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     return _w4_linear_op(x2d, layer.weight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,

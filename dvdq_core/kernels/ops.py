@@ -1,7 +1,7 @@
 """Host side: buffers, launches, and the torch custom op that wraps them.
 
-Only relative imports here, and nothing else of the core. triton is imported on
-first use, so importing the package needs neither triton nor a GPU.
+Only relative imports here; the core's rules (pow2 constants, Hadamard pattern, input sharing) come
+from the core. triton is imported on first use, so importing the package needs neither triton nor a GPU.
 """
 import math
 import os
