@@ -192,8 +192,9 @@ def main():
     # optimized_attention the step calls
     core = pack_module("dvdq_core")
     QuantConfig, quantize_model, set_activation_bits = core.QuantConfig, core.quantize_model, core.set_activation_bits
-    load_kernels = pack_module("dvdq_core.backends").load_kernels
-    load_kernels()  # as the pack's loader does (nodes.host.check_gpu_bits): never first inside a compiled forward
+    # the registry imports the kernels, as the pack's loader does (nodes.host.check_gpu_bits): never first
+    # inside a compiled forward
+    info_backends = pack_module("dvdq_core.backends").list_backends()
     fuse_gelu, unfuse_gelu = pack_module("dvdq_core.fusion").fuse_gelu, pack_module("dvdq_core.fusion").unfuse_gelu
     effective_block = pack_module("dvdq_core.hadamard").effective_block
 
@@ -217,7 +218,8 @@ def main():
     results = []
     ops = pack_module("dvdq_core.kernels.ops")
     info = {"device": torch.cuda.get_device_name(), "compiled_for": ops._capability(dev), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "dvdq_backends": {k: v["reason"] or "available" for k, v in info_backends.items()}}
     try:  # newer ComfyUI runs some of its own steps (rotary, norms) through comfy-kitchen: which backends ran
         import comfy_kitchen
         info["comfy_kitchen"] = {k: v["available"] for k, v in comfy_kitchen.list_backends().items()}

@@ -15,8 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dvdq_core import kernels as k  # noqa: E402, I001
 from dvdq_core import wan_ops  # noqa: E402
-from dvdq_core.backends import load_kernels  # noqa: E402
 
 SHAPES = {"wan14b": (40, 128), "wan1.3b": (12, 128)}  # heads, head dim (C = heads x head dim)
 TOKENS = 32760
@@ -49,7 +49,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--warps", type=int, nargs="+", default=None, help="sweep the kernel's warps per program")
     args = ap.parse_args()
-    k = load_kernels()
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("model    op                warps  host_ms  fused_ms  speedup  fused_GB/s  max_abs_diff  differing")

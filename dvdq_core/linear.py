@@ -4,7 +4,7 @@ import re
 import torch
 from torch import nn
 
-from .backends import get_backend
+from . import backends
 from .hadamard import rotate
 from .spec import LayerSpec
 from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, unpack_codes
@@ -112,7 +112,7 @@ class QuantLinear(nn.Module):
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
         layer = self if self.weight.device == x.device else _Moved(self, x.device)  # offloaded weights
         x2d = x.reshape(-1, self.in_features)
-        y = get_backend(self.backend, layer, x2d, bits)(layer, x2d, bits)
+        y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):

@@ -23,7 +23,7 @@ per frame / token (Wan 2.2 with per-frame timesteps), spread over the S tokens a
 import torch
 import torch.nn.functional as F
 
-from .backends import load_kernels, warn_once
+from . import backends
 
 
 def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, freqs: torch.Tensor,
@@ -60,16 +60,12 @@ def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tenso
 
 
 def _fused(name: str, what: str, reference, *args, reference_args: tuple | None = None):
-    """kernels.<name>(*args) where kernels.<name>_unsupported_reason(*args) is None, else the reference
-    (on a GPU with a one-time warning; on the CPU the reference is the expected path), called with
-    reference_args where the kernel takes the call in another form (hunyuan_ops), else with args."""
-    if args[0].device.type == "cuda":
-        k = load_kernels()
-        reason = k if isinstance(k, str) else getattr(k, name + "_unsupported_reason")(*args)
-        if reason is None:
-            return getattr(k, name)(*args)
-        warn_once(f"DVD-Quant: {what} runs as ComfyUI's own PyTorch ops (correct, slower) because {reason}.")
-    return reference(*(args if reference_args is None else reference_args))
+    """Op `name` on the backend the registry picks for these args (dvdq_core.backends: on a GPU the
+    kernels, where they cannot take the call the reference with a one-time warning; on the CPU the
+    reference); the reference is called with reference_args where the kernel takes the call in
+    another form (hunyuan_ops), else with args."""
+    fn = backends.select(name, args, what=what)
+    return reference(*(args if reference_args is None else reference_args)) if fn is None else fn(*args)
 
 
 def norm_rope(x, weight, eps, freqs, heads: int) -> torch.Tensor:

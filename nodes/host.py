@@ -133,17 +133,12 @@ def quant_device():
 ALLOW_SLOW_ENV = "DVDQ_ALLOW_SLOW"
 
 
-def gpu_bits_problem(config, reason_fn):
-    """The error text if the GPU kernels cannot run `config`'s bit-widths, else None.
-
-    reason_fn(spec, a_bits) -> None or why not (the kernels' unsupported_reason on a probe layer).
-    Only bit-widths are refused; reference-only methods and options (the baselines) stay allowed.
-    """
-    from ..dvdq_core import LayerSpec
-    spec = LayerSpec(w_bits=config.w_bits, a_bits=None, method="dvdq", had_block=128, scale_block=128,
-                     rotate=True, auto_scale=True, granularity="block")
+def gpu_bits_problem(config, caps):
+    """The error text if a backend of these linear Capabilities cannot run `config`'s bit-widths, else None.
+    Only bit-widths are refused; reference-only methods and options (the baselines) stay allowed."""
+    from ..dvdq_core.backends import bits_reason
     for bits in sorted({config.a_low, config.a_high}):
-        reason = reason_fn(spec, bits)
+        reason = bits_reason(caps, config.w_bits, bits)
         if reason:
             return (f"the GPU kernels cannot run W{config.w_bits}A{bits}: {reason}. Use w_bits 4 with activation "
                     f"bits 4..8 (or 16). To run these bits on the slow PyTorch reference backend anyway, start "
@@ -153,21 +148,18 @@ def gpu_bits_problem(config, reason_fn):
 
 def check_gpu_bits(config):
     """On a CUDA GPU, refuse bit-widths the Triton kernels cannot run, which would otherwise fall back to
-    the slow reference backend without it being obvious."""
+    the slow reference backend without it being obvious. Logs the backends once (the first model)."""
+    from ..dvdq_core import backends
+    backends.log_backends_once()
     if os.environ.get(ALLOW_SLOW_ENV) == "1" or not torch.cuda.is_available():
         return
     import comfy.model_management as mm
     if mm.get_torch_device().type != "cuda":
         return
-    from ..dvdq_core.backends import load_kernels, triton_unsupported_reason
-    if isinstance(load_kernels(), str):
+    triton = backends.get("triton")
+    if triton.available() is not None:
         return  # kernels missing: the core warns once and uses the reference backend
-    x = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
-
-    def reason(spec, bits):
-        return triton_unsupported_reason(QuantLinear(256, 64, spec, bias=False, device="cuda"), x, bits)
-
-    problem = gpu_bits_problem(config, reason)
+    problem = gpu_bits_problem(config, triton.capabilities["linear"])
     if problem:
         raise DVDQuantError(problem)
 

@@ -18,6 +18,7 @@ from ..dvdq_core import (
     save_quantized,
     set_activation_bits,
 )
+from ..dvdq_core.backends import linear_backend
 from ..dvdq_core.model import is_linear
 from ..dvdq_core.serialization import read_header
 from ..dvdq_core.spec import layer_spec
@@ -170,6 +171,17 @@ def float_state_dict(dm) -> dict:
     return sd
 
 
+def running_backend(base_model) -> str:
+    """The backend the quantized layers run on when sampling (ComfyUI's device, the model's compute dtype),
+    with the reason where it is not the preferred one."""
+    import comfy.model_management as mm
+    layers = quantized_layers(base_model.diffusion_model)
+    if not layers:
+        return "-"
+    dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+    return linear_backend(layers[0][1], dtype, device=mm.get_torch_device())
+
+
 def quantize_base_model(base_model, config, node_id, patched_weight=None, source_name=""):
     """Quantize base_model.diffusion_model in place with a progress bar and events.
 
@@ -219,10 +231,10 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
                                 "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
                                 "mean_rel_error": report.mean_rel_error, "seconds": report.seconds,
                                 "source": "quantized", "fused_steps": info["fused_steps"],
-                                "fusion_off": info["fusion_off"]})
-    log.info("DVD-Quant: %s: %d layers, %.1f MiB -> %.1f MiB, mean rel. error %.4f, %.1f s", source_name,
+                                "fusion_off": info["fusion_off"], "backend": running_backend(base_model)})
+    log.info("DVD-Quant: %s: %d layers, %.1f MiB -> %.1f MiB, mean rel. error %.4f, %.1f s, backend %s", source_name,
              len(report.layers), report.bytes_before / 2**20, report.bytes_after / 2**20, report.mean_rel_error,
-             report.seconds)
+             report.seconds, running_backend(base_model))
     return info
 
 
@@ -505,7 +517,8 @@ def load_prequantized(path, a_bits, node_id):
     emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(layers), "w_bits": config.w_bits,
                                 "bytes_before": before, "bytes_after": qbytes, "mean_rel_error": None,
                                 "seconds": time.perf_counter() - t0, "source": "loaded",
-                                "fused_steps": info["fused_steps"], "fusion_off": info["fusion_off"]})
+                                "fused_steps": info["fused_steps"], "fusion_off": info["fusion_off"],
+                                "backend": running_backend(base)})
     return patcher
 
 

@@ -1,6 +1,7 @@
 """HunyuanVideo's block steps (dvdq_core.hunyuan_ops): each Triton kernel against the host's ops (the
 references), and the references against the textbook math. Interpreter on the CPU (CI), compiled on
 a GPU. The whole model against ComfyUI's own classes: tests/host (fused_layers.py)."""
+import functools
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dvdq_core import (  # noqa: E402
     wan_ops,
 )
 from dvdq_core.kernels import ops  # noqa: E402
-from gpu_checks import allocations_without_host_sync  # noqa: E402
+from gpu_checks import ON_CPU, allocations_without_host_sync, machine_reason, triton_reason  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(78)
@@ -86,8 +87,8 @@ def test_head_norm_rope_matches_host_ops(b, n, n2, heads, d, extra, dtype, which
     if n2 is not None:
         x2, w2 = qkv_output(b, n2, heads, d, dtype)[..., which * c:(which + 1) * c], norm_weight(d, dtype)
     pe = flux_pe(min(pe_batch, b), n + (n2 or 0), d)
-    reason = kernels.head_norm_rope_unsupported_reason(x, w, 1e-6, pe, heads, x2, w2)
-    assert reason in (None, "input on cpu") if dtype != torch.float32 else "bf16 or fp16 only" in reason
+    reason = triton_reason("head_norm_rope", x, w, 1e-6, pe, heads, x2, w2)
+    assert reason in (None, ON_CPU) if dtype != torch.float32 else "bf16 or fp16 only" in reason
     out = torch.full((b, heads, n + (n2 or 0), d), float("nan"), dtype=dtype, device=DEV)
     y = ops.head_norm_rope(x, w, 1e-6, pe, heads, x2, w2, out=out)
     assert y.data_ptr() == out.data_ptr()
@@ -167,7 +168,7 @@ def test_modulated_norm_with_hunyuan_vectors(b, s, c, dtype):
     ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
     host = torch.addcmul(shift, ln, 1 + scale)  # flux apply_mod(tensor, m_mult, m_add) with modulation_dims None
     assert torch.equal(wan_ops.modulated_norm_reference(x, shift, scale, 1e-6), host)
-    assert kernels.modulated_norm_unsupported_reason(x, shift, scale, 1e-6) in (None, "input on cpu")
+    assert triton_reason("modulated_norm", x, shift, scale, 1e-6) in (None, ON_CPU)
     out = torch.full_like(x, float("nan"))
     y = ops.modulated_norm(x, shift, scale, 1e-6, out=out)
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
@@ -307,7 +308,7 @@ def test_modulated_norm_kernel_split_at_a_token(b, s, c, t0, dtype, round_produc
     another order): see the exact test below."""
     x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
     shift, scale = guided_modulation(b, c, dtype)[:2]
-    assert kernels.modulated_norm_dims_unsupported_reason(x, shift, scale, 1e-6, t0) in (None, "input on cpu")
+    assert triton_reason("modulated_norm_dims", x, shift, scale, 1e-6, t0) in (None, ON_CPU)
     ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
     if round_product:
         host = host_split(host_modulation, x, shift, scale, dims=guided(t0))
@@ -356,7 +357,7 @@ def test_gated_residual_kernel_split_at_a_token(b, s, c, t0, dtype, round_produc
     x = (torch.randn(b, s, c, generator=GEN) * 4).to(dtype).to(DEV)
     y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
     gate = guided_modulation(b, c, dtype, 3)[2]
-    assert kernels.gated_add_unsupported_reason(x, y, gate, t0) in (None, "input on cpu")
+    assert triton_reason("gated_add", x, y, gate, t0) in (None, ON_CPU)
     if round_product:
         ref = host_split(host_gate, x, y, gate, dims=guided(t0))
     else:
@@ -414,7 +415,7 @@ def test_unsupported_reasons():
     c = heads * d
     qkv, w = qkv_output(1, 4, heads, d, torch.bfloat16), norm_weight(d, torch.bfloat16)
     x, pe = qkv[..., :c], flux_pe(1, 4, d)
-    reason = kernels.head_norm_rope_unsupported_reason
+    reason = functools.partial(triton_reason, "head_norm_rope")
     assert "float32" in reason(x, w, 1e-6, pe.double(), heads)
     assert "not [1 or B, 1, L" in reason(x, w, 1e-6, pe[:, :, :3], heads)
     assert "not [1 or B, 1, L" in reason(x, w, 1e-6, pe, heads, x[:, :2], w)  # pe must cover both parts
@@ -426,26 +427,26 @@ def test_unsupported_reasons():
     assert "norm weight" in reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2], None)
     assert "does not match the first" in reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2].half(), w)
     v = x[:, :1]
-    assert "does not match x" in kernels.gated_add_unsupported_reason(x, x[:, :2], v, 0)
-    assert "bf16 or fp16 only" in kernels.gated_add_unsupported_reason(x.float(), x.float(), v.float(), 0)
-    assert "not contiguous" in kernels.gated_add_inplace_unsupported_reason(x, x, v, 0)  # a view of the qkv output
+    assert "does not match x" in triton_reason("gated_add", x, x[:, :2], v, 0)
+    assert "bf16 or fp16 only" in triton_reason("gated_add", x.float(), x.float(), v.float(), 0)
+    assert "not contiguous" in triton_reason("gated_add_inplace", x, x, v, 0)  # a view of the qkv output
     # split at a token (I2V guiding frame): two vectors per sample, then any token count (no repeat_e spreading)
     x3, v2 = x[:, :3].contiguous(), x[:, :2]
-    dims_reason = kernels.modulated_norm_dims_unsupported_reason
-    assert dims_reason(x3, v, v, 1e-6, 2) == kernels.gated_add_unsupported_reason(x3, x3, v, 2) == \
+    dims_reason = functools.partial(triton_reason, "modulated_norm_dims")
+    assert dims_reason(x3, v, v, 1e-6, 2) == triton_reason("gated_add", x3, x3, v, 2) == \
         "modulation vectors split at a token must be two per sample"
-    assert "negative count of first tokens" in kernels.gated_add_inplace_unsupported_reason(x3, x3, v2, -1)
+    assert "negative count of first tokens" in triton_reason("gated_add_inplace", x3, x3, v2, -1)
     assert "do not spread over 3 tokens" in dims_reason(x3, v2, v2, 1e-6, 0)
     assert "differ in shape" in dims_reason(x3, v2, v, 1e-6, 1)
     assert "bf16 or fp16 only" in dims_reason(x3.float(), v2.float(), v2.float(), 1e-6, 1)
     for first in (1, 2, 3, 7):
-        assert dims_reason(x3, v2, v2, 1e-6, first) in (None, "input on cpu")
-        assert kernels.gated_add_unsupported_reason(x3, x3, v2, first) in (None, "input on cpu")
-    if not ON_GPU:
-        assert reason(x, w, 1e-6, pe, heads) == "input on cpu"
-        assert reason(x[:, :2], w, 1e-6, pe, heads, x[:, :2], w) == "input on cpu"
-        assert kernels.gated_add_unsupported_reason(x, x, v, 0) == "input on cpu"
-        assert kernels.gated_add_inplace_unsupported_reason(x.contiguous(), x, v, 0) == "input on cpu"
+        assert dims_reason(x3, v2, v2, 1e-6, first) in (None, ON_CPU)
+        assert triton_reason("gated_add", x3, x3, v2, first) in (None, ON_CPU)
+    if not ON_GPU:  # the machine's checks come first
+        assert machine_reason("head_norm_rope", x, w, 1e-6, pe, heads) == ON_CPU
+        assert machine_reason("head_norm_rope", x[:, :2], w, 1e-6, pe, heads, x[:, :2], w) == ON_CPU
+        assert machine_reason("gated_add", x, x, v, 0) == ON_CPU
+        assert machine_reason("gated_add_inplace", x, x, v, 0) == ON_CPU
 
 
 def test_kernels_compile_for_all_targets():

@@ -26,7 +26,7 @@ from dvdq_core.backends import reference_forward  # noqa: E402
 from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
 from dvdq_core.kernels import configs, ops  # noqa: E402
 from dvdq_core.linear import BitState  # noqa: E402
-from gpu_checks import allocations_without_host_sync  # noqa: E402
+from gpu_checks import ON_CPU, allocations_without_host_sync, linear_reason, machine_reason  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(1234)  # one stream: every test draws fresh inputs
@@ -296,18 +296,17 @@ def test_empty_input():
 def test_unsupported_reason():
     layer = make_layer(40, 128)
     x = activations(4, 128, torch.bfloat16)
-    reason = kernels.unsupported_reason(layer, 8, x.cpu())
-    assert reason is not None and "cpu" in reason
-    assert "float32" in kernels.unsupported_reason(layer, 8, x.float())
-    assert "channel" in kernels.unsupported_reason(_with(layer, granularity="channel"), 8, x)
-    assert kernels.unsupported_reason(_with(layer, granularity="pow2"), 4, x) == kernels.unsupported_reason(layer, 4, x)
-    assert "smoothquant" in kernels.unsupported_reason(_with(layer, method="smoothquant"), 8, x)
-    assert "activation bits" in kernels.unsupported_reason(layer, 3, x)
-    assert "fused activation 'silu'" in kernels.unsupported_reason(_with(layer, act="silu"), 8, x)
+    assert machine_reason("linear", layer.cpu(), x.cpu(), 8) == ON_CPU
+    assert "float32" in linear_reason(layer, 8, x.float())
+    assert "channel" in linear_reason(_with(layer, granularity="channel"), 8, x)
+    assert linear_reason(_with(layer, granularity="pow2"), 4, x) == linear_reason(layer, 4, x)
+    assert "smoothquant" in linear_reason(_with(layer, method="smoothquant"), 8, x)
+    assert "activation bits" in linear_reason(layer, 3, x)
+    assert "fused activation 'silu'" in linear_reason(_with(layer, act="silu"), 8, x)
     odd = make_layer(40, 96, had_block=32, scale_block=32)
-    assert "multiple of 64" in kernels.unsupported_reason(odd, 8, activations(4, 96, torch.bfloat16))
+    assert "multiple of 64" in linear_reason(odd, 8, activations(4, 96, torch.bfloat16))
     if ON_GPU:
-        assert kernels.unsupported_reason(layer, 8, x) is None
+        assert linear_reason(layer, 8, x) is None
 
 
 class _with:
@@ -508,7 +507,7 @@ def test_gluon_gemm_failure_falls_back_loudly_once(monkeypatch):
 def test_weight_bits_reason():
     layer = make_layer(40, 128)
     x = activations(4, 128, torch.bfloat16)
-    assert "8 bits" in kernels.unsupported_reason(_with(layer, w_bits=8), 8, x)
+    assert "8 bits" in linear_reason(_with(layer, w_bits=8), 8, x)
 
 
 def test_imports_without_triton():

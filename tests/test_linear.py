@@ -198,7 +198,7 @@ def test_reference_warning_names_the_reason():
     dq.quantize_model(m, dq.QuantConfig())  # backend auto on a CPU tensor
     import dvdq_core.backends as be
     be._WARNED.clear()
-    with pytest.warns(RuntimeWarning, match="reference backend because the input is on cpu"):
+    with pytest.warns(RuntimeWarning, match=r"reference backend \(correct, slower\) because the input is on cpu"):
         m(torch.randn(1, 3, 16))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dvdq_core import QuantConfig, get_bit_state, quantize_model
+from dvdq_core import QuantConfig, backends, get_bit_state, quantize_model
 from pack import load_pack, sub  # noqa: E402
 
 # ---------------------------------------------------------------- schemas (docs/nodes.md)
@@ -399,11 +399,13 @@ def test_gpu_bits_problem_names_the_fix():
     host = sub("host")
     settings = sub("settings")
 
-    def kernels(spec, bits):  # what the kernels answer: 4-bit weights only
-        return None if spec.w_bits == 4 else "the kernels take 4-bit weights"
-    assert host.gpu_bits_problem(settings.build_config(4, 4, 8, "dvdq"), kernels) is None
-    msg = host.gpu_bits_problem(settings.build_config(8, 8, 8, "dvdq"), kernels)
-    assert "W8A8" in msg and "w_bits 4" in msg and host.ALLOW_SLOW_ENV in msg
+    caps = backends.get("triton").capabilities["linear"]  # the kernels' data, no GPU asked
+    assert host.gpu_bits_problem(settings.build_config(4, 4, 8, "dvdq"), caps) is None
+    msg = host.gpu_bits_problem(settings.build_config(8, 8, 8, "dvdq"), caps)
+    assert "W8A8" in msg and "w_bits 4" in msg and "4-bit weights only" in msg and host.ALLOW_SLOW_ENV in msg
+    eight_only = backends.Capabilities(w_bits=(4,), a_bits=(8,))  # a backend that takes fewer bit-widths
+    assert "W4A4: activation bits 4 are not supported (8)" in host.gpu_bits_problem(
+        settings.build_config(4, 4, 8, "dvdq"), eight_only)
 
 
 def test_hook_lora_on_quantized_layers_is_refused():

@@ -1,6 +1,7 @@
 """The Wan block's elementwise steps (dvdq_core.wan_ops): each Triton kernel against the host's ops
 (the references), and the references against the textbook math. Interpreter on the CPU (CI),
 compiled on a GPU."""
+import functools
 import os
 import warnings
 
@@ -14,7 +15,7 @@ if not ON_GPU:
 import pack  # noqa: E402
 from dvdq_core import kernels, wan_ops  # noqa: E402
 from dvdq_core.kernels import ops  # noqa: E402
-from gpu_checks import allocations_without_host_sync  # noqa: E402
+from gpu_checks import ON_CPU, allocations_without_host_sync, machine_reason, triton_reason  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 GEN = torch.Generator().manual_seed(77)
@@ -60,7 +61,7 @@ SHAPES = [(2, 5, 3, 16), (1, 7, 5, 8), (2, 3, 12, 32)] + ([(2, 4097, 40, 128), (
 def test_kernel_matches_host_ops(b, s, heads, d, dtype, norm, freq_batch):
     x, w = inputs(b, s, heads, d, dtype, norm)
     f = wan_freqs(min(freq_batch, b), s, d)
-    assert kernels.norm_rope_unsupported_reason(x, w, 1e-6, f, heads) in (None, "input on cpu")
+    assert triton_reason("norm_rope", x, w, 1e-6, f, heads) in (None, ON_CPU)
     out = torch.full((b, s, heads, d), float("nan"), dtype=dtype, device=DEV)
     y = ops.norm_rope(x, w, 1e-6, f, heads, out=out)
     assert y.data_ptr() == out.data_ptr()
@@ -106,7 +107,7 @@ def test_core_dispatch():
 def test_unsupported_reasons():
     x, w = inputs(1, 4, 2, 16, torch.bfloat16, True)
     f = wan_freqs(1, 4, 16)
-    reason = kernels.norm_rope_unsupported_reason
+    reason = functools.partial(triton_reason, "norm_rope")
     assert "float32" in reason(x, w, 1e-6, f.double(), 2)
     assert "not [1 or B, S" in reason(x, w, 1e-6, f[:, :3], 2)
     assert "dtype" in reason(x.float(), w, 1e-6, f, 2)
@@ -114,17 +115,17 @@ def test_unsupported_reasons():
     assert "power of two" in reason(x[..., :24], w[:24], 1e-6, wan_freqs(1, 4, 12), 2)
     assert "norm weight" in reason(x, w[:8], 1e-6, f, 2)
     v = x[:, :1]
-    assert "need the host's type promotion" in kernels.modulated_norm_unsupported_reason(x, v.float(), v.float(), 1e-6)
-    assert "is not [1, frames, 32]" in kernels.modulated_norm_unsupported_reason(x, v[..., :16], v[..., :16], 1e-6)
-    assert "differ in shape" in kernels.modulated_norm_unsupported_reason(x, x[:, :2], v, 1e-6)
-    assert "do not spread over 4 tokens" in kernels.gated_residual_unsupported_reason(x, x, x[:, :3])
-    assert "not [batch, tokens, channels]" in kernels.gated_residual_unsupported_reason(x[0], x[0], v[0])
-    assert "bf16 or fp16 only" in kernels.gated_residual_unsupported_reason(x.float(), x.float(), v.float())
-    assert "does not match x" in kernels.gated_residual_unsupported_reason(x, x[:, :2], v)
-    if not ON_GPU:
-        assert reason(x, w, 1e-6, f, 2) == "input on cpu"
-        assert kernels.modulated_norm_unsupported_reason(x, v, v, 1e-6) == "input on cpu"
-        assert kernels.gated_residual_unsupported_reason(x, x, v) == "input on cpu"
+    assert "need the host's type promotion" in triton_reason("modulated_norm", x, v.float(), v.float(), 1e-6)
+    assert "is not [1, frames, 32]" in triton_reason("modulated_norm", x, v[..., :16], v[..., :16], 1e-6)
+    assert "differ in shape" in triton_reason("modulated_norm", x, x[:, :2], v, 1e-6)
+    assert "do not spread over 4 tokens" in triton_reason("gated_residual", x, x, x[:, :3])
+    assert "not [batch, tokens, channels]" in triton_reason("gated_residual", x[0], x[0], v[0])
+    assert "bf16 or fp16 only" in triton_reason("gated_residual", x.float(), x.float(), v.float())
+    assert "does not match x" in triton_reason("gated_residual", x, x[:, :2], v)
+    if not ON_GPU:  # the machine's checks come first: on the CPU that is the reason, whatever the call
+        assert machine_reason("norm_rope", x, w, 1e-6, f, 2) == ON_CPU
+        assert machine_reason("modulated_norm", x, v, v, 1e-6) == ON_CPU
+        assert machine_reason("gated_residual", x.float(), x, v) == ON_CPU
 
 
 def modulation(b, c, dtype, frames=None):
@@ -163,7 +164,7 @@ TOKEN_SHAPES = [(2, 5, 48), (1, 7, 256), (2, 3, 320)] + ([(2, 4097, 5120), (1, 3
 def test_modulated_norm_matches_host_ops(b, s, c, dtype, frames):
     x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
     e = modulation(b, c, dtype, frames_for(frames, s))
-    assert kernels.modulated_norm_unsupported_reason(x, e[0], e[1], 1e-6) in (None, "input on cpu")
+    assert triton_reason("modulated_norm", x, e[0], e[1], 1e-6) in (None, ON_CPU)
     out = torch.full_like(x, float("nan"))
     y = ops.modulated_norm(x, e[0], e[1], 1e-6, out=out)
     assert y.data_ptr() == out.data_ptr()
@@ -180,7 +181,7 @@ def test_gated_residual_matches_host_ops(b, s, c, dtype, frames):
     x = (torch.randn(b, s, c, generator=GEN) * 4).to(dtype).to(DEV)
     y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
     g = modulation(b, c, dtype, frames_for(frames, s))[2]
-    assert kernels.gated_residual_unsupported_reason(x, y, g) in (None, "input on cpu")
+    assert triton_reason("gated_residual", x, y, g) in (None, ON_CPU)
     out = torch.full_like(x, float("nan"))
     r = ops.gated_residual(x, y, g, out=out)
     assert r.data_ptr() == out.data_ptr()

@@ -182,6 +182,8 @@ export function applySummaryEvent(q, ev) {
       // Wan and HunyuanVideo: the block's elementwise steps run as fused kernels (null for other models)
       fusedSteps: ev.fused_steps == null ? null : Number(ev.fused_steps),
       fusionOff: ev.fusion_off ?? null,
+      // which compute backend runs the quantized layers ("triton", or "reference (why)")
+      backend: ev.backend == null ? null : String(ev.backend),
     },
   };
 }
@@ -228,6 +230,7 @@ export function summaryLines(s) {
   ];
   if (s.fusionOff) lines.push(`fused elementwise steps off: ${s.fusionOff}`);
   else if (s.fusedSteps > 0) lines.push(`elementwise steps fused in ${s.fusedSteps} modules`);
+  if (s.backend) lines.push(`backend ${s.backend}`);
   return lines;
 }
 

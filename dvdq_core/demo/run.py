@@ -79,16 +79,8 @@ def load_model(args):
 def backend_used(model, dtype) -> str:
     """Which backend the model's quantized layers run on (checked on its first layer)."""
     import dvdq_core
-    from dvdq_core.backends import triton_unsupported_reason
     layers = dvdq_core.quantized_layers(model)
-    if not layers:
-        return "-"
-    layer = layers[0][1]
-    if layer.backend == "reference":
-        return "reference"
-    x = torch.zeros(1, layer.in_features, device=layer.weight.device, dtype=dtype)
-    reason = triton_unsupported_reason(layer, x, 4)
-    return "triton" if reason is None else f"reference ({reason})"
+    return dvdq_core.backends.linear_backend(layers[0][1], dtype) if layers else "-"
 
 
 def run_variant(base, name, config, bitswitch, noise, ids, args):

@@ -1,14 +1,14 @@
 """Triton backend of DVD-Quant: packed 4-bit weights x 4..8-bit (or 16-bit) activations.
 
-Public API (the core registers `linear_forward` as its "triton" backend):
+BACKEND (registered by dvdq_core.backends as "triton") says what each op takes, as data and shape rules;
+its ops:
   linear_forward(layer, x2d, a_bits) -> y2d
-  unsupported_reason(layer, a_bits, x2d) -> str | None
 the Wan block's elementwise steps that dvdq_core.wan_ops dispatches to:
-  norm_rope / modulated_norm / gated_residual(*args), each with <name>_unsupported_reason(*args)
+  norm_rope / modulated_norm / gated_residual(*args)
 and HunyuanVideo's (dvdq_core.hunyuan_ops; its modulation is modulated_norm, or with an I2V guiding
 frame's modulation_dims modulated_norm_dims):
-  head_norm_rope / modulated_norm_dims / gated_add / gated_add_inplace(*args), each with
-  <name>_unsupported_reason(*args)
+  head_norm_rope / modulated_norm_dims / gated_add / gated_add_inplace(*args)
+Ask `dvdq_core.backends.unsupported_reason("triton", op, *args)` whether a call can run here.
 
 Importing this package needs neither triton nor a GPU; triton is imported on the first forward.
 Each is a torch custom op (`torch.ops.dvdq.w4_linear`, ...) so torch.compile treats it as one
@@ -22,13 +22,11 @@ import sys
 import torch
 
 from ..activations import scale_granularity
+from ..backends import Backend, Capabilities
 from . import configs, ops
 
-__all__ = ["linear_forward", "unsupported_reason", "norm_rope", "modulated_norm", "gated_residual",
-           "norm_rope_unsupported_reason", "modulated_norm_unsupported_reason", "gated_residual_unsupported_reason",
-           "head_norm_rope", "modulated_norm_dims", "gated_add", "gated_add_inplace",
-           "head_norm_rope_unsupported_reason", "modulated_norm_dims_unsupported_reason",
-           "gated_add_unsupported_reason", "gated_add_inplace_unsupported_reason", "configs", "ops"]
+__all__ = ["BACKEND", "linear_forward", "norm_rope", "modulated_norm", "gated_residual", "head_norm_rope",
+           "modulated_norm_dims", "gated_add", "gated_add_inplace", "configs", "ops"]
 
 _SUPPORTED_METHODS = ("dvdq", "quarot", "minmax")
 MIN_CAPABILITY = (8, 0)
@@ -132,7 +130,7 @@ gated_add_inplace = _block_op("gated_add_inplace", _gated_add_inplace, lambda x,
 
 
 def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
-    """Output of a QuantLinear for a 2-D input (call `unsupported_reason` first; this does not)."""
+    """Output of a QuantLinear for a 2-D input (the registry checks BACKEND's capabilities first; this does not)."""
     k = x2d.shape[1]
     hb, sb = ops.effective_blocks(layer, k)
     # the core's rule: which scale this step uses ("pow2": per-channel powers of two folded into the codes;
@@ -165,14 +163,8 @@ def _triton_missing(platform: str = sys.platform):
     return None
 
 
-def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
-    """None when the triton kernels handle this call, else a short sentence why not."""
-    if getattr(layer, "method", "dvdq") not in _SUPPORTED_METHODS:
-        return f"method {layer.method!r} is reference-only (it keeps a float weight)"
-    if int(layer.w_bits) != 4:
-        return f"weights of {layer.w_bits} bits need the reference backend (the kernels take 4-bit weights)"
-    if a_bits not in (4, 5, 6, 7, 8, 16):
-        return f"activation bits {a_bits} are not supported (4..8 or 16)"
+def _linear_shape(layer, x2d: torch.Tensor, a_bits: int):
+    """What the linear kernel needs beyond the data in BACKEND (methods, bits, dtypes, device)."""
     if layer.auto_scale and layer.granularity == "channel":
         return "granularity 'channel' is reference-only (use 'pow2', 'pow2-fast' or 'block' for the GPU kernels)"
     if getattr(layer, "act", None) not in (None, "gelu_tanh"):
@@ -195,33 +187,19 @@ def unsupported_reason(layer, a_bits: int, x2d: torch.Tensor):
         return f"Hadamard block {hb} > 256 is not supported by the kernels"
     if layer.auto_scale and sb < 64:
         return f"scale block {sb} < 64 is not supported by the kernels (the GEMM's K-tile is at least 64)"
-    if x2d.dtype not in (torch.bfloat16, torch.float16):
-        return f"input dtype {x2d.dtype} is not supported (bf16 or fp16 only)"
-    return _gpu_reason(x2d)
+    return None
 
 
-def _gpu_reason(x: torch.Tensor, *others):
-    """Device checks of every kernel: None when x (and the others) are on a GPU the kernels run on."""
-    if any(t.device != x.device for t in others if t is not None):
-        return "the inputs are on different devices"
-    if x.device.type != "cuda":
-        return f"input on {x.device.type}"
-    if torch.version.hip is not None:
-        return "ROCm GPUs are not supported by the kernels"
-    # the card and what Triton compiles for (they differ under TRITON_OVERRIDE_ARCH): both must do
-    card = torch.cuda.get_device_capability(x.device)
-    cap = min(card, configs.target_capability(card))
-    if cap < MIN_CAPABILITY:
-        return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
-    return _triton_missing()
+def _capability(device):
+    """The card's compute capability, or what Triton compiles for where lower (TRITON_OVERRIDE_ARCH): both must do."""
+    card = torch.cuda.get_device_capability(device)
+    return min(card, configs.target_capability(card))
 
 
-def _tokens_reason(x: torch.Tensor, *vectors, first_tokens: int = 0):
-    """x [B, S, C] in bf16/fp16 and modulation vectors [B, F, C] (one per sample, frame or token) of its
-    dtype with unit channel stride; first_tokens > 0: two vectors per sample, the first for that many
-    tokens (ops._vector_rows)."""
-    if x.dtype not in (torch.bfloat16, torch.float16):  # (no shapes in the sentences that repeat per call:
-        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"  # the warning is once per sentence)
+def _tokens(x: torch.Tensor, *vectors, first_tokens: int = 0):
+    """x [B, S, C] and modulation vectors [B, F, C] (one per sample, frame or token) of its dtype with
+    unit channel stride; first_tokens > 0: two vectors per sample, the first for that many tokens
+    (ops._vector_rows). (No shapes in the sentences that repeat per call: the warning is once per sentence.)"""
     if x.dim() != 3:
         return f"the input of shape {tuple(x.shape)} is not [batch, tokens, channels]"
     b, s, c = x.shape
@@ -239,44 +217,9 @@ def _tokens_reason(x: torch.Tensor, *vectors, first_tokens: int = 0):
     return None
 
 
-def norm_rope_unsupported_reason(x: torch.Tensor, weight, eps, freqs: torch.Tensor, heads: int):
-    """None when norm_rope's kernel handles this call, else a short sentence why not."""
-    why = _heads_reason(x, heads, unit_channel_stride=False)  # (ops.norm_rope makes x contiguous)
-    if why is not None:
-        return why
-    b, s, c = x.shape
-    d = c // heads
-    if freqs.dtype != torch.float32 or freqs.dim() != 6 or freqs.shape[0] not in (1, b) or \
-            tuple(freqs.shape[1:]) != (s, 1, d // 2, 2, 2) or freqs.stride()[3:] != (4, 2, 1):
-        return f"rotary frequencies of shape {tuple(freqs.shape)} / {freqs.dtype} are not [1 or B, S, 1, D/2, 2, 2] float32"
-    if weight is not None and tuple(weight.shape) != (c,):
-        return f"norm weight of shape {tuple(weight.shape)} is not [{c}]"
-    return _gpu_reason(x, freqs, weight)
-
-
-def modulated_norm_unsupported_reason(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps,
-                                      first_tokens: int = 0):
-    if shift.shape != scale.shape:
-        return f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} differ in shape"
-    return _tokens_reason(x, shift, scale, first_tokens=first_tokens) or _gpu_reason(x, shift, scale)
-
-
-def modulated_norm_dims_unsupported_reason(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps,
-                                           first_tokens: int):
-    return modulated_norm_unsupported_reason(x, shift, scale, eps, first_tokens)
-
-
-def gated_residual_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int = 0):
-    if y.shape != x.shape or y.dtype != x.dtype:
-        return f"the residual's branch ({tuple(y.shape)}, {y.dtype}) does not match x ({tuple(x.shape)}, {x.dtype})"
-    return _tokens_reason(x, gate, first_tokens=first_tokens) or _gpu_reason(x, y, gate)
-
-
-def _heads_reason(x: torch.Tensor, heads: int, unit_channel_stride: bool = True):
-    """x [B, L, H x D] in bf16/fp16 (with unit channel stride where the kernel reads x in place), D an
-    even power of two, at most 256 heads."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"input dtype {x.dtype} is not supported (bf16 or fp16 only)"
+def _heads(x: torch.Tensor, heads: int, unit_channel_stride: bool = True):
+    """x [B, L, H x D] (with unit channel stride where the kernel reads x in place), D an even power
+    of two, at most 256 heads."""
     if x.dim() != 3 or heads < 1 or x.shape[-1] % heads or (x.shape[-1] // heads) % 2:
         return f"the input of shape {tuple(x.shape)} is not [batch, tokens, heads x even head dim]"
     if unit_channel_stride and x.stride(2) != 1:
@@ -287,14 +230,45 @@ def _heads_reason(x: torch.Tensor, heads: int, unit_channel_stride: bool = True)
     return None
 
 
-def head_norm_rope_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, eps, pe: torch.Tensor, heads: int,
-                                      x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None):
-    """None when head_norm_rope's kernel handles this call, else a short sentence why not."""
-    why = _heads_reason(x, heads)
+def _norm_rope_shape(x: torch.Tensor, weight, eps, freqs: torch.Tensor, heads: int):
+    why = _heads(x, heads, unit_channel_stride=False)  # (ops.norm_rope makes x contiguous)
+    if why is not None:
+        return why
+    b, s, c = x.shape
+    d = c // heads
+    if freqs.dtype != torch.float32 or freqs.dim() != 6 or freqs.shape[0] not in (1, b) or \
+            tuple(freqs.shape[1:]) != (s, 1, d // 2, 2, 2) or freqs.stride()[3:] != (4, 2, 1):
+        return f"rotary frequencies of shape {tuple(freqs.shape)} / {freqs.dtype} are not [1 or B, S, 1, D/2, 2, 2] float32"
+    if weight is not None and tuple(weight.shape) != (c,):
+        return f"norm weight of shape {tuple(weight.shape)} is not [{c}]"
+    return None
+
+
+def _modulated_norm_shape(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps, first_tokens: int = 0):
+    if shift.shape != scale.shape:
+        return f"shift {tuple(shift.shape)} and scale {tuple(scale.shape)} differ in shape"
+    return _tokens(x, shift, scale, first_tokens=first_tokens)
+
+
+def _gated_residual_shape(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int = 0):
+    if y.shape != x.shape or y.dtype != x.dtype:
+        return f"the residual's branch ({tuple(y.shape)}, {y.dtype}) does not match x ({tuple(x.shape)}, {x.dtype})"
+    return _tokens(x, gate, first_tokens=first_tokens)
+
+
+def _gated_add_inplace_shape(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int):
+    if not x.is_contiguous():
+        return "the residual updated in place is not contiguous"
+    return _gated_residual_shape(x, y, gate, first_tokens)
+
+
+def _head_norm_rope_shape(x: torch.Tensor, weight: torch.Tensor, eps, pe: torch.Tensor, heads: int,
+                          x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None):
+    why = _heads(x, heads)
     if why is None and x2 is not None:
         if x2.dtype != x.dtype or x2.dim() != 3 or x2.shape[0] != x.shape[0] or x2.shape[2] != x.shape[2]:
             return f"the second part ({tuple(x2.shape)}, {x2.dtype}) does not match the first ({tuple(x.shape)}, {x.dtype})"
-        why = _heads_reason(x2, heads)
+        why = _heads(x2, heads)
     if why is not None:
         return why
     b, l, c = x.shape
@@ -305,14 +279,29 @@ def head_norm_rope_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, eps
     for w in (weight, weight2) if x2 is not None else (weight,):
         if w is None or tuple(w.shape) != (d,):
             return f"norm weight of shape {None if w is None else tuple(w.shape)} is not [{d}]"
-    return _gpu_reason(x, pe, weight, x2, weight2)
+    return None
 
 
-def gated_add_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int):
-    return gated_residual_unsupported_reason(x, y, gate, first_tokens)
+def _capabilities(shape_rule, **linear):
+    return Capabilities(devices=("cuda",), rocm=False, min_capability=MIN_CAPABILITY,
+                        dtypes=(torch.bfloat16, torch.float16), shape_rule=shape_rule, **linear)
 
 
-def gated_add_inplace_unsupported_reason(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, first_tokens: int):
-    if not x.is_contiguous():
-        return "the residual updated in place is not contiguous"
-    return gated_residual_unsupported_reason(x, y, gate, first_tokens)
+# The kernels as the core's "triton" backend (dvdq_core.backends): what each op takes, as data, and the
+# shape rules above for the rest
+BACKEND = Backend(
+    "triton", 10, label="the Triton kernels", available=_triton_missing, capability=_capability,
+    capabilities={
+        "linear": _capabilities(_linear_shape, w_bits=(4,), a_bits=(4, 5, 6, 7, 8, 16), methods=_SUPPORTED_METHODS),
+        "norm_rope": _capabilities(_norm_rope_shape),
+        "modulated_norm": _capabilities(_modulated_norm_shape),
+        "gated_residual": _capabilities(_gated_residual_shape),
+        "head_norm_rope": _capabilities(_head_norm_rope_shape),
+        "modulated_norm_dims": _capabilities(_modulated_norm_shape),
+        "gated_add": _capabilities(_gated_residual_shape),
+        "gated_add_inplace": _capabilities(_gated_add_inplace_shape),
+    },
+    load=lambda: {"linear": linear_forward, "norm_rope": norm_rope, "modulated_norm": modulated_norm,
+                  "gated_residual": gated_residual, "head_norm_rope": head_norm_rope,
+                  "modulated_norm_dims": modulated_norm_dims, "gated_add": gated_add,
+                  "gated_add_inplace": gated_add_inplace})

@@ -386,7 +386,7 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
 
 def norm_rope(x, weight, eps: float, freqs, heads: int, out=None):
     """Wan's q/k RMS norm (weight None: none) and rotary embedding, one read and one write of x
-    [B, S, H * D] -> [B, S, H, D] (see _norm_rope_kernel; the checks are norm_rope_unsupported_reason's)."""
+    [B, S, H * D] -> [B, S, H, D] (see _norm_rope_kernel; the checks are the triton backend's norm_rope capabilities)."""
     b, s, c = x.shape
     d = c // heads
     x = x.contiguous()
@@ -457,7 +457,7 @@ def head_norm_rope(x, weight, eps: float, pe, heads: int, x2=None, weight2=None,
     [B, L, H * D] (the q or k columns of the qkv projection's output, read in place: any token and
     batch stride) -> [B, H, L + L2, D], x2 [B, L2, H * D] with weight2 (the double block's text
     part) after x's tokens. pe [B or 1, 1, L + L2, D/2, 2, 2] float32 (_head_norm_rope_kernel; the
-    checks are head_norm_rope_unsupported_reason's)."""
+    checks are the triton backend's head_norm_rope capabilities)."""
     b, l, c = x.shape
     total = l + (0 if x2 is None else x2.shape[1])
     d = c // heads

@@ -1,11 +1,13 @@
 """DVD-Quant layers under ComfyUI's dynamic VRAM (ModelPatcherDynamic, comfy-aimdo; the default on
 NVIDIA GPUs from about ComfyUI 0.15), without a server: a GPU check the CPU host tests cannot make.
 
-usage: python tests/host/dynamic_vram_check.py COMFY_DIR [--cpu]
+usage: python tests/host/dynamic_vram_check.py COMFY_DIR [--cpu] [--classic]
   COMFY_DIR: a ComfyUI checkout (0.33.0 or later) with comfy-kitchen and comfy-aimdo installed.
   --cpu (automatic without CUDA): everything but the GPU load; the host then uses its plain
   ModelPatcher (ModelPatcherDynamic.__new__ reroutes CPU load devices), and the script sets
   aimdo_enabled only to get the lazily created (weight=None) comfy Linears a dynamic host builds.
+  --classic: dynamic VRAM off (ComfyUI's --disable-dynamic-vram): the plain ModelPatcher's low-VRAM
+  partial load (what --lowvram, or a model larger than the free VRAM, gets), on the GPU.
 It enables dynamic VRAM as ComfyUI's main.py does, loads a tiny random Wan 2.1 through ComfyUI's loader,
 quantizes it with the pack, and compares the quantized model's output through the dynamic patcher
 (load, partial unload, reload, unload) with the same model moved to the GPU by hand. Exit status 0 when
@@ -38,7 +40,8 @@ if CPU:
 # ---- what ComfyUI 0.33.0's main.py does to enable dynamic VRAM, without importing main / server
 import comfy_aimdo.control  # noqa: E402
 
-want_dynamic = enables_dynamic_vram()
+CLASSIC = "--classic" in sys.argv
+want_dynamic = enables_dynamic_vram() and not CLASSIC
 if want_dynamic:
     try:
         comfy_aimdo.control.init(simple_vram_headroom=None, nvml_pressure=not args.disable_nvml_pressure)
@@ -71,6 +74,8 @@ if want_dynamic and (mm.is_nvidia() or (mm.is_amd() and mm.rocm_version >= (7, 1
             dynamic_note = "comfy-aimdo init_devices failed"
 elif CPU:
     dynamic_note = "CPU mode: no dynamic VRAM; aimdo_enabled set only for lazy layer creation"
+elif CLASSIC:
+    dynamic_note = "off (--classic): the plain ModelPatcher"
 
 # ---- the pack, imported as ComfyUI imports it (tests/pack.py)
 import importlib.util  # noqa: E402
@@ -125,7 +130,8 @@ dev = qp.load_device
 print(f"quantized patcher: {type(qp).__name__} (is_dynamic={qp.is_dynamic()}), {len(qlayers)} {LC.__name__} layers, "
       f"model_size {qp.model_size() / 2**20:.2f} MiB, load_device {dev}")
 check(len(qlayers) > 0, "layers quantized with the host layer class")
-check(qp.is_dynamic() == (not CPU and comfy.memory_management.aimdo_enabled), "patcher class matches the host's choice")
+check(qp.is_dynamic() == (not CPU and not CLASSIC and comfy.memory_management.aimdo_enabled),
+      "patcher class matches the host's choice")
 DYNAMIC = qp.is_dynamic()
 
 x = torch.randn(1, 16, 1, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -172,7 +178,17 @@ if DYNAMIC:
 close(run(qp.model), ref, "forward after load_models_gpu")
 
 # ---- lowvram-style partial unload: dynamic frees the vbar first, then restores all buffer backups
-if not CPU:
+if not CPU and not DYNAMIC:  # the plain ModelPatcher's low-VRAM load: the layers past the budget stay
+    # offloaded and run with comfy_cast_weights (QuantLinear copies its packed buffers per call)
+    mm.unload_all_models()
+    qp.load(dev, lowvram_model_memory=max(1, qp.model_size() // 3))
+    on_gpu = sum(m.weight.device == dev for _, m in qlayers)
+    print(f"after a low-VRAM load of a third of the model: {on_gpu}/{len(qlayers)} packed layers on {dev};", where())
+    check(0 < on_gpu < len(qlayers), "low-VRAM partial load: some packed layers loaded, some offloaded")
+    close(run(qp.model), ref, "forward with a low-VRAM partial load")
+    qp.detach()
+    close(run(qp.model), ref, "forward after detach")
+elif not CPU:
     freed = qp.partially_unload(qp.offload_device, memory_to_free=qp.loaded_size())
     print(f"after partially_unload(all): freed {0 if freed is None else freed / 2**20:.2f} MiB;", where())
     close(run(qp.model), ref, "forward after partial unload, not reloaded (packed buffers copied per call)")

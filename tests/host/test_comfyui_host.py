@@ -104,6 +104,10 @@ def test_w8a8_close_to_float_w4a4_further(server, capsys):
     n = wan_fused_modules(server)
     assert f"elementwise steps fused in {n} Wan blocks and self-attention modules" in server.log()
     check_fusion(server, summary, n)  # shown in the web panel
+    # the host tests run ComfyUI with --cpu: the reference backend, and the summary and log say why
+    assert summary["backend"].startswith("reference (the input is on cpu, and the Triton kernels run on CUDA GPUs")
+    assert f"backend {summary['backend']}" in server.log()
+    assert "DVD-Quant backends, in priority order: triton (" in server.log()  # logged once, at the first load
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])

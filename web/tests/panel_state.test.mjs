@@ -142,6 +142,17 @@ test("a Wan or HunyuanVideo model's summary says whether its elementwise steps a
   assert.equal(S.summaryLines(q.summary).length, 3);
 });
 
+test("the summary names the backend the quantized layers run on", () => {
+  const ev = { layers: 2, w_bits: 4, bytes_before: 2048, bytes_after: 600, mean_rel_error: 0.01, seconds: 1,
+    source: "quantized", fused_steps: 4, fusion_off: null };
+  let q = S.applySummaryEvent(S.emptyQuant(), { ...ev, backend: "triton" });
+  assert.equal(S.summaryLines(q.summary)[4], "backend triton");
+  q = S.applySummaryEvent(S.emptyQuant(), { ...ev, backend: "reference (the input is on cpu)" });
+  assert.equal(S.summaryLines(q.summary)[4], "backend reference (the input is on cpu)");
+  q = S.applySummaryEvent(S.emptyQuant(), ev);  // an older pack's event
+  assert.equal(S.summaryLines(q.summary).length, 4);
+});
+
 test("formatting helpers", () => {
   assert.equal(S.formatBytes(100), "100 B");
   assert.equal(S.formatBytes(1536), "1.5 KiB");
