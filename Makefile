@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: venv
-	$(PY) -m dvdq_core demo
+	$(PY) -m demo
 
 # Triton kernels run on the CPU through Triton's interpreter here.
 test: venv

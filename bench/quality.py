@@ -7,7 +7,7 @@ For each model variant:
   (b) "random+outliers": the same random model with a few outlier channels injected in the
       residual stream (patch embedding), the AdaLN modulation (scale of the attention and FFN
       inputs), the cross-attention input norm and the FFN hidden layer,
-  (c) "trained": the shipped trained mini-Wan (dvdq_core/demo/weights),
+  (c) "trained": the shipped trained mini-Wan (demo/weights),
 it samples the same prompts from the same noise in full precision and with each method
 (minmax, smoothquant, quarot, dvdq) at W4A8, W4A4 and W4 with delta-GBS 4/8, and reports per run:
 relative error and PSNR of the final clip against full precision, the per-step error curve of the
@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dvdq_core  # noqa: E402
-from dvdq_core.demo import clips  # noqa: E402
-from dvdq_core.demo.metrics import psnr, rel_error, ssim  # noqa: E402
-from dvdq_core.demo.model import MiniWan, MiniWanConfig, load_mini_wan  # noqa: E402
-from dvdq_core.demo.run import TINY, WEIGHTS, random_model  # noqa: E402
-from dvdq_core.demo.sampling import sample  # noqa: E402
+from demo import clips  # noqa: E402
+from demo.metrics import psnr, rel_error, ssim  # noqa: E402
+from demo.model import MiniWan, MiniWanConfig, load_mini_wan  # noqa: E402
+from demo.run import TINY, WEIGHTS, random_model  # noqa: E402
+from demo.sampling import sample  # noqa: E402
 from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
 from dvdq_core.linear import quantize_weight  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m dvdq_core {quantize, inspect, demo}`."""
+"""Command line: `python -m dvdq_core {quantize, inspect}` (the demo: `python -m demo`)."""
 import argparse
 import json
 import os
@@ -53,11 +53,6 @@ def cmd_inspect(a):
             print(f"  {name}: {e['out']}x{e['in']} W{e['w_bits']} A{e['a_bits'] or 'sw'}")
 
 
-def cmd_demo(argv):
-    from .demo.run import main as demo_main
-    return demo_main(argv)
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m dvdq_core", description="DVD-Quant: data-free video DiT quantization")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -83,22 +78,19 @@ def build_parser():
     i.add_argument("file")
     i.add_argument("--layers", action="store_true", help="list every layer")
     i.set_defaults(fn=cmd_inspect)
-    sub.add_parser("demo", help="the built-in demo: quantize the mini-Wan model and compare (see docs/demo.md)",
-                   add_help=False)
     return p
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:  # the demo parses its own options
-        return _user_errors(cmd_demo, argv[1:])
     a = build_parser().parse_args(argv)
     if getattr(a, "include", None) is None and a.cmd == "quantize":
         a.include = ["*blocks.*"]
-    return _user_errors(a.fn, a)
+    return user_errors(a.fn, a)
 
 
-def _user_errors(fn, arg):
+def user_errors(fn, arg):
+    """fn(arg), with the user's mistakes (bad values, missing files) as one line and exit status 2."""
     try:
         return fn(arg) or 0
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback

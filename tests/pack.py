@@ -18,7 +18,7 @@ PACK = "ComfyUI-DVD-Quant"  # ComfyUI imports the pack under its folder name
 def load_pack():
     if PACK not in sys.modules:
         for info in pkgutil.walk_packages(dvdq_core.__path__, "dvdq_core."):
-            if ".demo" not in info.name and not info.name.endswith("__main__"):
+            if not info.name.endswith("__main__"):
                 importlib.import_module(info.name)
         for name, mod in list(sys.modules.items()):
             if name == "dvdq_core" or name.startswith("dvdq_core."):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dvdq_core.demo import clips, media, run
-from dvdq_core.demo.model import MiniWanConfig, load_mini_wan, save_mini_wan
-from dvdq_core.demo.sampling import flow_sigmas, sample
+from demo import clips, media, run
+from demo.model import MiniWanConfig, load_mini_wan, save_mini_wan
+from demo.sampling import flow_sigmas, sample
 
 TINY = MiniWanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, freq_dim=64, text_dim=32)
 

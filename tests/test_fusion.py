@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import dvdq_core as dq
-from dvdq_core.demo.model import MiniWan, MiniWanConfig
+from demo.model import MiniWan, MiniWanConfig
 from dvdq_core.fusion import FusedGELU, fuse_gelu, unfuse_gelu
 
 CFG = MiniWanConfig(dim=64, ffn_dim=128, freq_dim=64, text_dim=32, num_heads=2, num_layers=2)

@@ -206,7 +206,7 @@ def test_writer_refuses_unplanned_tensor(tmp_path):
 def test_shared_input_groups_marked_on_quantize_and_load(tmp_path):
     """Wan's q/k/v (and cross-attention k/v) are marked as one shared-input group, on quantizing and
     on loading a file: the kernels quantize their common input once under inference mode."""
-    from dvdq_core.demo.model import MiniWan, MiniWanConfig
+    from demo.model import MiniWan, MiniWanConfig
     from dvdq_core.linear import SHARE_LAST, SHARE_MEMBER
     cfg = dq.QuantConfig(method="minmax", backend="reference")
     m = MiniWan(MiniWanConfig(dim=64, num_heads=2, num_layers=1, ffn_dim=128))

@@ -1,4 +1,4 @@
-"""The built-in demo (`make demo` / `python -m dvdq_core demo`).
+"""The built-in demo (`make demo` / `python -m demo`).
 
 Quantizes the shipped mini-Wan model (a small video DiT trained here on procedural clips, see
 docs/demo.md) with the default settings, samples a few prompts in full precision and quantized
@@ -34,7 +34,7 @@ TINY = MiniWanConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, freq_dim=64
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dvdq_core demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out", help="output folder (default: out/)")
     p.add_argument("--weights", default=WEIGHTS, help="mini-Wan safetensors (default: the shipped model)")
@@ -73,7 +73,7 @@ def load_model(args):
         raise SystemExit(f"error: weights file {args.weights} does not exist")
     return random_model(MiniWanConfig(), args.seed), (
         "RANDOM weights: the trained model file is missing, so the clips are noise and the "
-        "task accuracy means nothing (re-make it with `python -m dvdq_core.demo.train`)")
+        "task accuracy means nothing (re-make it with `python -m demo.train`)")
 
 
 def backend_used(model, dtype) -> str:

@@ -235,7 +235,7 @@ def load_mini_wan(path, device="cpu", dtype=torch.float32) -> MiniWan:
         meta = f.metadata() or {}
     if "mini_wan.config" not in meta:
         raise ValueError(f"{path} has no 'mini_wan.config' metadata: not a mini-Wan weights file "
-                         "(re-make it with `python -m dvdq_core.demo.train`)")
+                         "(re-make it with `python -m demo.train`)")
     model = MiniWan(MiniWanConfig.from_json(meta["mini_wan.config"]))
     state = load_file(str(path))
     model.load_state_dict({k: v.float() for k, v in state.items()})

@@ -2,11 +2,11 @@
 
 Re-make the shipped weights on one CUDA GPU (about 8 minutes on an H100)::
 
-    python -m dvdq_core.demo.train --out OUTDIR --steps STEPS
+    python -m demo.train --out OUTDIR --steps STEPS
 
 then, for the second stage the shipped weights had (see docs/demo.md for the exact numbers)::
 
-    python -m dvdq_core.demo.train --out OUTDIR2 --init OUTDIR/mini_wan.safetensors --seed 1 \
+    python -m demo.train --out OUTDIR2 --init OUTDIR/mini_wan.safetensors --seed 1 \
         --lr 2.5e-4 --warmup 100 --steps STEPS2
 
 with the steps as recorded in the weights file's metadata (``train.steps``); without ``--steps``
@@ -50,7 +50,7 @@ def save_weights(model, path, **meta):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dvdq_core.demo.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=0, help="training steps (0: fit --minutes)")
