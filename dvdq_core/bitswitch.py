@@ -39,6 +39,10 @@ class BitSwitch:
     mode "delta": the first step runs `high`; afterwards a step runs `low` while the accumulated
     relative L1 change of the model output since the last `high` step stays below `delta`, else
     `high` (and the sum resets). "fixed": always `fixed_bits`. "manual": the schedule string.
+
+    Steps a cache served without running the model (ComfyUI's EasyCache, LazyCache): `undo()` takes
+    back a decision made for such a step; the next observation then spans several steps, and with the
+    step indices given its indicator is the change per step over the gap (docs/nodes.md).
     """
 
     def __init__(self, delta=0.09, low=4, high=8, mode="delta", schedule=None, fixed_bits=None):
@@ -58,6 +62,8 @@ class BitSwitch:
         self.log: list[StepRecord] = []
         self._acc = 0.0
         self._prev = None
+        self._prev_step = None  # the step index of _prev, where next_bits was given one
+        self._acc_before = None  # _acc before the last decision, until that step is observed (undo)
 
     @property
     def step(self) -> int:
@@ -78,24 +84,37 @@ class BitSwitch:
             return self.high
         return self.low
 
-    def next_bits(self) -> int:
-        i = self.step
+    def next_bits(self, step: int | None = None) -> int:
+        """The bits of the next step: `step` is its index in the whole schedule where steps may be
+        skipped (a manual schedule is indexed by it), else the count of steps decided so far."""
+        i = self.step if step is None else int(step)
         bits = self._decide(i)
+        self._acc_before = self._acc
         self.log.append(StepRecord(i, bits, None, self._acc))
         if bits >= self.high:
             self._acc = 0.0  # a high-precision step resets the accumulated change
         return bits
 
+    def undo(self):
+        """Take back the last decision, not yet observed: its step did not run the model (a cache served it)."""
+        if self._acc_before is not None:
+            self.log.pop()
+            self._acc, self._acc_before = self._acc_before, None
+
     @torch.no_grad()
     def observe(self, output: torch.Tensor):
-        """Record this step's model output (call once per step, after next_bits)."""
+        """Record this step's model output (call once per step, after next_bits). After skipped steps the
+        indicator is the relative change per step since the last observed one, so a run of skips does
+        not make it jump."""
         out = output.detach().float()
+        step = self.log[-1].step if self.log else None
         if self._prev is not None and self._prev.shape == out.shape:
-            ind = ((out - self._prev).abs().sum() / self._prev.abs().sum().clamp_min(1e-12)).item()
+            gap = step - self._prev_step if step is not None and self._prev_step is not None else 1
+            ind = ((out - self._prev).abs().sum() / self._prev.abs().sum().clamp_min(1e-12)).item() / max(gap, 1)
             self._acc += ind
             if self.log:
                 self.log[-1].indicator = ind
-        self._prev = out
+        self._prev, self._prev_step, self._acc_before = out, step, None
 
     @property
     def average_bits(self) -> float:

@@ -4,6 +4,8 @@ OUTER_SAMPLE wraps each sampling run (reset, or continue a split schedule; see s
 DIFFUSION_MODEL wraps each call of the diffusion model (pick the step's bits, observe the output).
 The wrapper functions only touch their arguments, so CI tests them with fake executors.
 """
+import logging
+
 from ..dvdq_core import set_activation_bits
 from .steps import BitScheduleHook
 
@@ -28,6 +30,28 @@ def call_sigma(transformer_options: dict):
     if hasattr(sig, "reshape"):
         return float(sig.reshape(-1)[0])
     return float(sig[0] if isinstance(sig, (list, tuple)) else sig)
+
+
+_WARNED = []
+
+
+def served_from_cache(transformer_options: dict) -> bool:
+    """Whether ComfyUI's EasyCache, wrapped inside this wrapper (applied after the scheduler), returned its
+    cached output for this call instead of running the model: its holder's `skip_current_step`, which its
+    CALC_COND_BATCH wrapper clears before each step's calls. (LazyCache, and EasyCache applied before the
+    scheduler, wrap outside it: a skipped step then never reaches it.)"""
+    holder = transformer_options.get("easycache")
+    if holder is None:
+        return False
+    skip = getattr(holder, "skip_current_step", None)
+    if skip is None:
+        if not _WARNED:
+            _WARNED.append(True)
+            logging.getLogger("dvdq").warning(
+                "DVD-Quant: this ComfyUI's EasyCache does not say which steps it skipped; the Bit Switch "
+                "Scheduler then counts its cached outputs as the model's. Apply EasyCache before the scheduler.")
+        return False
+    return bool(skip)
 
 
 def make_outer_sample_wrapper(hook: BitScheduleHook):
@@ -56,7 +80,7 @@ def make_diffusion_model_wrapper(hook: BitScheduleHook):
         bits = hook.bits if sigma is None else hook.bits_for_call(sigma)
         set_activation_bits(executor.class_obj, bits)
         out = executor(*args, **kwargs)
-        hook.after_call(out, to.get("cond_or_uncond"), sigma)
+        hook.after_call(out, to.get("cond_or_uncond"), sigma, served_from_cache(to))
         return out
     return diffusion_model
 

@@ -16,6 +16,14 @@ run that starts exactly where the previous completed run stopped (same latent sh
 equal to the previous run's last, non-zero sigma) continues it: step indices and the delta-GBS
 state carry over, also from one Bit Switch Scheduler node to another. Anything else starts over;
 an interrupted run is never continued.
+
+Steps a cache serves without running the model (ComfyUI's EasyCache and LazyCache) are "skipped":
+no decision, no observation, an event that marks them. A cache outside the scheduler's wrapper
+(LazyCache; EasyCache applied before the scheduler) never calls it for such a step: the next call
+comes at a later step. A cache inside it (EasyCache applied after the scheduler) returns its
+synthetic output through it: the wrapper tells from the cache's state (`after_call(skipped=True)`)
+and the step's decision is taken back. The next observed step's indicator is then the change per
+step over the gap (BitSwitch.observe), so a run of skips does not make it jump.
 """
 import math
 import threading
@@ -92,6 +100,8 @@ class RunEnd:
     log: list = field(default_factory=list)
     acc: float = 0.0
     prev: object = None  # the last observed model output
+    prev_step: int | None = None  # its step
+    last: int | None = None  # the last step decided or skipped
 
 
 _LAST_RUN: list = [None]  # the most recent completed run in this process (one slot)
@@ -130,6 +140,7 @@ class BitScheduleHook:
         self._step = (0, None)  # (global step, sigma of its first call)
         self._lock = threading.Lock()  # ComfyUI's MultiGPU CFG split calls the model from worker threads
         self._shape = ()
+        self._last = None  # the last step decided (or marked skipped) in this schedule
 
     def begin_run(self, schedule, shape):
         sched = to_floats(schedule)
@@ -139,10 +150,12 @@ class BitScheduleHook:
         if cont is not None:
             self.bs.log = list(cont.log)
             self.bs._acc = cont.acc
-            self.bs._prev = cont.prev
+            self.bs._prev, self.bs._prev_step = cont.prev, cont.prev_step
             self.tracker.begin(sched, cont.steps)
+            self._last = cont.last
         else:
             self.tracker.begin(sched, 0)
+            self._last = None
         if cont is None or cont.node != self.node:
             self.emit("dvdq.bits_reset", {"node": self.node})
         self._shape = tuple(shape)
@@ -156,11 +169,22 @@ class BitScheduleHook:
             step, new = self.tracker.on_call(float(sigma))
             if new:
                 self._observe()  # the previous step, if it still waits for a part (a CFG-1 step has only one)
-                self.bits = self.bs.next_bits()
-                self._parts, self._step = {}, (step, float(sigma))
+                self._skipped_until(step)  # steps a cache outside this wrapper served
+                self.bits = self.bs.next_bits(step)
+                self._parts, self._step, self._last = {}, (step, float(sigma)), step
             return self.bits
 
-    def after_call(self, output, parts=None, sigma=None):
+    def _skipped_until(self, step: int):
+        first = self.tracker.offset if self._last is None else self._last + 1
+        for s in range(first, step):
+            self._emit_skipped(s)
+        self._last = max(step - 1, self._last if self._last is not None else -1)
+
+    def _emit_skipped(self, step: int):
+        self.emit("dvdq.bits", {"node": self.node, "step": step, "total": self.tracker.total, "bits": None,
+                                "skipped": True, "indicator": None, "accumulated": None, "mode": self.mode})
+
+    def after_call(self, output, parts=None, sigma=None, skipped=False):
         """Observe a step's output once, from its first sigma's calls. parts: the call's cond_or_uncond. One
         batched CFG call holds both parts; ComfyUI's MultiGPU CFG split sends the cond and the uncond half
         as separate, concurrent calls: the step is then observed when both have come (or at the next step),
@@ -170,6 +194,12 @@ class BitScheduleHook:
                 return
             if sigma is not None and not sigmas_close(float(sigma), self._step[1]):
                 return  # a multistage sampler's call at an intermediate sigma
+            if skipped:  # a cache inside the wrapper served this call: its output is not the model's
+                if not self._parts:
+                    self.bs.undo()
+                    self._parts = None
+                    self._emit_skipped(self._step[0])
+                return
             key = tuple(parts) if parts else ()
             if key in self._parts:
                 return
@@ -195,11 +225,13 @@ class BitScheduleHook:
     def end_run(self, completed: bool):
         with self._lock:
             self._observe()  # a last step still waiting for a part
+            if completed and self.tracker.schedule:
+                self._skipped_until(self.tracker.offset + self.tracker.steps)  # the run's last steps, cached
         self.running = False
         if completed and self.tracker.schedule:
             record_run_end(RunEnd(self.node, self.tracker.schedule[-1], self._shape,
                                   self.tracker.offset + self.tracker.steps, list(self.bs.log),
-                                  self.bs._acc, self.bs._prev))
+                                  self.bs._acc, self.bs._prev, self.bs._prev_step, self._last))
         else:
             record_run_end(None)
 

@@ -37,6 +37,26 @@ def test_rule_accumulates_and_resets():
     assert bs.average_bits == pytest.approx(36 / 6)
 
 
+def test_skipped_steps_undo_and_gap():
+    """A step a cache served: undo() takes its decision back (bits and the accumulated change as before);
+    the next observation over a gap of k steps counts the change per step."""
+    bs = BitSwitch(delta=0.09, low=4, high=8)
+    x = torch.ones(4, 8)
+    assert bs.next_bits(0) == 8
+    bs.observe(x)
+    assert bs.next_bits(1) == 4
+    bs.observe(x * 1.04)  # acc 0.04
+    bs.next_bits(2)
+    bs.undo()  # step 2 served from the cache
+    assert [r.step for r in bs.log] == [0, 1] and bs._acc == pytest.approx(0.04, rel=1e-5)
+    bs.undo()  # nothing left to take back: an observed step stays
+    assert len(bs.log) == 2
+    assert bs.next_bits(4) == 4
+    bs.observe(x * 1.04 * 1.12)  # 0.12 over steps 1 -> 4: 0.04 per step
+    assert bs.log[-1].indicator == pytest.approx(0.04, rel=1e-4) and bs._acc == pytest.approx(0.08, rel=1e-4)
+    assert bs.next_bits(5) == 4
+
+
 def test_delta_limits():
     outs = _outputs([0.3, 0.01, 0.2, 0.0, 0.5, 0.05, 0.1])
     assert _run(BitSwitch(delta=0.0), outs) == [8] * 8  # delta -> 0: W4A8

@@ -1,6 +1,8 @@
 """The ComfyUI nodes without ComfyUI: schemas (docs/nodes.md), settings parsing, the step-from-sigma
 logic, the per-step delta-GBS state machine and the sampler wrappers with fake executors."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -348,6 +350,72 @@ def test_wrappers_set_bits_per_step_and_reset_on_failure():
     with pytest.raises(KeyboardInterrupt):
         outer(FakeExecutor(failing), noise, noise, None, torch.tensor([1.0, 0.5]), None, None, False, 0)
     assert not hook.running and steps._LAST_RUN[0] is None
+
+
+def _cached_run(order, skip, outs, mode="delta"):
+    """A sampling run through the scheduler's wrappers where a cache (EasyCache's form) serves the steps in
+    `skip` from its last output: "outside" = its wrapper around ours (a skipped step never reaches us),
+    "inside" = ours around it (its cached output comes back through ours, with its holder saying so)."""
+    sched, steps = sub("scheduler"), sub("steps")
+    steps.record_run_end(None)
+    model = Tiny()
+    quantize_model(model, QuantConfig(w_bits=8, a_bits=8))
+    rec = Recorder()
+    hook = steps.BitScheduleHook("c", mode=mode, delta=0.09, low=4, high=8, schedule="8,7,6,5,4", emit=rec)
+    outer, inner = sched.make_outer_sample_wrapper(hook), sched.make_diffusion_model_wrapper(hook)
+    holder = types.SimpleNamespace(skip_current_step=False)
+    ran, last = [], [None]
+
+    def forward(x, timestep, context, to):
+        ran.append(get_bit_state(model).bits)
+        return outs[len(ran) - 1]
+
+    def sample(noise, latent, sampler, sigmas, *rest):
+        for i, s in enumerate(sigmas[:-1].tolist()):
+            s2 = torch.full((2,), s)
+            to = {"sigmas": s2, "sample_sigmas": sigmas, "easycache": holder, "cond_or_uncond": [1, 0]}
+            holder.skip_current_step = False  # (EasyCache's CALC_COND_BATCH wrapper)
+            if i in skip and order == "outside":
+                continue
+            if i in skip:  # inside: our wrapper around EasyCache's, which returns its cache
+                def cached(*a):
+                    holder.skip_current_step = True
+                    return last[0]
+                inner(FakeExecutor(cached, model), noise, s2, None, to)
+            else:
+                last[0] = inner(FakeExecutor(forward, model), noise, s2, None, to)
+        return noise
+
+    noise = torch.randn(2, 64)
+    outer(FakeExecutor(sample), noise, noise, None, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0]), None, None, False, 0)
+    return ran, rec.of("dvdq.bits"), hook
+
+
+@pytest.mark.parametrize("order", ["outside", "inside"])
+def test_steps_a_cache_skips_are_marked_and_not_observed(order):
+    """EasyCache / LazyCache: a skipped step gets no decision and no observation, an event marks it, and
+    the next observed step's indicator is the change per step over the gap (no jump after skips)."""
+    x = torch.ones(2, 4)
+    outs = [x, x * 1.02, x * 1.08, x * 1.09]  # the model's outputs at steps 0, 1, 3, 4 (step 2 cached)
+    ran, ev, hook = _cached_run(order, {2}, outs)
+    assert [e["step"] for e in ev] == [0, 1, 2, 3, 4]
+    assert [e.get("skipped", False) for e in ev] == [False, False, True, False, False]
+    assert ev[2]["bits"] is None and ev[2]["indicator"] is None
+    assert ev[1]["indicator"] == pytest.approx(0.02, rel=1e-4)
+    assert ev[3]["indicator"] == pytest.approx((1.08 / 1.02 - 1) / 2, rel=1e-4)  # over two steps, per step
+    assert ev[4]["indicator"] == pytest.approx(0.01 / 1.08, rel=1e-4)
+    assert [r.step for r in hook.bs.log] == [0, 1, 3, 4] and len(ran) == 4
+    assert ran == [8, 4, 4, 4]  # accumulated 0.02, then 0.049 < 0.09: one decision per model run
+    assert [e["accumulated"] for e in ev if not e.get("skipped")][3] == pytest.approx(0.02 + 0.0294, rel=1e-2)
+    # a manual schedule is indexed by the step, skipped or not
+    ran, ev, _ = _cached_run(order, {1, 2}, outs, mode="manual")
+    assert ran == [8, 5, 4] and [e["bits"] for e in ev] == [8, None, None, 5, 4]
+
+
+def test_the_last_steps_skipped_are_marked_at_the_runs_end():
+    x = torch.ones(2, 4)
+    ran, ev, _ = _cached_run("outside", {3, 4}, [x, x * 1.01, x * 1.02])
+    assert [e["step"] for e in ev] == [0, 1, 2, 3, 4] and [e.get("skipped", False) for e in ev][3:] == [True, True]
 
 
 def test_find_transformer_options():

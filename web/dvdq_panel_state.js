@@ -15,6 +15,8 @@ export const LOW_COLOUR = "#4fc3f7";
 export const HIGH_COLOUR = "#e65100";
 export const FULL_COLOUR = "#9e9e9e";
 export const EMPTY_COLOUR = "#2b2b2b";
+// a step a cache (EasyCache, LazyCache) served without running the model
+export const SKIPPED_COLOUR = "#5c5c5c";
 
 function hexToRgb(hex) {
   const v = parseInt(hex.slice(1), 16);
@@ -36,6 +38,13 @@ export function bitsColour(bits, low = 4, high = 8) {
   return rgbToHex(a.map((c, i) => c + (b[i] - c) * t));
 }
 
+/** Colour of a strip cell: its bits, a skipped step's grey, or empty (not run yet). */
+export function cellColour(s, low = 4, high = 8) {
+  if (!s) return EMPTY_COLOUR;
+  if (s.skipped) return SKIPPED_COLOUR;
+  return bitsColour(s.bits, low, high);
+}
+
 // ---------------------------------------------------------------- bit strip (Bit Switch node)
 
 export function emptyBitStrip() {
@@ -50,6 +59,11 @@ export function applyBitsEvent(strip, ev) {
   const step = Number(ev.step);
   if (!Number.isInteger(step) || step < 0) return strip;
   const steps = strip.steps.slice();
+  if (ev.skipped) {
+    steps[step] = { bits: null, skipped: true, indicator: null, accumulated: null };
+    const total = ev.total == null ? strip.total : Number(ev.total);
+    return { steps, total, mode: ev.mode ?? strip.mode, updated: strip.updated + 1 };
+  }
   steps[step] = {
     bits: Number(ev.bits),
     indicator: ev.indicator == null ? null : Number(ev.indicator),
@@ -97,6 +111,7 @@ export function describeStep(strip, i) {
   // A hole before the newest step was run elsewhere: by the other expert's scheduler when two
   // samplers split one schedule (Wan 2.2), which carries the step count over.
   if (!s) return `step ${i + 1}/${total}: ${i < lastStepIndex(strip) ? "not run by this node" : "not run yet"}`;
+  if (s.skipped) return `step ${i + 1}/${total}: skipped (a cache reused its output; the model did not run)`;
   const parts = [`step ${i + 1}/${total}: ${s.bits} bits`];
   if (s.indicator != null && Number.isFinite(s.indicator)) parts.push(`ind ${formatSmall(s.indicator)}`);
   if (s.accumulated != null && Number.isFinite(s.accumulated)) parts.push(`acc ${formatSmall(s.accumulated)}`);

@@ -40,6 +40,19 @@ test("unknown total falls back to the steps seen; bad step index is ignored", ()
   assert.equal(same, st);
 });
 
+test("steps a cache skipped are marked, not counted, and say so", () => {
+  const skip = (step) => ({ node: "7", step, total: 5, bits: null, skipped: true, indicator: null,
+    accumulated: null, mode: "delta" });
+  const st = run([bitsEv(0, 8), skip(1), skip(2), bitsEv(3, 4)]);
+  assert.equal(S.averageBits(st), 6);  // the skipped steps ran no quantized math
+  assert.deepEqual(S.bitsHistogram(st), { 4: 1, 8: 1 });
+  assert.equal(S.describeStep(st, 1), "step 2/5: skipped (a cache reused its output; the model did not run)");
+  assert.equal(S.cellColour(st.steps[1]), S.SKIPPED_COLOUR);
+  assert.equal(S.cellColour(st.steps[0]), S.HIGH_COLOUR);
+  assert.equal(S.cellColour(st.steps[4]), S.EMPTY_COLOUR);
+  assert.equal(S.lastStepIndex(st), 3);
+});
+
 test("precision label and step text", () => {
   assert.equal(S.precisionLabel(4, null), "W4A–");
   assert.equal(S.precisionLabel(4, 8), "W4A8");
