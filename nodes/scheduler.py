@@ -39,9 +39,10 @@ def served_from_cache(transformer_options: dict) -> bool:
     """Whether ComfyUI's EasyCache, wrapped inside this wrapper (applied after the scheduler), returned its
     cached output for this call instead of running the model: its holder's `skip_current_step`, which its
     CALC_COND_BATCH wrapper clears before each step's calls. (LazyCache, and EasyCache applied before the
-    scheduler, wrap outside it: a skipped step then never reaches it.)"""
+    scheduler, wrap outside it: a skipped step then never reaches it. LazyCache's holder sits under the same
+    key, with a skip_current_step it never clears: it is not asked.)"""
     holder = transformer_options.get("easycache")
-    if holder is None:
+    if holder is None or getattr(holder, "name", "EasyCache") != "EasyCache":
         return False
     skip = getattr(holder, "skip_current_step", None)
     if skip is None:

@@ -412,6 +412,15 @@ def test_steps_a_cache_skips_are_marked_and_not_observed(order):
     assert ran == [8, 5, 4] and [e["bits"] for e in ev] == [8, None, None, 5, 4]
 
 
+def test_only_easycache_says_a_call_was_served_from_its_cache():
+    sched = sub("scheduler")
+    assert sched.served_from_cache({"easycache": types.SimpleNamespace(name="EasyCache", skip_current_step=True)})
+    assert not sched.served_from_cache({"easycache": types.SimpleNamespace(name="EasyCache", skip_current_step=False)})
+    # LazyCache keeps its holder under the same key and never clears the flag; it wraps outside the scheduler
+    assert not sched.served_from_cache({"easycache": types.SimpleNamespace(name="LazyCache", skip_current_step=True)})
+    assert not sched.served_from_cache({})
+
+
 def test_the_last_steps_skipped_are_marked_at_the_runs_end():
     x = torch.ones(2, 4)
     ran, ev, _ = _cached_run("outside", {3, 4}, [x, x * 1.01, x * 1.02])

@@ -4,7 +4,9 @@ Tiny random-weight Wan 2.1 T2V/I2V, Wan 2.2 5B, an A14B-style expert pair and Hu
 from ComfyUI's own classes (make_models.py). Each prompt runs a few denoising steps on the CPU.
 """
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +119,35 @@ def test_one_decision_per_step_with_multi_call_samplers(server, sampler):
     assert [b["step"] for b in bits] == [0, 1, 2, 3, 4]
     assert bits[0]["bits"] == 8 and bits[0]["indicator"] is None
     assert all(b["indicator"] is not None and b["indicator"] >= 0 for b in bits[1:])
+    assert torch.isfinite(latent(server, hist)).all()
+
+
+@pytest.mark.parametrize("cache,order", [("EasyCache", "after"), ("EasyCache", "before"), ("LazyCache", "after")])
+def test_cache_skipped_steps_are_marked_not_observed(server, cache, order):
+    """ComfyUI's EasyCache / LazyCache with the Bit Switch Scheduler, either order: every step has one event;
+    the steps the cache served are marked skipped (as many as the cache says it skipped) and get no decision."""
+    steps = 10
+    c = node(cache, model=["load", 0], reuse_threshold=3.0, start_percent=0.0, end_percent=1.0, verbose=False)
+    nodes = {"load": loader(T2V)}
+    if order == "after":  # its wrapper inside the scheduler's (EasyCache) or around the whole prediction (LazyCache)
+        nodes.update(bs=bitswitch(["load", 0]), cache={**c, "inputs": {**c["inputs"], "model": ["bs", 0]}})
+        ref = ["cache", 0]
+    else:
+        nodes.update(cache=c, bs=bitswitch(["cache", 0]))
+        ref = ["bs", 0]
+    before = server.log().count(f"{cache} - skipped ")
+    hist, msgs = run_ok(server, sample_graph(nodes, ref, f"{cache}_{order}", steps=steps))
+    log = server.log()
+    assert log.count(f"{cache} - skipped ") == before + 1, log[-2000:]
+    skipped_by_cache = int(re.findall(rf"{cache} - skipped (\d+)/{steps} steps", log)[-1])
+    bits = events(msgs, "dvdq.bits")
+    assert sorted(b["step"] for b in bits) == list(range(steps))
+    marked = [b["step"] for b in bits if b.get("skipped")]
+    assert skipped_by_cache > 0 and len(marked) == skipped_by_cache, (skipped_by_cache, marked)
+    ran = [b for b in bits if not b.get("skipped")]
+    assert all(b["bits"] in (4, 8) for b in ran) and ran[0]["step"] == 0 and ran[0]["bits"] == 8
+    assert all(b["bits"] is None and b["indicator"] is None for b in bits if b.get("skipped"))
+    assert all(b["indicator"] is not None and math.isfinite(b["indicator"]) for b in ran[1:])
     assert torch.isfinite(latent(server, hist)).all()
 
 
