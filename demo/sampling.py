@@ -62,7 +62,7 @@ def sample(model, noise: torch.Tensor, prompt_ids: torch.Tensor, steps: int = 20
         t, t_next = sigmas[i], sigmas[i + 1]
         bits = None
         if bitswitch is not None:
-            bits = bitswitch.next_bits()
+            bits = bitswitch.next_bits(i, last=i == steps - 1)
             dvdq_core.set_activation_bits(model, bits)
         xin = torch.cat([x, x]) if use_cfg else x
         out = model(xin.to(dtype), t.expand(xin.shape[0]), prompts).float()

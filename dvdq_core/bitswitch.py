@@ -39,13 +39,16 @@ class BitSwitch:
     mode "delta": the first step runs `high`; afterwards a step runs `low` while the accumulated
     relative L1 change of the model output since the last `high` step stays below `delta`, else
     `high` (and the sum resets). "fixed": always `fixed_bits`. "manual": the schedule string.
+    last_high (mode "delta", the default): the schedule's final step (`next_bits(last=True)`) runs `high`
+    too: the final output is that step's, and at 4 to 20 steps a 4-bit final step cost more than all
+    the other 4-bit steps together (bench/RESULTS.md, few steps).
 
     Steps a cache served without running the model (ComfyUI's EasyCache, LazyCache): `undo()` takes
     back a decision made for such a step; the next observation then spans several steps, and with the
     step indices given its indicator is the change per step over the gap (docs/nodes.md).
     """
 
-    def __init__(self, delta=0.09, low=4, high=8, mode="delta", schedule=None, fixed_bits=None):
+    def __init__(self, delta=0.09, low=4, high=8, mode="delta", schedule=None, fixed_bits=None, last_high=True):
         if mode not in MODES:
             raise ValueError(f"unknown bit switch mode {mode!r}: choose one of {', '.join(MODES)}")
         self.low, self.high = check_act_bits(low), check_act_bits(high)
@@ -54,6 +57,7 @@ class BitSwitch:
         if not delta >= 0:
             raise ValueError(f"delta must be >= 0, got {delta!r}")
         self.delta, self.mode = float(delta), mode
+        self.last_high = bool(last_high)  # mode "delta": the schedule's last step runs `high` (next_bits(last=True))
         self.fixed_bits = check_act_bits(fixed_bits if fixed_bits is not None else high)
         self.schedule, self.repeat_last = parse_schedule(schedule) if mode == "manual" else ([], False)
         self.reset()
@@ -70,7 +74,7 @@ class BitSwitch:
         """Index of the next step to decide."""
         return len(self.log)
 
-    def _decide(self, i: int) -> int:
+    def _decide(self, i: int, last: bool = False) -> int:
         if self.mode == "fixed":
             return self.fixed_bits
         if self.mode == "manual":
@@ -80,15 +84,16 @@ class BitSwitch:
                 return self.schedule[-1]
             raise ValueError(f"the manual bit schedule has {len(self.schedule)} entries but step {i + 1} was reached; "
                              "add entries or end it with '...' to repeat the last value")
-        if i == 0 or self._acc >= self.delta:
+        if i == 0 or self._acc >= self.delta or (last and self.last_high):
             return self.high
         return self.low
 
-    def next_bits(self, step: int | None = None) -> int:
+    def next_bits(self, step: int | None = None, last: bool = False) -> int:
         """The bits of the next step: `step` is its index in the whole schedule where steps may be
-        skipped (a manual schedule is indexed by it), else the count of steps decided so far."""
+        skipped (a manual schedule is indexed by it), else the count of steps decided so far; `last`:
+        it is the schedule's final step."""
         i = self.step if step is None else int(step)
-        bits = self._decide(i)
+        bits = self._decide(i, last)
         self._acc_before = self._acc
         self.log.append(StepRecord(i, bits, None, self._acc))
         if bits >= self.high:

@@ -185,10 +185,17 @@ class DVDQuantBitSwitch:
                                         "tooltip": "Mode 'manual': bits per step, e.g. 8,8,8,4,4,... (a trailing ... "
                                                    "repeats the last value)."}),
             },
+            "optional": {
+                "final_step_high": ("BOOLEAN", {"default": True,
+                                                "tooltip": "Mode 'delta': the last step of the schedule runs at high "
+                                                           "bits too (its output is the result; measured to matter "
+                                                           "most, above all at 4 to 8 steps). Off: the paper's rule "
+                                                           "alone."}),
+            },
             "hidden": dict(_UID),
         }
 
-    def schedule(self, model, mode, delta, low, high, fixed_bits, schedule, unique_id=None):
+    def schedule(self, model, mode, delta, low, high, fixed_bits, schedule, final_step_high=True, unique_id=None):
         from .scheduler import install
         from .steps import BitScheduleHook
         host = _host()
@@ -197,7 +204,7 @@ class DVDQuantBitSwitch:
                                      "Apply: connect it after one of them")
         try:
             hook = BitScheduleHook(unique_id, mode=mode, delta=delta, low=low, high=high, fixed_bits=fixed_bits,
-                                   schedule=schedule, emit=host.emit)
+                                   schedule=schedule, emit=host.emit, final_step_high=final_step_high)
         except ValueError as e:
             raise host.DVDQuantError(f"Bit Switch Scheduler: {e}") from None
         return (install(model, hook),)

@@ -127,11 +127,12 @@ class BitScheduleHook:
     `emit(event, data)` sends the server events of docs/nodes.md.
     """
 
-    def __init__(self, node_id: str, mode="delta", delta=0.09, low=4, high=8, fixed_bits=8, schedule="", emit=None):
+    def __init__(self, node_id: str, mode="delta", delta=0.09, low=4, high=8, fixed_bits=8, schedule="", emit=None,
+                 final_step_high=True):
         self.node = str(node_id)
         self.mode = mode
         self.bs = BitSwitch(delta=delta, low=low, high=high, mode=mode, schedule=schedule or None,
-                            fixed_bits=fixed_bits)
+                            fixed_bits=fixed_bits, last_high=final_step_high)
         self.tracker = StepTracker()
         self.emit = emit or (lambda event, data: None)
         self.running = False
@@ -170,7 +171,8 @@ class BitScheduleHook:
             if new:
                 self._observe()  # the previous step, if it still waits for a part (a CFG-1 step has only one)
                 self._skipped_until(step)  # steps a cache outside this wrapper served
-                self.bits = self.bs.next_bits(step)
+                total = self.tracker.total  # known where this run ends the schedule (at sigma 0)
+                self.bits = self.bs.next_bits(step, last=total is not None and step == total - 1)
                 self._parts, self._step, self._last = {}, (step, float(sigma)), step
             return self.bits
 

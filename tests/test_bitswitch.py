@@ -57,6 +57,21 @@ def test_skipped_steps_undo_and_gap():
     assert bs.next_bits(5) == 4
 
 
+def test_final_step_runs_high_in_delta_mode_only():
+    outs = _outputs([0.0] * 4)
+
+    def run(bs):
+        bits = []
+        for i, out in enumerate(outs):
+            bits.append(bs.next_bits(i, last=i == len(outs) - 1))
+            bs.observe(out)
+        return bits
+    assert run(BitSwitch(delta=math.inf)) == [8, 4, 4, 4, 8]
+    assert run(BitSwitch(delta=math.inf, last_high=False)) == [8, 4, 4, 4, 4]  # the paper's rule alone
+    assert run(BitSwitch(mode="fixed", fixed_bits=4)) == [4] * 5
+    assert run(BitSwitch(mode="manual", schedule="8,4,...")) == [8, 4, 4, 4, 4]
+
+
 def test_delta_limits():
     outs = _outputs([0.3, 0.01, 0.2, 0.0, 0.5, 0.05, 0.1])
     assert _run(BitSwitch(delta=0.0), outs) == [8] * 8  # delta -> 0: W4A8

@@ -19,7 +19,7 @@ SPEC = {  # class id: (display name, required inputs in order, optional, outputs
     "DVDQuantARQSettings": ("ARQ Settings", ["rotate", "had_block", "auto_scale", "granularity", "scale_block",
                                              "layer_overrides"], [], ("ARQ_SETTINGS",)),
     "DVDQuantBitSwitch": ("Bit Switch Scheduler", ["model", "mode", "delta", "low", "high", "fixed_bits", "schedule"],
-                          [], ("MODEL",)),
+                          ["final_step_high"], ("MODEL",)),
     "DVDQuantSave": ("DVD-Quant Save", ["model", "filename_prefix"], [], ()),
 }
 
@@ -247,7 +247,9 @@ def test_split_schedule_continues_across_nodes():
     lo = steps.BitScheduleHook("lo", mode="delta", emit=rec)
     x = torch.ones(2, 4, 1, 2, 2)
     assert run_steps(hi, [1.0, 0.75, 0.5], [x, x]) == [8, 4]
-    assert run_steps(lo, [0.5, 0.25, 0.0], [x, x * 2]) == [4, 4]  # continues: acc 0 < delta, no first-step high
+    # continues: acc 0 < delta, no first-step high; the schedule's final step runs high (the first expert's
+    # last step is not the schedule's: it stays low)
+    assert run_steps(lo, [0.5, 0.25, 0.0], [x, x * 2]) == [4, 8]
     ev = rec.of("dvdq.bits")
     assert [(e["node"], e["step"], e["total"]) for e in ev] == [("hi", 0, None), ("hi", 1, None), ("lo", 2, 4),
                                                                 ("lo", 3, 4)]
@@ -272,7 +274,7 @@ def test_interrupted_or_unrelated_runs_are_not_continued():
     steps.record_run_end(None)
     rec = Recorder()
     a = steps.BitScheduleHook("a", emit=rec)
-    b = steps.BitScheduleHook("b", emit=rec)
+    b = steps.BitScheduleHook("b", emit=rec, final_step_high=False)
     a.begin_run([1.0, 0.75, 0.5], (1, 4))
     a.bits_for_call(1.0)
     a.after_call(torch.ones(1, 4))
@@ -405,7 +407,7 @@ def test_steps_a_cache_skips_are_marked_and_not_observed(order):
     assert ev[3]["indicator"] == pytest.approx((1.08 / 1.02 - 1) / 2, rel=1e-4)  # over two steps, per step
     assert ev[4]["indicator"] == pytest.approx(0.01 / 1.08, rel=1e-4)
     assert [r.step for r in hook.bs.log] == [0, 1, 3, 4] and len(ran) == 4
-    assert ran == [8, 4, 4, 4]  # accumulated 0.02, then 0.049 < 0.09: one decision per model run
+    assert ran == [8, 4, 4, 8]  # accumulated 0.02, then 0.049 < 0.09; the final step high: one decision per model run
     assert [e["accumulated"] for e in ev if not e.get("skipped")][3] == pytest.approx(0.02 + 0.0294, rel=1e-2)
     # a manual schedule is indexed by the step, skipped or not
     ran, ev, _ = _cached_run(order, {1, 2}, outs, mode="manual")

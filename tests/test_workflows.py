@@ -334,7 +334,7 @@ def test_core_node_list_is_the_one_the_script_uses():
 def test_our_specs_follow_the_contract_widget_counts():
     counts = {t: node_specs.widget_value_count(s) for t, s in node_specs.OUR_NODES.items()}
     assert counts == {"DVDQuantLoader": 6, "DVDQuantApply": 4, "DVDQuantARQSettings": 6,
-                      "DVDQuantBitSwitch": 6, "DVDQuantSave": 1}
+                      "DVDQuantBitSwitch": 7, "DVDQuantSave": 1}
 
 
 # ---------------------------------------------------------------------- the checkers can fail
@@ -363,7 +363,7 @@ def test_checker_catches_broken_links_types_and_widgets():
     wf = copy.deepcopy(base)
     bits = next(n for n in wf["nodes"] if n["type"] == "DVDQuantBitSwitch")
     bits["widgets_values"].pop()
-    assert any("5 widgets_values" in p for p in check_ui(wf))
+    assert any("6 widgets_values" in p for p in check_ui(wf))
 
     wf = copy.deepcopy(base)
     bits = next(n for n in wf["nodes"] if n["type"] == "DVDQuantBitSwitch")

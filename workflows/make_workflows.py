@@ -217,7 +217,7 @@ def _dvdq_model(g, model_file, pos, *, arq=None, title=None, high=8):
     if arq is not None:
         g.link(arq["ARQ_SETTINGS"], loader, "arq_settings")
     bits = g.add("DVDQuantBitSwitch", (x, y + 290), mode="delta", delta=0.09, low=4, high=high,
-                 fixed_bits=8, schedule="")
+                 fixed_bits=8, schedule="", final_step_high=True)
     g.link(loader["MODEL"], bits, "model")
     return bits
 
