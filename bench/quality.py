@@ -109,8 +109,8 @@ def simulate_gbs(outputs, delta, low=4, high=8):
     """The delta-GBS schedule a BitSwitch would pick on a fixed sequence of model outputs."""
     bs = dvdq_core.BitSwitch(delta=delta, low=low, high=high)
     bits = []
-    for out in outputs:
-        bits.append(bs.next_bits())
+    for i, out in enumerate(outputs):
+        bits.append(bs.next_bits(i, last=i == len(outputs) - 1))  # as demo.sampling.sample asks
         bs.observe(out)
     return bits
 

@@ -7,7 +7,7 @@ Convention as Wan: ``x_t = (1 - t) * x0 + t * noise``, the model predicts the ve
 Each step calls the model once on the batch [conditional; unconditional]. When a
 ``dvdq_core.BitSwitch`` is given, every step does, as the host integration does::
 
-    bits = bitswitch.next_bits(); dvdq_core.set_activation_bits(model, bits)
+    bits = bitswitch.next_bits(i, last=i == steps - 1); dvdq_core.set_activation_bits(model, bits)
     out = model(...); bitswitch.observe(out)
 """
 from __future__ import annotations

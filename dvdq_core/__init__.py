@@ -3,7 +3,7 @@
 BGR weights (`bgr_quantize`), ARQ activations (`QuantLinear`), delta-GBS bit switching (`BitSwitch`).
 See docs/design.md for the math and the contracts.
 """
-from .backends import list_backends, use_backend
+from .backends import Backend, Capabilities, list_backends, register as register_backend, use_backend
 from .bitswitch import BitSwitch, StepRecord
 from .config import LayerRule, QuantConfig, parse_overrides
 from .linear import BitState, QuantLinear
@@ -13,7 +13,8 @@ from .spec import LayerSpec
 from .weights import QuantizedWeight, bgr_quantize, minmax_quantize
 
 __version__ = "0.1.0"
-__all__ = ["BitState", "BitSwitch", "LayerReport", "LayerRule", "LayerSpec", "QuantConfig", "QuantLinear",
+__all__ = ["Backend", "BitState", "BitSwitch", "Capabilities", "LayerReport", "LayerRule", "LayerSpec", "QuantConfig",
+           "QuantLinear",
            "QuantReport", "QuantizedWeight", "StepRecord", "bgr_quantize", "get_bit_state", "load_quantized",
            "list_backends", "minmax_quantize", "parse_overrides", "quantize_model", "quantized_layers",
-           "read_metadata", "save_quantized", "set_activation_bits", "use_backend"]
+           "read_metadata", "register_backend", "save_quantized", "set_activation_bits", "use_backend"]

@@ -19,7 +19,6 @@ Choosing: a layer's `backend` ("auto", "reference", "triton"), overridden for ev
 run the call, and warns once why a preferred one could not; a named backend that cannot run a call raises.
 """
 import contextlib
-import contextvars
 import importlib
 import logging
 import threading
@@ -72,7 +71,9 @@ class Backend:
 
 _REGISTRY = {}
 _LOCK = threading.Lock()
-_FORCED = contextvars.ContextVar("dvdq_backend", default=None)
+# use_backend's choice: a plain module global, which torch.compile guards on (a ContextVar would break
+# the graph at every dispatch)
+_FORCED = [None]
 _WARNED = set()
 
 
@@ -80,14 +81,6 @@ def register(backend: Backend):
     """Add or replace a backend (by name)."""
     with _LOCK:
         _REGISTRY[backend.name] = backend
-
-
-def _builtin():
-    if "triton" not in _REGISTRY:
-        with _LOCK:
-            if "triton" not in _REGISTRY:
-                _REGISTRY["triton"] = _triton_backend()
-    return _REGISTRY
 
 
 def _triton_backend():
@@ -99,14 +92,14 @@ def _triton_backend():
 
 
 def get(name: str) -> Backend:
-    backends = _builtin()
+    backends = _REGISTRY
     if name not in backends:
         raise ValueError(f"unknown backend {name!r}: choose one of auto, {', '.join(sorted(backends))}")
     return backends[name]
 
 
 def _ordered():
-    return sorted(_builtin().values(), key=lambda b: -b.priority)
+    return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
 
 
 def list_backends() -> dict:
@@ -135,15 +128,16 @@ def log_backends_once():
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run every op in this scope (this thread or task) on backend `name` ("auto": the priority order,
-    ignoring the layers' own choice); a call it cannot run raises."""
+    """Run every op in this scope on backend `name` ("auto": the priority order, ignoring the layers' own
+    choice); a call it cannot run raises. For tests and benchmarks: the choice is process-wide while the
+    scope lasts (not per thread)."""
     if name != "auto":
         get(name)
-    token = _FORCED.set(name)
+    before, _FORCED[0] = _FORCED[0], name
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        _FORCED[0] = before
 
 
 def _bits_text(bits) -> str:
@@ -220,13 +214,13 @@ def call_reason(name: str, op: str, *args) -> str | None:
 def warn_once(msg):
     if msg not in _WARNED:
         _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)  # the caller of QuantLinear / the op
 
 
 def choose(op: str, args: tuple, preferred: str = "auto", what: str | None = None):
     """(backend, why the backends before it in priority order cannot run the call, or None).
     `use_backend` overrides `preferred` (a layer's backend); a named backend that cannot run it raises."""
-    name = _FORCED.get() or preferred
+    name = _FORCED[0] or preferred
     if name != "auto":
         why = unsupported_reason(name, op, *args)
         if why is not None:
@@ -235,6 +229,8 @@ def choose(op: str, args: tuple, preferred: str = "auto", what: str | None = Non
         return get(name), None
     skipped = None
     for b in _ordered():
+        if op not in b.capabilities:
+            continue  # a backend that does not implement the op is not a fallback worth a warning
         why = unsupported_reason(b.name, op, *args)
         if why is None:
             return b, skipped
@@ -249,7 +245,7 @@ def select(op: str, args: tuple, preferred: str = "auto", what: str | None = Non
     # on the CPU the block steps' reference is the expected path (the host's own ops): no warning there
     if skipped and (op == "linear" or args[0].device.type == "cuda"):
         warn_once(f"DVD-Quant: {what or op} {'run' if op == 'linear' else 'runs'} on the {b.name} backend "
-                  f"(correct, slower) because {skipped}.")
+                  f"(correct{', slower' if b.name == 'reference' else ''}) because {skipped}.")
     return b.impl(op)
 
 
@@ -296,3 +292,6 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
 register(Backend("reference", 0, {op: Capabilities() for op in OPS},
                  load=lambda: {op: (reference_forward if op == "linear" else None) for op in OPS},
                  label="the PyTorch reference"))
+# registered at import (the kernels package needs neither triton nor a GPU to import; it imports this
+# module's Backend above): dispatch then reads a plain dict, which torch.compile traces without a break
+register(_triton_backend())

@@ -71,7 +71,7 @@ class BitSwitch:
 
     @property
     def step(self) -> int:
-        """Index of the next step to decide."""
+        """Steps decided so far (the index of the next one where no step index is given)."""
         return len(self.log)
 
     def _decide(self, i: int, last: bool = False) -> int:

@@ -227,14 +227,15 @@ def quantize_base_model(base_model, config, node_id, patched_weight=None, source
         raise DVDQuantError(f"DVD-Quant could not quantize {source_name or 'the model'}: {e}") from None
     report.bytes_before = stored_bytes  # (the core measured the float32 weights prepare swapped in)
     info = {"config": config, "arch": arch, "source": "quantized", **fuse_blocks(base_model, arch)}
+    backend = running_backend(base_model)
     emit("dvdq.quant_summary", {"node": str(node_id), "layers": len(report.layers), "w_bits": config.w_bits,
                                 "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
                                 "mean_rel_error": report.mean_rel_error, "seconds": report.seconds,
                                 "source": "quantized", "fused_steps": info["fused_steps"],
-                                "fusion_off": info["fusion_off"], "backend": running_backend(base_model)})
+                                "fusion_off": info["fusion_off"], "backend": backend})
     log.info("DVD-Quant: %s: %d layers, %.1f MiB -> %.1f MiB, mean rel. error %.4f, %.1f s, backend %s", source_name,
              len(report.layers), report.bytes_before / 2**20, report.bytes_after / 2**20, report.mean_rel_error,
-             report.seconds, running_backend(base_model))
+             report.seconds, backend)
     return info
 
 

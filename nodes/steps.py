@@ -161,10 +161,15 @@ class BitScheduleHook:
             self.emit("dvdq.bits_reset", {"node": self.node})
         self._shape = tuple(shape)
         self._parts = None
+        self._cache = False  # a cache's state was seen in this run's calls: steps with no call were its
         self.running = True
 
-    def bits_for_call(self, sigma: float) -> int:
+    def bits_for_call(self, sigma: float, cache: bool = False) -> int:
+        """cache: the call's transformer_options hold a cache's state (EasyCache, LazyCache); only then
+        are steps that got no call marked as skipped (samplers such as dpm_adaptive call the model off
+        the schedule's sigmas, and those steps just get no event)."""
         with self._lock:
+            self._cache = self._cache or cache
             if not self.running:  # a model call outside a sampler run: keep the last bits
                 return self.bits
             step, new = self.tracker.on_call(float(sigma))
@@ -178,7 +183,7 @@ class BitScheduleHook:
 
     def _skipped_until(self, step: int):
         first = self.tracker.offset if self._last is None else self._last + 1
-        for s in range(first, step):
+        for s in range(first, step) if self._cache else ():
             self._emit_skipped(s)
         self._last = max(step - 1, self._last if self._last is not None else -1)
 
@@ -199,8 +204,10 @@ class BitScheduleHook:
             if skipped:  # a cache inside the wrapper served this call: its output is not the model's
                 if not self._parts:
                     self.bs.undo()
-                    self._parts = None
                     self._emit_skipped(self._step[0])
+                else:  # the step's other part ran the model: keep its decision, observe nothing (half an output)
+                    self._emit_step(None)
+                self._parts = None
                 return
             key = tuple(parts) if parts else ()
             if key in self._parts:
@@ -218,10 +225,12 @@ class BitScheduleHook:
         if len(halves) > 1:  # (on one device: each GPU's half comes from its own)
             halves = [torch.cat([h.detach().float().to(halves[0].device) for h in halves])]
         self.bs.observe(halves[0])
+        self._emit_step(self.bs.log[-1].indicator)
+
+    def _emit_step(self, indicator):
         rec = self.bs.log[-1]
         self.emit("dvdq.bits", {"node": self.node, "step": self._step[0], "total": self.tracker.total,
-                                "bits": int(rec.bits),
-                                "indicator": None if rec.indicator is None else float(rec.indicator),
+                                "bits": int(rec.bits), "indicator": None if indicator is None else float(indicator),
                                 "accumulated": float(rec.accumulated), "mode": self.mode})
 
     def end_run(self, completed: bool):

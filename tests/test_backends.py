@@ -104,3 +104,23 @@ def test_a_registered_backend_takes_calls_by_priority():
         assert backends.call_reason("fake", "norm_rope", x) == "the fake backend does not implement norm_rope"
     finally:
         del backends._REGISTRY["fake"]
+
+
+def test_dispatch_compiles_without_graph_breaks():
+    """ComfyUI's TorchCompileModel compiles the model with our layers and fused steps in it: choosing the
+    backend must not break the graph (a ContextVar or a lock in the dispatch would)."""
+    from dvdq_core import wan_ops
+    q, x = layer(), torch.randn(3, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = q(x)  # the one-time fallback warning, outside the compiled region
+    torch._dynamo.reset()
+    got = torch.compile(q, fullgraph=True, backend="eager")(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    with backends.use_backend("reference"):
+        assert torch.allclose(torch.compile(q, fullgraph=True, backend="eager")(x), want, atol=1e-5)
+
+    def step(a, v):
+        return wan_ops.gated_residual(a, wan_ops.modulated_norm(a, v, v, 1e-6), v)
+    a, v = torch.randn(1, 8, 32), torch.randn(1, 1, 32)
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(a, v), step(a, v))

@@ -55,6 +55,11 @@ def test_skipped_steps_undo_and_gap():
     bs.observe(x * 1.04 * 1.12)  # 0.12 over steps 1 -> 4: 0.04 per step
     assert bs.log[-1].indicator == pytest.approx(0.04, rel=1e-4) and bs._acc == pytest.approx(0.08, rel=1e-4)
     assert bs.next_bits(5) == 4
+    # taking back a high decision restores the accumulated change it had reset
+    bs.observe(x * 1.04 * 1.12 * 1.06)  # acc 0.08 + 0.06 >= 0.09: the next step is high
+    assert bs.next_bits(6) == 8 and bs._acc == 0.0
+    bs.undo()
+    assert bs._acc == pytest.approx(0.14, rel=1e-3) and bs.next_bits(6) == 8
 
 
 def test_final_step_runs_high_in_delta_mode_only():

@@ -88,7 +88,7 @@ def test_head_norm_rope_matches_host_ops(b, n, n2, heads, d, extra, dtype, which
         x2, w2 = qkv_output(b, n2, heads, d, dtype)[..., which * c:(which + 1) * c], norm_weight(d, dtype)
     pe = flux_pe(min(pe_batch, b), n + (n2 or 0), d)
     reason = triton_reason("head_norm_rope", x, w, 1e-6, pe, heads, x2, w2)
-    assert reason in (None, ON_CPU) if dtype != torch.float32 else "bf16 or fp16 only" in reason
+    assert reason is None if dtype != torch.float32 else "bf16 or fp16 only" in reason
     out = torch.full((b, heads, n + (n2 or 0), d), float("nan"), dtype=dtype, device=DEV)
     y = ops.head_norm_rope(x, w, 1e-6, pe, heads, x2, w2, out=out)
     assert y.data_ptr() == out.data_ptr()
@@ -168,7 +168,7 @@ def test_modulated_norm_with_hunyuan_vectors(b, s, c, dtype):
     ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
     host = torch.addcmul(shift, ln, 1 + scale)  # flux apply_mod(tensor, m_mult, m_add) with modulation_dims None
     assert torch.equal(wan_ops.modulated_norm_reference(x, shift, scale, 1e-6), host)
-    assert triton_reason("modulated_norm", x, shift, scale, 1e-6) in (None, ON_CPU)
+    assert triton_reason("modulated_norm", x, shift, scale, 1e-6) is None
     out = torch.full_like(x, float("nan"))
     y = ops.modulated_norm(x, shift, scale, 1e-6, out=out)
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
@@ -308,7 +308,7 @@ def test_modulated_norm_kernel_split_at_a_token(b, s, c, t0, dtype, round_produc
     another order): see the exact test below."""
     x = (torch.randn(b, s, c, generator=GEN) * 4 + 1).to(dtype).to(DEV)
     shift, scale = guided_modulation(b, c, dtype)[:2]
-    assert triton_reason("modulated_norm_dims", x, shift, scale, 1e-6, t0) in (None, ON_CPU)
+    assert triton_reason("modulated_norm_dims", x, shift, scale, 1e-6, t0) is None
     ln = torch.nn.functional.layer_norm(x, (c,), eps=1e-6)
     if round_product:
         host = host_split(host_modulation, x, shift, scale, dims=guided(t0))
@@ -357,7 +357,7 @@ def test_gated_residual_kernel_split_at_a_token(b, s, c, t0, dtype, round_produc
     x = (torch.randn(b, s, c, generator=GEN) * 4).to(dtype).to(DEV)
     y = (torch.randn(b, s, c, generator=GEN) * 2).to(dtype).to(DEV)
     gate = guided_modulation(b, c, dtype, 3)[2]
-    assert triton_reason("gated_add", x, y, gate, t0) in (None, ON_CPU)
+    assert triton_reason("gated_add", x, y, gate, t0) is None
     if round_product:
         ref = host_split(host_gate, x, y, gate, dims=guided(t0))
     else:
@@ -440,8 +440,8 @@ def test_unsupported_reasons():
     assert "differ in shape" in dims_reason(x3, v2, v, 1e-6, 1)
     assert "bf16 or fp16 only" in dims_reason(x3.float(), v2.float(), v2.float(), 1e-6, 1)
     for first in (1, 2, 3, 7):
-        assert dims_reason(x3, v2, v2, 1e-6, first) in (None, ON_CPU)
-        assert triton_reason("gated_add", x3, x3, v2, first) in (None, ON_CPU)
+        assert dims_reason(x3, v2, v2, 1e-6, first) is None
+        assert triton_reason("gated_add", x3, x3, v2, first) is None
     if not ON_GPU:  # the machine's checks come first
         assert machine_reason("head_norm_rope", x, w, 1e-6, pe, heads) == ON_CPU
         assert machine_reason("head_norm_rope", x[:, :2], w, 1e-6, pe, heads, x[:, :2], w) == ON_CPU

@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set b
 set here too if missing) at small sizes; with CUDA they run compiled at full sizes as well. Nothing
 here skips itself when the interpreter is available: the interpreter path is the CI path.
 """
+import copy
 import math
 import os
 import subprocess
@@ -296,7 +297,7 @@ def test_empty_input():
 def test_unsupported_reason():
     layer = make_layer(40, 128)
     x = activations(4, 128, torch.bfloat16)
-    assert machine_reason("linear", layer.cpu(), x.cpu(), 8) == ON_CPU
+    assert machine_reason("linear", copy.deepcopy(layer).cpu(), x.cpu(), 8) == ON_CPU
     assert "float32" in linear_reason(layer, 8, x.float())
     assert "channel" in linear_reason(_with(layer, granularity="channel"), 8, x)
     assert linear_reason(_with(layer, granularity="pow2"), 4, x) == linear_reason(layer, 4, x)

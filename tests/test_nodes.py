@@ -414,6 +414,42 @@ def test_steps_a_cache_skips_are_marked_and_not_observed(order):
     assert ran == [8, 5, 4] and [e["bits"] for e in ev] == [8, None, None, 5, 4]
 
 
+def test_steps_without_a_call_are_not_called_skipped_without_a_cache():
+    """dpm_adaptive and the like call the model off the schedule's sigmas: without a cache in the run those
+    steps get no event (they were not served from a cache)."""
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    hook = steps.BitScheduleHook("n", emit=rec)
+    hook.begin_run(SCHED, (1, 4))
+    for sigma in (1.0, 0.25):
+        hook.bits_for_call(sigma)
+        hook.after_call(torch.ones(1, 4), None, sigma)
+    hook.end_run(True)
+    assert [e["step"] for e in rec.of("dvdq.bits")] == [0, 3] and not any(e.get("skipped") for e in rec.of("dvdq.bits"))
+
+
+def test_a_step_half_served_from_the_cache_keeps_its_decision_unobserved():
+    """CFG halves as separate calls, the cache deciding on the second: the first half ran the model with the
+    step's bits, the second came from the cache. The step is reported without an indicator and the next
+    step still compares whole outputs."""
+    steps = sub("steps")
+    steps.record_run_end(None)
+    rec = Recorder()
+    hook = steps.BitScheduleHook("h", mode="fixed", fixed_bits=6, emit=rec)
+    hook.begin_run(SCHED, (2, 4))
+    out = {0: torch.ones(1, 4), 1: torch.ones(1, 4) * 2}
+    for i, sigma in enumerate(SCHED[:-1]):
+        for part in (0, 1):
+            hook.bits_for_call(sigma, cache=True)
+            hook.after_call(out[part] * (1 + 0.1 * i), [part], sigma, skipped=(i == 1 and part == 1))
+    hook.end_run(True)
+    ev = rec.of("dvdq.bits")
+    assert [(e["step"], e["bits"], e.get("skipped", False)) for e in ev] == [(0, 6, False), (1, 6, False),
+                                                                             (2, 6, False), (3, 6, False)]
+    assert ev[1]["indicator"] is None and ev[2]["indicator"] == pytest.approx(0.2 / 1.0 / 2, rel=1e-4)
+
+
 def test_only_easycache_says_a_call_was_served_from_its_cache():
     sched = sub("scheduler")
     assert sched.served_from_cache({"easycache": types.SimpleNamespace(name="EasyCache", skip_current_step=True)})
