@@ -164,6 +164,11 @@ def bits_reason(caps: Capabilities, w_bits: int, a_bits: int) -> str | None:
     return None
 
 
+def input_of(op: str, args: tuple) -> torch.Tensor:
+    """The activation an op's call works on: linear's x2d (its args are layer, x2d, a_bits), else the first."""
+    return args[1] if op == "linear" else args[0]
+
+
 def _label(b: Backend) -> str:
     return b.label or f"the {b.name} backend's kernels"
 
@@ -175,7 +180,7 @@ def unsupported_reason(name: str, op: str, *args) -> str | None:
     caps = b.capabilities.get(op)
     if caps is None:
         return f"the {name} backend does not implement {op}"
-    x = args[1] if op == "linear" else args[0]
+    x = input_of(op, args)
     if caps.devices and x.device.type not in caps.devices:
         where = " and ".join(_DEVICE_NAMES.get(d, d) for d in caps.devices)
         return f"the input is on {x.device.type}, and {_label(b)} run on {where} only"
@@ -196,7 +201,7 @@ def call_reason(name: str, op: str, *args) -> str | None:
     caps = get(name).capabilities.get(op)
     if caps is None:
         return f"the {name} backend does not implement {op}"
-    x = args[1] if op == "linear" else args[0]
+    x = input_of(op, args)
     if op == "linear":
         layer, a_bits = args[0], args[2]
         method = getattr(layer, "method", "dvdq")

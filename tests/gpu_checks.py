@@ -20,8 +20,7 @@ def triton_reason(op, *args):
     """Why the triton backend cannot take op(*args) wherever it runs (the call's own checks in the registry,
     dvdq_core.backends.call_reason: bits, dtypes, shapes), or None; on a GPU also the machine's checks."""
     from dvdq_core import backends
-    x = args[1] if op == "linear" else args[0]
-    if x.is_cuda:
+    if backends.input_of(op, args).is_cuda:
         return backends.unsupported_reason("triton", op, *args)
     return backends.call_reason("triton", op, *args)
 

@@ -100,13 +100,13 @@ function drawBitPanel(ctx, node, width, y) {
   const cells = S.stripCells(n, g.x, g.w);
   cells.forEach((c, i) => {
     const s = strip.steps[i];
-    ctx.fillStyle = S.cellColour(s, low, high);
     if (s?.skipped) {  // a cached step: a thin bar, so runs of skips read as gaps in the strip
       ctx.fillStyle = S.EMPTY_COLOUR;
       ctx.fillRect(c.x, g.stripY, c.w, g.stripH);
       ctx.fillStyle = S.SKIPPED_COLOUR;
       ctx.fillRect(c.x, g.stripY + g.stripH * 0.4, c.w, g.stripH * 0.2);
     } else {
+      ctx.fillStyle = S.cellColour(s, low, high);
       ctx.fillRect(c.x, g.stripY, c.w, g.stripH);
     }
     if (i === node._dvdqHover) {

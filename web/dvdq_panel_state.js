@@ -59,16 +59,13 @@ export function applyBitsEvent(strip, ev) {
   const step = Number(ev.step);
   if (!Number.isInteger(step) || step < 0) return strip;
   const steps = strip.steps.slice();
-  if (ev.skipped) {
-    steps[step] = { bits: null, skipped: true, indicator: null, accumulated: null };
-    const total = ev.total == null ? strip.total : Number(ev.total);
-    return { steps, total, mode: ev.mode ?? strip.mode, updated: strip.updated + 1 };
-  }
-  steps[step] = {
-    bits: Number(ev.bits),
-    indicator: ev.indicator == null ? null : Number(ev.indicator),
-    accumulated: ev.accumulated == null ? null : Number(ev.accumulated),
-  };
+  steps[step] = ev.skipped
+    ? { bits: null, skipped: true, indicator: null, accumulated: null }  // a cache served it: no model run
+    : {
+      bits: Number(ev.bits),
+      indicator: ev.indicator == null ? null : Number(ev.indicator),
+      accumulated: ev.accumulated == null ? null : Number(ev.accumulated),
+    };
   const total = ev.total == null ? strip.total : Number(ev.total);
   return { steps, total, mode: ev.mode ?? strip.mode, updated: strip.updated + 1 };
 }
