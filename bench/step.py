@@ -98,6 +98,22 @@ def pack_block_fusion(arch):
     return mod.fuse_wan, mod.unfuse_wan
 
 
+def set_lowrank(model, rank: int, dev):
+    """A random rank-`rank` LoRA branch (dvdq_core/lowrank.py) on every quantized layer of the transformer
+    blocks, as a LoRA after the DVD-Quant Loader runs (rank 0: none)."""
+    lowrank = pack_module("dvdq_core.lowrank")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, m in model.named_modules():
+        if type(m).__name__ != "QuantLinear":
+            continue
+        m.lowrank = None
+        if rank and "blocks." in name:
+            up = torch.randn(m.out_features, rank, device=dev, generator=g) / 64
+            down = torch.randn(rank, m.in_features, device=dev, generator=g) / math.sqrt(m.in_features)
+            m.lowrank = lowrank.stack([lowrank.LowRankTerm(up, down, 1.0)], [], m.out_features, m.in_features, dev,
+                                      torch.bfloat16)
+
+
 def weight_bytes(model):
     return sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
                if n.split(".")[0].endswith("blocks"))  # Wan's blocks, HunyuanVideo's double_/single_blocks
@@ -176,7 +192,9 @@ def main():
                          "quantized variants run the blocks' elementwise steps fused as the loader installs them "
                          "(nodes/wan_blocks.py, nodes/hunyuan_blocks.py), suffix -hostops: ComfyUI's own; "
                          "bf16-fused: BF16 with the fused ones (the split of the gain); suffix -compiled: the whole "
-                         "model under torch.compile (inductor, defaults), as ComfyUI's TorchCompileModel node does")
+                         "model under torch.compile (inductor, defaults), as ComfyUI's TorchCompileModel node does; "
+                         "suffix -loraR (quantized): a rank-R LoRA after quantization on every block linear "
+                         "(ComfyUI's BF16 + LoRA merges it into the weights: its step is the bf16 step)")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -258,6 +276,8 @@ def main():
                     unfuse_gelu(model)
                 else:
                     fuse_gelu(model)
+            rank = next((int(f[4:]) for f in flags if f.startswith("lora")), 0)
+            set_lowrank(model, rank, dev)
             if ("fused" in flags) if kind == "bf16" else ("hostops" not in flags):
                 fused = fuse_blocks(model)[0]
             else:

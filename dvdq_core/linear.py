@@ -2,6 +2,7 @@
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import backends
@@ -55,6 +56,7 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.shares_input = SHARE_NONE  # set by whoever knows the layer's name (input_sharing)
         self.act = None  # "gelu_tanh": the GELU after this layer is applied here (dvdq_core.fusion)
+        self.lowrank = None  # a dvdq_core.lowrank.LowRank beside the packed weights (LoRAs after quantization)
         packed_k = (in_features + 1) // 2 if spec.w_bits <= 4 else in_features
         # The packed codes are the layer's `weight`, as a host expects of a Linear: code that reads, moves,
         # measures or offloads `weight` sees the real (packed) bytes; the math needs w_scale and w_zero too.
@@ -108,11 +110,23 @@ class QuantLinear(nn.Module):
         u = unpack_codes(self.weight, self.spec.w_bits, self.in_features).float()
         return self.w_scale.float().unsqueeze(1) * (u - self.w_zero.float().unsqueeze(1))
 
+    def current_lowrank(self, x: torch.Tensor):
+        """The low-rank branch of this call (None: none); the host's layer class adds what its patcher gives."""
+        return self.lowrank
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
-        layer = self if self.weight.device == x.device else _Moved(self, x.device)  # offloaded weights
+        lowrank = self.current_lowrank(x)
         x2d = x.reshape(-1, self.in_features)
-        y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
+        if lowrank is None:
+            layer = self if self.weight.device == x.device else _View(self, x.device)  # offloaded weights
+            y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
+        else:  # the branch joins the output before the layer's fused activation
+            layer = _View(self, x.device, act=None)
+            y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
+            y = y + lowrank(x2d).to(y.dtype)
+            if self.act == "gelu_tanh":
+                y = F.gelu(y, approximate="tanh")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -122,15 +136,18 @@ class QuantLinear(nn.Module):
                 + (f", act={self.act}" if self.act else ""))
 
 
-class _Moved:
-    """A view of a QuantLinear with its buffers copied to another device for one call."""
+class _View:
+    """A QuantLinear as the backends read it, for one call: its buffers on `device` (copied where the layer's
+    weights are offloaded elsewhere) and its fused activation `act`."""
 
-    def __init__(self, layer: QuantLinear, device):
+    def __init__(self, layer: QuantLinear, device, act="same"):
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
                                                               "shares_input", "act")})
+        if act != "same":
+            self.act = act
         # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer)
         for name, t in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
-            setattr(self, name, t.detach().to(device, non_blocking=True))
+            setattr(self, name, t.detach() if t.device == device else t.detach().to(device, non_blocking=True))
         if "bias" not in self.__dict__:
             self.bias = None
 

@@ -176,17 +176,25 @@ _LAYER_CLASS = []
 def layer_class():
     """QuantLinear as one of ComfyUI's own layers: with comfy.ops.CastWeightBiasOp's attributes the host's
     memory manager loads, offloads (low VRAM, dynamic VRAM) and measures it like its Linear layers, by
-    its packed buffers (`weight` holds the packed codes); the forward runs them on the input's device."""
+    its packed buffers (`weight` holds the packed codes); the forward runs them on the input's device, and
+    the LoRA patches the host gives it (nodes/lora.py) as its low-rank branch."""
     if not _LAYER_CLASS:
         import comfy.ops
 
+        from .lora import UnsupportedPatch, layer_lowrank, unsupported_message
+
         class DVDQuantLinear(QuantLinear, comfy.ops.CastWeightBiasOp):
-            def forward(self, x):
-                if self.weight_function or self.bias_function or getattr(self, "weight_lowvram_function", None) \
-                        or getattr(self, "bias_lowvram_function", None):  # a weight patch the guard did not see
-                    # (dynamic VRAM attaches patches as *_lowvram_function)
-                    raise DVDQuantError(lora_after_message())
-                return super().forward(x)
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.lora_patches = {}  # {weight or bias key: patch list} from the pack's patcher (nodes/lora.py)
+                self.lowrank_cache = None
+
+            def current_lowrank(self, x):
+                try:
+                    return layer_lowrank(self, x)
+                except UnsupportedPatch as e:  # the guard refuses these before sampling; a path it did not see
+                    raise DVDQuantError(unsupported_message(str(e), f"a layer of {self.out_features} x "
+                                                                    f"{self.in_features}")) from None
 
         _LAYER_CLASS.append(DVDQuantLinear)
     return _LAYER_CLASS[0]
@@ -201,34 +209,44 @@ def _targets(keys, layer_keys):
     return hits
 
 
-def check_no_patches_on_quantized(patcher):
-    """Refuse weight patches (LoRA etc.) that target quantized layers: they cannot apply to packed codes.
-    ComfyUI maps a LoRA onto a layer by its `weight` key, which quantized layers keep, so the patches of
-    LoraLoader, hook LoRAs and weight wrappers all arrive here, on the pack's own OUTER_SAMPLE wrapper."""
+def check_patches_on_quantized(patcher):
+    """Before sampling (the pack's OUTER_SAMPLE wrapper, before the host loads the model): every weight patch
+    on a quantized layer must be a form its low-rank branch runs (nodes/lora.py), on the pack's patcher
+    class. Weight wrappers, and patches on a patcher the host made of its own class, are refused with
+    what to do. ComfyUI maps a LoRA onto a layer by its `weight` key, which quantized layers keep, so
+    LoraLoader's patches and weight wrappers all show here."""
+    from .lora import UnsupportedPatch, patch_terms, runs_lowrank, unsupported_message
     layer_keys = quantized_keys(patcher.model)
     if not layer_keys:
         return
-    hits = _targets(patcher.patches.keys(), layer_keys) + _targets(patcher.weight_wrapper_patches.keys(), layer_keys)
-    for hp in (getattr(patcher, "hook_patches", None) or {}).values():
-        hits += _targets(hp.keys(), layer_keys)
-    if hits:
-        raise DVDQuantError(lora_after_message(hits[:3]))
+    hits = _targets(patcher.patches.keys(), layer_keys)
+    if hits and not runs_lowrank(patcher):
+        raise DVDQuantError(lora_after_message("a LoRA on a model copy ComfyUI made without DVD-Quant's patch "
+                                               "handling", hits[:3]))
+    for key in hits:
+        try:
+            patch_terms(key, patcher.patches[key])
+        except UnsupportedPatch as e:
+            raise DVDQuantError(unsupported_message(str(e), key)) from None
+    wrapped = _targets(patcher.weight_wrapper_patches.keys(), layer_keys)
+    if wrapped:
+        raise DVDQuantError(lora_after_message("a weight wrapper", wrapped[:3]))
 
 
-def lora_after_message(examples=()) -> str:
-    """examples: weight keys the patch targets, where known."""
+def lora_after_message(what: str, examples=()) -> str:
+    """what: the kind of patch; examples: weight keys it targets, where known."""
     which = f" such as {', '.join(examples)}" if examples else ""
-    return ("DVD-Quant: a LoRA (or another weight patch) was applied after quantization; it would change "
-            f"quantized layers{which}, whose packed weights cannot take it yet. Put the LoRA loader "
-            "before 'DVD-Quant Apply' (Load Diffusion Model -> LoRA -> DVD-Quant Apply) so the LoRA is merged "
-            "into the weights before they are quantized.")
+    return (f"DVD-Quant: {what} would change quantized layers{which}, which needs their float weights. Put the "
+            "LoRA loader before 'DVD-Quant Apply' (Load Diffusion Model -> LoRA -> DVD-Quant Apply) so the LoRA "
+            "is merged into the weights before they are quantized. (Plain LoraLoader / LoraLoaderModelOnly "
+            "after the DVD-Quant Loader work.)")
 
 
 def hook_lora_hits(guider, layer_keys: set) -> list:
     """LoRA keys of conditioning weight hooks ("Create Hook LoRA") that address quantized layers.
 
-    Hook LoRAs reach the patcher only once sampling has begun; the user's conds (before ComfyUI filters
-    them) tell beforehand."""
+    Hook LoRAs reach the patcher only once sampling has begun (and on 0.33.0 on a non-dynamic copy of
+    the host's own class); the user's conds (before ComfyUI filters them) tell beforehand."""
     hits = []
     for conds in (getattr(guider, "original_conds", None) or {}).values():
         for c in conds or []:
@@ -240,10 +258,15 @@ def hook_lora_hits(guider, layer_keys: set) -> list:
 
 def guard_outer_sample(executor, *args, **kwargs):
     guider = executor.class_obj
-    check_no_patches_on_quantized(guider.model_patcher)
-    hits = hook_lora_hits(guider, quantized_keys(guider.model_patcher.model))
+    patcher = guider.model_patcher
+    check_patches_on_quantized(patcher)
+    layer_keys = quantized_keys(patcher.model)
+    hits = []
+    for hp in (getattr(patcher, "hook_patches", None) or {}).values():
+        hits += _targets(hp.keys(), layer_keys)
+    hits += hook_lora_hits(guider, layer_keys)
     if hits:
-        raise DVDQuantError(lora_after_message(hits[:3]))
+        raise DVDQuantError(lora_after_message("a hook LoRA (scheduled through conditioning)", hits[:3]))
     return executor(*args, **kwargs)
 
 

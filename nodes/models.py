@@ -29,7 +29,7 @@ from .host import (
     GUARD_KEY,
     DVDQuantError,
     check_gpu_bits,
-    check_no_patches_on_quantized,
+    check_patches_on_quantized,
     emit,
     guard_outer_sample,
     layer_class,
@@ -37,6 +37,7 @@ from .host import (
     video_dit_arch,
 )
 from .hunyuan_blocks import fuse_hunyuan, unfuse_hunyuan
+from .lora import patcher_class
 from .wan_blocks import fuse_wan, unfuse_wan
 
 log = logging.getLogger("dvdq")
@@ -63,14 +64,15 @@ def fuse_blocks(base_model, arch: str) -> dict:
 
 
 def quantized_patcher(base_model, info: dict, cls, load_device, offload_device, carry_from=None):
-    """A new ModelPatcher of the host's class `cls` (dynamic VRAM where the host uses it) for a quantized
-    model, so its size is measured from the packed layers; it carries the pack's info as an attachment and
-    the guard against weight patches on packed layers as an OUTER_SAMPLE wrapper (both survive clones).
+    """A new ModelPatcher of the host's class `cls` (dynamic VRAM where the host uses it), with the pack's
+    low-rank patching of LoRAs (nodes/lora.py), for a quantized model, so its size is measured from the packed
+    layers; it carries the pack's info as an attachment and the check of weight patches on packed layers as
+    an OUTER_SAMPLE wrapper (both survive clones).
     carry_from: a MODEL whose model options, object patches (e.g. ModelSamplingSD3's shift), wrappers,
     callbacks and attachments the new one takes, as copied by the host's own clone(), but not its weight
     patches (Apply bakes them into the quantized weights)."""
     import comfy.patcher_extension
-    patcher = cls(base_model, load_device=load_device, offload_device=offload_device)
+    patcher = patcher_class(cls)(base_model, load_device=load_device, offload_device=offload_device)
     if carry_from is not None:
         donor = carry_from.clone()
         for attr in CARRIED:
@@ -299,7 +301,8 @@ LOAD_STATE = {"model_loaded_weight_memory", "lowvram_patch_counter", "model_lowv
               "prev_comfy_cast_weights", "comfy_force_cast_weights", "comfy_patched_weights", "weight_function",
               "bias_function", "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_v",
               "_v_signature", "_v_weight", "_v_bias", "_pin_state", "_pins", "_prefetch"}
-LOAD_STATE_RESET = {"current_patcher": None}  # set by the host's own __init__: reset, not removed
+LOAD_STATE_RESET = {"current_patcher": None,  # set by the host's own __init__: reset, not removed
+                    "lora_patches": {}, "lowrank_cache": None}  # and by the pack's layer (nodes/lora.py)
 _TORCH_FIELDS = ("_parameters", "_buffers", "_modules")
 
 
@@ -429,7 +432,7 @@ def apply_to_model(model, config, node_id):
 
     info = quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
     n = quantized_patcher(new, info, type(src), src.load_device, src.offload_device, carry_from=src)
-    check_no_patches_on_quantized(n)
+    check_patches_on_quantized(n)
     return n
 
 

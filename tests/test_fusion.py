@@ -81,13 +81,13 @@ def test_saved_file_loads_fused(tmp_path):
 
 
 def test_offloaded_layer_view_keeps_the_fused_gelu():
-    """Low-VRAM offload runs a layer through a view with its buffers moved (linear._Moved): the view
+    """Low-VRAM offload runs a layer through a view with its buffers moved (linear._View): the view
     carries `act`, so an offloaded feed-forward still applies its GELU."""
     from dvdq_core.backends import reference_forward
-    from dvdq_core.linear import _Moved
+    from dvdq_core.linear import _View
     m = _quantize(_model())
     lin = m.blocks[0].ffn[0]
-    view = _Moved(lin, torch.device("cpu"))
+    view = _View(lin, torch.device("cpu"))
     assert view.act == "gelu_tanh"
     x = torch.randn(7, lin.in_features)
     assert torch.equal(reference_forward(view, x, 8), reference_forward(lin, x, 8))

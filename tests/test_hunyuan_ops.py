@@ -482,7 +482,7 @@ def test_kernels_compile_for_all_targets():
 def test_gpu_call_the_kernel_cannot_take_warns():
     qkv, w = qkv_output(1, 4, 2, 16, torch.bfloat16), norm_weight(16, torch.bfloat16)
     with pytest.warns(RuntimeWarning,
-                      match="HunyuanVideo's per-head q/k norm and rotary embedding runs as ComfyUI's own PyTorch ops"):
+                      match="HunyuanVideo.s per-head q/k norm and rotary embedding runs on the reference backend"):
         y = hunyuan_ops.head_norm_rope(qkv[..., :32].float(), w.float(), 1e-6, flux_pe(1, 4, 16), 2)
     assert y.dtype == torch.float32 and y.shape == (1, 2, 4, 16)
     x = qkv[..., :32]  # a view: the in-place update needs a contiguous residual

@@ -213,7 +213,7 @@ def test_references_are_the_textbook_formulas():
 @pytest.mark.skipif(not ON_GPU, reason="a CUDA notion: the GPU path warns once when it must use the host's ops")
 def test_gpu_call_the_kernel_cannot_take_warns():
     x, w = inputs(1, 4, 2, 16, torch.bfloat16, True)
-    with pytest.warns(RuntimeWarning, match="q/k norm and rotary embedding runs as ComfyUI's own PyTorch ops"):
+    with pytest.warns(RuntimeWarning, match="q/k norm and rotary embedding runs on the reference backend"):
         y = wan_ops.norm_rope(x.float(), w.float(), 1e-6, wan_freqs(1, 4, 16), 2)
     assert y.dtype == torch.float32
 

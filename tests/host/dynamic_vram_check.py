@@ -92,7 +92,7 @@ import math  # noqa: E402
 from comfy.ldm.wan.model import WanModel  # noqa: E402
 
 import dvdq_core as dq  # noqa: E402
-from dvdq_core.linear import _Moved  # noqa: E402
+from dvdq_core.linear import _View  # noqa: E402
 
 WAN = dict(patch_size=(1, 2, 2), text_len=512, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096, num_heads=2,
            num_layers=2, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
@@ -100,6 +100,7 @@ DTYPE = torch.float32 if CPU else torch.float16  # the model dtype, forced below
 # keep the file's dtype until a dynamic load casts them, so the no-patcher reference needs file dtype == model dtype
 g = torch.Generator().manual_seed(1)
 sd = {}
+lazy, comfy.memory_management.aimdo_enabled = comfy.memory_management.aimdo_enabled, False  # real tensors to save
 for k, t in WanModel(model_type="t2v", in_dim=16, out_dim=16, operations=comfy.ops.disable_weight_init,
                      **WAN).state_dict().items():
     if t.ndim >= 2:
@@ -109,8 +110,8 @@ for k, t in WanModel(model_type="t2v", in_dim=16, out_dim=16, operations=comfy.o
     else:
         v = 0.05 * torch.randn(t.shape, generator=g)
     sd[k] = v.to(DTYPE).contiguous()
-if CPU:
-    comfy.memory_management.aimdo_enabled = True  # lazy comfy Linears, as a dynamic-VRAM host builds them
+# lazy comfy Linears, as a dynamic-VRAM host builds them (on the CPU too)
+comfy.memory_management.aimdo_enabled = lazy or CPU
 
 print(f"torch {torch.__version__}, device {mm.get_torch_device()}, vram_state {mm.vram_state.name}")
 print(f"dynamic VRAM: {dynamic_note}; aimdo_enabled={comfy.memory_management.aimdo_enabled}; "
@@ -181,13 +182,20 @@ close(run(qp.model), ref, "forward after load_models_gpu")
 if not CPU and not DYNAMIC:  # the plain ModelPatcher's low-VRAM load: the layers past the budget stay
     # offloaded and run with comfy_cast_weights (QuantLinear copies its packed buffers per call)
     mm.unload_all_models()
-    qp.load(dev, lowvram_model_memory=max(1, qp.model_size() // 3))
-    on_gpu = sum(m.weight.device == dev for _, m in qlayers)
-    print(f"after a low-VRAM load of a third of the model: {on_gpu}/{len(qlayers)} packed layers on {dev};", where())
+    # a budget that loads some packed layers and leaves others (the host reserves room for offloaded
+    # modules' casts, so the fraction that does depends on the model's module sizes)
+    for frac in (0.33, 0.5, 0.67, 0.8, 0.9):
+        qp.load(dev, lowvram_model_memory=max(1, int(qp.model_size() * frac)))
+        on_gpu = sum(m.weight.device == dev for _, m in qlayers)
+        if 0 < on_gpu < len(qlayers):
+            break
+        qp.detach()
+    print(f"after a low-VRAM load of {frac:.0%} of the model: {on_gpu}/{len(qlayers)} packed layers on {dev};", where())
     check(0 < on_gpu < len(qlayers), "low-VRAM partial load: some packed layers loaded, some offloaded")
     close(run(qp.model), ref, "forward with a low-VRAM partial load")
     qp.detach()
-    close(run(qp.model), ref, "forward after detach")
+    mm.load_models_gpu([qp])
+    close(run(qp.model), ref, "forward after detach and a new load")
 elif not CPU:
     freed = qp.partially_unload(qp.offload_device, memory_to_free=qp.loaded_size())
     print(f"after partially_unload(all): freed {0 if freed is None else freed / 2**20:.2f} MiB;", where())
@@ -203,11 +211,57 @@ else:  # the CPU host's plain ModelPatcher: its lowvram bookkeeping, as far as t
     close(run(qp.model), ref, "forward after ModelPatcher.partially_unload (CPU)")
     mm.unload_all_models()
     close(run(qp.model), ref, "forward after unload_all_models (CPU)")
+
+# ---- a LoRA after quantization (nodes/lora.py): the host hands it to the layers as patch lists after a
+# full load, as LowVramPatch functions to offloaded layers (weight_function, or weight_lowvram_function under
+# dynamic VRAM); every path must give the output of the same low-rank branches set by hand, and unloading
+# must remove it
+from comfy.weight_adapter.lora import LoRAAdapter  # noqa: E402
+
+mm.unload_all_models()
+gl = torch.Generator().manual_seed(5)
+factors = {n: (torch.randn(m.out_features, 4, generator=gl) / 4, torch.randn(4, m.in_features, generator=gl) / 4)
+           for n, m in qlayers[::2]}
+STRENGTH = 0.8
+adapters = {f"diffusion_model.{n}.weight": LoRAAdapter(set(), (up.to(DTYPE), down.to(DTYPE), torch.tensor(2.0), None,
+                                                               None, None)) for n, (up, down) in factors.items()}
+for n, m in qlayers:  # the patch lists given by hand, no patcher involved
+    key = f"diffusion_model.{n}.weight"
+    m.lora_patches = {key: [(STRENGTH, adapters[key], 1.0, None, None)]} if key in adapters else {}
+base.to(dev)
+ref_lora = run(base)
+base.to(qp.offload_device)
+for _, m in qlayers:
+    m.lora_patches = {}
+check(((ref_lora - ref).norm() / ref.norm()).item() > 1e-2, "the hand-set branches change the output")
+lp = qp.clone()
+lp.add_patches(adapters, STRENGTH)
+print(f"LoRA after quantization: {len(factors)} layers, patcher {type(lp).__name__}")
+mm.load_models_gpu([lp])
+lp.pre_run()
+close(run(lp.model), ref_lora, "LoRA after quantization, managed load")
+if not CPU and not DYNAMIC:
+    mm.unload_all_models()
+    lp.load(dev, lowvram_model_memory=max(1, int(lp.model_size() * frac)))
+    patched = sum(any(type(f).__name__ == "LowVramPatch" for f in m.weight_function) for _, m in qlayers)
+    print(f"  low-VRAM load: {patched} layers got the LoRA as LowVramPatch functions")
+    check(patched > 0, "low-VRAM load gives offloaded layers LowVramPatch functions")
+    close(run(lp.model), ref_lora, "LoRA after quantization, low-VRAM partial load")
+    lp.detach()
+elif DYNAMIC:
+    n_lv = sum(type(getattr(m, "weight_lowvram_function", None)).__name__ == "LowVramPatch" for _, m in qlayers)
+    print(f"  dynamic load: {n_lv} layers got the LoRA as weight_lowvram_function")
+    lp.partially_unload(lp.offload_device, memory_to_free=lp.loaded_size())
+    close(run(lp.model), ref_lora, "LoRA after quantization, after partial unload")
+mm.unload_all_models()
+mm.load_models_gpu([qp])
+close(run(qp.model), ref, "the MODEL without the LoRA afterwards")
+mm.unload_all_models()
 qp.cleanup()
 
 # ---- a packed layer of <= 16 KiB: ModelPatcherDynamic.load force-loads it through
 # patch_weight_to_device(force_cast=True) -> comfy.utils.set_attr_param, which turns the uint8 `weight`
-# buffer into an nn.Parameter; an offloaded call (QuantLinear's _Moved copy) must still find it.
+# buffer into an nn.Parameter; an offloaded call (QuantLinear._View copy) must still find it.
 print("small packed layer (64x64, module size <= 16 KiB: ComfyUI's force-load path):")
 spec = dq.LayerSpec(w_bits=4, a_bits=8, method="dvdq", had_block=64, scale_block=64, rotate=True, auto_scale=True,
                     granularity="block")
@@ -229,12 +283,12 @@ if DYNAMIC:
     except Exception as e:
         check(False, f"small layer forward after partial unload raised {type(e).__name__}: {e}")
     sp.detach()
-else:  # the same host call on the CPU shows the conversion and what _Moved then lacks
+else:  # the same host call on the CPU shows the conversion and what _View then lacks
     sp.patch_weight_to_device("0.weight", device_to=torch.device("cpu"), force_cast=True)
     print(f"  after patch_weight_to_device(force_cast=True): weight is a "
           f"{'Parameter' if 'weight' in small._parameters else 'buffer'}")
-    moved = _Moved(small, torch.device("cpu"))
-    check("weight" in moved.__dict__, "_Moved view of the force-loaded layer has its weight "
+    moved = _View(small, torch.device("cpu"))
+    check("weight" in moved.__dict__, "_View view of the force-loaded layer has its weight "
           "(what an offloaded call would use)")
     check(torch.allclose(small(xs), want), "small layer forward on its own device still right")
 

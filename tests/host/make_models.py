@@ -156,6 +156,34 @@ def lora_for_wan(seed: int, rank: int = 4) -> dict:
     return out
 
 
+def lora_for_wan_kohya(seed: int, rank: int = 8, alpha: float = 4.0) -> dict:
+    """kohya naming with alpha, on the feed-forward (ffn.0 carries the folded GELU: the branch must join
+    before it), a cross-attention projection, and a bias difference (diff_b) on ffn.2."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    shapes = {"ffn_0": (WAN["ffn_dim"], WAN["dim"]), "ffn_2": (WAN["dim"], WAN["ffn_dim"]),
+              "cross_attn_q": (WAN["dim"], WAN["dim"])}
+    for b in range(WAN["num_layers"]):
+        for name, (n, k) in shapes.items():
+            stem = f"lora_unet_blocks_{b}_{name}"
+            out[stem + ".lora_down.weight"] = (torch.randn(rank, k, generator=g) / 3).to(torch.bfloat16)
+            out[stem + ".lora_up.weight"] = (torch.randn(n, rank, generator=g) / 3).to(torch.bfloat16)
+            out[stem + ".alpha"] = torch.tensor(alpha)
+        out[f"lora_unet_blocks_{b}_ffn_2.diff_b"] = torch.randn(WAN["dim"], generator=g) / 4
+    return out
+
+
+def loha_for_wan(seed: int, rank: int = 4) -> dict:
+    """A LoHa (Hadamard product of two low-rank pairs): no low-rank branch can run it."""
+    g = torch.Generator().manual_seed(seed)
+    d = WAN["dim"]
+    stem = "lora_unet_blocks_0_self_attn_q"
+    def r(*shape):
+        return torch.randn(*shape, generator=g) / 4
+    return {stem + ".hada_w1_a": r(d, rank), stem + ".hada_w1_b": r(rank, d), stem + ".hada_w2_a": r(d, rank),
+            stem + ".hada_w2_b": r(rank, d), stem + ".alpha": torch.tensor(float(rank))}
+
+
 def main(out_dir):
     dm = os.path.join(out_dir, "diffusion_models")
     os.makedirs(dm, exist_ok=True)
@@ -166,6 +194,8 @@ def main(out_dir):
     for fmt in comfy_quant_formats():
         save_file(comfy_quant(build("wan21_t2v", 1), fmt), os.path.join(dm, f"tiny_wan2.1_t2v_{fmt}.safetensors"))
     save_file(lora_for_wan(7), os.path.join(out_dir, "loras", "tiny_wan_lora.safetensors"))
+    save_file(lora_for_wan_kohya(8), os.path.join(out_dir, "loras", "tiny_wan_lora_kohya.safetensors"))
+    save_file(loha_for_wan(9), os.path.join(out_dir, "loras", "tiny_wan_loha.safetensors"))
     save_file({"encoder.layer.weight": torch.randn(8, 8)}, os.path.join(dm, "not_a_dit.safetensors"))
 
 

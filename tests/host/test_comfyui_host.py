@@ -402,12 +402,69 @@ def test_fp8_sources_quantize_from_their_real_weights(server, capsys):
     assert s8["bytes_before"] < 0.6 * s16["bytes_before"], (s8, s16)
 
 
-def test_lora_after_quantization_is_refused(server):
-    g = quant_graph("lora_after")
-    g["lora"] = node("LoraLoaderModelOnly", model=["load", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
+def lora_node(model_ref, name="tiny_wan_lora.safetensors", strength=1.0):
+    return node("LoraLoaderModelOnly", model=model_ref, lora_name=name, strength_model=strength)
+
+
+KOHYA = "tiny_wan_lora_kohya.safetensors"
+
+
+def test_lora_after_quantization_runs_beside_the_packed_weights(server, capsys):
+    """Two stacked LoRAs after the Loader (diffusers-style lora_A/B on self-attention; kohya with alpha on the
+    feed-forward, whose GELU the quantized ffn.0 applies, plus a bias difference, at negative strength): within
+    quantization noise of the same LoRAs merged before quantizing (Apply); strength changes and removal take
+    effect without quantizing again; the float model stays as it was."""
+    q8 = dict(w_bits=8, a_low=8, a_high=8)
+    unet = node("UNETLoader", unet_name=T2V, weight_dtype="default")
+
+    def after(strength2, prefix, loras=True):
+        g = {"load": loader(T2V, **q8), "l1": lora_node(["load", 0]), "l2": lora_node(["l1", 0], KOHYA, strength2)}
+        g["bs"] = bitswitch(["l2", 0] if loras else ["load", 0], mode="fixed", low=8, high=8)
+        return run_ok(server, sample_graph(g, ["bs", 0], prefix))
+
+    f0 = latent(server, run_ok(server, float_graph(T2V, "lora_float_before"))[0])
+    plain_h, plain_m = after(-0.5, "lora_none", loras=False)
+    assert events(plain_m, "dvdq.quant_progress"), "the first run quantizes"
+    h, m = after(-0.5, "lora_after")
+    h2, m2 = after(1.0, "lora_after_strength")
+    h3, m3 = after(1.0, "lora_none_again", loras=False)
+    for msgs in (m, m2, m3):  # the Loader's output stays cached while it is in every prompt
+        assert not events(msgs, "dvdq.quant_progress"), "adding, changing or removing a LoRA must not quantize again"
+    merged_g = {"unet": unet, "l1": lora_node(["unet", 0]), "l2": lora_node(["l1", 0], KOHYA, -0.5),
+                "apply": node("DVDQuantApply", model=["l2", 0], method="dvdq", **q8),
+                "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)}
+    merged = latent(server, run_ok(server, sample_graph(merged_g, ["bs", 0], "lora_merged"))[0])
+    plain, lora_after = latent(server, plain_h), latent(server, h)
+    strength2, plain_again = latent(server, h2), latent(server, h3)
+    f1 = latent(server, run_ok(server, float_graph(T2V, "lora_float_after", seed=3))[0])
+    effect = rel(merged, plain)
+    with capsys.disabled():
+        print(f"\n[host] LoRAs after quantization (W8A8): vs merged before quantizing {rel(lora_after, merged):.4f}, "
+              f"the LoRAs' own effect {effect:.4f}")
+    assert rel(lora_after, merged) < 0.5 * effect
+    assert rel(strength2, lora_after) > 0.2 * effect, "a new strength must take effect"
+    assert torch.equal(plain_again, plain), "without the LoRAs the quantized model must give what it gave before"
+    assert torch.equal(f1, f0), "the float model must not change"
+
+
+def test_lora_after_quantization_on_every_load_path(server):
+    """ComfyUI hands a LoRA to a fully loaded layer through patch_weight_to_device and to an offloaded one as
+    LowVramPatch functions: both give the same output, and unloading removes it."""
+    g = {"load": loader(T2V, w_bits=8, a_low=8, a_high=8), "l1": lora_node(["load", 0]),
+         "l2": lora_node(["l1", 0], KOHYA, 0.7)}
+    g["paths"] = node("DVDQTestLoadPaths", model=["l2", 0], reference=["load", 0])
+    info = json.loads(run_ok(server, g)[0]["outputs"]["paths"]["info"][0])
+    assert info["full_patched_layers"] > 0 and info["after_unpatch"] == 0, info
+    assert info["lowvram_patch_layers"] > 0, info
+    assert info["lora_effect"] > 0.01 and info["lowvram_vs_full"] < 1e-5 and info["reference_again"] == 0, info
+
+
+def test_lora_forms_without_a_low_rank_branch_are_refused(server):
+    g = quant_graph("loha_after")
+    g["lora"] = lora_node(["load", 0], "tiny_wan_loha.safetensors")
     g["bs"]["inputs"]["model"] = ["lora", 0]
     err = run_error(server, g)
-    assert "before 'DVD-Quant Apply'" in err, err
+    assert "LoHa" in err and "before 'DVD-Quant Apply'" in err, err
 
 
 def test_hook_lora_on_quantized_model_is_refused(server):

@@ -1,0 +1,186 @@
+"""LoRAs after quantization: ComfyUI's weight patches on a quantized layer become its low-rank branch
+(dvdq_core/lowrank.py) instead of changes to the packed codes.
+
+ComfyUI's LoRA nodes map a LoRA onto layers by their `weight` keys (which quantized layers keep) and add
+the factors to the MODEL as patches; the host applies them while it loads the model, in one of three ways:
+- fully loaded layers: `ModelPatcher.patch_weight_to_device(key)` on the weights it loads. The pack's patcher
+  class (a subclass of the host's own, as ComfyUI-GGUF's) keeps the packed bytes out of that and, after each
+  load, gives every quantized layer its patch lists;
+- low-VRAM layers: a `LowVramPatch` in the layer's `weight_function` / `bias_function`;
+- dynamic VRAM (0.15 on): a `LowVramPatch` as `weight_lowvram_function` / `bias_lowvram_function`.
+The layer (host.layer_class) reads all three and runs the same branch. Forms that are no low-rank product
+(LoHa, LoKr, DoRA, full-weight differences, ...) are refused before sampling with what to do instead.
+
+ComfyUI modules are imported inside the functions (see host.py).
+"""
+import torch
+
+from ..dvdq_core import quantized_layers
+from ..dvdq_core.lowrank import LowRankTerm, stack
+
+FUNCTION_ATTRS = ("weight_function", "bias_function", "weight_lowvram_function", "bias_lowvram_function")
+
+
+class UnsupportedPatch(ValueError):
+    """A weight patch that cannot run as a low-rank branch; str() names its form."""
+
+
+def _adapter_form(v) -> str:
+    name = type(v).__name__
+    return {"LoHaAdapter": "a LoHa (Hadamard-product LoRA)", "LoKrAdapter": "a LoKr (Kronecker-product LoRA)",
+            "GLoRAAdapter": "a GLoRA", "OFTAdapter": "an OFT (orthogonal fine-tuning) patch",
+            "BOFTAdapter": "a BOFT patch"}.get(name, f"a {name} patch")
+
+
+def patch_terms(key: str, patches: list):
+    """([LowRankTerm], [(scale, bias diff)]) for one weight or bias key's ComfyUI patch list
+    [(strength, adapter or tuple, strength_model, offset, function), ...]; raises UnsupportedPatch."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+    terms, biases = [], []
+    is_bias = key.endswith(".bias")
+    for p in patches:
+        strength, v, strength_model, offset, function = p[0], p[1], p[2], p[3], p[4]
+        if function is not None:
+            raise UnsupportedPatch("a patch with a transform function")
+        if strength_model != 1.0:
+            raise UnsupportedPatch("a patch that also scales the base weight (strength_model)")
+        if isinstance(v, list):
+            raise UnsupportedPatch("a chained patch")
+        if isinstance(v, LoRAAdapter):
+            up, down, alpha, mid, dora_scale, reshape = v.weights[:6]
+            if dora_scale is not None:
+                raise UnsupportedPatch("a DoRA (its weight-norm rescaling needs the merged weight)")
+            if mid is not None:
+                raise UnsupportedPatch("a LoCon with a Tucker mid weight (a convolution form)")
+            if reshape is not None:
+                raise UnsupportedPatch("a LoRA that reshapes the weight")
+            if is_bias:
+                raise UnsupportedPatch("a low-rank patch on a bias")
+            scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+            rows = cols = None
+            if offset is not None:  # (dim, start, length): the patch addresses a slice of the weight
+                if offset[0] not in (0, 1):
+                    raise UnsupportedPatch(f"a patch on a slice along dimension {offset[0]}")
+                rows, cols = ((offset[1], offset[2]), None) if offset[0] == 0 else (None, (offset[1], offset[2]))
+            terms.append(LowRankTerm(up, down, scale, rows, cols))
+            continue
+        if not isinstance(v, tuple):  # another adapter class
+            raise UnsupportedPatch(_adapter_form(v))
+        kind, data = ("diff", v) if len(v) == 1 else (v[0], v[1])
+        if kind != "diff":
+            raise UnsupportedPatch({"set": "a weight replacement", "model_as_lora": "a model merge"}.get(
+                kind, f"a {kind!r} patch"))
+        if not is_bias:
+            raise UnsupportedPatch("a full-weight difference (not low-rank)")
+        if offset is not None:
+            raise UnsupportedPatch("a bias difference on a slice")
+        biases.append((float(strength), data[0]))
+    return terms, biases
+
+
+def unsupported_message(form: str, key: str) -> str:
+    return (f"DVD-Quant: the LoRA patch on {key} is {form}, which cannot run beside the 4-bit weights. Standard LoRAs "
+            "(kohya, diffusers, lora_A/lora_B, LoCon on linear layers) work after the DVD-Quant Loader at any strength. "
+            "For this one, put the LoRA loader before 'DVD-Quant Apply' (Load Diffusion Model -> LoRA -> DVD-Quant "
+            "Apply): it is then merged into the weights before they are quantized.")
+
+
+def _patch_lists(layer) -> dict:
+    """{key: patch list} this layer runs now: given by the pack's patcher (fully loaded) or as LowVramPatch
+    functions (low/dynamic VRAM); the same key from both is the same list. Raises UnsupportedPatch for any
+    other weight function (a weight wrapper)."""
+    from comfy.model_patcher import LowVramPatch
+    lists = {k: v for k, v in layer.lora_patches.items() if v}
+    for attr in FUNCTION_ATTRS:
+        fns = getattr(layer, attr, None)
+        for f in (fns if isinstance(fns, (list, tuple)) else [fns] if fns is not None else []):
+            if isinstance(f, LowVramPatch):
+                lists[f.key] = f.patches[f.key]
+            else:
+                raise UnsupportedPatch(f"a weight wrapper ({type(f).__name__}), which needs the float weight")
+    return lists
+
+
+def layer_lowrank(layer, x: torch.Tensor):
+    """The LowRank for this call of a quantized layer, built once per set of patches, device and dtype."""
+    lists = _patch_lists(layer)
+    if not lists:
+        layer.lowrank_cache = None
+        return None
+    sig = (x.device, x.dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst))
+                                    for k, lst in sorted(lists.items())))
+    cached = layer.lowrank_cache
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    terms, biases = [], []
+    for key, lst in sorted(lists.items()):
+        t, b = patch_terms(key, lst)
+        terms += t
+        biases += b
+    lowrank = stack(terms, biases, layer.out_features, layer.in_features, x.device, x.dtype)
+    # the patch lists are kept with the signature: the ids in it stay those of live adapters
+    layer.lowrank_cache = (sig, lowrank, [list(v) for v in lists.values()])
+    return lowrank
+
+
+def packed_layer(model, key: str):
+    """The quantized layer whose `weight` or `bias` the state-dict key names, else None."""
+    from .host import layer_class
+    owner, _, param = key.rpartition(".")
+    if param not in ("weight", "bias"):
+        return None
+    try:
+        m = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    return m if isinstance(m, layer_class()) else None
+
+
+class _LowRankPatching:
+    """Mixed into the host's ModelPatcher class for quantized MODELs (patcher_class)."""
+
+    def load(self, *args, **kwargs):
+        out = super().load(*args, **kwargs)
+        # every quantized layer gets this MODEL's patches, whatever the host did with the layer: it walks
+        # parameters only, and the packed codes are buffers until a dynamic load makes them parameters
+        dm = getattr(self.model, "diffusion_model", None)
+        for name, layer in quantized_layers(dm) if dm is not None else []:
+            if hasattr(layer, "lora_patches"):
+                keys = [f"diffusion_model.{name}.{p}" for p in ("weight", "bias")]
+                layer.lora_patches = {k: self.patches[k] for k in keys if self.patches.get(k)}
+        return out
+
+    def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
+        if key not in self.patches or packed_layer(self.model, key) is None:
+            return super().patch_weight_to_device(key, device_to, *args, **kwargs)
+        # the packed codes never take a patch (the layer's branch runs it): the host's own no-patch path
+        hidden = self.patches.pop(key)
+        try:
+            return super().patch_weight_to_device(key, device_to, *args, **kwargs)
+        finally:
+            self.patches[key] = hidden
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        out = super().unpatch_model(device_to, unpatch_weights)
+        if unpatch_weights:
+            dm = getattr(self.model, "diffusion_model", None)
+            for _, layer in quantized_layers(dm) if dm is not None else []:
+                if hasattr(layer, "lora_patches"):
+                    layer.lora_patches = {}
+        return out
+
+
+_CLASSES = {}
+
+
+def patcher_class(cls):
+    """The host's patcher class `cls` with the low-rank patching (one subclass per host class)."""
+    if issubclass(cls, _LowRankPatching):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type("DVDQuant" + cls.__name__, (_LowRankPatching, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def runs_lowrank(patcher) -> bool:
+    return isinstance(patcher, _LowRankPatching)
