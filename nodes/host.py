@@ -189,6 +189,11 @@ def layer_class():
                 self.lora_patches = {}  # {weight or bias key: patch list} from the pack's patcher (nodes/lora.py)
                 self.lowrank_cache = None
 
+            def forward(self, x):
+                if self.act and "forward" in self.__dict__:  # ComfyUI's bypass LoRA wraps this forward (0.33 on)
+                    raise DVDQuantError(BYPASS_ON_FUSED_ACT)
+                return super().forward(x)
+
             def current_lowrank(self, x):
                 try:
                     return layer_lowrank(self, x)
@@ -198,6 +203,12 @@ def layer_class():
 
         _LAYER_CLASS.append(DVDQuantLinear)
     return _LAYER_CLASS[0]
+
+
+BYPASS_ON_FUSED_ACT = (
+    "DVD-Quant: a bypass LoRA (Load LoRA (Bypass)) reaches a feed-forward layer whose GELU DVD-Quant applies inside "
+    "the layer, so the LoRA would be added after the GELU. Use the plain 'LoraLoaderModelOnly' after the DVD-Quant "
+    "Loader instead: DVD-Quant runs it beside the 4-bit weights without changing them, as bypass mode would.")
 
 
 def _targets(keys, layer_keys):

@@ -543,13 +543,23 @@ def _cast_like(dm, dtypes: dict, quantized: set):
 
 
 def save_model(patcher, path):
+    """The quantized base model, without the MODEL's LoRAs: those run beside the packed weights (nodes/lora.py)
+    and stay files of their own; a float layer the last sampling left patched in place is written as its
+    original (the patcher's backups)."""
     base = patcher.model
     info = dvdq_info(patcher)
     if info is None:
         raise DVDQuantError("DVD-Quant Save needs a MODEL quantized by DVD-Quant Loader or Apply")
+    dm = base.diffusion_model
+    sd = float_state_dict(dm)
+    prefix = "diffusion_model."
+    for key in {*patcher.backup, *getattr(patcher, "hook_backup", {})}:
+        name = key[len(prefix):]
+        if key.startswith(prefix) and name in sd:
+            weight, convert = _stored_weight(patcher, key)
+            sd[name] = convert(weight.detach().to(torch.float32, copy=True), inplace=True).to(sd[name].dtype)
+    save_quantized(dm, path, info["config"], arch=info["arch"], state_dict=sd)
     if patcher.patches:
-        raise DVDQuantError("this MODEL carries weight patches (e.g. a LoRA) that the file could not hold: "
-                            "save the quantized model before applying them, or apply the LoRA before DVD-Quant Apply")
-    save_quantized(base.diffusion_model, path, info["config"], arch=info["arch"],
-                   state_dict=float_state_dict(base.diffusion_model))
+        log.info("DVD-Quant Save: wrote the quantized base model; this MODEL's LoRAs (%d patched weights) are not in "
+                 "it: load them after the DVD-Quant Loader as before", len(patcher.patches))
     return path

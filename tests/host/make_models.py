@@ -158,7 +158,8 @@ def lora_for_wan(seed: int, rank: int = 4) -> dict:
 
 def lora_for_wan_kohya(seed: int, rank: int = 8, alpha: float = 4.0) -> dict:
     """kohya naming with alpha, on the feed-forward (ffn.0 carries the folded GELU: the branch must join
-    before it), a cross-attention projection, and a bias difference (diff_b) on ffn.2."""
+    before it), a cross-attention projection, a bias difference (diff_b) on ffn.2, and the float text
+    embedding (no alpha: scale 1)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     shapes = {"ffn_0": (WAN["ffn_dim"], WAN["dim"]), "ffn_2": (WAN["dim"], WAN["ffn_dim"]),
@@ -170,6 +171,9 @@ def lora_for_wan_kohya(seed: int, rank: int = 8, alpha: float = 4.0) -> dict:
             out[stem + ".lora_up.weight"] = (torch.randn(n, rank, generator=g) / 3).to(torch.bfloat16)
             out[stem + ".alpha"] = torch.tensor(alpha)
         out[f"lora_unet_blocks_{b}_ffn_2.diff_b"] = torch.randn(WAN["dim"], generator=g) / 4
+    # and a float layer (outside the blocks: not quantized), which ComfyUI patches in place
+    out["lora_unet_text_embedding_0.lora_down.weight"] = (torch.randn(rank, WAN["text_dim"], generator=g) / 3).to(torch.bfloat16)
+    out["lora_unet_text_embedding_0.lora_up.weight"] = (torch.randn(WAN["dim"], rank, generator=g) / 3).to(torch.bfloat16)
     return out
 
 

@@ -428,6 +428,13 @@ def test_lora_after_quantization_runs_beside_the_packed_weights(server, capsys):
     h, m = after(-0.5, "lora_after")
     h2, m2 = after(1.0, "lora_after_strength")
     h3, m3 = after(1.0, "lora_none_again", loras=False)
+    # DVD-Quant Save of the LoRA'd MODEL after it sampled (its float text embedding patched in place): the base
+    # model without the LoRAs
+    saved = {"load": loader(T2V, **q8), "l1": lora_node(["load", 0]), "l2": lora_node(["l1", 0], KOHYA, 1.0),
+             "s": node("DVDQuantSave", model=["l2", 0], filename_prefix="dvdq/lora_saved")}
+    saved_name = "dvdq/" + run_ok(server, saved)[0]["outputs"]["s"]["text"][0]
+    base_again = latent(server, run_ok(server, quant_graph("lora_saved_base", name=saved_name, w_bits=8, a_low=8,
+                                                           a_high=8, mode="fixed", fixed_bits=8))[0])
     for msgs in (m, m2, m3):  # the Loader's output stays cached while it is in every prompt
         assert not events(msgs, "dvdq.quant_progress"), "adding, changing or removing a LoRA must not quantize again"
     merged_g = {"unet": unet, "l1": lora_node(["unet", 0]), "l2": lora_node(["l1", 0], KOHYA, -0.5),
@@ -444,6 +451,7 @@ def test_lora_after_quantization_runs_beside_the_packed_weights(server, capsys):
     assert rel(lora_after, merged) < 0.5 * effect
     assert rel(strength2, lora_after) > 0.2 * effect, "a new strength must take effect"
     assert torch.equal(plain_again, plain), "without the LoRAs the quantized model must give what it gave before"
+    assert rel(base_again, plain) < 1e-4, "DVD-Quant Save writes the base model without the LoRAs"
     assert torch.equal(f1, f0), "the float model must not change"
 
 
@@ -457,6 +465,24 @@ def test_lora_after_quantization_on_every_load_path(server):
     assert info["full_patched_layers"] > 0 and info["after_unpatch"] == 0, info
     assert info["lowvram_patch_layers"] > 0, info
     assert info["lora_effect"] > 0.01 and info["lowvram_vs_full"] < 1e-5 and info["reference_again"] == 0, info
+
+
+def test_bypass_lora_after_quantization(server):
+    """ComfyUI's bypass LoRA (0.33 on) wraps the layers' forwards: on attention layers it gives what the
+    pack's branch gives; on the feed-forward whose GELU the quantized layer applies it is refused."""
+    if "LoraLoaderBypassModelOnly" not in server.get("/object_info"):
+        pytest.skip("this host has no bypass LoRA node (0.33.0 on)")
+    q8 = dict(w_bits=8, a_low=8, a_high=8)
+
+    def g(lora_class, name, prefix):
+        nodes = {"load": loader(T2V, **q8), "l": node(lora_class, model=["load", 0], lora_name=name, strength_model=0.7),
+                 "bs": bitswitch(["l", 0], mode="fixed", low=8, high=8)}
+        return sample_graph(nodes, ["bs", 0], prefix)
+    ours = latent(server, run_ok(server, g("LoraLoaderModelOnly", "tiny_wan_lora.safetensors", "branch_attn"))[0])
+    bypass = latent(server, run_ok(server, g("LoraLoaderBypassModelOnly", "tiny_wan_lora.safetensors", "bypass_attn"))[0])
+    assert rel(bypass, ours) < 0.02, rel(bypass, ours)
+    err = run_error(server, g("LoraLoaderBypassModelOnly", KOHYA, "bypass_ffn"))
+    assert "LoraLoaderModelOnly" in err and "GELU" in err, err
 
 
 def test_lora_forms_without_a_low_rank_branch_are_refused(server):
