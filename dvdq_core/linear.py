@@ -124,7 +124,7 @@ class QuantLinear(nn.Module):
         else:  # the branch joins the output before the layer's fused activation
             layer = _View(self, x.device, act=None)
             y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
-            y = y + lowrank(x2d).to(y.dtype)
+            y = lowrank.add_to(y, x2d)
             if self.act == "gelu_tanh":
                 y = F.gelu(y, approximate="tanh")
         return y.reshape(*x.shape[:-1], self.out_features)

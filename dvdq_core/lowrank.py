@@ -29,11 +29,13 @@ class LowRank:
     up: torch.Tensor           # [N, R], the scales folded in
     bias: torch.Tensor | None  # [N] or None
 
-    def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
-        """(x·Aᵀ)·Bᵀ + Δb in x's dtype, [M, N]."""
-        y = (x2d @ self.down.t()) @ self.up.t() if self.down.shape[0] else None
+    def add_to(self, y: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+        """y + (x·Aᵀ)·Bᵀ + Δb for the layer's output y [M, N] (x's dtype): the up-projection accumulates into
+        y in the GEMM (one read and one write of y, no [M, N] temporary)."""
+        if self.down.shape[0]:
+            y = torch.addmm(y, x2d @ self.down.t(), self.up.t())
         if self.bias is not None:
-            y = self.bias.expand(x2d.shape[0], -1) if y is None else y + self.bias
+            y = y + self.bias
         return y
 
 

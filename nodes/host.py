@@ -187,6 +187,7 @@ def layer_class():
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 self.lora_patches = {}  # {weight or bias key: patch list} from the pack's patcher (nodes/lora.py)
+                self.hook_patches = {}  # the same for hook LoRAs, while their hook group is active
                 self.lowrank_cache = None
 
             def forward(self, x):
@@ -267,17 +268,29 @@ def hook_lora_hits(guider, layer_keys: set) -> list:
     return hits
 
 
+def check_hook_patches(patcher, layer_keys: set, guider):
+    """Hook LoRAs on quantized layers: run by the pack's patcher as branches too (nodes/lora.py), in the forms
+    a branch runs; refused on a patcher of the host's own class (0.33's non-dynamic copy for hooks on a GPU)."""
+    from .lora import UnsupportedPatch, patch_terms, runs_lowrank, unsupported_message
+    hits = []
+    for hp in (getattr(patcher, "hook_patches", None) or {}).values():
+        for key in _targets(hp.keys(), layer_keys):
+            hits.append(key)
+            try:
+                patch_terms(key, hp[key])
+            except UnsupportedPatch as e:
+                raise DVDQuantError(unsupported_message(str(e), key)) from None
+    hits += hook_lora_hits(guider, layer_keys)
+    if hits and not runs_lowrank(patcher):
+        raise DVDQuantError(lora_after_message("a hook LoRA (scheduled through conditioning) on a model copy ComfyUI "
+                                               "made without DVD-Quant's patch handling", hits[:3]))
+
+
 def guard_outer_sample(executor, *args, **kwargs):
     guider = executor.class_obj
     patcher = guider.model_patcher
     check_patches_on_quantized(patcher)
-    layer_keys = quantized_keys(patcher.model)
-    hits = []
-    for hp in (getattr(patcher, "hook_patches", None) or {}).values():
-        hits += _targets(hp.keys(), layer_keys)
-    hits += hook_lora_hits(guider, layer_keys)
-    if hits:
-        raise DVDQuantError(lora_after_message("a hook LoRA (scheduled through conditioning)", hits[:3]))
+    check_hook_patches(patcher, quantized_keys(patcher.model), guider)
     return executor(*args, **kwargs)
 
 

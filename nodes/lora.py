@@ -85,20 +85,20 @@ def unsupported_message(form: str, key: str) -> str:
             "Apply): it is then merged into the weights before they are quantized.")
 
 
-def _patch_lists(layer) -> dict:
-    """{key: patch list} this layer runs now: given by the pack's patcher (fully loaded) or as LowVramPatch
-    functions (low/dynamic VRAM); the same key from both is the same list. Raises UnsupportedPatch for any
-    other weight function (a weight wrapper)."""
+def _patch_lists(layer) -> list:
+    """[(key, patch list)] this layer runs now: the MODEL's patches, given by the pack's patcher (fully loaded)
+    or as LowVramPatch functions (low/dynamic VRAM; the same list under the same key), and hook LoRAs' patches.
+    Raises UnsupportedPatch for any other weight function (a weight wrapper)."""
     from comfy.model_patcher import LowVramPatch
-    lists = {k: v for k, v in layer.lora_patches.items() if v}
+    model = {k: v for k, v in layer.lora_patches.items() if v}
     for attr in FUNCTION_ATTRS:
         fns = getattr(layer, attr, None)
         for f in (fns if isinstance(fns, (list, tuple)) else [fns] if fns is not None else []):
             if isinstance(f, LowVramPatch):
-                lists[f.key] = f.patches[f.key]
+                model[f.key] = f.patches[f.key]
             else:
                 raise UnsupportedPatch(f"a weight wrapper ({type(f).__name__}), which needs the float weight")
-    return lists
+    return sorted(model.items()) + sorted((k, v) for k, v in layer.hook_patches.items() if v)
 
 
 def layer_lowrank(layer, x: torch.Tensor):
@@ -107,19 +107,18 @@ def layer_lowrank(layer, x: torch.Tensor):
     if not lists:
         layer.lowrank_cache = None
         return None
-    sig = (x.device, x.dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst))
-                                    for k, lst in sorted(lists.items())))
+    sig = (x.device, x.dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst)) for k, lst in lists))
     cached = layer.lowrank_cache
     if cached is not None and cached[0] == sig:
         return cached[1]
     terms, biases = [], []
-    for key, lst in sorted(lists.items()):
+    for key, lst in lists:
         t, b = patch_terms(key, lst)
         terms += t
         biases += b
     lowrank = stack(terms, biases, layer.out_features, layer.in_features, x.device, x.dtype)
     # the patch lists are kept with the signature: the ids in it stay those of live adapters
-    layer.lowrank_cache = (sig, lowrank, [list(v) for v in lists.values()])
+    layer.lowrank_cache = (sig, lowrank, [list(v) for _, v in lists])
     return lowrank
 
 
@@ -145,9 +144,8 @@ class _LowRankPatching:
         # parameters only, and the packed codes are buffers until a dynamic load makes them parameters
         dm = getattr(self.model, "diffusion_model", None)
         for name, layer in quantized_layers(dm) if dm is not None else []:
-            if hasattr(layer, "lora_patches"):
-                keys = [f"diffusion_model.{name}.{p}" for p in ("weight", "bias")]
-                layer.lora_patches = {k: self.patches[k] for k in keys if self.patches.get(k)}
+            keys = [f"diffusion_model.{name}.{p}" for p in ("weight", "bias")]
+            layer.lora_patches = {k: self.patches[k] for k in keys if self.patches.get(k)}
         return out
 
     def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
@@ -160,13 +158,41 @@ class _LowRankPatching:
         finally:
             self.patches[key] = hidden
 
+    # hook LoRAs (Create Hook LoRA on a conditioning): the host patches weights per hook group while sampling
+    def patch_hook_weight_to_device(self, hooks, combined_patches, key, original_weights, memory_counter):
+        layer = packed_layer(self.model, key)
+        if layer is None or key not in combined_patches:
+            return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
+        layer.hook_patches[key] = combined_patches[key]
+        if original_weights is not None:
+            original_weights.pop(key, None)
+        import comfy.hooks
+        if self.hook_mode == comfy.hooks.EnumHookMode.MaxSpeed:  # the host's cache of patched weights per hook
+            # group: for a packed layer it holds the patch list (patch_cached_hook_weights below reads it)
+            self.cached_hook_patches.setdefault(hooks, {})[key] = (combined_patches[key], None)
+
+    def patch_cached_hook_weights(self, cached_weights, key, memory_counter):
+        layer = packed_layer(self.model, key)
+        if layer is None:
+            return super().patch_cached_hook_weights(cached_weights, key, memory_counter)
+        layer.hook_patches[key] = cached_weights[key][0]
+
+    def unpatch_hooks(self, whitelist_keys_set=None):
+        out = super().unpatch_hooks(whitelist_keys_set)
+        for layer in self._packed_layers():  # the host's argument names the keys to unpatch (all if empty)
+            layer.hook_patches = {k: v for k, v in layer.hook_patches.items()
+                                  if whitelist_keys_set and k not in whitelist_keys_set}
+        return out
+
+    def _packed_layers(self):
+        dm = getattr(self.model, "diffusion_model", None)
+        return [m for _, m in quantized_layers(dm)] if dm is not None else []
+
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         out = super().unpatch_model(device_to, unpatch_weights)
         if unpatch_weights:
-            dm = getattr(self.model, "diffusion_model", None)
-            for _, layer in quantized_layers(dm) if dm is not None else []:
-                if hasattr(layer, "lora_patches"):
-                    layer.lora_patches = {}
+            for layer in self._packed_layers():
+                layer.lora_patches = {}
         return out
 
 

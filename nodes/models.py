@@ -302,7 +302,7 @@ LOAD_STATE = {"model_loaded_weight_memory", "lowvram_patch_counter", "model_lowv
               "bias_function", "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_v",
               "_v_signature", "_v_weight", "_v_bias", "_pin_state", "_pins", "_prefetch"}
 LOAD_STATE_RESET = {"current_patcher": None,  # set by the host's own __init__: reset, not removed
-                    "lora_patches": {}, "lowrank_cache": None}  # and by the pack's layer (nodes/lora.py)
+                    "lora_patches": {}, "hook_patches": {}, "lowrank_cache": None}  # and by the pack's layer (nodes/lora.py)
 _TORCH_FIELDS = ("_parameters", "_buffers", "_modules")
 
 

@@ -40,7 +40,8 @@ def test_stack_is_the_merged_difference():
     dw[8:24] += 0.5 * t2.up @ t2.down
     dw[:, 24:32] += 1.5 * t3.up @ t3.down
     x = randn(7, k).double()
-    torch.testing.assert_close(lr(x), x @ dw.double().t() + 0.25 * db.double(), rtol=1e-5, atol=1e-5)  # float32 factors
+    got = lr.add_to(torch.zeros(7, n, dtype=torch.float64), x)
+    torch.testing.assert_close(got, x @ dw.double().t() + 0.25 * db.double(), rtol=1e-5, atol=1e-5)  # float32 factors
     assert lr.down.shape == (4 + 2 + 3, k), "a term at strength 0 adds no rank"
     assert stack([zero], [(0.0, db)], n, k, "cpu", torch.float32) is None
 

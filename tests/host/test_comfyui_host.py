@@ -493,15 +493,28 @@ def test_lora_forms_without_a_low_rank_branch_are_refused(server):
     assert "LoHa" in err and "before 'DVD-Quant Apply'" in err, err
 
 
-def test_hook_lora_on_quantized_model_is_refused(server):
-    """Create Hook LoRA -> Cond Set Props on the positive prompt: ComfyUI would drop it silently."""
-    g = quant_graph("hook_lora")
-    g["hook"] = node("CreateHookLora", lora_name="tiny_wan_lora.safetensors", strength_model=1.0, strength_clip=1.0)
-    g["pos_hooked"] = node("ConditioningSetProperties", cond_NEW=["pos", 0], strength=1.0, set_cond_area="default",
-                           hooks=["hook", 0])
-    g["ks"]["inputs"]["positive"] = ["pos_hooked", 0]
-    err = run_error(server, g)
-    assert "before 'DVD-Quant Apply'" in err, err
+def test_hook_lora_on_quantized_model(server, capsys):
+    """Create Hook LoRA -> Conditioning Set Properties on the positive prompt: on the quantized model (W8A8) the
+    hook LoRA runs as the branch, within quantization noise of ComfyUI's own float run with the same hook; a
+    LoHa hook is refused, naming the form."""
+    def hooked(g, lora="tiny_wan_lora.safetensors"):
+        g["hook"] = node("CreateHookLora", lora_name=lora, strength_model=1.0, strength_clip=1.0)
+        g["pos_hooked"] = node("ConditioningSetProperties", cond_NEW=["pos", 0], strength=1.0,
+                               set_cond_area="default", hooks=["hook", 0])
+        g["ks"]["inputs"]["positive"] = ["pos_hooked", 0]
+        return g
+    q8 = dict(w_bits=8, a_low=8, a_high=8, mode="fixed", fixed_bits=8)
+    f_plain = latent(server, run_ok(server, float_graph(T2V, "hook_f_plain"))[0])
+    f_hook = latent(server, run_ok(server, hooked(float_graph(T2V, "hook_f")))[0])
+    q_hook = latent(server, run_ok(server, hooked(quant_graph("hook_q", **q8)))[0])
+    q_plain = latent(server, run_ok(server, quant_graph("hook_q_plain", **q8))[0])
+    with capsys.disabled():
+        print(f"\n[host] hook LoRA (W8A8): vs ComfyUI's float run with the hook {rel(q_hook, f_hook):.4f}, the hook's own "
+              f"effect {rel(f_hook, f_plain):.4f}, quantization alone {rel(q_plain, f_plain):.4f}")
+    assert rel(q_hook, f_hook) < 0.5 * rel(f_hook, f_plain)
+    assert rel(q_hook, q_plain) > 0.5 * rel(f_hook, f_plain), "the hook LoRA must take effect"
+    err = run_error(server, hooked(quant_graph("hook_loha", **q8), "tiny_wan_loha.safetensors"))
+    assert "LoHa" in err and "before 'DVD-Quant Apply'" in err, err
 
 
 def test_memory_accounting_and_lowvram_path(server):
