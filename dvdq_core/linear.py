@@ -110,13 +110,9 @@ class QuantLinear(nn.Module):
         u = unpack_codes(self.weight, self.spec.w_bits, self.in_features).float()
         return self.w_scale.float().unsqueeze(1) * (u - self.w_zero.float().unsqueeze(1))
 
-    def current_lowrank(self, x: torch.Tensor):
-        """The low-rank branch of this call (None: none); the host's layer class adds what its patcher gives."""
-        return self.lowrank
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
-        lowrank = self.current_lowrank(x)
+        lowrank = self.lowrank
         x2d = x.reshape(-1, self.in_features)
         if lowrank is None:
             layer = self if self.weight.device == x.device else _View(self, x.device)  # offloaded weights
@@ -124,6 +120,8 @@ class QuantLinear(nn.Module):
         else:  # the branch joins the output before the layer's fused activation
             layer = _View(self, x.device, act=None)
             y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
+            if lowrank.down.device != x.device or lowrank.down.dtype != x.dtype:  # built for other calls
+                lowrank = lowrank.to(x.device, x.dtype)
             y = lowrank.add_to(y, x2d)
             if self.act == "gelu_tanh":
                 y = F.gelu(y, approximate="tanh")

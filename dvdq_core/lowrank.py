@@ -39,6 +39,11 @@ class LowRank:
         return y
 
 
+    def to(self, device, dtype) -> "LowRank":
+        return LowRank(self.down.to(device, dtype), self.up.to(device, dtype),
+                       None if self.bias is None else self.bias.to(device, dtype))
+
+
 def stack(terms, bias_diffs, out_features: int, in_features: int, device, dtype) -> LowRank | None:
     """All terms of one layer as one LowRank in `dtype` on `device` (None when nothing is left).
     bias_diffs: (scale, [N] tensor) pairs added to the output."""

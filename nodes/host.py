@@ -176,12 +176,10 @@ _LAYER_CLASS = []
 def layer_class():
     """QuantLinear as one of ComfyUI's own layers: with comfy.ops.CastWeightBiasOp's attributes the host's
     memory manager loads, offloads (low VRAM, dynamic VRAM) and measures it like its Linear layers, by
-    its packed buffers (`weight` holds the packed codes); the forward runs them on the input's device, and
-    the LoRA patches the host gives it (nodes/lora.py) as its low-rank branch."""
+    its packed buffers (`weight` holds the packed codes); the forward runs them on the input's device, with
+    the low-rank branch the pack's patcher builds from the LoRA patches the host gives it (nodes/lora.py)."""
     if not _LAYER_CLASS:
         import comfy.ops
-
-        from .lora import UnsupportedPatch, layer_lowrank, unsupported_message
 
         class DVDQuantLinear(QuantLinear, comfy.ops.CastWeightBiasOp):
             def __init__(self, *args, **kwargs):
@@ -194,13 +192,6 @@ def layer_class():
                 if self.act and "forward" in self.__dict__:  # ComfyUI's bypass LoRA wraps this forward (0.33 on)
                     raise DVDQuantError(BYPASS_ON_FUSED_ACT)
                 return super().forward(x)
-
-            def current_lowrank(self, x):
-                try:
-                    return layer_lowrank(self, x)
-                except UnsupportedPatch as e:  # the guard refuses these before sampling; a path it did not see
-                    raise DVDQuantError(unsupported_message(str(e), f"a layer of {self.out_features} x "
-                                                                    f"{self.in_features}")) from None
 
         _LAYER_CLASS.append(DVDQuantLinear)
     return _LAYER_CLASS[0]

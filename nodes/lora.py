@@ -8,12 +8,12 @@ the factors to the MODEL as patches; the host applies them while it loads the mo
   load, gives every quantized layer its patch lists;
 - low-VRAM layers: a `LowVramPatch` in the layer's `weight_function` / `bias_function`;
 - dynamic VRAM (0.15 on): a `LowVramPatch` as `weight_lowvram_function` / `bias_lowvram_function`.
-The layer (host.layer_class) reads all three and runs the same branch. Forms that are no low-rank product
+After each load (and hook switch) the patcher builds each layer's branch from all three (`refresh`); the
+layer's forward is the core's. Forms that are no low-rank product
 (LoHa, LoKr, DoRA, full-weight differences, ...) are refused before sampling with what to do instead.
 
 ComfyUI modules are imported inside the functions (see host.py).
 """
-import torch
 
 from ..dvdq_core import quantized_layers
 from ..dvdq_core.lowrank import LowRankTerm, stack
@@ -101,25 +101,31 @@ def _patch_lists(layer) -> list:
     return sorted(model.items()) + sorted((k, v) for k, v in layer.hook_patches.items() if v)
 
 
-def layer_lowrank(layer, x: torch.Tensor):
-    """The LowRank for this call of a quantized layer, built once per set of patches, device and dtype."""
-    lists = _patch_lists(layer)
+def refresh(layer, device, dtype):
+    """Set the layer's branch (QuantLinear.lowrank) from the patch lists it has now, in `dtype` on `device`
+    (where its calls run); rebuilt only when the lists, strengths, device or dtype changed. Runs when the
+    host loads, unloads or switches hooks, never inside the forward (which torch.compile then traces as the
+    core's plain QuantLinear)."""
+    try:
+        lists = _patch_lists(layer)
+    except UnsupportedPatch as e:  # a weight wrapper, which the check before sampling did not see
+        from .host import DVDQuantError
+        raise DVDQuantError(unsupported_message(str(e), f"a layer of {layer.out_features} x {layer.in_features}")) \
+            from None
     if not lists:
-        layer.lowrank_cache = None
-        return None
-    sig = (x.device, x.dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst)) for k, lst in lists))
-    cached = layer.lowrank_cache
-    if cached is not None and cached[0] == sig:
-        return cached[1]
-    terms, biases = [], []
-    for key, lst in lists:
-        t, b = patch_terms(key, lst)
-        terms += t
-        biases += b
-    lowrank = stack(terms, biases, layer.out_features, layer.in_features, x.device, x.dtype)
-    # the patch lists are kept with the signature: the ids in it stay those of live adapters
-    layer.lowrank_cache = (sig, lowrank, [list(v) for _, v in lists])
-    return lowrank
+        layer.lowrank, layer.lowrank_cache = None, None
+        return
+    sig = (device, dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst)) for k, lst in lists))
+    if layer.lowrank_cache is None or layer.lowrank_cache[0] != sig:
+        terms, biases = [], []
+        for key, lst in lists:
+            t, b = patch_terms(key, lst)
+            terms += t
+            biases += b
+        # the patch lists are kept with the signature: the ids in it stay those of live adapters
+        layer.lowrank_cache = (sig, stack(terms, biases, layer.out_features, layer.in_features, device, dtype),
+                               [list(v) for _, v in lists])
+    layer.lowrank = layer.lowrank_cache[1]
 
 
 def packed_layer(model, key: str):
@@ -146,7 +152,13 @@ class _LowRankPatching:
         for name, layer in quantized_layers(dm) if dm is not None else []:
             keys = [f"diffusion_model.{name}.{p}" for p in ("weight", "bias")]
             layer.lora_patches = {k: self.patches[k] for k in keys if self.patches.get(k)}
+            self._refresh(layer)
         return out
+
+    def _refresh(self, layer):
+        """The layer's branch where its calls run: the load device, the model's compute dtype."""
+        dtype = getattr(self.model, "manual_cast_dtype", None) or self.model.get_dtype()
+        refresh(layer, self.load_device, dtype)
 
     def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
         if key not in self.patches or packed_layer(self.model, key) is None:
@@ -164,6 +176,7 @@ class _LowRankPatching:
         if layer is None or key not in combined_patches:
             return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
         layer.hook_patches[key] = combined_patches[key]
+        self._refresh(layer)
         if original_weights is not None:
             original_weights.pop(key, None)
         import comfy.hooks
@@ -176,12 +189,14 @@ class _LowRankPatching:
         if layer is None:
             return super().patch_cached_hook_weights(cached_weights, key, memory_counter)
         layer.hook_patches[key] = cached_weights[key][0]
+        self._refresh(layer)
 
     def unpatch_hooks(self, whitelist_keys_set=None):
         out = super().unpatch_hooks(whitelist_keys_set)
         for layer in self._packed_layers():  # the host's argument names the keys to unpatch (all if empty)
             layer.hook_patches = {k: v for k, v in layer.hook_patches.items()
                                   if whitelist_keys_set and k not in whitelist_keys_set}
+            self._refresh(layer)
         return out
 
     def _packed_layers(self):
@@ -193,6 +208,7 @@ class _LowRankPatching:
         if unpatch_weights:
             for layer in self._packed_layers():
                 layer.lora_patches = {}
+                self._refresh(layer)
         return out
 
 

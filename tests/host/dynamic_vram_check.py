@@ -225,14 +225,17 @@ factors = {n: (torch.randn(m.out_features, 4, generator=gl) / 4, torch.randn(4, 
 STRENGTH = 0.8
 adapters = {f"diffusion_model.{n}.weight": LoRAAdapter(set(), (up.to(DTYPE), down.to(DTYPE), torch.tensor(2.0), None,
                                                                None, None)) for n, (up, down) in factors.items()}
+lora_mod = pack.sub("lora")
 for n, m in qlayers:  # the patch lists given by hand, no patcher involved
     key = f"diffusion_model.{n}.weight"
     m.lora_patches = {key: [(STRENGTH, adapters[key], 1.0, None, None)]} if key in adapters else {}
+    lora_mod.refresh(m, dev, DTYPE)
 base.to(dev)
 ref_lora = run(base)
 base.to(qp.offload_device)
 for _, m in qlayers:
     m.lora_patches = {}
+    lora_mod.refresh(m, dev, DTYPE)
 check(((ref_lora - ref).norm() / ref.norm()).item() > 1e-2, "the hand-set branches change the output")
 lp = qp.clone()
 lp.add_patches(adapters, STRENGTH)
