@@ -11,7 +11,7 @@ Times, per shape and token count M (CUDA events, median of do_bench):
   ck_w4a8    comfy-kitchen AsymW4A8Int8Layout, F.linear incl. its quantizer
 and a sweep of our GEMM tile configurations. Prints a table; --json writes all numbers.
 
-usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck]
+usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck] [--lora R]
        python bench/kernels.py --act-sweep [--m 32760]   (activation-kernel launch settings only)
        python bench/kernels.py --act-sweep-pow2 [--m 32760]   (the two passes of granularity pow2)
        python bench/kernels.py --chain-sweep [--m 32760] [--models wan14b]   (tiles of the sm_90 GEMM without
@@ -111,6 +111,14 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     # granularity "pow2" (4-bit: per-channel power-of-two scales folded into the codes, no promotion)
     layer.granularity = "pow2"
     row["ours_p4"] = bench(lambda: kernels.linear_forward(layer, x, 4))
+    if args.lora:  # a rank-R LoRA after quantization beside the W4A4 pow2 layer (dvdq_core/lowrank.py)
+        from dvdq_core.lowrank import LowRankTerm, stack
+        term = LowRankTerm(torch.randn(n, args.lora, device=dev) / 64, torch.randn(args.lora, k, device=dev) / k ** 0.5, 1.0)
+        lr = stack([term], [], n, k, dev, torch.bfloat16)
+        row["ours_p4_lora"] = bench(lambda: lr.add_to(kernels.linear_forward(layer, x, 4), x))
+        print(f"  lora{args.lora} {model} {name} M={m}: W4A4 pow2 layer {row['ours_p4'] * 1e3:.3f} ms, with the branch "
+              f"{row['ours_p4_lora'] * 1e3:.3f} ms (+{row['ours_p4_lora'] / row['ours_p4'] - 1:.1%})", flush=True)
+        lr = None
     layer.granularity = "block"
     row["act_p4"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True))
     qp, sp_, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
@@ -298,6 +306,8 @@ def main():
     ap.add_argument("--act-sweep-pow2", action="store_true", help="settings of granularity pow2's two passes")
     ap.add_argument("--chain-sweep", action="store_true",
                     help="tiles of the sm_90 GEMM without per-block scales (BM,BN,warps,stages,GROUP_M) only")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="also time the W4A4 pow2 layer with a rank-R LoRA branch beside it")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     with ClockMonitor() as clock:
