@@ -455,6 +455,21 @@ def test_lora_after_quantization_runs_beside_the_packed_weights(server, capsys):
     assert torch.equal(f1, f0), "the float model must not change"
 
 
+def test_lora_after_apply(server):
+    """UNETLoader -> DVD-Quant Apply -> LoRA: within half the LoRA's effect of UNETLoader -> LoRA -> Apply."""
+    q8 = dict(w_bits=8, a_low=8, a_high=8, method="dvdq")
+    unet = node("UNETLoader", unet_name=T2V, weight_dtype="default")
+    after = {"unet": unet, "apply": node("DVDQuantApply", model=["unet", 0], **q8), "l": lora_node(["apply", 0], KOHYA),
+             "bs": bitswitch(["l", 0], mode="fixed", low=8, high=8)}
+    before = {"unet": unet, "l": lora_node(["unet", 0], KOHYA), "apply": node("DVDQuantApply", model=["l", 0], **q8),
+              "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)}
+    plain = {"unet": unet, "apply": node("DVDQuantApply", model=["unet", 0], **q8),
+             "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)}
+    a, b, p = (latent(server, run_ok(server, sample_graph(g, ["bs", 0], name))[0])
+               for g, name in ((after, "apply_lora_after"), (before, "apply_lora_before"), (plain, "apply_no_lora")))
+    assert rel(a, b) < 0.5 * rel(b, p), (rel(a, b), rel(b, p))
+
+
 def test_lora_after_quantization_on_every_load_path(server):
     """ComfyUI hands a LoRA to a fully loaded layer through patch_weight_to_device and to an offloaded one as
     LowVramPatch functions: both give the same output, and unloading removes it."""
