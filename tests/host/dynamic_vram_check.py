@@ -159,9 +159,25 @@ def close(a, b, what):
 
 # ---- reference: the same quantized model on the device, moved by hand, no patcher involved
 base = qp.model
-base.to(dev)
-ref = run(base)
-base.to(qp.offload_device)
+
+
+def run_by_hand():
+    """The model moved to the device by hand, no patcher: comfy layers cast their weights to the input's
+    dtype as a dynamic load makes them do (the patch embedding gets a float32 input, its weights are fp16)."""
+    casting = [m for m in base.modules() if hasattr(m, "comfy_cast_weights")]
+    before = [m.comfy_cast_weights for m in casting]
+    for m in casting:
+        m.comfy_cast_weights = True
+    base.to(dev)
+    try:
+        return run(base)
+    finally:
+        base.to(qp.offload_device)
+        for m, b in zip(casting, before):
+            m.comfy_cast_weights = b
+
+
+ref = run_by_hand()
 check(torch.isfinite(ref).all().item(), f"reference forward without patcher on {dev}: finite, shape {tuple(ref.shape)}")
 
 # ---- managed load (what KSampler's prepare_sampling does), forward through the loaded model
@@ -230,9 +246,7 @@ for n, m in qlayers:  # the patch lists given by hand, no patcher involved
     key = f"diffusion_model.{n}.weight"
     m.lora_patches = {key: [(STRENGTH, adapters[key], 1.0, None, None)]} if key in adapters else {}
     lora_mod.refresh(m, dev, DTYPE)
-base.to(dev)
-ref_lora = run(base)
-base.to(qp.offload_device)
+ref_lora = run_by_hand()
 for _, m in qlayers:
     m.lora_patches = {}
     lora_mod.refresh(m, dev, DTYPE)
