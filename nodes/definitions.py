@@ -17,6 +17,7 @@ _METHOD = (METHODS, {"default": "dvdq",
                                 "quarot: baselines for comparison."})
 _ARQ = ("ARQ_SETTINGS", {"tooltip": "Optional ARQ Settings node: rotation, auto-scaling and per-layer bit overrides."})
 _UID = {"unique_id": "UNIQUE_ID"}
+LORAS_KEEP, LORAS_MERGE = "keep out (base model)", "merge and quantize again"  # DVD-Quant Save's choice
 
 
 def _host():
@@ -222,14 +223,21 @@ class DVDQuantSave:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A MODEL quantized by DVD-Quant Loader or Apply (before any LoRA)."}),
+                "model": ("MODEL", {"tooltip": "A MODEL quantized by DVD-Quant Loader or Apply."}),
                 "filename_prefix": ("STRING", {"default": "dvdq/model",
                                                "tooltip": "File name prefix; 'dvdq/' means the models/dvdq folder. "
                                                           "A number is appended; nothing is overwritten."}),
             },
+            "optional": {
+                "loras": ([LORAS_KEEP, LORAS_MERGE], {
+                    "default": LORAS_KEEP,
+                    "tooltip": "LoRAs loaded after the DVD-Quant Loader: keep them out (the file is the base model; "
+                               "load the LoRAs after it as before) or merge them into the weights and quantize those "
+                               "again (one file to share; a second rounding, and as long as quantizing takes)."}),
+            },
         }
 
-    def save(self, model, filename_prefix):
+    def save(self, model, filename_prefix, loras=None):
         import os
         host = _host()
         sub, stem = host.split_prefix(filename_prefix)
@@ -237,7 +245,7 @@ class DVDQuantSave:
         target_dir = os.path.join(folder, sub) if sub else folder
         os.makedirs(target_dir, exist_ok=True)
         path = host.unique_path(target_dir, stem)
-        _models().save_model(model, path)
+        _models().save_model(model, path, merge_loras=loras == LORAS_MERGE)
         host.log.info("DVD-Quant: saved %s", path)
         return {"ui": {"text": [os.path.relpath(path, folder)]}}
 

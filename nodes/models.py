@@ -19,6 +19,7 @@ from ..dvdq_core import (
     set_activation_bits,
 )
 from ..dvdq_core.backends import linear_backend
+from ..dvdq_core.lowrank import stack
 from ..dvdq_core.model import is_linear
 from ..dvdq_core.serialization import read_header
 from ..dvdq_core.spec import layer_spec
@@ -542,10 +543,12 @@ def _cast_like(dm, dtypes: dict, quantized: set):
             mod._buffers[attr] = t.to(dtype)
 
 
-def save_model(patcher, path):
-    """The quantized base model, without the MODEL's LoRAs: those run beside the packed weights (nodes/lora.py)
-    and stay files of their own; a float layer the last sampling left patched in place is written as its
-    original (the patcher's backups)."""
+def save_model(patcher, path, merge_loras=False):
+    """The quantized model. Without merge_loras: the base model, without the MODEL's LoRAs (they run beside the
+    packed weights, nodes/lora.py, and stay files of their own); a float layer the last sampling left patched
+    in place is written as its original (the patcher's backups). merge_loras: every LoRA merged into the
+    weights, each quantized layer's float weight (its packed weight, rotated back) plus the LoRAs quantized
+    again with the layer's settings: one file to share, with the rounding of a second quantization."""
     base = patcher.model
     info = dvdq_info(patcher)
     if info is None:
@@ -558,8 +561,47 @@ def save_model(patcher, path):
         if key.startswith(prefix) and name in sd:
             weight, convert = _stored_weight(patcher, key)
             sd[name] = convert(weight.detach().to(torch.float32, copy=True), inplace=True).to(sd[name].dtype)
+    patched = [k for k in patcher.patches if patcher.patches[k] and k.startswith(prefix) and k[len(prefix):] in sd]
+    if merge_loras and patched:
+        _merge_patches(patcher, sd, patched)
     save_quantized(dm, path, info["config"], arch=info["arch"], state_dict=sd)
-    if patcher.patches:
+    if patched and not merge_loras:
         log.info("DVD-Quant Save: wrote the quantized base model; this MODEL's LoRAs (%d patched weights) are not in "
-                 "it: load them after the DVD-Quant Loader as before", len(patcher.patches))
+                 "it: load them after the DVD-Quant Loader as before", len(patched))
     return path
+
+
+def _merge_patches(patcher, sd: dict, keys: list):
+    """sd (the base model's tensors) with the patches of `keys` merged: float layers as ComfyUI merges them,
+    quantized layers' weights dequantized, rotated back, merged and quantized again (progress bar)."""
+    import comfy.lora
+    import comfy.utils
+
+    from ..dvdq_core.hadamard import rotate
+    from ..dvdq_core.linear import quantize_weight
+    from .lora import packed_layer, patch_terms
+    device = quant_device()
+    bar = comfy.utils.ProgressBar(len(keys))
+    for key in keys:
+        name = key[len("diffusion_model."):]
+        layer = packed_layer(patcher.model, key)
+        if layer is None:  # a float tensor: ComfyUI's own merge
+            sd[name] = comfy.lora.calculate_weight(patcher.patches[key], sd[name].to(torch.float32, copy=True),
+                                                   key).to(sd[name].dtype)
+        elif key.endswith(".bias"):
+            terms, biases = patch_terms(key, patcher.patches[key])
+            for scale, diff in biases:
+                sd[name] = (sd[name].float() + scale * diff.to(sd[name].device, torch.float32)).to(sd[name].dtype)
+        else:
+            terms, _ = patch_terms(key, patcher.patches[key])
+            dw = stack(terms, [], layer.out_features, layer.in_features, device or "cpu", torch.float32)
+            w = layer.dequantized_weight().to(device or "cpu")
+            if layer.spec.rotate:
+                w = rotate(w, layer.spec.had_block)  # H is symmetric and orthogonal: rotating again undoes it
+            if dw is not None:
+                w = w + dw.up @ dw.down
+            qw, _ = quantize_weight(w, layer.spec, device)
+            stem = name[:-len(".weight")]
+            for field, t in (("weight", qw.codes), ("w_scale", qw.scale), ("w_zero", qw.zero)):
+                sd[f"{stem}.{field}"] = t.to(sd[f"{stem}.{field}"].device, sd[f"{stem}.{field}"].dtype)
+        bar.update(1)

@@ -20,7 +20,7 @@ SPEC = {  # class id: (display name, required inputs in order, optional, outputs
                                              "layer_overrides"], [], ("ARQ_SETTINGS",)),
     "DVDQuantBitSwitch": ("Bit Switch Scheduler", ["model", "mode", "delta", "low", "high", "fixed_bits", "schedule"],
                           ["final_step_high"], ("MODEL",)),
-    "DVDQuantSave": ("DVD-Quant Save", ["model", "filename_prefix"], [], ()),
+    "DVDQuantSave": ("DVD-Quant Save", ["model", "filename_prefix"], ["loras"], ()),
 }
 
 

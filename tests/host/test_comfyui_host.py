@@ -431,10 +431,14 @@ def test_lora_after_quantization_runs_beside_the_packed_weights(server, capsys):
     # DVD-Quant Save of the LoRA'd MODEL after it sampled (its float text embedding patched in place): the base
     # model without the LoRAs
     saved = {"load": loader(T2V, **q8), "l1": lora_node(["load", 0]), "l2": lora_node(["l1", 0], KOHYA, 1.0),
-             "s": node("DVDQuantSave", model=["l2", 0], filename_prefix="dvdq/lora_saved")}
-    saved_name = "dvdq/" + run_ok(server, saved)[0]["outputs"]["s"]["text"][0]
-    base_again = latent(server, run_ok(server, quant_graph("lora_saved_base", name=saved_name, w_bits=8, a_low=8,
-                                                           a_high=8, mode="fixed", fixed_bits=8))[0])
+             "s": node("DVDQuantSave", model=["l2", 0], filename_prefix="dvdq/lora_saved"),
+             "sm": node("DVDQuantSave", model=["l2", 0], filename_prefix="dvdq/lora_merged",
+                        loras="merge and quantize again")}
+    saved_out = run_ok(server, saved)[0]["outputs"]
+    saved_name, merged_name = ("dvdq/" + saved_out[k]["text"][0] for k in ("s", "sm"))
+    base_again, merged_file = (latent(server, run_ok(server, quant_graph(prefix, name=name, w_bits=8, a_low=8, a_high=8,
+                                                                         mode="fixed", fixed_bits=8))[0])
+                               for prefix, name in (("lora_saved_base", saved_name), ("lora_saved_merged", merged_name)))
     for msgs in (m, m2, m3):  # the Loader's output stays cached while it is in every prompt
         assert not events(msgs, "dvdq.quant_progress"), "adding, changing or removing a LoRA must not quantize again"
     merged_g = {"unet": unet, "l1": lora_node(["unet", 0]), "l2": lora_node(["l1", 0], KOHYA, -0.5),
@@ -452,6 +456,8 @@ def test_lora_after_quantization_runs_beside_the_packed_weights(server, capsys):
     assert rel(strength2, lora_after) > 0.2 * effect, "a new strength must take effect"
     assert torch.equal(plain_again, plain), "without the LoRAs the quantized model must give what it gave before"
     assert rel(base_again, plain) < 1e-4, "DVD-Quant Save writes the base model without the LoRAs"
+    # or, when asked, with them merged and quantized again: close to the LoRAs running beside the base model
+    assert rel(merged_file, strength2) < 0.5 * rel(strength2, plain), (rel(merged_file, strength2), rel(strength2, plain))
     assert torch.equal(f1, f0), "the float model must not change"
 
 
