@@ -8,8 +8,8 @@ the factors to the MODEL as patches; the host applies them while it loads the mo
   load, gives every quantized layer its patch lists;
 - low-VRAM layers: a `LowVramPatch` in the layer's `weight_function` / `bias_function`;
 - dynamic VRAM (0.15 on): a `LowVramPatch` as `weight_lowvram_function` / `bias_lowvram_function`.
-After each load (and hook switch) the patcher builds each layer's branch from all three (`refresh`); the
-layer's forward is the core's. Forms that are no low-rank product
+All three carry the MODEL's own patch lists: after each load (and hook switch) the pack's patcher builds
+each layer's branch from those lists (`refresh`); the layer's forward is the core's. Forms that are no low-rank product
 (LoHa, LoKr, DoRA, full-weight differences, ...) are refused before sampling with what to do instead.
 
 ComfyUI modules are imported inside the functions (see host.py).
@@ -86,19 +86,18 @@ def unsupported_message(form: str, key: str) -> str:
 
 
 def _patch_lists(layer) -> list:
-    """[(key, patch list)] this layer runs now: the MODEL's patches, given by the pack's patcher (fully loaded)
-    or as LowVramPatch functions (low/dynamic VRAM; the same list under the same key), and hook LoRAs' patches.
-    Raises UnsupportedPatch for any other weight function (a weight wrapper)."""
+    """[(key, patch list)] this layer runs now: the MODEL's patches (given by the pack's patcher after each load;
+    the LowVramPatch functions the host gives offloaded layers wrap the same lists, and a dynamic patcher
+    leaves them behind after unloading, so they are not read) and hook LoRAs' patches. Raises UnsupportedPatch
+    for any other weight function (a weight wrapper)."""
     from comfy.model_patcher import LowVramPatch
-    model = {k: v for k, v in layer.lora_patches.items() if v}
     for attr in FUNCTION_ATTRS:
         fns = getattr(layer, attr, None)
         for f in (fns if isinstance(fns, (list, tuple)) else [fns] if fns is not None else []):
-            if isinstance(f, LowVramPatch):
-                model[f.key] = f.patches[f.key]
-            else:
+            if not isinstance(f, LowVramPatch):
                 raise UnsupportedPatch(f"a weight wrapper ({type(f).__name__}), which needs the float weight")
-    return sorted(model.items()) + sorted((k, v) for k, v in layer.hook_patches.items() if v)
+    return (sorted((k, v) for k, v in layer.lora_patches.items() if v)
+            + sorted((k, v) for k, v in layer.hook_patches.items() if v))
 
 
 def refresh(layer, device, dtype):
@@ -226,3 +225,11 @@ def patcher_class(cls):
 
 def runs_lowrank(patcher) -> bool:
     return isinstance(patcher, _LowRankPatching)
+
+
+def keep_lowrank_patching(src, new):
+    """ON_CLONE callback: a clone the host makes of its own plain class (0.33's non-dynamic copies of a
+    dynamic MODEL: for conditioning hooks, TorchCompileModel, a CPU device) gets the pack's patcher class of
+    that class, so its LoRAs still run as branches. The mixin holds no state of its own."""
+    if not runs_lowrank(new):
+        new.__class__ = patcher_class(type(new))

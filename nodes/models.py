@@ -38,7 +38,7 @@ from .host import (
     video_dit_arch,
 )
 from .hunyuan_blocks import fuse_hunyuan, unfuse_hunyuan
-from .lora import patcher_class
+from .lora import keep_lowrank_patching, patcher_class
 from .wan_blocks import fuse_wan, unfuse_wan
 
 log = logging.getLogger("dvdq")
@@ -86,6 +86,9 @@ def quantized_patcher(base_model, info: dict, cls, load_device, offload_device, 
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     patcher.remove_wrappers_with_key(outer, GUARD_KEY)
     patcher.add_wrapper_with_key(outer, GUARD_KEY, guard_outer_sample)
+    on_clone = comfy.patcher_extension.CallbacksMP.ON_CLONE
+    patcher.remove_callbacks_with_key(on_clone, GUARD_KEY)
+    patcher.add_callback_with_key(on_clone, GUARD_KEY, keep_lowrank_patching)
     return patcher
 
 
@@ -303,7 +306,8 @@ LOAD_STATE = {"model_loaded_weight_memory", "lowvram_patch_counter", "model_lowv
               "bias_function", "weight_lowvram_function", "bias_lowvram_function", "seed_key", "_v",
               "_v_signature", "_v_weight", "_v_bias", "_pin_state", "_pins", "_prefetch"}
 LOAD_STATE_RESET = {"current_patcher": None,  # set by the host's own __init__: reset, not removed
-                    "lora_patches": {}, "hook_patches": {}, "lowrank_cache": None}  # and by the pack's layer (nodes/lora.py)
+                    # and by the pack's layer (nodes/lora.py): a copy starts without the source's LoRA branch
+                    "lora_patches": {}, "hook_patches": {}, "lowrank_cache": None, "lowrank": None}
 _TORCH_FIELDS = ("_parameters", "_buffers", "_modules")
 
 

@@ -271,6 +271,7 @@ elif DYNAMIC:
     lp.partially_unload(lp.offload_device, memory_to_free=lp.loaded_size())
     close(run(lp.model), ref_lora, "LoRA after quantization, after partial unload")
 mm.unload_all_models()
+check(all(m.lowrank is None for _, m in qlayers), "no LoRA branch left after unloading")
 mm.load_models_gpu([qp])
 close(run(qp.model), ref, "the MODEL without the LoRA afterwards")
 mm.unload_all_models()

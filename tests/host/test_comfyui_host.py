@@ -219,6 +219,20 @@ def test_host_made_copy_of_a_quantized_model(server):
         assert torch.equal(latent(server, hist), direct), how
         # the Loader's output is the first run's (cached by the server): quantizing here would be the copy's
         assert events(msgs, "dvdq.quant_progress") == [] and events(msgs, "dvdq.quant_summary") == [], how
+    # a LoRA'd MODEL samples, then the LoRA goes and the host makes its plain-class non-dynamic copy: the copy
+    # must run without the branch the module had (its layers are copies), and a LoRA on such a copy runs
+    lora = quant_graph("copy_lora", mode="fixed", fixed_bits=8)
+    lora["l"] = node("LoraLoaderModelOnly", model=["load", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
+    lora["bs"]["inputs"]["model"] = ["l", 0]
+    with_lora = latent(server, run_ok(server, lora)[0])
+    g = quant_graph("copy_non_dynamic", mode="fixed", fixed_bits=8)
+    g["copy"] = node("DVDQTestHostCopy", model=["load", 0], how="non_dynamic")
+    g["bs"]["inputs"]["model"] = ["copy", 0]
+    assert torch.equal(latent(server, run_ok(server, g)[0]), direct)
+    g["l"] = node("LoraLoaderModelOnly", model=["copy", 0], lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
+    g["bs"]["inputs"]["model"] = ["l", 0]
+    g["save"]["inputs"]["filename_prefix"] = "copy_non_dynamic_lora"
+    assert rel(latent(server, run_ok(server, g)[0]), with_lora) < 1e-5
 
 
 def test_saved_copy_loads_to_identical_results(server):
