@@ -18,6 +18,13 @@ _SHARED_INPUT = re.compile(r"(^|\.)(self_attn\.[qkv]|cross_attn\.(k|v|k_img|v_im
 SHARE_NONE, SHARE_MEMBER, SHARE_LAST = 0, 1, 2
 
 
+def apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
+    """A fused activation (dvdq_core.fusion) applied outside the backend (after a low-rank branch joined)."""
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    raise ValueError(f"unknown fused activation {act!r}")
+
+
 def input_sharing(name: str) -> int:
     """SHARE_LAST for the last projection of a known shared-input group, SHARE_MEMBER for the others."""
     if not _SHARED_INPUT.search(name):
@@ -114,17 +121,17 @@ class QuantLinear(nn.Module):
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
         lowrank = self.lowrank
         x2d = x.reshape(-1, self.in_features)
-        if lowrank is None:
-            layer = self if self.weight.device == x.device else _View(self, x.device)  # offloaded weights
-            y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
-        else:  # the branch joins the output before the layer's fused activation
-            layer = _View(self, x.device, act=None)
-            y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
+        if lowrank is None and self.weight.device == x.device:
+            layer = self
+        else:  # offloaded weights: buffers copied for the call; a branch joins before the fused activation
+            layer = _View(self, x.device, self.act if lowrank is None else None)
+        y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
+        if lowrank is not None:
             if lowrank.down.device != x.device or lowrank.down.dtype != x.dtype:  # built for other calls
                 lowrank = lowrank.to(x.device, x.dtype)
             y = lowrank.add_to(y, x2d)
-            if self.act == "gelu_tanh":
-                y = F.gelu(y, approximate="tanh")
+            if self.act is not None:
+                y = apply_act(y, self.act)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -136,13 +143,12 @@ class QuantLinear(nn.Module):
 
 class _View:
     """A QuantLinear as the backends read it, for one call: its buffers on `device` (copied where the layer's
-    weights are offloaded elsewhere) and its fused activation `act`."""
+    weights are offloaded elsewhere) and the fused activation `act` it applies."""
 
-    def __init__(self, layer: QuantLinear, device, act="same"):
+    def __init__(self, layer: QuantLinear, device, act):
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
-                                                              "shares_input", "act")})
-        if act != "same":
-            self.act = act
+                                                              "shares_input")})
+        self.act = act
         # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer)
         for name, t in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
             setattr(self, name, t.detach() if t.device == device else t.detach().to(device, non_blocking=True))

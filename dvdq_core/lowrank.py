@@ -7,6 +7,7 @@ A is every LoRA's down-projection stacked ([R, K]), B every LoRA's scaled up-pro
 layer's original (unrotated) input: a LoRA's ΔW = s·up·down lives in the float weight's basis, and the
 packed weights are never changed, so strengths, stacks and removal take effect without re-quantizing.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,18 +31,32 @@ class LowRank:
     bias: torch.Tensor | None  # [N] or None
 
     def add_to(self, y: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
-        """y + (x·Aᵀ)·Bᵀ + Δb for the layer's output y [M, N] (x's dtype): the up-projection accumulates into
-        y in the GEMM (one read and one write of y, no [M, N] temporary)."""
+        """y + (x·Aᵀ)·Bᵀ + Δb, in place, for the layer's fresh output y [M, N] (x's dtype): the up-projection
+        accumulates into y in the GEMM (one read and one write of y, no [M, N] temporary)."""
         if self.down.shape[0]:
-            y = torch.addmm(y, x2d @ self.down.t(), self.up.t())
+            y.addmm_(x2d @ self.down.t(), self.up.t())
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y
 
 
     def to(self, device, dtype) -> "LowRank":
         return LowRank(self.down.to(device, dtype), self.up.to(device, dtype),
                        None if self.bias is None else self.bias.to(device, dtype))
+
+
+def misfit(term: LowRankTerm, out_features: int, in_features: int) -> str | None:
+    """Why the term does not fit a layer of out_features x in_features, else None (shapes only: cheap)."""
+    r, k = term.down.shape[0], math.prod(term.down.shape[1:])
+    n = term.up.shape[0]
+    if math.prod(term.up.shape[1:]) != r:
+        return f"its factors disagree (up {tuple(term.up.shape)}, down {tuple(term.down.shape)})"
+    rows = term.rows or (0, out_features)
+    cols = term.cols or (0, in_features)
+    if (n, k) != (rows[1], cols[1]) or rows[0] + rows[1] > out_features or cols[0] + cols[1] > in_features:
+        return (f"it is {n} x {k}" + (f" at rows {rows[0]}, columns {cols[0]}" if term.rows or term.cols else "")
+                + f", the layer {out_features} x {in_features} (a LoRA made for another model size?)")
+    return None
 
 
 def stack(terms, bias_diffs, out_features: int, in_features: int, device, dtype) -> LowRank | None:
@@ -51,22 +66,19 @@ def stack(terms, bias_diffs, out_features: int, in_features: int, device, dtype)
     for t in terms:
         if t.scale == 0:
             continue
+        why = misfit(t, out_features, in_features)
+        if why:
+            raise ValueError(f"a low-rank term does not fit: {why}")
         down = t.down.to(device=device, dtype=torch.float32).reshape(t.down.shape[0], -1)
         up = t.up.to(device=device, dtype=torch.float32).reshape(t.up.shape[0], -1) * t.scale
-        r = down.shape[0]
-        if up.shape[1] != r:
-            raise ValueError(f"a low-rank term's factors disagree: up {tuple(up.shape)}, down {tuple(down.shape)}")
         if t.cols is not None:  # a slice of the input: zero elsewhere
-            full = torch.zeros(r, in_features, device=device)
+            full = torch.zeros(down.shape[0], in_features, device=device)
             full[:, t.cols[0]:t.cols[0] + t.cols[1]] = down
             down = full
         if t.rows is not None:
-            full = torch.zeros(out_features, r, device=device)
+            full = torch.zeros(out_features, up.shape[1], device=device)
             full[t.rows[0]:t.rows[0] + t.rows[1]] = up
             up = full
-        if down.shape[1] != in_features or up.shape[0] != out_features:
-            raise ValueError(f"a low-rank term of shape {up.shape[0]} x {down.shape[1]} does not fit a layer of "
-                             f"{out_features} x {in_features}")
         downs.append(down)
         ups.append(up)
     bias = None

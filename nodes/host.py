@@ -218,7 +218,7 @@ def check_patches_on_quantized(patcher):
     class. Weight wrappers, and patches on a patcher the host made of its own class, are refused with
     what to do. ComfyUI maps a LoRA onto a layer by its `weight` key, which quantized layers keep, so
     LoraLoader's patches and weight wrappers all show here."""
-    from .lora import UnsupportedPatch, patch_terms, runs_lowrank, unsupported_message
+    from .lora import runs_lowrank
     layer_keys = quantized_keys(patcher.model)
     if not layer_keys:
         return
@@ -227,13 +227,27 @@ def check_patches_on_quantized(patcher):
         raise DVDQuantError(lora_after_message("a LoRA on a model copy ComfyUI made without DVD-Quant's patch "
                                                "handling", hits[:3]))
     for key in hits:
-        try:
-            patch_terms(key, patcher.patches[key])
-        except UnsupportedPatch as e:
-            raise DVDQuantError(unsupported_message(str(e), key)) from None
+        check_patch_list(patcher, key, patcher.patches[key])
     wrapped = _targets(patcher.weight_wrapper_patches.keys(), layer_keys)
     if wrapped:
         raise DVDQuantError(lora_after_message("a weight wrapper", wrapped[:3]))
+
+
+def check_patch_list(patcher, key: str, patches: list):
+    """One quantized layer's patch list: a form its branch runs, of the layer's size."""
+    from ..dvdq_core.lowrank import misfit
+    from .lora import UnsupportedPatch, packed_layer, patch_terms, unsupported_message
+    try:
+        terms, biases = patch_terms(key, patches)
+    except UnsupportedPatch as e:
+        raise DVDQuantError(unsupported_message(str(e), key)) from None
+    layer = packed_layer(patcher.model, key)
+    why = next(filter(None, (misfit(t, layer.out_features, layer.in_features) for t in terms)), None)
+    if why is None and any(d.numel() != layer.out_features for _, d in biases):
+        why = f"its bias difference does not have the layer's {layer.out_features} values"
+    if why:
+        raise DVDQuantError(f"DVD-Quant: the LoRA patch on {key} does not fit the layer: {why}. Use a LoRA made "
+                            "for this model.")
 
 
 def lora_after_message(what: str, examples=()) -> str:
@@ -262,15 +276,12 @@ def hook_lora_hits(guider, layer_keys: set) -> list:
 def check_hook_patches(patcher, layer_keys: set, guider):
     """Hook LoRAs on quantized layers: run by the pack's patcher as branches too (nodes/lora.py), in the forms
     a branch runs; refused on a patcher of the host's own class (0.33's non-dynamic copy for hooks on a GPU)."""
-    from .lora import UnsupportedPatch, patch_terms, runs_lowrank, unsupported_message
+    from .lora import runs_lowrank
     hits = []
     for hp in (getattr(patcher, "hook_patches", None) or {}).values():
         for key in _targets(hp.keys(), layer_keys):
             hits.append(key)
-            try:
-                patch_terms(key, hp[key])
-            except UnsupportedPatch as e:
-                raise DVDQuantError(unsupported_message(str(e), key)) from None
+            check_patch_list(patcher, key, hp[key])
     hits += hook_lora_hits(guider, layer_keys)
     if hits and not runs_lowrank(patcher):
         raise DVDQuantError(lora_after_message("a hook LoRA (scheduled through conditioning) on a model copy ComfyUI "

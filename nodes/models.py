@@ -19,7 +19,6 @@ from ..dvdq_core import (
     set_activation_bits,
 )
 from ..dvdq_core.backends import linear_backend
-from ..dvdq_core.lowrank import stack
 from ..dvdq_core.model import is_linear
 from ..dvdq_core.serialization import read_header
 from ..dvdq_core.spec import layer_spec
@@ -560,10 +559,12 @@ def save_model(patcher, path, merge_loras=False):
     dm = base.diffusion_model
     sd = float_state_dict(dm)
     prefix = "diffusion_model."
-    for key in {*patcher.backup, *getattr(patcher, "hook_backup", {})}:
+    hook_backup = getattr(patcher, "hook_backup", {})
+    for key in {*patcher.backup, *hook_backup}:
         name = key[len(prefix):]
-        if key.startswith(prefix) and name in sd:
-            weight, convert = _stored_weight(patcher, key)
+        if key.startswith(prefix) and name in sd:  # the original: the MODEL's backup before a hook's
+            weight = patcher.backup[key].weight if key in patcher.backup else hook_backup[key][0]
+            _, convert = _stored_weight(patcher, key)
             sd[name] = convert(weight.detach().to(torch.float32, copy=True), inplace=True).to(sd[name].dtype)
     patched = [k for k in patcher.patches if patcher.patches[k] and k.startswith(prefix) and k[len(prefix):] in sd]
     if merge_loras and patched:
@@ -576,36 +577,34 @@ def save_model(patcher, path, merge_loras=False):
 
 
 def _merge_patches(patcher, sd: dict, keys: list):
-    """sd (the base model's tensors) with the patches of `keys` merged: float layers as ComfyUI merges them,
-    quantized layers' weights dequantized, rotated back, merged and quantized again (progress bar)."""
+    """sd (the base model's tensors) with the patches of `keys` merged by ComfyUI's own calculate_weight (any
+    form it knows): float tensors as they are; a quantized layer's weight dequantized and rotated back, then
+    quantized again with the layer's settings (progress bar). smoothquant's float weight is merged too."""
     import comfy.lora
     import comfy.utils
 
     from ..dvdq_core.hadamard import rotate
     from ..dvdq_core.linear import quantize_weight
-    from .lora import packed_layer, patch_terms
-    device = quant_device()
+    from .lora import packed_layer
+    device = quant_device() or torch.device("cpu")
+
+    def merged(key, t):
+        return comfy.lora.calculate_weight(patcher.patches[key], t.to(device, torch.float32, copy=True), key)
     bar = comfy.utils.ProgressBar(len(keys))
     for key in keys:
         name = key[len("diffusion_model."):]
         layer = packed_layer(patcher.model, key)
-        if layer is None:  # a float tensor: ComfyUI's own merge
-            sd[name] = comfy.lora.calculate_weight(patcher.patches[key], sd[name].to(torch.float32, copy=True),
-                                                   key).to(sd[name].dtype)
-        elif key.endswith(".bias"):
-            terms, biases = patch_terms(key, patcher.patches[key])
-            for scale, diff in biases:
-                sd[name] = (sd[name].float() + scale * diff.to(sd[name].device, torch.float32)).to(sd[name].dtype)
+        if layer is None or key.endswith(".bias"):  # a float tensor
+            sd[name] = merged(key, sd[name]).to(sd[name].device, sd[name].dtype)
         else:
-            terms, _ = patch_terms(key, patcher.patches[key])
-            dw = stack(terms, [], layer.out_features, layer.in_features, device or "cpu", torch.float32)
-            w = layer.dequantized_weight().to(device or "cpu")
+            w = layer.dequantized_weight().to(device)
             if layer.spec.rotate:
                 w = rotate(w, layer.spec.had_block)  # H is symmetric and orthogonal: rotating again undoes it
-            if dw is not None:
-                w = w + dw.up @ dw.down
-            qw, _ = quantize_weight(w, layer.spec, device)
+            qw, _ = quantize_weight(merged(key, w), layer.spec, device)
             stem = name[:-len(".weight")]
-            for field, t in (("weight", qw.codes), ("w_scale", qw.scale), ("w_zero", qw.zero)):
+            fields = [("weight", qw.codes), ("w_scale", qw.scale), ("w_zero", qw.zero)]
+            if f"{stem}.float_weight" in sd:  # method smoothquant computes with it
+                fields.append(("float_weight", merged(key, sd[f"{stem}.float_weight"])))
+            for field, t in fields:
                 sd[f"{stem}.{field}"] = t.to(sd[f"{stem}.{field}"].device, sd[f"{stem}.{field}"].dtype)
         bar.update(1)

@@ -87,7 +87,7 @@ def test_offloaded_layer_view_keeps_the_fused_gelu():
     from dvdq_core.linear import _View
     m = _quantize(_model())
     lin = m.blocks[0].ffn[0]
-    view = _View(lin, torch.device("cpu"))
+    view = _View(lin, torch.device("cpu"), lin.act)
     assert view.act == "gelu_tanh"
     x = torch.randn(7, lin.in_features)
     assert torch.equal(reference_forward(view, x, 8), reference_forward(lin, x, 8))

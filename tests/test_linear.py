@@ -260,6 +260,6 @@ def test_offloaded_view_takes_tensors_the_host_made_parameters():
         t = getattr(q, name)
         delattr(q, name)
         setattr(q, name, nn.Parameter(t, requires_grad=False))  # what ComfyUI's set_attr_param leaves
-    moved = _View(q, torch.device("cpu"))  # what an offloaded call computes with
+    moved = _View(q, torch.device("cpu"), q.act)  # what an offloaded call computes with
     assert torch.equal(moved.weight, q.weight) and torch.equal(moved.bias, q.bias)
     assert torch.equal(q(x), before)  # and the layer itself still computes the same

@@ -49,8 +49,10 @@ def test_stack_is_the_merged_difference():
 
 
 def test_stack_refuses_factors_that_do_not_fit():
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit: it is 10 x 32, the layer 48 x 32"):
         stack([LowRankTerm(randn(10, 2), randn(2, 32), 1.0)], [], 48, 32, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="at rows 40"):  # a slice past the layer's end
+        stack([LowRankTerm(randn(16, 2), randn(2, 32), 1.0, rows=(40, 16))], [], 48, 32, "cpu", torch.float32)
     with pytest.raises(ValueError, match="disagree"):
         stack([LowRankTerm(randn(48, 3), randn(2, 32), 1.0)], [], 48, 32, "cpu", torch.float32)
 

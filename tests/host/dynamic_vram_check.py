@@ -305,7 +305,7 @@ else:  # the same host call on the CPU shows the conversion and what _View then 
     sp.patch_weight_to_device("0.weight", device_to=torch.device("cpu"), force_cast=True)
     print(f"  after patch_weight_to_device(force_cast=True): weight is a "
           f"{'Parameter' if 'weight' in small._parameters else 'buffer'}")
-    moved = _View(small, torch.device("cpu"))
+    moved = _View(small, torch.device("cpu"), small.act)
     check("weight" in moved.__dict__, "_View view of the force-loaded layer has its weight "
           "(what an offloaded call would use)")
     check(torch.allclose(small(xs), want), "small layer forward on its own device still right")

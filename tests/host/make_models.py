@@ -200,6 +200,9 @@ def main(out_dir):
     save_file(lora_for_wan(7), os.path.join(out_dir, "loras", "tiny_wan_lora.safetensors"))
     save_file(lora_for_wan_kohya(8), os.path.join(out_dir, "loras", "tiny_wan_lora_kohya.safetensors"))
     save_file(loha_for_wan(9), os.path.join(out_dir, "loras", "tiny_wan_loha.safetensors"))
+    # a LoRA made for a model of another width (its factors are 2 x 128 where the layers are 256 wide)
+    save_file({k: v[:, :128].contiguous() if k.endswith("lora_A.weight") else v for k, v in lora_for_wan(10, rank=2).items()},
+              os.path.join(out_dir, "loras", "tiny_wan_lora_other_size.safetensors"))
     save_file({"encoder.layer.weight": torch.randn(8, 8)}, os.path.join(dm, "not_a_dit.safetensors"))
 
 

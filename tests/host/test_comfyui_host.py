@@ -526,6 +526,9 @@ def test_lora_forms_without_a_low_rank_branch_are_refused(server):
     g["bs"]["inputs"]["model"] = ["lora", 0]
     err = run_error(server, g)
     assert "LoHa" in err and "before 'DVD-Quant Apply'" in err, err
+    g["lora"]["inputs"]["lora_name"] = "tiny_wan_lora_other_size.safetensors"  # a clear error, not a torch one
+    err = run_error(server, g)
+    assert "does not fit the layer" in err and "256 x 256" in err, err
 
 
 def test_hook_lora_on_quantized_model(server, capsys):
