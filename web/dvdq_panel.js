@@ -8,9 +8,9 @@ import * as S from "./dvdq_panel_state.js";
 const BIT_NODE = "DVDQuantBitSwitch";
 const QUANT_NODES = new Set(["DVDQuantLoader", "DVDQuantApply"]);
 const PANEL_WIDGET = "dvdq_panel";
+const { PAD } = S.LAYOUT;
 const BIT_PANEL_H = 80;
-const QUANT_PANEL_H = 79;  // the bar and up to four summary lines
-const PAD = 10;
+const QUANT_PANEL_H = 92;  // the bar and up to five summary lines (the last: the backend)
 const FONT = "11px Arial";
 const BOLD = "bold 12px Arial";
 const TEXT = "#dddddd";
@@ -23,8 +23,16 @@ const strips = new Map();
 const quants = new Map();
 const keyOf = (id) => String(id).split(":").pop();
 
+// The panel widgets of the nodes that exist. The classic (LiteGraph) canvas draws them with the
+// node whenever it is marked dirty. In Nodes 2.0 (Vue nodes, `Comfy.VueNodes.Enabled`) the front
+// end draws a widget that has its own draw() into a <canvas> of the widget's own ("WidgetLegacy"),
+// and repaints it only when the widget's triggerDraw(), which it sets, is called.
+const panels = new Set();
+
 function redraw() {
-  app.graph?.setDirtyCanvas(true, false);
+  if (app.canvas?.setDirty) app.canvas.setDirty(true, false);  // the canvas that shows the open (sub)graph
+  else app.graph?.setDirtyCanvas(true, false);
+  for (const w of panels) w.triggerDraw?.();
 }
 
 function widgetValue(node, name) {
@@ -64,16 +72,13 @@ function text(ctx, str, x, y, { colour = TEXT, font = FONT, align = "left" } = {
 
 // ------------------------------------------------------------------ Bit Switch Scheduler panel
 
-function stripGeometry(width, y) {
-  return { x: PAD, w: width - 2 * PAD, stripY: y + 20, stripH: 16, lineY: y + 40, lineH: 16, infoY: y + 66 };
-}
-
 function drawBitPanel(ctx, node, width, y) {
   const strip = strips.get(String(node.id)) ?? S.emptyBitStrip();
   const low = Number(widgetValue(node, "low") ?? 4);
   const high = Number(widgetValue(node, "high") ?? 8);
   const delta = Number(widgetValue(node, "delta"));
-  const g = stripGeometry(width, y);
+  const g = S.stripGeometry(width, y);
+  followHover(ctx, node, width, y);
   ctx.save();
   panelBox(ctx, width, y, BIT_PANEL_H);
 
@@ -156,27 +161,44 @@ function drawBitPanel(ctx, node, width, y) {
   ctx.restore();
 }
 
-function bitHoverIndex(node, localPos) {
-  const panel = node.widgets?.find((w) => w.name === PANEL_WIDGET);
-  if (!panel) return null;
-  const g = stripGeometry(node.size[0], panel.y ?? panel.last_y ?? 0);
-  const [px, py] = localPos;
+/** Cell under [px, py] of a panel drawn `width` wide at `y` (same coordinates), or null. */
+function bitHoverIndex(node, width, y, [px, py]) {
+  const g = S.stripGeometry(width, y);
   if (py < g.stripY || py > g.lineY + g.lineH) return null;
   const strip = strips.get(String(node.id));
   const i = strip ? S.cellAt(S.cellCount(strip), g.x, g.w, px) : -1;
   return i >= 0 ? i : null;
 }
 
+function setHover(node, i) {
+  if (i === (node._dvdqHover ?? null)) return;
+  node._dvdqHover = i;
+  redraw();
+}
+
+// Nodes 2.0 draws the panel into its own <canvas>, whose pointer moves do not reach
+// node.onMouseMove (its component passes them on only while a button is down): follow them on
+// that element. Its offsetX/offsetY are the coordinates the panel was drawn in.
+function followHover(ctx, node, width, y) {
+  const el = ctx.canvas;
+  if (!el?.addEventListener || el === app.canvas?.canvas) return;  // the classic canvas: onMouseMove
+  el._dvdqPanel = { node, width, y };  // what the last draw on this element used
+  if (el._dvdqHoverFollowed) return;
+  el._dvdqHoverFollowed = true;
+  el.addEventListener("pointermove", (e) => {
+    const p = el._dvdqPanel;
+    setHover(p.node, bitHoverIndex(p.node, p.width, p.y, [e.offsetX, e.offsetY]));
+  });
+  el.addEventListener("pointerleave", () => setHover(el._dvdqPanel.node, null));
+}
+
 // ------------------------------------------------------------------ Loader / Apply panel
 
 function drawQuantPanel(ctx, node, width, y) {
   const q = quants.get(String(node.id)) ?? S.emptyQuant();
-  const x = PAD;
-  const w = width - 2 * PAD;
+  const { x, w, barY, barH, lineY, lineH } = S.quantGeometry(width, y);
   ctx.save();
   panelBox(ctx, width, y, QUANT_PANEL_H);
-  const barY = y + 5;
-  const barH = 14;
   ctx.fillStyle = S.EMPTY_COLOUR;
   ctx.fillRect(x, barY, w, barH);
   const f = S.progressFraction(q.progress);
@@ -192,7 +214,7 @@ function drawQuantPanel(ctx, node, width, y) {
   const lines = S.summaryLines(q.summary);
   lines.forEach((line, k) => {
     ctx.font = FONT;
-    text(ctx, S.fitLeft(line, w, (t) => ctx.measureText(t).width), x, barY + barH + 10 + 13 * k, { colour: TEXT });
+    text(ctx, S.fitLeft(line, w, (t) => ctx.measureText(t).width), x, lineY + lineH * k, { colour: TEXT });
   });
   ctx.restore();
 }
@@ -214,7 +236,8 @@ function addPanel(node, height, draw) {
       draw(ctx, n, width, y);
     },
   };
-  node.addCustomWidget(widget);
+  // Some front ends add a widget object of their own made from this one: keep the one added.
+  panels.add(node.addCustomWidget(widget) ?? widget);
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
 }
@@ -255,24 +278,24 @@ app.registerExtension({
       else addPanel(this, QUANT_PANEL_H, drawQuantPanel);
       return r;
     };
+    const onRemoved = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      for (const w of this.widgets ?? []) if (w.name === PANEL_WIDGET) panels.delete(w);
+      return onRemoved?.apply(this, arguments);
+    };
     if (!isBits) return;
+    // Hover on the classic canvas (Nodes 2.0: followHover).
     const onMouseMove = nodeType.prototype.onMouseMove;
     nodeType.prototype.onMouseMove = function (e, localPos) {
       const r = onMouseMove?.apply(this, arguments);
-      const i = bitHoverIndex(this, localPos);
-      if (i !== this._dvdqHover) {
-        this._dvdqHover = i;
-        redraw();
-      }
+      const panel = this.widgets?.find((w) => w.name === PANEL_WIDGET);
+      if (panel) setHover(this, bitHoverIndex(this, this.size[0], panel.y ?? panel.last_y ?? 0, localPos));
       return r;
     };
     const onMouseLeave = nodeType.prototype.onMouseLeave;
     nodeType.prototype.onMouseLeave = function () {
       const r = onMouseLeave?.apply(this, arguments);
-      if (this._dvdqHover != null) {
-        this._dvdqHover = null;
-        redraw();
-      }
+      setHover(this, null);
       return r;
     };
   },

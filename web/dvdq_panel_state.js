@@ -141,6 +141,24 @@ export function stripCells(count, x, width) {
   return Array.from({ length: count }, (_, i) => ({ x: x + i * (w + gap), w }));
 }
 
+// Panel layout, in the node's units from the panel's top-left corner (also read by the browser
+// check). The panels' heights are BIT_PANEL_H and QUANT_PANEL_H in dvdq_panel.js.
+export const LAYOUT = Object.freeze({
+  PAD: 10,  // left and right margin of the contents
+});
+
+/** Where the Bit Switch panel drawn `width` wide at `y` puts its strip, line and info text. */
+export function stripGeometry(width, y) {
+  const { PAD } = LAYOUT;
+  return { x: PAD, w: width - 2 * PAD, stripY: y + 20, stripH: 16, lineY: y + 40, lineH: 16, infoY: y + 66 };
+}
+
+/** Where the Loader / Apply panel drawn `width` wide at `y` puts its bar and its summary lines (centres). */
+export function quantGeometry(width, y) {
+  const { PAD } = LAYOUT;
+  return { x: PAD, w: width - 2 * PAD, barY: y + 5, barH: 14, lineY: y + 29, lineH: 13 };
+}
+
 /** Cell index under a local x, or -1. */
 export function cellAt(count, x, width, px) {
   if (count <= 0 || px < x || px >= x + width) return -1;

@@ -2,14 +2,20 @@
 Chromium (not part of CI: it needs a ComfyUI install, Chromium and playwright-core).
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/browser/web_panel_check.py \
-        --playwright-dir DIR_WITH_node_modules --out shots/
+        --playwright-dir DIR_WITH_node_modules --out shots/ [--front-end-root DIR] [--modes classic,vue]
 
-What it does: copies this pack and a test-only node (random Wan text conditioning; the real text
-encoder is gigabytes) into a temporary ComfyUI base directory, builds a tiny random-weight Wan 2.1
-T2V checkpoint from ComfyUI's own WanModel, starts ComfyUI with --cpu, then web_panel_check.mjs
-loads each example workflow in the front end (widget values, saved graph and API prompt must equal
-the files), runs Loader -> Bit Switch Scheduler -> ModelSamplingSD3 -> KSampler on the tiny model,
-records the dvdq.* events the page receives and takes screenshots. Exit status 0 when all holds.
+What it does: copies this pack and test-only nodes (random Wan text conditioning, as the real text
+encoder is gigabytes; a node that slows each sampling step and a hook that slows each quantization
+progress event, so that screenshots can catch the panels half-way) into a temporary ComfyUI base
+directory, builds a tiny random-weight Wan 2.1 T2V checkpoint from ComfyUI's own WanModel, starts
+ComfyUI with --cpu (and --front-end-root DIR when given: the `comfyui_frontend_package/static`
+folder of any front-end wheel), then for each mode (classic: the LiteGraph canvas; vue: "Nodes
+2.0", setting Comfy.VueNodes.Enabled) web_panel_check.mjs loads each example workflow in the front
+end (widget values, saved graph and API prompt must equal the files), runs Loader -> Bit Switch
+Scheduler -> ModelSamplingSD3 -> KSampler on the tiny model, at the top level and with the two
+DVD-Quant nodes inside a subgraph, and checks the panels by their pixels on the screen while it
+runs (the progress bar, the summary, the strip's cells, the hover outline and info line), with
+screenshots. Exit status 0 when all holds.
 """
 import argparse
 import glob
@@ -54,8 +60,27 @@ for k, v in m.state_dict().items():
 save_file(sd, out)
 """
 
-COND_NODE = '''"""Test-only node of the web panel check: seeded random Wan text conditioning."""
+SLOW_STEP = 0.25  # seconds added to each model call of the tiny run (the test-only slow node)
+SLOW_LAYER = 0.1  # seconds added after each quantization progress event
+
+TEST_NODES = '''"""Test-only nodes of the web panel check: seeded random Wan text conditioning, a node that
+slows each model call, and a slower progress event of quantization, so that the browser can take
+screenshots of the panels half-way (the tiny model runs in about a second)."""
+import time
+
 import torch
+from server import PromptServer
+
+_send_sync = PromptServer.send_sync
+
+
+def _send_sync_slowly(self, event, data, sid=None):
+    _send_sync(self, event, data, sid)
+    if event == "dvdq.quant_progress":
+        time.sleep(%(layer)r)
+
+
+PromptServer.send_sync = _send_sync_slowly
 
 
 class DVDQWebCheckCond:
@@ -72,34 +97,64 @@ class DVDQWebCheckCond:
         return ([[torch.randn(1, 16, 4096, generator=g), {}]],)
 
 
-NODE_CLASS_MAPPINGS = {"DVDQWebCheckCond": DVDQWebCheckCond}
-NODE_DISPLAY_NAME_MAPPINGS = {"DVDQWebCheckCond": "Random Wan conditioning (test)"}
-'''
+class DVDQWebCheckSlow:
+    CATEGORY = "DVD-Quant tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "slow"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def slow(self, model):
+        m = model.clone()
+
+        def wrapper(apply_model, args):
+            time.sleep(%(step)r)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        m.set_model_unet_function_wrapper(wrapper)
+        return (m,)
 
 
-def tiny_workflow(delta):
-    """Loader -> Bit Switch -> ModelSamplingSD3 -> KSampler -> SaveLatent on the tiny model."""
+NODE_CLASS_MAPPINGS = {"DVDQWebCheckCond": DVDQWebCheckCond, "DVDQWebCheckSlow": DVDQWebCheckSlow}
+NODE_DISPLAY_NAME_MAPPINGS = {"DVDQWebCheckCond": "Random Wan conditioning (test)",
+                              "DVDQWebCheckSlow": "Slow steps (test)"}
+''' % {"layer": SLOW_LAYER, "step": SLOW_STEP}
+
+
+def _specs():
     specs = node_specs.all_specs()
     specs["DVDQWebCheckCond"] = {"inputs": [{"name": "seed", "type": "INT", "widget": True, "default": 0}],
                                  "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING"}], "output_node": False}
-    g = make_workflows.Graph(specs)
+    specs["DVDQWebCheckSlow"] = {"inputs": [{"name": "model", "type": "MODEL", "widget": False}],
+                                 "outputs": [{"name": "MODEL", "type": "MODEL"}], "output_node": False}
+    return specs
+
+
+def tiny_workflow(delta):
+    """Loader -> Bit Switch -> ModelSamplingSD3 -> slow steps (test) -> KSampler -> SaveLatent on the
+    tiny model; the two DVD-Quant nodes side by side (Nodes 2.0 makes nodes taller)."""
+    g = make_workflows.Graph(_specs())
     loader = g.add("DVDQuantLoader", (0, 0), model_name=TINY_MODEL, w_bits=4, a_low=4, a_high=8, method="dvdq",
                    save_quantized_copy=False)
-    bits = g.add("DVDQuantBitSwitch", (0, 290), mode="delta", delta=delta, low=4, high=8, fixed_bits=8, schedule="")
+    bits = g.add("DVDQuantBitSwitch", (380, 0), mode="delta", delta=delta, low=4, high=8, fixed_bits=8, schedule="")
     g.link(loader["MODEL"], bits, "model")
-    shift = g.add("ModelSamplingSD3", (0, 600), shift=8.0)
+    shift = g.add("ModelSamplingSD3", (0, 480), shift=8.0)
     g.link(bits["MODEL"], shift, "model")
-    cond = g.add("DVDQWebCheckCond", (360, 0), seed=1)
-    neg = g.add("ConditioningZeroOut", (360, 120))
+    slow = g.add("DVDQWebCheckSlow", (0, 600))
+    g.link(shift["MODEL"], slow, "model")
+    cond = g.add("DVDQWebCheckCond", (760, 0), seed=1)
+    neg = g.add("ConditioningZeroOut", (760, 120))
     g.link(cond["CONDITIONING"], neg, "conditioning")
-    latent = g.add("EmptyHunyuanLatentVideo", (360, 230), width=64, height=64, length=5, batch_size=1)
-    ks = g.add("KSampler", (720, 0), controls={"seed": "fixed"}, seed=7, steps=STEPS, cfg=5.0, sampler_name="euler",
+    latent = g.add("EmptyHunyuanLatentVideo", (760, 230), width=64, height=64, length=5, batch_size=1)
+    ks = g.add("KSampler", (1120, 0), controls={"seed": "fixed"}, seed=7, steps=STEPS, cfg=5.0, sampler_name="euler",
                scheduler="simple", denoise=1.0)
-    g.link(shift["MODEL"], ks, "model")
+    g.link(slow["MODEL"], ks, "model")
     g.link(cond["CONDITIONING"], ks, "positive")
     g.link(neg["CONDITIONING"], ks, "negative")
     g.link(latent["LATENT"], ks, "latent_image")
-    save = g.add("SaveLatent", (1080, 0), filename_prefix="latents/dvdq_web_check")
+    save = g.add("SaveLatent", (1120, 400), filename_prefix="latents/dvdq_web_check")
     g.link(ks["LATENT"], save, "samples")
     return g.ui()
 
@@ -108,10 +163,7 @@ def tiny_split_workflow(delta):
     """Wan 2.2's pattern on tiny models: two experts (two random checkpoints), one through the
     DVD-Quant Loader, the other through UNETLoader -> DVD-Quant Apply, each -> Bit Switch ->
     ModelSamplingSD3, and two KSamplerAdvanced splitting one STEPS-step schedule in half."""
-    specs = node_specs.all_specs()
-    specs["DVDQWebCheckCond"] = {"inputs": [{"name": "seed", "type": "INT", "widget": True, "default": 0}],
-                                 "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING"}], "output_node": False}
-    g = make_workflows.Graph(specs)
+    g = make_workflows.Graph(_specs())
     cond = g.add("DVDQWebCheckCond", (760, 0), seed=1)
     neg = g.add("ConditioningZeroOut", (760, 120))
     g.link(cond["CONDITIONING"], neg, "conditioning")
@@ -186,6 +238,13 @@ def validate_api_workflows(url):
     return problems
 
 
+def example_workflows():
+    """Names of the example workflows that have an API form too (workflows/NAME.json and api/NAME.json)."""
+    wf = os.path.join(ROOT, "workflows")
+    return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(wf, "*.json"))
+                  if os.path.isfile(os.path.join(wf, "api", os.path.basename(p))))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI source tree (COMFYUI_PATH)")
@@ -195,9 +254,19 @@ def main():
     ap.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     ap.add_argument("--out", required=True, help="folder for the screenshots and result.json")
     ap.add_argument("--delta", type=float, default=0.2, help="δ of the tiny run's Bit Switch Scheduler")
+    ap.add_argument("--front-end-root", help="serve this front end (a front-end wheel's comfyui_frontend_package/static) "
+                                             "instead of the one installed with ComfyUI")
+    ap.add_argument("--modes", default="classic",
+                    help="comma-separated: classic (LiteGraph canvas), vue (Nodes 2.0: Comfy.VueNodes.Enabled)")
+    ap.add_argument("--no-workflows", action="store_true", help="check the panels only, not the example workflows")
     args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"classic", "vue"}:
+        sys.exit(f"--modes: classic and/or vue, not {args.modes!r}")
     if not args.comfyui or not os.path.isfile(os.path.join(args.comfyui, "main.py")):
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI source tree")
+    if args.front_end_root and not os.path.isfile(os.path.join(args.front_end_root, "index.html")):
+        sys.exit("--front-end-root: no index.html there (give the wheel's comfyui_frontend_package/static)")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="dvdq-web-check-")
@@ -206,7 +275,7 @@ def main():
     shutil.copytree(ROOT, pack, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "node_modules", ".dev_*"))
     os.makedirs(os.path.join(base, "custom_nodes", "dvdq_web_check_nodes"))
     with open(os.path.join(base, "custom_nodes", "dvdq_web_check_nodes", "__init__.py"), "w") as f:
-        f.write(COND_NODE)
+        f.write(TEST_NODES)
     models = os.path.join(base, "models", "diffusion_models")
     os.makedirs(models)
     os.makedirs(os.path.join(base, "input"))  # the I2V example's start image: ComfyUI's own example.png
@@ -219,14 +288,18 @@ def main():
         json.dump(tiny_workflow(args.delta), f)
     with open(tiny_split, "w") as f:
         json.dump(tiny_split_workflow(args.delta), f)
+    names = [] if args.no_workflows else example_workflows()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log_path = os.path.join(out, "comfyui.log")
     log = open(log_path, "w")
-    server = subprocess.Popen([args.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", base],
-                              cwd=args.comfyui, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [args.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+           "--disable-api-nodes", "--base-directory", base]
+    if args.front_end_root:
+        cmd += ["--front-end-root", os.path.abspath(args.front_end_root)]
+    server = subprocess.Popen(cmd, cwd=args.comfyui, stdout=log, stderr=subprocess.STDOUT)
+    results = {}
     try:
         for _ in range(240):
             try:
@@ -243,17 +316,24 @@ def main():
             sys.exit("the pack failed to import:\n" + "".join(failed))
         post(url + "settings/Comfy.TutorialCompleted", True)  # no template gallery over the canvas
         post(url + "settings/Comfy.Minimap.Visible", False)
-        env = dict(os.environ, COMFY_URL=url, WF_DIR=os.path.join(ROOT, "workflows"), TINY=tiny, TINY_SPLIT=tiny_split,
-                   OUT_DIR=out,
-                   CHROMIUM=args.chromium, PLAYWRIGHT_CORE_DIR=os.path.join(os.path.abspath(args.playwright_dir), "node_modules"),
-                   PROFILE_DIR=os.path.join(tmp, "chromium-profile"))
-        proc = subprocess.run(["node", os.path.join(HERE, "web_panel_check.mjs")], env=env, capture_output=True,
-                              text=True, timeout=900)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.exit(f"browser check failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        result = json.loads(line[len("RESULT "):])
-        result["server_validation"] = validate_api_workflows(url)
+        for mode in modes:
+            post(url + "settings/Comfy.VueNodes.Enabled", mode == "vue")
+            mode_out = os.path.join(out, mode)
+            env = dict(os.environ, COMFY_URL=url, WF_DIR=os.path.join(ROOT, "workflows"), WF_NAMES=",".join(names),
+                       TINY=tiny, TINY_SPLIT=tiny_split, OUT_DIR=mode_out, MODE=mode, CHROMIUM=args.chromium,
+                       PLAYWRIGHT_CORE_DIR=os.path.join(os.path.abspath(args.playwright_dir), "node_modules"),
+                       PROFILE_DIR=os.path.join(tmp, f"chromium-profile-{mode}"))
+            proc = subprocess.run(["node", os.path.join(HERE, "web_panel_check.mjs")], env=env, capture_output=True,
+                                  text=True, timeout=1200)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                results[mode] = {"fatal": f"browser check failed (exit {proc.returncode}):\n"
+                                          f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"}
+                continue
+            results[mode] = json.loads(line[len("RESULT "):])
+            with open(os.path.join(mode_out, "result.json"), "w") as f:
+                json.dump(results[mode], f, indent=1)
+        validation = validate_api_workflows(url) if names else {}
     finally:
         server.terminate()
         try:
@@ -261,30 +341,58 @@ def main():
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    version = next((line.split(":", 1)[1].strip() for line in open(log_path) if "ComfyUI version:" in line), "?")
     shutil.rmtree(tmp, ignore_errors=True)
-    return report(result)
+    print(f"ComfyUI {version}, front end {'at ' + args.front_end_root if args.front_end_root else 'installed with it'}")
+    panel_bad = workflow_bad = 0
+    for mode in modes:
+        print(f"== {mode}")
+        p, w = report(results[mode])
+        panel_bad, workflow_bad = panel_bad + p, workflow_bad + w
+    if names:
+        problems = [f"/prompt {name}: {b}" for name, v in validation.items() for b in v]
+        accepted = sum(not v for v in validation.values())
+        print(f"== example workflows accepted by the server's /prompt validation: {accepted} of {len(validation)}")
+        for p in problems:
+            print("PROBLEM:", p)
+        workflow_bad += len(problems)
+    print(f"panels: {'OK' if not panel_bad else f'{panel_bad} problem(s)'}"
+          + (f"; example workflows: {'OK' if not workflow_bad else f'{workflow_bad} problem(s)'}" if names else ""))
+    return 0 if not panel_bad + workflow_bad else 1
 
 
 def report(result):
-    ev = result.get("events", {})
-    bits, summaries = ev.get("bits", []), ev.get("summaries", [])
+    """Prints what one mode's browser check saw; returns the numbers of problems with the panels and
+    with the example workflows."""
     problems = []
+    if result.get("fatal"):
+        problems.append(f"the browser check stopped: {result['fatal'][:3000]}")
+    print(f"front end {result.get('frontendVersion')}, mode {result.get('mode')}")
     if result.get("extensions") != ["dvdq.panel"]:
         problems.append(f"front-end extension not registered: {result.get('extensions')}")
-    for name, r in result.get("workflows", {}).items():
-        problems += [f"{name}: {p}" for p in r["problems"]]
-    if ev.get("errors"):
-        problems.append(f"the run failed: {ev['errors']}")
-    if ev.get("resets", 0) < 1:
-        problems.append("no dvdq.bits_reset event")
-    if sorted(b["step"] for b in bits) != list(range(STEPS)):
-        problems.append(f"dvdq.bits steps {[b['step'] for b in bits]}, expected 0..{STEPS - 1}")
-    if len(summaries) != 1 or summaries[0].get("layers") != ev.get("progress"):
-        problems.append(f"quant events: {ev.get('progress')} progress, summaries {summaries}")
-    for name, bad in result.get("server_validation", {}).items():
-        problems += [f"/prompt {name}: {b}" for b in bad]
+    workflow_problems = [f"workflow {name}: {p}" for name, r in result.get("workflows", {}).items() for p in r["problems"]]
+    if result.get("workflows"):
+        ok = sum(not r["problems"] for r in result["workflows"].values())
+        print(f"example workflows equal in the front end: {ok} of {len(result['workflows'])}")
+    for key, title in (("tiny", "panels, top level"), ("subgraph", "panels, nodes inside a subgraph")):
+        run = result.get(key)
+        if not run:
+            continue
+        ev = run.get("events", {})
+        bits, summaries = ev.get("bits", []), ev.get("summaries", [])
+        print(f"{title}: {ev.get('resets')} reset, {len(bits)} bits, {len(ev.get('progress', []))} progress, "
+              f"{len(summaries)} summary events; node ids {sorted({str(b['node']) for b in bits})}")
+        if bits:
+            print("  bits per step:", ",".join(str(b["bits"]) for b in sorted(bits, key=lambda b: b["step"])))
+        if summaries:
+            s = summaries[0]
+            print(f"  summary: {s['layers']} layers, {s['bytes_before']} -> {s['bytes_after']} bytes, "
+                  f"mean rel. error {s['mean_rel_error']:.4f}, {s['seconds']:.2f} s, {s['source']}")
+        if run.get("live"):
+            print(f"  on the screen: {json.dumps(run['live'])}")
+        if run.get("hover"):
+            print(f"  hover: {json.dumps(run['hover'])}")
+        problems += [f"{title}: {p}" for p in run.get("problems", [])]
     split = result.get("splitEvents", {})
     if split.get("errors") or not split.get("done"):
         problems.append(f"the split-schedule run failed: {split.get('errors')}")
@@ -303,29 +411,19 @@ def report(result):
     totals = {b["step"] >= half: b["total"] for b in split.get("bits", [])}
     if totals.get(True) != STEPS or totals.get(False) not in (None, STEPS):
         problems.append(f"split schedule: totals {totals}, expected {STEPS} on the second half")
-    ours = [e for e in result.get("pageErrors", []) if "/extensions/dvdq/" in e]
-    if ours:
-        problems.append(f"errors in the pack's scripts: {ours}")
-    print(f"workflows checked in the front end: {len(result.get('workflows', {}))}, "
-          f"by the server's /prompt validation: {len(result.get('server_validation', {}))}")
-    print(f"events: {ev.get('resets')} reset, {len(bits)} bits, {ev.get('progress')} progress, {len(summaries)} summary")
-    if bits:
-        print("bits per step:", ",".join(str(b["bits"]) for b in sorted(bits, key=lambda b: b["step"])))
-    if summaries:
-        s = summaries[0]
-        print(f"summary: {s['layers']} layers, {s['bytes_before']} -> {s['bytes_after']} bytes, "
-              f"mean rel. error {s['mean_rel_error']:.4f}, {s['seconds']:.2f} s, {s['source']}")
     for node, v in sorted(by_node.items()):
         v = sorted(v, key=lambda b: b["step"])
         print(f"split schedule, Bit Switch node {node}: steps {v[0]['step']}..{v[-1]['step']} (total {v[0]['total']}), "
               f"bits {','.join(str(b['bits']) for b in v)}")
+    ours = [e for e in result.get("pageErrors", []) if "/extensions/dvdq/" in e]
+    if ours:
+        problems.append(f"errors in the pack's scripts: {ours}")
     other = [e.splitlines()[0] for e in result.get("pageErrors", []) if "/extensions/dvdq/" not in e]
     if other:
         print("page errors not from this pack (ComfyUI's front end):", other)
-    for p in problems:
+    for p in workflow_problems + problems:
         print("PROBLEM:", p)
-    print("OK" if not problems else f"{len(problems)} problem(s)")
-    return 0 if not problems else 1
+    return len(problems), len(workflow_problems)
 
 
 if __name__ == "__main__":

@@ -16,31 +16,44 @@ class FakeApi {
   emit(name, detail) { for (const fn of this.listeners[name] ?? []) fn({ detail }); }
 }
 
+// A DOM element that records its event listeners (a <canvas>).
+class FakeElement {
+  constructor() { this.listeners = {}; }
+  addEventListener(name, fn) { (this.listeners[name] ??= []).push(fn); }
+  dispatch(name, ev = {}) { for (const fn of this.listeners[name] ?? []) fn(ev); }
+}
+
 const host = { extensions: [], dirty: 0 };
 host.app = {
   registerExtension(ext) { host.extensions.push(ext); },
-  graph: { setDirtyCanvas() { host.dirty++; } },
+  graph: { setDirtyCanvas() { throw new Error("the canvas is marked dirty through app.canvas"); } },
+  canvas: { canvas: new FakeElement(), setDirty() { host.dirty++; } },  // the classic graph canvas
 };
 host.api = new FakeApi();
 
-// Canvas context that records what is drawn.
-function recordingCtx() {
-  const rec = { texts: [], rects: [], strokes: 0 };
+// Canvas context that records what is drawn (on the classic graph canvas unless `canvas` is given).
+function recordingCtx(canvas = host.app.canvas.canvas) {
+  const rec = { texts: [], textYs: [], rects: [], strokes: 0 };
   const ctx = {
-    rec, fillStyle: "", strokeStyle: "", font: "", lineWidth: 1, textAlign: "", textBaseline: "",
+    canvas, rec, fillStyle: "", strokeStyle: "", font: "", lineWidth: 1, textAlign: "", textBaseline: "",
     save() {}, restore() {}, beginPath() {}, fill() {}, rect() {}, roundRect() {}, moveTo() {}, lineTo() {},
     setLineDash() {}, strokeRect() {},
     stroke() { rec.strokes++; },
     fillRect(x, y, w, h) { rec.rects.push({ x, y, w, h, colour: this.fillStyle }); },
-    fillText(t) { rec.texts.push(String(t)); },
+    fillText(t, x, y) { rec.texts.push(String(t)); rec.textYs.push(y); },
     measureText(t) { return { width: String(t).length * 6 }; },
   };
   return ctx;
 }
 
-function makeNodeType(name) {
+function makeNodeType(name, { copyWidgets = false } = {}) {
   const proto = {
-    addCustomWidget(w) { this.widgets.push(w); return w; },
+    // copyWidgets: like front ends that add a widget object of their own made from the given one
+    addCustomWidget(w) {
+      const added = copyWidgets ? { ...w } : w;
+      this.widgets.push(added);
+      return added;
+    },
     computeSize() { return [320, 40 + 24 * this.widgets.length + (this.widgets.at(-1)?.computeSize?.(320)[1] ?? 0)]; },
     setSize(s) { this.size = s; },
     getInputNode(slot) { return this.upstream?.[slot]; },
@@ -104,6 +117,22 @@ function draw(node) {
   panel.y = 200;
   panel.draw(ctx, node, node.size[0], panel.y, 20);
   return ctx.rec;
+}
+
+// Nodes 2.0 (Vue nodes): the front end's legacy-widget component draws the widget into a <canvas>
+// of its own at y = 1, `width` = that element's width, and sets widget.triggerDraw to repaint it.
+function mountLikeNodes2(node, width = 260) {
+  const panel = panelOf(node);
+  const el = new FakeElement();
+  const frames = [];
+  panel.triggerDraw = () => {
+    const ctx = recordingCtx(el);
+    panel.y = 0;
+    panel.draw(ctx, node, width, 1, 80);
+    frames.push(ctx.rec);
+  };
+  panel.triggerDraw();
+  return { el, frames };
 }
 
 test("registers one extension and adds an unserialized panel widget to our nodes only", async () => {
@@ -205,4 +234,95 @@ test("a collapsed node draws nothing", () => {
   node.flags.collapsed = true;
   const rec = draw(node);
   assert.equal(rec.texts.length + rec.rects.length, 0);
+});
+
+test("Nodes 2.0: every event repaints the panels through triggerDraw, so the strip fills live", () => {
+  const loader = newLoader(80);
+  const node = newBitNode(81, loader);
+  const bits = mountLikeNodes2(node);
+  const quant = mountLikeNodes2(loader);
+  assert.ok(bits.frames[0].texts.includes("bits per step appear here while sampling"));
+  host.api.emit("dvdq.quant_progress", { node: "80", done: 1, total: 4, layer: "blocks.0.ffn.0" });
+  assert.ok(quant.frames.at(-1).texts.includes("quantizing 1/4 blocks.0.ffn.0"));
+  host.api.emit("dvdq.quant_summary", {
+    node: "80", layers: 4, w_bits: 4, bytes_before: 4096, bytes_after: 1024, mean_rel_error: 0.05, seconds: 1, source: "quantized",
+  });
+  assert.ok(quant.frames.at(-1).texts.includes("quantized"));
+  host.api.emit("dvdq.bits_reset", { node: "81" });
+  const dirty = host.dirty;
+  [8, 4].forEach((b, step) => host.api.emit("dvdq.bits", {
+    node: "81", step, total: 3, bits: b, indicator: 0.01, accumulated: 0.01, mode: "delta",
+  }));
+  assert.ok(host.dirty >= dirty + 2, "the classic canvas is marked dirty too");
+  const last = bits.frames.at(-1);
+  const cells = last.rects.filter((r) => r.h === 16 && r.y === 21);  // strip at y + 20, drawn at y = 1
+  assert.deepEqual(cells.map((c) => c.colour), [S.HIGH_COLOUR, S.LOW_COLOUR, S.EMPTY_COLOUR]);
+  assert.ok(Math.abs(cells.at(-1).x + cells.at(-1).w - 250) < 1e-9, "cells span the element's width (260 - 2 * 10)");
+  assert.ok(last.texts.includes("W4A6"), last.texts.join(" | "));  // the summary's weight bits reached the strip
+});
+
+test("Nodes 2.0: hover follows pointer moves on the panel's own canvas", () => {
+  const node = newBitNode(91, newLoader(90));
+  [8, 4, 4, 4].forEach((bits, step) => host.api.emit("dvdq.bits", {
+    node: "91", step, total: 4, bits, indicator: 0.02, accumulated: 0.02 * step, mode: "delta",
+  }));
+  const { el, frames } = mountLikeNodes2(node, 260);
+  assert.equal((el.listeners.pointermove ?? []).length, 1);
+  // Cells span x 10..250 of the element (60 px each); the strip is at y 21..37.
+  el.dispatch("pointermove", { offsetX: 140, offsetY: 29 });
+  assert.equal(node._dvdqHover, 2);
+  assert.ok(frames.at(-1).texts.some((t) => t.startsWith("step 3/4: 4 bits")), frames.at(-1).texts.join(" | "));
+  const n = frames.length;
+  el.dispatch("pointermove", { offsetX: 141, offsetY: 30 });  // the same cell: no repaint
+  assert.equal(frames.length, n);
+  el.dispatch("pointermove", { offsetX: 140, offsetY: 5 });  // the header: no cell
+  assert.equal(node._dvdqHover, null);
+  el.dispatch("pointermove", { offsetX: 20, offsetY: 29 });
+  assert.equal(node._dvdqHover, 0);
+  el.dispatch("pointerleave");
+  assert.equal(node._dvdqHover, null);
+  assert.ok(frames.at(-1).texts.some((t) => t.startsWith("step 4/4: 4 bits")), "back to the newest step");
+  panelOf(node).triggerDraw();  // repainting again adds no second listener
+  assert.equal(el.listeners.pointermove.length, 1);
+});
+
+test("on the classic canvas no listeners are added (hover comes through onMouseMove)", () => {
+  const node = newBitNode(101, newLoader(100));
+  draw(node);
+  assert.equal(Object.keys(host.app.canvas.canvas.listeners).length, 0);
+});
+
+test("a removed node's panel is no longer repainted", () => {
+  const node = newBitNode(111, newLoader(110));
+  let calls = 0;
+  panelOf(node).triggerDraw = () => { calls++; };
+  host.api.emit("dvdq.bits", { node: "111", step: 0, total: 2, bits: 8, indicator: null, accumulated: 0, mode: "fixed" });
+  assert.equal(calls, 1);
+  node.onRemoved();
+  host.api.emit("dvdq.bits", { node: "111", step: 1, total: 2, bits: 8, indicator: null, accumulated: 0, mode: "fixed" });
+  assert.equal(calls, 1);
+});
+
+test("a front end that adds its own copy of the widget: triggerDraw on that copy is what repaints", async () => {
+  const Copying = makeNodeType("DVDQuantBitSwitch", { copyWidgets: true });
+  await ext.beforeRegisterNodeDef(Copying, { name: "DVDQuantBitSwitch" });
+  const node = new Copying(121, [{ name: "delta", value: 0.1 }, { name: "low", value: 4 }, { name: "high", value: 8 }]);
+  node.onNodeCreated();
+  let calls = 0;
+  panelOf(node).triggerDraw = () => { calls++; };
+  host.api.emit("dvdq.bits", { node: "121", step: 0, total: 1, bits: 4, indicator: null, accumulated: 0, mode: "delta" });
+  assert.equal(calls, 1);
+});
+
+test("the whole summary (five lines with the fused steps and the backend) fits in the loader's panel", () => {
+  const loader = newLoader(130);
+  host.api.emit("dvdq.quant_summary", {
+    node: "130", layers: 40, w_bits: 4, bytes_before: 4096, bytes_after: 1024, mean_rel_error: 0.1, seconds: 1,
+    source: "quantized", fused_steps: 8, backend: "reference (the input is on cpu)",
+  });
+  const rec = draw(loader);
+  assert.equal(rec.texts.length, 6, rec.texts.join(" | "));  // the bar's text and five lines
+  assert.ok(rec.texts.includes("backend reference (the input is on cpu)"));
+  const height = panelOf(loader).computeSize(320)[1];  // the panel's box ends 4 px above the next widget
+  for (const y of rec.textYs) assert.ok(y + 6 <= 200 + height - 4, `text at ${y} below the panel (200..${200 + height - 4})`);
 });

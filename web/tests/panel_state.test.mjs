@@ -183,3 +183,16 @@ test("formatting helpers", () => {
   const fitted = S.fitLeft("blocks.12.cross_attn.o", 60, measure);
   assert.ok(fitted.startsWith("…") && measure(fitted) <= 60 && "blocks.12.cross_attn.o".endsWith(fitted.slice(1)));
 });
+
+test("layout: strip, line and info inside the Bit Switch panel; bar and five summary lines inside the Loader's", () => {
+  const { PAD } = S.LAYOUT;
+  const [BIT_PANEL_H, QUANT_PANEL_H] = [80, 92];  // dvdq_panel.js (the extension test checks the drawing too)
+  const g = S.stripGeometry(300, 50);
+  assert.deepEqual([g.x, g.w], [PAD, 300 - 2 * PAD]);
+  assert.ok(g.stripY + g.stripH <= g.lineY && g.lineY + g.lineH < g.infoY - 5);
+  assert.ok(g.infoY + 6 <= 50 + BIT_PANEL_H - 4, "the info line inside the panel's box");
+  const q = S.quantGeometry(300, 50);
+  assert.equal(q.barY - 50, 5);
+  assert.ok(q.lineY - 6 >= q.barY + q.barH, "the first summary line under the bar");
+  assert.ok(q.lineY + 4 * q.lineH + 6 <= 50 + QUANT_PANEL_H - 4, "five summary lines inside the panel's box");
+});
