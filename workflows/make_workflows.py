@@ -5,14 +5,24 @@
     python workflows/make_workflows.py --check    # exit 1 if a written file differs
     python workflows/make_workflows.py --core-spec-from object_info.json
         # refresh core_nodes.json from a running ComfyUI's /object_info (saved to a file)
+    python workflows/make_workflows.py --template-spec-from 0.3.64=a.json --template-spec-from 0.8.0=b.json ...
+        # refresh template_nodes.json: the template nodes' schemas, one /object_info per ComfyUI version
 
-Model file names are those of ComfyUI's official Wan and HunyuanVideo examples.
+Two kinds of workflow:
+- our own examples (WORKFLOWS), built node by node; model file names are those of ComfyUI's official Wan
+  and HunyuanVideo examples;
+- ComfyUI's official workflow templates (TEMPLATES, read from the pinned `comfyui-workflow-templates-json`
+  package, the one ComfyUI's front end ships) with the diffusion-model loader swapped for ours and a Bit
+  Switch Scheduler after it; everything else as the template has it.
 """
 import argparse
+import importlib.metadata
+import importlib.resources
 import json
 import os
 import re
 import sys
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -42,6 +52,18 @@ class Node:
         self.values, self.controls, self.pos, self.title = values, controls, pos, title
         self.inputs = {}  # socket name -> (link id, source node, source slot)
         self.out_links = {}  # output slot -> [link ids]
+
+    def widgets_values(self):
+        """The UI's `widgets_values`: each widget's value, plus the front end's extra values (the control
+        after a seed, the upload button's)."""
+        values = []
+        for w in node_specs.widgets(self.spec):
+            values.append(self.values[w["name"]])
+            if node_specs.has_control(w):
+                values.append(self.controls.get(w["name"], "fixed"))
+            if node_specs.upload_value(w) is not None:
+                values.append(node_specs.upload_value(w))
+        return values
 
     def __getitem__(self, output):
         """Output slot by index or name, for `graph.link(node["MODEL"], ...)`."""
@@ -127,22 +149,12 @@ class Graph:
         order = self._order()
         nodes = []
         for n in self.nodes:
-            inputs = []
-            for s in node_specs.sockets(n.spec):
-                d = {"name": s["name"], "type": s["type"], "link": n.inputs.get(s["name"], (None,))[0]}
-                if s.get("optional"):
-                    d["shape"] = 7  # drawn hollow: optional
-                inputs.append(d)
+            inputs = _socket_entries(n.spec)
+            for d in inputs:
+                d["link"] = n.inputs.get(d["name"], (None,))[0]
             outputs = []
             for i, o in enumerate(n.spec["outputs"]):
                 outputs.append({"name": o["name"], "type": o["type"], "links": n.out_links.get(i, []), "slot_index": i})
-            values = []
-            for w in node_specs.widgets(n.spec):
-                values.append(n.values[w["name"]])
-                if node_specs.has_control(w):
-                    values.append(n.controls.get(w["name"], "fixed"))
-                if node_specs.upload_value(w) is not None:
-                    values.append(node_specs.upload_value(w))
             d = {
                 "id": n.id,
                 "type": n.type,
@@ -154,7 +166,7 @@ class Graph:
                 "inputs": inputs,
                 "outputs": outputs,
                 "properties": {"Node name for S&R": n.type},
-                "widgets_values": values,
+                "widgets_values": n.widgets_values(),
             }
             if n.title:
                 d["title"] = n.title
@@ -171,19 +183,9 @@ class Graph:
         }
 
     def api(self):
-        self.check_complete()
-        out = {}
-        for n in self.nodes:
-            inputs = {}
-            for i in n.spec["inputs"]:
-                if i["widget"]:
-                    inputs[i["name"]] = n.values[i["name"]]
-                elif i["name"] in n.inputs:
-                    _, src, slot = n.inputs[i["name"]]
-                    inputs[i["name"]] = [str(src.id), slot]
-            title = n.title or n.spec.get("display_name", n.type)
-            out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": title}}
-        return out
+        """The API form, made from the UI form as the front end makes it (ui_to_api: one conversion for our
+        workflows and the templates')."""
+        return ui_to_api(self.ui(), lambda node: self.specs[node["type"]])
 
 
 def _web_panel_heights():
@@ -209,15 +211,22 @@ def _size(n):
 
 # ---------------------------------------------------------------------- the workflows
 
+# The settings every workflow gives our two nodes: W4, activations delta-switched between 4 and `high` bits.
+def loader_settings(model_file, high=8):
+    return dict(model_name=model_file, w_bits=4, a_low=4, a_high=high, method="dvdq", save_quantized_copy=False)
+
+
+def bits_settings(high=8):
+    return dict(mode="delta", delta=0.09, low=4, high=high, fixed_bits=8, schedule="", final_step_high=True)
+
+
 def _dvdq_model(g, model_file, pos, *, arq=None, title=None, high=8):
     """DVD-Quant Loader -> Bit Switch Scheduler, the part that replaces a plain UNETLoader."""
     x, y = pos
-    loader = g.add("DVDQuantLoader", (x, y), title=title, model_name=model_file, w_bits=4, a_low=4,
-                   a_high=high, method="dvdq", save_quantized_copy=False)
+    loader = g.add("DVDQuantLoader", (x, y), title=title, **loader_settings(model_file, high))
     if arq is not None:
         g.link(arq["ARQ_SETTINGS"], loader, "arq_settings")
-    bits = g.add("DVDQuantBitSwitch", (x, y + 290), mode="delta", delta=0.09, low=4, high=high,
-                 fixed_bits=8, schedule="", final_step_high=True)
+    bits = g.add("DVDQuantBitSwitch", (x, y + _size(loader)[1] + 40), **bits_settings(high))  # below its panel
     g.link(loader["MODEL"], bits, "model")
     return bits
 
@@ -390,6 +399,424 @@ WORKFLOWS = {
 }
 
 
+# ---------------------------------------------------------------------- ComfyUI's templates with DVD-Quant
+
+TEMPLATE_PACKAGE = "comfyui-workflow-templates-json"  # what ComfyUI's front end ships (its module below)
+TEMPLATE_MODULE = "comfyui_workflow_templates_json"
+TEMPLATE_VERSION = "0.1.123"  # pinned in requirements-dev.txt; recorded in every file made from it
+
+# The templates of the families the pack quantizes (Wan 2.1/2.2 T2V, I2V, TI2V 5B, FLF2V; HunyuanVideo T2V;
+# HunyuanVideo 1.5 T2V/I2V, whose nodes ComfyUI has from 0.8.0 on); each gives `<template>_dvdq.json`.
+TEMPLATES = [
+    "text_to_video_wan.json",
+    "image_to_video_wan.json",
+    "wan2.1_flf2v_720_f16.json",
+    "video_wan2_2_14B_t2v.json",
+    "video_wan2_2_14B_i2v.json",
+    "video_wan2_2_14B_flf2v.json",
+    "video_wan2_2_5B_ti2v.json",
+    "hunyuan_video_text_to_video.json",
+    "video_hunyuan_video_1.5_720p_t2v.json",
+    "video_hunyuan_video_1.5_720p_i2v.json",
+]
+# Nodes between the loader and the Bit Switch Scheduler: LoRAs (they run beside the packed weights) and the
+# templates' switches between the plain and the LoRA branch (one schedule then serves both branches).
+MODEL_SIDE = ("LoraLoaderModelOnly", "LoraLoader", "ComfySwitchNode")
+VIRTUAL_TYPES = ("Note", "MarkdownNote")  # drawn by the front end only: no API node
+MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20  # the ids of a subgraph's input and output nodes in its links
+TITLE_H, GAP = 30, 20  # a node's title bar (drawn above its pos) and the space left between nodes
+
+
+def template_name(template_file):
+    return os.path.splitext(template_file)[0] + "_dvdq"
+
+
+def load_template(template_file):
+    """A template of the installed template package, which must be the pinned version."""
+    try:
+        version = importlib.metadata.version(TEMPLATE_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"the workflow templates are not installed: pip install {TEMPLATE_PACKAGE}=={TEMPLATE_VERSION} "
+                         "(requirements-dev.txt)") from None
+    if version != TEMPLATE_VERSION:
+        raise SystemExit(f"{TEMPLATE_PACKAGE} {version} is installed; the workflows are made from {TEMPLATE_VERSION} "
+                         "(change TEMPLATE_VERSION and requirements-dev.txt together, then regenerate)")
+    path = importlib.resources.files(TEMPLATE_MODULE).joinpath("templates", template_file)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def subgraph_defs(wf):
+    return {sg["id"]: sg for sg in wf.get("definitions", {}).get("subgraphs", [])}
+
+
+def graphs_of(wf):
+    """The root graph and every subgraph definition: each has nodes, links and groups of its own."""
+    return [wf, *subgraph_defs(wf).values()]
+
+
+_LINK_FIELDS = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+
+
+def graph_links(graph):
+    """{link id: (id, origin, origin slot, target, target slot, type)}: the root's links are lists, a
+    subgraph's are objects."""
+    out = {}
+    for link in graph.get("links", []):
+        t = tuple(link[f] for f in _LINK_FIELDS) if isinstance(link, dict) else tuple(link[:6])
+        out[t[0]] = t
+    return out
+
+
+def _set_link(graph, link_id, **fields):
+    for link in graph["links"]:
+        if (link["id"] if isinstance(link, dict) else link[0]) == link_id:
+            for k, v in fields.items():
+                if isinstance(link, dict):
+                    link[k] = v
+                else:
+                    link[_LINK_FIELDS.index(k)] = v
+            return
+    raise KeyError(f"no link {link_id}")
+
+
+def _add_link(graph, *values):
+    is_subgraph = "inputNode" in graph
+    graph["links"].append(dict(zip(_LINK_FIELDS, values)) if is_subgraph else list(values))
+
+
+def template_node_types(wf):
+    """The node types a template's API form can hold (its own nodes, subgraphs entered)."""
+    defs = subgraph_defs(wf)
+    return {n["type"] for g in graphs_of(wf) for n in g["nodes"] if n["type"] not in defs and n["type"] not in VIRTUAL_TYPES}
+
+
+def widget_map(spec, values):
+    """{widget name: value} of a node's `widgets_values` (the front end's control and upload values left out)."""
+    out, k = {}, 0
+    for w in node_specs.widgets(spec):
+        out[w["name"]] = values[k]
+        k += 1 + node_specs.has_control(w) + (node_specs.upload_value(w) is not None)
+    return out
+
+
+class _Value:
+    """A widget value that reaches an inner node from its subgraph's instance (no link outside)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def ui_to_api(wf, spec_of):
+    """The API form of a UI workflow, as ComfyUI's front end makes it (graphToPrompt): subgraphs are flattened
+    (an inner node's id is the path of instance ids, `57:12`), front-end-only and muted nodes left out, a
+    bypassed node's consumers linked to what feeds its first input of the same type (that slot tried first),
+    and a widget linked from a subgraph input that has no link outside takes the instance's widget value
+    (older front ends store it there) or else its own. spec_of(node) -> the node's schema."""
+    defs = subgraph_defs(wf)
+    out = {}
+
+    class Scope:
+        def __init__(self, graph, path=(), instance=None, parent=None):
+            self.graph, self.path, self.instance, self.parent = graph, path, instance, parent
+            self.nodes = {n["id"]: n for n in graph["nodes"]}
+            self.links = graph_links(graph)
+
+        def api_id(self, node_id):
+            return ":".join((*self.path, str(node_id)))
+
+        def inner(self, node):
+            if node.get("mode", MODE_ALWAYS) != MODE_ALWAYS:
+                raise ValueError(f"subgraph node {node['id']} is muted or bypassed: not supported")
+            return Scope(defs[node["type"]], (*self.path, str(node["id"])), node, self)
+
+    def source(scope, link_id):
+        """What a link carries: an API [node id, slot], a _Value, or None (nothing: a muted node, ...)."""
+        _, origin, slot, *_ = scope.links[link_id]
+        if origin != SUBGRAPH_INPUT:
+            return output(scope, scope.nodes[origin], slot)
+        sub_inputs = scope.graph["inputs"]
+        name = sub_inputs[slot]["name"]
+        outer = next((i for i in scope.instance.get("inputs", []) if i["name"] == name), None)
+        if outer is not None and outer.get("link") is not None:
+            return source(scope.parent, outer["link"])
+        stored = scope.instance.get("widgets_values") or []
+        promoted = [i["name"] for i in sub_inputs if i["type"] in node_specs.WIDGET_TYPES]
+        return _Value(stored[promoted.index(name)]) if name in promoted and len(stored) == len(promoted) else None
+
+    def output(scope, node, slot):
+        if node["type"] in defs:
+            inner = scope.inner(node)
+            link_ids = inner.graph["outputs"][slot]["linkIds"]
+            return source(inner, link_ids[0]) if link_ids else None
+        mode = node.get("mode", MODE_ALWAYS)
+        if mode == MODE_NEVER:
+            return None
+        if mode == MODE_BYPASS:
+            type_, ins = node["outputs"][slot]["type"], node.get("inputs", [])
+            k = next((k for k in (slot, *range(len(ins))) if k < len(ins) and ins[k]["type"] == type_), None)
+            return None if k is None or ins[k].get("link") is None else source(scope, ins[k]["link"])
+        if mode != MODE_ALWAYS:
+            raise ValueError(f"node {node['id']} {node['type']}: mode {mode}")
+        return [scope.api_id(node["id"]), slot]
+
+    def emit(scope):
+        for node in scope.graph["nodes"]:
+            if node["type"] in VIRTUAL_TYPES or node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
+                continue
+            if node["type"] in defs:
+                emit(scope.inner(node))
+                continue
+            spec = spec_of(node)
+            values = widget_map(spec, node.get("widgets_values") or [])
+            linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+            inputs = {}
+            for i in spec["inputs"]:
+                for name in ([n for n in linked if n in i["autogrow"]] if "autogrow" in i else [i["name"]]):
+                    src = source(scope, linked[name]) if name in linked else None
+                    if isinstance(src, _Value):
+                        inputs[name] = src.value
+                    elif src is not None:
+                        inputs[name] = src
+                    elif i["widget"]:
+                        inputs[name] = values[name]
+            title = node.get("title") or spec.get("display_name", node["type"])
+            out[scope.api_id(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": title}}
+
+    emit(Scope(wf))
+    return out
+
+
+def template_spec_of(template_specs, our_specs=None):
+    """spec_of for ui_to_api on a template-made workflow: ours from the pack, a template node's from the
+    schemas of template_nodes.json, the oldest version whose widget count its `widgets_values` fit (what
+    every newer ComfyUI still accepts; a node saved with a widget that only a newer version has gets that one)."""
+    our_specs = our_specs or node_specs.OUR_NODES
+
+    def spec_of(node):
+        if node["type"] in our_specs:
+            return our_specs[node["type"]]
+        versions = template_specs.get(node["type"])
+        if not versions:
+            raise ValueError(f"node {node['id']}: {node['type']} is not in template_nodes.json (--template-spec-from)")
+        n = len(node.get("widgets_values") or [])
+        for spec in versions.values():
+            if node_specs.widget_value_count(spec) == n:
+                return spec
+        counts = {v: node_specs.widget_value_count(s) for v, s in versions.items()}
+        raise ValueError(f"node {node['id']} {node['type']}: {n} widget values, the schemas have {counts}")
+    return spec_of
+
+
+class _Ids:
+    """New node and link ids of a template: above every id its graphs use (the front end counts them for the
+    root and its subgraphs together)."""
+
+    def __init__(self, wf):
+        graphs = graphs_of(wf)
+        self.last_node = max([wf.get("last_node_id", 0)] + [sg["state"]["lastNodeId"] for sg in graphs[1:]]
+                             + [n["id"] for g in graphs for n in g["nodes"]])
+        self.last_link = max([wf.get("last_link_id", 0)] + [sg["state"]["lastLinkId"] for sg in graphs[1:]]
+                             + [lid for g in graphs for lid in graph_links(g)])
+
+    def node(self):
+        self.last_node += 1
+        return self.last_node
+
+    def link(self):
+        self.last_link += 1
+        return self.last_link
+
+    def store(self, wf):
+        wf["last_node_id"], wf["last_link_id"] = self.last_node, self.last_link
+        for sg in graphs_of(wf)[1:]:
+            sg["state"]["lastNodeId"], sg["state"]["lastLinkId"] = self.last_node, self.last_link
+
+
+def _box(n):
+    """A node's drawn box (x0, y0, x1, y1), title bar included."""
+    (x, y), (w, h) = n["pos"], n["size"]
+    return x, y - TITLE_H, x + w, y + h
+
+
+def _group_box(group):
+    gx, gy, gw, gh = group["bounding"]
+    return gx, gy, gx + gw, gy + gh
+
+
+def _inside(box, group):
+    gx0, gy0, gx1, gy1 = _group_box(group)
+    return gx0 <= box[0] and gy0 <= box[1] and box[2] <= gx1 and box[3] <= gy1
+
+
+def _make_room(graph, x0, x1, y0, dy):
+    """Moves down by dy what lies below y0 in the column [x0, x1], so a node that grew or a new one fits there.
+    A group across y0 grows by dy and so moves what lies below it across its own width; a group that moves
+    takes all it holds along (nodes and groups, wherever they are)."""
+    groups = graph.get("groups", [])
+    grown, moved, nodes = [], [], []
+
+    def below(x0, x1, y0):
+        for g in groups:
+            gx0, gy0, gx1, gy1 = _group_box(g)
+            if g in grown or g in moved or not (gx0 < x1 and gx1 > x0):
+                continue
+            if gy0 < y0 < gy1:
+                grown.append(g)
+                below(gx0, gx1, gy1)
+            elif gy0 >= y0:
+                moved.append(g)
+        nodes.extend(n for n in graph["nodes"] if n not in nodes and _box(n)[1] >= y0 - 1 and _box(n)[0] < x1
+                     and _box(n)[2] > x0)
+
+    below(x0, x1, y0)
+    more = True
+    while more:  # what a moved group holds moves with it
+        more = [g for g in groups if g not in moved and g not in grown and any(_inside(_group_box(g), m) for m in moved)]
+        moved += more
+    nodes += [n for n in graph["nodes"] if n not in nodes and any(_inside(_box(n), g) for g in moved)]
+    for g in grown:
+        g["bounding"][3] += dy
+    for g in moved:
+        g["bounding"][1] += dy
+    for n in nodes:
+        n["pos"] = [n["pos"][0], n["pos"][1] + dy]
+
+
+def _socket_entries(spec):
+    """A node's socket inputs as the UI form lists them (an optional one drawn hollow: shape 7), none linked."""
+    return [{"name": s["name"], "type": s["type"], "link": None, **({"shape": 7} if s.get("optional") else {})}
+            for s in node_specs.sockets(spec)]
+
+
+def _our_properties(node, type_):
+    """The template node's properties for a node of ours: the model download hints stay, the core package's
+    id and version go."""
+    props = {k: v for k, v in node.get("properties", {}).items() if k not in ("cnr_id", "ver")}
+    props["Node name for S&R"] = type_
+    return props
+
+
+def _swap_loader(graph, node, specs):
+    """UNETLoader -> DVD-Quant Loader in place: same id, position, mode, outputs and links; its model file (or
+    the subgraph input feeding it) becomes the Loader's model_name; what lies below it moves down by what it
+    grew."""
+    unet = widget_map(specs["UNETLoader"], node["widgets_values"])
+    loader = Graph(specs).add("DVDQuantLoader", node["pos"], **loader_settings(unet["unet_name"]))
+    inputs = _socket_entries(loader.spec)
+    for i in node.get("inputs", []):
+        if i.get("link") is None:
+            continue
+        if i["name"] != "unet_name":
+            raise ValueError(f"UNETLoader {node['id']}: its input {i['name']} is linked; DVD-Quant Loader has none such")
+        inputs.append({"name": "model_name", "type": "COMBO", "widget": {"name": "model_name"}, "link": i["link"]})
+        _set_link(graph, i["link"], target_slot=len(inputs) - 1)
+    node.update(type="DVDQuantLoader", inputs=inputs, widgets_values=loader.widgets_values(),
+                properties=_our_properties(node, "DVDQuantLoader"))
+    for o in node["outputs"]:
+        o.pop("localized_name", None)
+    (old_w, old_h), (w, h) = node["size"], _size(loader)
+    node["size"] = [max(old_w, w), max(old_h, h)]
+    x, y = node["pos"]
+    _make_room(graph, x, x + node["size"][0], y + old_h, node["size"][1] - old_h)
+
+
+def _model_side(graph, loader):
+    """The loader and the nodes its MODEL passes through before the Bit Switch Scheduler (MODEL_SIDE), each
+    taking MODELs only from there; and the MODEL links that leave them."""
+    nodes, links = {n["id"]: n for n in graph["nodes"]}, graph_links(graph)
+    side, grew = {loader["id"]}, True
+    while grew:
+        grew = False
+        for n in graph["nodes"]:
+            ins = [i["link"] for i in n.get("inputs", []) if i["type"] == "MODEL" and i.get("link") is not None]
+            if n["id"] not in side and n["type"] in MODEL_SIDE and ins and all(links[lid][1] in side for lid in ins):
+                side.add(n["id"])
+                grew = True
+    exits = [link for link in links.values() if link[1] in side and link[3] not in side and link[5] == "MODEL"]
+    return [nodes[i] for i in side], exits
+
+
+def _insert_bit_switch(graph, loader, ids, specs):
+    """A Bit Switch Scheduler on the MODEL that leaves the loader's side (after its LoRAs and switches), below
+    the node it comes from, in that node's mode (a bypassed group's nodes stay bypassed together)."""
+    side, exits = _model_side(graph, loader)
+    sources = {(link[1], link[2]) for link in exits}
+    if len(sources) != 1 or any(link[3] == SUBGRAPH_OUTPUT for link in exits):
+        raise ValueError(f"loader {loader['id']}: its MODEL leaves {sorted(n['id'] for n in side)} through "
+                         f"{sorted(sources)}: no single place for one Bit Switch Scheduler")
+    ((src_id, src_slot),) = sources
+    src = next(n for n in graph["nodes"] if n["id"] == src_id)
+    x0, _, x1, y1 = _box(src)
+    bits = Graph(specs).add("DVDQuantBitSwitch", (x0, y1 + GAP + TITLE_H), **bits_settings())
+    size = _size(bits)
+    _make_room(graph, x0, max(x1, x0 + size[0]), y1, size[1] + TITLE_H + GAP)
+    node_id, link_id = ids.node(), ids.link()
+    exit_ids = [link[0] for link in exits]
+    graph["nodes"].append({
+        "id": node_id, "type": "DVDQuantBitSwitch", "pos": list(bits.pos), "size": list(size), "flags": {},
+        "order": src.get("order", 0), "mode": src.get("mode", MODE_ALWAYS),
+        "inputs": [{"name": "model", "type": "MODEL", "link": link_id}],
+        "outputs": [{"name": "MODEL", "type": "MODEL", "links": exit_ids, "slot_index": 0}],
+        "properties": {"Node name for S&R": "DVDQuantBitSwitch"}, "widgets_values": bits.widgets_values()})
+    out = src["outputs"][src_slot]
+    out["links"] = [link_id] + [lid for lid in out["links"] if lid not in exit_ids]
+    for lid in exit_ids:
+        _set_link(graph, lid, origin_id=node_id, origin_slot=0)
+    _add_link(graph, link_id, src_id, src_slot, node_id, 0, "MODEL")
+
+
+def dvdq_template(template_file, specs):
+    """A template with every UNETLoader (the root's and the subgraphs') swapped for the DVD-Quant Loader and a
+    Bit Switch Scheduler after the loader's LoRAs / switches; all else as the template has it."""
+    wf = load_template(template_file)
+    defs = subgraph_defs(wf)
+    ids = _Ids(wf)
+    swapped = {}  # subgraph id (or None: the root) -> ids of swapped loaders
+    for graph in graphs_of(wf):
+        for node in [n for n in graph["nodes"] if n["type"] == "UNETLoader"]:
+            _swap_loader(graph, node, specs)
+            _insert_bit_switch(graph, node, ids, specs)
+            swapped.setdefault(graph.get("id") if graph is not wf else None, set()).add(str(node["id"]))
+    if not swapped:
+        raise ValueError(f"{template_file} has no UNETLoader")
+    for graph in graphs_of(wf):  # widgets an instance shows from the loaders inside (newer front ends)
+        for node in graph["nodes"]:
+            proxies = node.get("properties", {}).get("proxyWidgets") if node["type"] in defs else None
+            for p in proxies or []:
+                if p[0] in swapped.get(node["type"], ()) and p[1] == "unet_name":
+                    p[1] = "model_name"
+    ids.store(wf)
+    name = template_name(template_file)
+    wf["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dvd-quant/workflows/{name}"))
+    wf.setdefault("extra", {})["dvdq"] = {"template": template_file, "template_package": TEMPLATE_PACKAGE,
+                                          "template_version": TEMPLATE_VERSION}
+    return wf
+
+
+def write_template_spec(sources):
+    """template_nodes.json from /object_info files, `VERSION=PATH` each: every node type the templates use (not
+    ours), the schema of each version that has it, oldest version first as given."""
+    infos = []
+    for item in sources:
+        version, _, path = item.partition("=")
+        with open(path, encoding="utf-8") as f:
+            infos.append((version, json.load(f)))
+    types = sorted(set().union(*(template_node_types(load_template(t)) for t in TEMPLATES)) - set(node_specs.OUR_NODES))
+    missing = [t for t in types if not any(t in info for _, info in infos)]
+    if missing:
+        raise SystemExit(f"no /object_info given has {missing}")
+    out = {
+        "about": "Schemas of the nodes of ComfyUI's workflow templates (make_workflows.py --template-spec-from), "
+                 "per ComfyUI version that has the node. File-list inputs keep only their folder.",
+        "template_package": f"{TEMPLATE_PACKAGE}=={TEMPLATE_VERSION}",
+        "comfyui_versions": [v for v, _ in infos],
+        "nodes": {t: {v: node_specs.spec_from_object_info(info[t]) for v, info in infos if t in info} for t in types},
+    }
+    with open(node_specs.TEMPLATE_SPEC_PATH, "w", encoding="utf-8") as f:
+        f.write(_dump(out))
+
+
 def render_all(specs=None):
     """{relative path: JSON text} of every workflow, UI and API format."""
     specs = specs or node_specs.all_specs()
@@ -398,6 +825,11 @@ def render_all(specs=None):
         g = build(specs)
         files[f"{name}.json"] = _dump(g.ui())
         files[os.path.join("api", f"{name}.json")] = _dump(g.api())
+    spec_of = template_spec_of(node_specs.load_template_specs())
+    for template_file in TEMPLATES:
+        wf = dvdq_template(template_file, specs)
+        files[f"{template_name(template_file)}.json"] = _dump(wf)
+        files[os.path.join("api", f"{template_name(template_file)}.json")] = _dump(ui_to_api(wf, spec_of))
     return files
 
 
@@ -437,10 +869,15 @@ def main(argv=None):
     ap.add_argument("--core-spec-from", metavar="OBJECT_INFO_JSON",
                     help="rewrite core_nodes.json from ComfyUI's /object_info saved to a file")
     ap.add_argument("--comfyui-version", default="unknown", help="the version that served /object_info")
+    ap.add_argument("--template-spec-from", metavar="VERSION=OBJECT_INFO_JSON", action="append",
+                    help="rewrite template_nodes.json from ComfyUI's /object_info of each version (oldest first)")
     args = ap.parse_args(argv)
     if args.core_spec_from:
         write_core_spec(args.core_spec_from, CORE_TYPES, args.comfyui_version)
         print(f"wrote {node_specs.CORE_SPEC_PATH}")
+    if args.template_spec_from:
+        write_template_spec(args.template_spec_from)
+        print(f"wrote {node_specs.TEMPLATE_SPEC_PATH}")
     stale = []
     for rel, text in render_all().items():
         path = os.path.join(HERE, rel)

@@ -5,9 +5,12 @@ widgets), whether a widget gets ComfyUI's extra "control after generate" value, 
 
 - Our nodes: read from the pack's own node classes (nodes/definitions.py), as ComfyUI's `/object_info`
   would give them (`our_node_specs`), so the workflows follow the nodes as they are.
-- ComfyUI core nodes: `core_nodes.json`, extracted from a running ComfyUI's `/object_info`
+- ComfyUI core nodes: `specs/core_nodes.json`, extracted from a running ComfyUI's `/object_info`
   (`python workflows/make_workflows.py --core-spec-from object_info.json`), so the types,
   widget counts and limits are the host's own, not retyped.
+- The nodes of ComfyUI's official workflow templates: `specs/template_nodes.json`, the schemas of each ComfyUI
+  version the host tests run (`--template-spec-from VERSION=object_info.json`, one per version): a template
+  node's widget values were saved against one of them, and the generator picks the one they fit.
 """
 import importlib
 import importlib.util
@@ -16,7 +19,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CORE_SPEC_PATH = os.path.join(HERE, "core_nodes.json")
+# in a folder of their own: ComfyUI lists a pack's workflows/*.json in its template browser
+CORE_SPEC_PATH = os.path.join(HERE, "specs", "core_nodes.json")
+TEMPLATE_SPEC_PATH = os.path.join(HERE, "specs", "template_nodes.json")
 
 # Types the front end draws as a widget rather than a socket.
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -30,8 +35,14 @@ FILE_INPUTS = {
     "clip_name2": "text_encoders",
     "vae_name": "vae",
     "model_name": "diffusion_models",
+    "lora_name": "loras",
 }
-NODE_FILE_INPUTS = {("CLIPVisionLoader", "clip_name"): "clip_vision", ("LoadImage", "image"): "input"}
+NODE_FILE_INPUTS = {("CLIPVisionLoader", "clip_name"): "clip_vision", ("LoadImage", "image"): "input",
+                    ("LatentUpscaleModelLoader", "model_name"): "latent_upscale_models"}
+# ComfyUI's V3 schema types of inputs whose form depends on the graph: a combo whose options carry inputs of
+# their own (drawn as a combo widget), a socket taking any type (its type follows what is linked), a socket
+# that grows by one named input per link (`values.a`, `values.b`, ...)
+DYNAMIC_COMBO, MATCH_TYPE, AUTOGROW = "COMFY_DYNAMICCOMBO_V3", "COMFY_MATCHTYPE_V3", "COMFY_AUTOGROW_V3"
 
 
 def file_folder(node_type: str, name: str) -> str | None:
@@ -41,24 +52,36 @@ def file_folder(node_type: str, name: str) -> str | None:
 
 
 def spec_from_object_info(info):
-    """One node's spec from its `/object_info` entry (V1 and V3 nodes alike)."""
+    """One node's spec from its `/object_info` entry (V1 and V3 nodes alike). Hidden inputs (kept by V3
+    nodes for older prompts, never drawn) are left out; a dynamic combo is read as a combo of its option
+    keys (the inputs an option brings are not followed), a match-type input as a socket of type `*`."""
     inputs = []
     for section in ("required", "optional"):
         for name in info.get("input_order", {}).get(section, []):
             raw = info["input"][section][name]
             type_, opts = raw[0], (raw[1] if len(raw) > 1 and isinstance(raw[1], dict) else {})
+            if opts.get("hidden"):
+                continue
             d = {"name": name}
-            if isinstance(type_, list) or type_ == "COMBO":
+            if type_ == MATCH_TYPE:
+                type_ = "*"
+            if isinstance(type_, list) or type_ in ("COMBO", DYNAMIC_COMBO):
                 d["type"] = "COMBO"
                 options = type_ if isinstance(type_, list) else opts.get("options", [])
+                options = [o["key"] if isinstance(o, dict) else o for o in options]
                 folder = file_folder(info.get("name", ""), name)
                 if folder:
                     d["files"] = folder
                 else:
                     d["options"] = list(options)
+            elif type_ == AUTOGROW:  # sockets `name.a`, `name.b`, ... of the template's type
+                tmpl = opts.get("template", {})
+                item = next(iter(tmpl.get("input", {}).get("required", {}).values()), ["*"])
+                d["type"] = item[0]
+                d["autogrow"] = [f"{name}.{n}" for n in tmpl.get("names", [])]
             else:
                 d["type"] = type_
-            d["widget"] = d["type"] in WIDGET_TYPES
+            d["widget"] = d["type"] in WIDGET_TYPES and "autogrow" not in d
             for key in ("default", "min", "max"):
                 if key in opts and d["widget"]:
                     d[key] = opts[key]
@@ -69,7 +92,8 @@ def spec_from_object_info(info):
             if section == "optional":
                 d["optional"] = True
             inputs.append(d)
-    outputs = [{"name": n, "type": t} for n, t in zip(info.get("output_name", info["output"]), info["output"])]
+    outputs = [{"name": n, "type": "*" if t == MATCH_TYPE else t}
+               for n, t in zip(info.get("output_name", info["output"]), info["output"])]
     return {
         "display_name": info.get("display_name") or info.get("name"),
         "inputs": inputs,
@@ -109,6 +133,12 @@ def our_node_specs():
 
 def load_core_specs():
     with open(CORE_SPEC_PATH, encoding="utf-8") as f:
+        return json.load(f)["nodes"]
+
+
+def load_template_specs():
+    """{node type: {ComfyUI version: spec}} of the template nodes (template_nodes.json), oldest version first."""
+    with open(TEMPLATE_SPEC_PATH, encoding="utf-8") as f:
         return json.load(f)["nodes"]
 
 
