@@ -104,26 +104,27 @@ def refresh(layer, device, dtype):
     """Set the layer's branch (QuantLinear.lowrank) from the patch lists it has now, in `dtype` on `device`
     (where its calls run); rebuilt only when the lists, strengths, device or dtype changed. Runs when the
     host loads, unloads or switches hooks, never inside the forward (which torch.compile then traces as the
-    core's plain QuantLinear)."""
+    core's plain QuantLinear). A form no branch runs (which the check before sampling refuses first) raises
+    DVDQuantError naming it."""
     try:
         lists = _patch_lists(layer)
-    except UnsupportedPatch as e:  # a weight wrapper, which the check before sampling did not see
+        if not lists:
+            layer.lowrank, layer.lowrank_cache = None, None
+            return
+        sig = (device, dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst)) for k, lst in lists))
+        if layer.lowrank_cache is None or layer.lowrank_cache[0] != sig:
+            terms, biases = [], []
+            for key, lst in lists:
+                t, b = patch_terms(key, lst)
+                terms += t
+                biases += b
+            # the patch lists are kept with the signature: the ids in it stay those of live adapters
+            layer.lowrank_cache = (sig, stack(terms, biases, layer.out_features, layer.in_features, device, dtype),
+                                   [list(v) for _, v in lists])
+    except UnsupportedPatch as e:
         from .host import DVDQuantError
         raise DVDQuantError(unsupported_message(str(e), f"a layer of {layer.out_features} x {layer.in_features}")) \
             from None
-    if not lists:
-        layer.lowrank, layer.lowrank_cache = None, None
-        return
-    sig = (device, dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst)) for k, lst in lists))
-    if layer.lowrank_cache is None or layer.lowrank_cache[0] != sig:
-        terms, biases = [], []
-        for key, lst in lists:
-            t, b = patch_terms(key, lst)
-            terms += t
-            biases += b
-        # the patch lists are kept with the signature: the ids in it stay those of live adapters
-        layer.lowrank_cache = (sig, stack(terms, biases, layer.out_features, layer.in_features, device, dtype),
-                               [list(v) for _, v in lists])
     layer.lowrank = layer.lowrank_cache[1]
 
 

@@ -475,6 +475,17 @@ def test_lora_after_quantization_runs_beside_the_packed_weights(server, capsys):
     assert torch.equal(f1, f0), "the float model must not change"
 
 
+def test_lora_branch_matches_comfyuis_merge(comfy, host_dir):
+    """tests/host/lora_checks.py in this host's Python: each LoRA form a branch runs (alpha / rank, strengths,
+    stacks, offsets along either dimension, bias differences, with and without the fused GELU) against the
+    float layer with ComfyUI's calculate_weight, within 1% where the patch moves the output by 5% or more;
+    LoHa, DoRA, full-weight differences and strength_model refused naming the form."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([comfy.python, os.path.join(here, "lora_checks.py"), comfy.path], capture_output=True,
+                         text=True, env=comfy.env, cwd=host_dir)
+    assert res.returncode == 0 and "RESULT: all checks passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+
+
 def test_lora_after_apply(server):
     """UNETLoader -> DVD-Quant Apply -> LoRA: within half the LoRA's effect of UNETLoader -> LoRA -> Apply."""
     q8 = dict(w_bits=8, a_low=8, a_high=8, method="dvdq")
