@@ -40,6 +40,9 @@ class LowRank:
         return y
 
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.bias) if t is not None)
+
     def to(self, device, dtype) -> "LowRank":
         return LowRank(self.down.to(device, dtype), self.up.to(device, dtype),
                        None if self.bias is None else self.bias.to(device, dtype))

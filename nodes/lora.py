@@ -15,9 +15,14 @@ each layer's branch from those lists (`refresh`); the layer's forward is the cor
 ComfyUI modules are imported inside the functions (see host.py).
 """
 
+import logging
+
 from ..dvdq_core import quantized_layers
 from ..dvdq_core.lowrank import LowRankTerm, stack
 
+log = logging.getLogger("dvdq")
+
+CACHED_BRANCHES = 3  # per layer: the MODEL's LoRAs alone and with each of two hook groups
 FUNCTION_ATTRS = ("weight_function", "bias_function", "weight_lowvram_function", "bias_lowvram_function")
 
 
@@ -112,20 +117,24 @@ def refresh(layer, device, dtype):
             layer.lowrank, layer.lowrank_cache = None, None
             return
         sig = (device, dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst)) for k, lst in lists))
-        if layer.lowrank_cache is None or layer.lowrank_cache[0] != sig:
+        cache = layer.lowrank_cache or {}  # a few recent sets: hook LoRAs switch every step (cond / uncond)
+        if sig not in cache:
             terms, biases = [], []
             for key, lst in lists:
                 t, b = patch_terms(key, lst)
                 terms += t
                 biases += b
+            while len(cache) >= CACHED_BRANCHES:
+                cache.pop(next(iter(cache)))
             # the patch lists are kept with the signature: the ids in it stay those of live adapters
-            layer.lowrank_cache = (sig, stack(terms, biases, layer.out_features, layer.in_features, device, dtype),
-                                   [list(v) for _, v in lists])
+            cache[sig] = (stack(terms, biases, layer.out_features, layer.in_features, device, dtype),
+                          [list(v) for _, v in lists])
+        layer.lowrank_cache = cache
     except UnsupportedPatch as e:
         from .host import DVDQuantError
         raise DVDQuantError(unsupported_message(str(e), f"a layer of {layer.out_features} x {layer.in_features}")) \
             from None
-    layer.lowrank = layer.lowrank_cache[1]
+    layer.lowrank = cache[sig][0]
 
 
 def packed_layer(model, key: str):
@@ -149,10 +158,16 @@ class _LowRankPatching:
         # every quantized layer gets this MODEL's patches, whatever the host did with the layer: it walks
         # parameters only, and the packed codes are buffers until a dynamic load makes them parameters
         dm = getattr(self.model, "diffusion_model", None)
+        branches = branch_bytes = 0
         for name, layer in quantized_layers(dm) if dm is not None else []:
             keys = [f"diffusion_model.{name}.{p}" for p in ("weight", "bias")]
             layer.lora_patches = {k: self.patches[k] for k in keys if self.patches.get(k)}
             self._refresh(layer)
+            if layer.lowrank is not None:
+                branches, branch_bytes = branches + 1, branch_bytes + layer.lowrank.nbytes()
+        if branches:  # outside ComfyUI's memory accounting: said, so a user sees what the LoRAs take
+            log.info("DVD-Quant: LoRAs after quantization run as branches on %d layers (%.0f MiB on %s)", branches,
+                     branch_bytes / 2**20, self.load_device)
         return out
 
     def _refresh(self, layer):
