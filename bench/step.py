@@ -76,17 +76,16 @@ def build(arch, dev):
 
 
 def pack_module(name: str):
-    """A module of the repository imported as a package named dvdq_pack, the way ComfyUI imports the pack
-    (its modules import the core relatively; a ComfyUI checkout on sys.path has a top-level `nodes` of its
-    own). The core comes from the same package, so the layers quantized here are the class the pack's
-    fused forwards recognise."""
+    """A module of the repository as ComfyUI imports the pack (tests/pack.py, the one loader: its modules
+    import each other relatively; a ComfyUI checkout on sys.path has a top-level `nodes` of its own). The
+    core is the same module objects as the top-level `dvdq_core`, so the layers quantized here are the
+    class the pack's fused forwards recognise."""
     import importlib
-    import types
-    if "dvdq_pack" not in sys.modules:
-        pkg = types.ModuleType("dvdq_pack")
-        pkg.__path__ = [ROOT]
-        sys.modules["dvdq_pack"] = pkg
-    return importlib.import_module("dvdq_pack." + name)
+    if os.path.join(ROOT, "tests") not in sys.path:
+        sys.path.append(os.path.join(ROOT, "tests"))
+    import pack
+    pack.load_pack()
+    return pack.sub(name[len("nodes."):]) if name.startswith("nodes.") else importlib.import_module(name)
 
 
 def pack_block_fusion(arch):

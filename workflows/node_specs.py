@@ -12,8 +12,6 @@ widgets), whether a widget gets ComfyUI's extra "control after generate" value, 
   version the host tests run (`--template-spec-from VERSION=object_info.json`, one per version): a template
   node's widget values were saved against one of them, and the generator picks the one they fit.
 """
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -103,17 +101,14 @@ def spec_from_object_info(info):
 
 
 def _pack_definitions():
-    """The pack's nodes/definitions.py, imported as ComfyUI imports the pack: the repository as a package
-    (its modules import each other relatively; nothing goes on sys.path)."""
-    name = "dvdq_workflow_pack"
-    if name not in sys.modules:
-        root = os.path.dirname(HERE)
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
-                                                      submodule_search_locations=[root])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(name + ".nodes.definitions")
+    """The pack's nodes/definitions.py, imported as ComfyUI imports the pack (tests/pack.py, the one loader:
+    the repository as a package whose modules import each other relatively)."""
+    root = os.path.dirname(HERE)
+    for path in (root, os.path.join(root, "tests")):
+        if path not in sys.path:
+            sys.path.append(path)
+    import pack
+    return pack.sub("definitions")
 
 
 def our_node_specs():
