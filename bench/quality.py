@@ -1,13 +1,17 @@
 """Quality harness: full precision vs each quantization method on the mini-Wan video DiT.
 
     python bench/quality.py [--device cuda] [--models random,outliers,trained] [--steps 20]
+    python bench/quality.py --models massive,sinks,heavy,modshift,constant --prompts 2 --steps 6 \
+        --skip-ablations --layer-split          # the synthetic family, quick, with per-layer errors
 
 For each model variant:
   (a) "random": random weights (no trained activation structure),
-  (b) "random+outliers": the same random model with a few outlier channels injected in the
+  (b) "outliers": the same random model with a few outlier channels injected in the
       residual stream (patch embedding), the AdaLN modulation (scale of the attention and FFN
       inputs), the cross-attention input norm and the FFN hidden layer,
   (c) "trained": the shipped trained mini-Wan (demo/weights),
+  (d) the synthetic family of bench/synthetic.py (docs/test-models.md): random weights with
+      "massive", "sinks", "heavy", "modshift", "constant" (or several joined by "+"),
 it samples the same prompts from the same noise in full precision and with each method
 (minmax, smoothquant, quarot, dvdq) at W4A8, W4A4 and W4 with delta-GBS 4/8, and reports per run:
 relative error and PSNR of the final clip against full precision, the per-step error curve of the
@@ -15,7 +19,9 @@ latent x_t, the average activation bits; on trained weights also SSIM, the detec
 accuracy (colour/shape/motion) and temporal consistency (centroid-track straightness, area
 variation). Ablations (on each variant): BGR only / ARQ only / both at W4A4, delta-GBS against
 fixed schedules with the same number of 4-bit steps, and BGR's weight-error reduction per layer
-type. Markdown to stdout; all numbers (curves included) to --json.
+type (--skip-ablations: the method table only). --layer-split: for every quantized layer and
+method, the output error at W4A4 (--split-bits) on real inputs split into its weight and activation parts
+(bench/layer_error.py). Markdown to stdout; all numbers (curves included) to --json.
 """
 from __future__ import annotations
 
@@ -34,33 +40,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dvdq_core  # noqa: E402
+from bench import layer_error, synthetic  # noqa: E402
 from demo import clips  # noqa: E402
 from demo.metrics import psnr, rel_error, ssim  # noqa: E402
-from demo.model import MiniWan, MiniWanConfig, load_mini_wan  # noqa: E402
-from demo.run import TINY, WEIGHTS, random_model  # noqa: E402
+from demo.model import MiniWanConfig, load_mini_wan  # noqa: E402
+from demo.run import TINY, WEIGHTS  # noqa: E402
 from demo.sampling import sample  # noqa: E402
 from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
 from dvdq_core.linear import quantize_weight  # noqa: E402
 
 METHODS = ("minmax", "smoothquant", "quarot", "dvdq")
-
-
-def inject_outliers(model: MiniWan, seed: int = 0, n_channels: int = 4) -> MiniWan:
-    """A few large channels where trained DiTs have them (in place; returns the model)."""
-    g = torch.Generator().manual_seed(seed)
-    dim = model.cfg.dim
-    ch = torch.randperm(dim, generator=g)[:n_channels]
-    with torch.no_grad():
-        model.patch_embedding.weight[ch] *= 20.0                 # residual stream
-        model.patch_embedding.bias[ch] *= 20.0
-        for blk in model.blocks:
-            blk.modulation[0, 1, ch] += 15.0                     # scale of the self-attention input
-            blk.modulation[0, 4, ch] += 15.0                     # scale of the FFN input
-            blk.norm3.weight[ch] *= 15.0                         # cross-attention input
-            hid = torch.randperm(model.cfg.ffn_dim, generator=g)[:2 * n_channels]
-            blk.ffn[0].weight[hid] *= 8.0                        # FFN hidden (input of ffn.2)
-            blk.ffn[0].bias[hid] += 2.0
-    return model
 
 
 def run_sampler(model, noise, ids, args, bitswitch=None):
@@ -159,9 +148,12 @@ def run_variant(label, base, args, trained):
     ref = run_sampler(base, noise, ids, args)
     rows = [fp_row(ref, labels, trained)]
     gbs_bits = None
+    qmodels = {}
     for method in METHODS:
         cfg = dvdq_core.QuantConfig(method=method, backend=args.backend)
         model = quantized_copy(base, cfg)
+        if args.layer_split:
+            qmodels[method] = model
         for setting in ("W4A8", "W4A4", "W4 dGBS"):
             bs = None
             if setting == "W4 dGBS":
@@ -173,6 +165,20 @@ def run_variant(label, base, args, trained):
             if method == "dvdq" and setting == "W4 dGBS":
                 gbs_bits = rows[-1]["bits"]
         del model
+    split = None
+    if args.layer_split:
+        calls = sorted({0, args.steps // 2, args.steps - 1})
+        rec = layer_error.SplitRecorder(base, qmodels, args.split_bits, calls)
+        try:
+            run_sampler(base, noise, ids, args)
+        finally:
+            rec.remove()
+        split = {"a_bits": args.split_bits, "calls": calls, "layers": rec.result()}
+        split["summary"] = layer_error.summary(split["layers"])
+        del qmodels
+    if args.skip_ablations:
+        print(f"[{label}] {time.time() - t0:.0f} s", file=sys.stderr)
+        return {"variant": label, "prompts": n_prompts, "runs": rows, "layer_split": split}
     # Ablations at W4A4: neither = minmax; BGR only; ARQ only (min-max weights); both = dvdq.
     abl = []
     for name, cfg, wf in (
@@ -215,7 +221,7 @@ def run_variant(label, base, args, trained):
     bgr = bgr_weight_table(copy.deepcopy(base).float().cpu())
     print(f"[{label}] {time.time() - t0:.0f} s", file=sys.stderr)
     return {"variant": label, "prompts": n_prompts, "runs": rows, "ablations": abl, "schedules": sched_rows,
-            "bgr_weight_error_reduction": bgr}
+            "bgr_weight_error_reduction": bgr, "layer_split": split}
 
 
 def fmt(v, spec=".3f"):
@@ -246,6 +252,11 @@ def markdown(result, trained):
                   f"{fmt(r['task_traj_rmse_px'], '.2f')} | {fmt(r['task_area_cv'], '.3f')} |")
         return s
     out += [head, sep] + [line(r) for r in result["runs"]]
+    split = result.get("layer_split")
+    if split:
+        out += ["", layer_error.markdown(split["summary"], split["a_bits"], split["calls"])]
+    if "ablations" not in result:
+        return "\n".join(out)
     out += ["", "Ablations at W4A4:", "", head, sep] + [line(r) for r in result["ablations"]]
     out += ["", "delta-GBS against fixed schedules with the same number of 4-bit steps (same weights):", "",
             head + " schedule |", sep + "---|"]
@@ -274,6 +285,12 @@ def main(argv=None):
                    help="model dtype (the Triton kernels take bfloat16/float16 only)")
     p.add_argument("--tiny", action="store_true", help="tiny random models (a smoke test)")
     p.add_argument("--json", default=None, help="write all numbers here")
+    p.add_argument("--skip-ablations", action="store_true",
+                   help="the method table only (no ablations, schedules or BGR table): quick runs")
+    p.add_argument("--layer-split", action="store_true",
+                   help="per-layer output error split into weight / activation parts, every method")
+    p.add_argument("--split-bits", type=int, default=4, choices=(4, 5, 6, 7, 8),
+                   help="activation bits of the split (default 4)")
     args = p.parse_args(argv)
     results = []
     for which in args.models.split(","):
@@ -282,13 +299,12 @@ def main(argv=None):
                 print(f"(skipping the trained model: {args.weights} not found)", file=sys.stderr)
                 continue
             base, label, trained = load_mini_wan(args.weights), "trained mini-Wan", True
-        elif which in ("random", "outliers"):
-            base = random_model(TINY if args.tiny else MiniWanConfig(), args.seed)
-            label, trained = "random weights", False
-            if which == "outliers":
-                base, label = inject_outliers(base, args.seed), "random weights + injected outlier channels"
         else:
-            raise SystemExit(f"unknown model variant {which!r}: use random, outliers, trained")
+            try:
+                base, label = synthetic.build(which, TINY if args.tiny else MiniWanConfig(), args.seed)
+            except ValueError as e:
+                raise SystemExit(f"unknown model variant {which!r}: use trained, or {e}") from None
+            trained = False
         results.append((run_variant(label, base, args, trained), trained))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"## Quality (mini-Wan, {args.steps} Euler steps, CFG {args.cfg}, shift {args.shift}, "
