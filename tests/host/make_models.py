@@ -177,6 +177,20 @@ def lora_for_wan_kohya(seed: int, rank: int = 8, alpha: float = 4.0) -> dict:
     return out
 
 
+def lora_for_hunyuan(seed: int, rank: int = 4) -> dict:
+    """On the tiny HunyuanVideo's double block (attention qkv, and the MLP's first layer, whose GELU the quantized
+    layer applies) and single block (both linears)."""
+    g = torch.Generator().manual_seed(seed)
+    d, mlp = 256, 1024
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * d, d), "double_blocks.0.img_mlp.0": (mlp, d),
+              "single_blocks.0.linear1": (3 * d + mlp, d), "single_blocks.0.linear2": (d, d + mlp)}
+    out = {}
+    for name, (n, k) in shapes.items():
+        out[f"diffusion_model.{name}.lora_A.weight"] = (torch.randn(rank, k, generator=g) / 4).to(torch.float16)
+        out[f"diffusion_model.{name}.lora_B.weight"] = (torch.randn(n, rank, generator=g) / 4).to(torch.float16)
+    return out
+
+
 def loha_for_wan(seed: int, rank: int = 4) -> dict:
     """A LoHa (Hadamard product of two low-rank pairs): no low-rank branch can run it."""
     g = torch.Generator().manual_seed(seed)
@@ -200,6 +214,7 @@ def main(out_dir):
     save_file(lora_for_wan(7), os.path.join(out_dir, "loras", "tiny_wan_lora.safetensors"))
     save_file(lora_for_wan_kohya(8), os.path.join(out_dir, "loras", "tiny_wan_lora_kohya.safetensors"))
     save_file(loha_for_wan(9), os.path.join(out_dir, "loras", "tiny_wan_loha.safetensors"))
+    save_file(lora_for_hunyuan(11), os.path.join(out_dir, "loras", "tiny_hunyuan_lora.safetensors"))
     # a LoRA made for a model of another width (its factors are 2 x 128 where the layers are 256 wide)
     save_file({k: v[:, :128].contiguous() if k.endswith("lora_A.weight") else v for k, v in lora_for_wan(10, rank=2).items()},
               os.path.join(out_dir, "loras", "tiny_wan_lora_other_size.safetensors"))

@@ -501,6 +501,26 @@ def test_lora_after_apply(server):
     assert rel(a, b) < 0.5 * rel(b, p), (rel(a, b), rel(b, p))
 
 
+def test_hunyuan_lora_after_quantization(server):
+    """A LoRA after the Loader on HunyuanVideo (double-block qkv and MLP, whose GELU the quantized layer applies;
+    single-block linears): within half the LoRA's effect of the same LoRA before Apply."""
+    name, q8 = "tiny_hunyuan_video_t2v.safetensors", dict(w_bits=8, a_low=8, a_high=8)
+    unet = node("UNETLoader", unet_name=name, weight_dtype="default")
+    hy_lora = "tiny_hunyuan_lora.safetensors"
+    graphs = {
+        "hy_lora_after": {"load": loader(name, **q8), "l": lora_node(["load", 0], hy_lora),
+                          "bs": bitswitch(["l", 0], mode="fixed", low=8, high=8)},
+        "hy_lora_before": {"unet": unet, "l": lora_node(["unet", 0], hy_lora),
+                           "apply": node("DVDQuantApply", model=["l", 0], method="dvdq", **q8),
+                           "bs": bitswitch(["apply", 0], mode="fixed", low=8, high=8)},
+        "hy_no_lora": {"load": loader(name, **q8), "bs": bitswitch(["load", 0], mode="fixed", low=8, high=8)},
+    }
+    a, b, p = (latent(server, run_ok(server, sample_graph(g, ["bs", 0], prefix, cond=HY_COND, cfg=1.0))[0])
+               for prefix, g in graphs.items())
+    assert rel(b, p) > 0.05, "the LoRA must reach the model"
+    assert rel(a, b) < 0.5 * rel(b, p), (rel(a, b), rel(b, p))
+
+
 def test_lora_after_quantization_on_every_load_path(server):
     """ComfyUI hands a LoRA to a fully loaded layer through patch_weight_to_device and to an offloaded one as
     LowVramPatch functions: both give the same output, and unloading removes it."""
