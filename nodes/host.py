@@ -255,8 +255,7 @@ def lora_after_message(what: str, examples=()) -> str:
     which = f" such as {', '.join(examples)}" if examples else ""
     return (f"DVD-Quant: {what} would change quantized layers{which}, which needs their float weights. Put the "
             "LoRA loader before 'DVD-Quant Apply' (Load Diffusion Model -> LoRA -> DVD-Quant Apply) so the LoRA "
-            "is merged into the weights before they are quantized. (Plain LoraLoader / LoraLoaderModelOnly "
-            "after the DVD-Quant Loader work.)")
+            "is merged into the weights before they are quantized.")
 
 
 def hook_lora_hits(guider, layer_keys: set) -> list:

@@ -29,7 +29,6 @@ from .host import (
     GUARD_KEY,
     DVDQuantError,
     check_gpu_bits,
-    check_patches_on_quantized,
     emit,
     guard_outer_sample,
     layer_class,
@@ -435,9 +434,7 @@ def apply_to_model(model, config, node_id):
         return patched(key, stored=False) if src.patches.get(key) else None
 
     info = quantize_base_model(new, config, node_id, patched_weight=layer_weight, source_name="the MODEL")
-    n = quantized_patcher(new, info, type(src), src.load_device, src.offload_device, carry_from=src)
-    check_patches_on_quantized(n)
-    return n
+    return quantized_patcher(new, info, type(src), src.load_device, src.offload_device, carry_from=src)
 
 
 def _is_quantized_weight_key(key, base, config) -> bool:

@@ -483,7 +483,9 @@ def test_lora_hits_every_naming():
             "blocks.1.ffn.0.alpha": 0, "diffusion_model.head.head.lora_A.weight": 0,
             "diffusion_model.blocks.0.self_attn.qq.lora_A.weight": 0}
     assert sorted(host.lora_hits(lora, layers)) == sorted(list(lora)[:3])
-    assert "before 'DVD-Quant Apply'" in host.lora_after_message(["x"])
+    msg = host.lora_after_message("a weight wrapper", ["x.weight"])
+    assert msg.startswith("DVD-Quant: a weight wrapper would change quantized layers such as x.weight")
+    assert "before 'DVD-Quant Apply'" in msg
 
 
 def test_save_names_never_overwrite(tmp_path):
