@@ -1,4 +1,4 @@
-"""The five DVD-Quant nodes (ComfyUI V1 API). Schemas follow docs/nodes.md; widget order is the
+"""The six DVD-Quant nodes (ComfyUI V1 API). Schemas follow docs/nodes.md; widget order is the
 `widgets_values` order of UI workflows, so keep it."""
 from .settings import BLOCKS, GRANULARITIES, METHODS, SettingsError, arq_settings, build_config
 
@@ -250,12 +250,56 @@ class DVDQuantSave:
         return {"ui": {"text": [os.path.relpath(path, folder)]}}
 
 
+class DVDQuantAttention:
+    DESCRIPTION = ("8-bit attention for any MODEL (quantized or not): QK^T in INT8 with smoothed keys, P.V in FP8 "
+                   "(H100/H200) or 16-bit, scales from each call's own tensors (no calibration). Calls it cannot take "
+                   "(masks, fp32, unusual head sizes, CPU) run on ComfyUI's attention, with one warning.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the MODEL with 8-bit attention; the input MODEL is left unchanged.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .attention import MODES, PV_FORMS
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "Any diffusion MODEL; quantized by DVD-Quant or not."}),
+                "mode": (list(MODES), {
+                    "default": MODES[0],
+                    "tooltip": "always: every step. low-bit steps (δ-GBS): only at steps whose DVD-Quant activation "
+                               "bits are below 8 (the Bit Switch Scheduler's calm, low-bit steps; 16-bit attention "
+                               "at the others; needs a model from DVD-Quant Loader or Apply). never: the attention "
+                               "the model had before."}),
+                "pv": (list(PV_FORMS), {
+                    "default": "auto",
+                    "tooltip": "Precision of P.V: fp8 (Hopper: fastest), fp16 (P and V in 16 bits, more accurate), "
+                               "auto (fp8 on H100/H200, else fp16)."}),
+            },
+        }
+
+    def patch(self, model, mode, pv):
+        from .attention import LOW_BIT_STEPS, install
+        state = None
+        if mode == LOW_BIT_STEPS:
+            from ..dvdq_core import get_bit_state
+            try:
+                state = get_bit_state(model.model)
+            except ValueError:
+                raise _host().DVDQuantError(
+                    "DVD-Quant 8-bit Attention: mode 'low-bit steps' follows DVD-Quant's activation bits per step: "
+                    "connect a MODEL from DVD-Quant Loader or Apply (with a Bit Switch Scheduler), or use 'always'"
+                ) from None
+        return (install(model, mode, pv, state),)
+
+
 NODE_CLASS_MAPPINGS = {
     "DVDQuantLoader": DVDQuantLoader,
     "DVDQuantApply": DVDQuantApply,
     "DVDQuantARQSettings": DVDQuantARQSettings,
     "DVDQuantBitSwitch": DVDQuantBitSwitch,
     "DVDQuantSave": DVDQuantSave,
+    "DVDQuantAttention": DVDQuantAttention,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DVDQuantLoader": "DVD-Quant Loader",
@@ -263,4 +307,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DVDQuantARQSettings": "ARQ Settings",
     "DVDQuantBitSwitch": "Bit Switch Scheduler",
     "DVDQuantSave": "DVD-Quant Save",
+    "DVDQuantAttention": "DVD-Quant 8-bit Attention",
 }

@@ -21,10 +21,11 @@ SPEC = {  # class id: (display name, required inputs in order, optional, outputs
     "DVDQuantBitSwitch": ("Bit Switch Scheduler", ["model", "mode", "delta", "low", "high", "fixed_bits", "schedule"],
                           ["final_step_high"], ("MODEL",)),
     "DVDQuantSave": ("DVD-Quant Save", ["model", "filename_prefix"], ["loras"], ()),
+    "DVDQuantAttention": ("DVD-Quant 8-bit Attention", ["model", "mode", "pv"], [], ("MODEL",)),
 }
 
 
-def test_pack_registers_the_five_nodes():
+def test_pack_registers_the_six_nodes():
     pack = load_pack()
     assert set(pack.NODE_CLASS_MAPPINGS) == set(SPEC)
     assert pack.NODE_DISPLAY_NAME_MAPPINGS == {k: v[0] for k, v in SPEC.items()}

@@ -305,3 +305,20 @@ BACKEND = Backend(
                   "gated_residual": gated_residual, "head_norm_rope": head_norm_rope,
                   "modulated_norm_dims": modulated_norm_dims, "gated_add": gated_add,
                   "gated_add_inplace": gated_add_inplace})
+
+
+# 8-bit attention (dvdq_core.attention checks the call and holds the reference; _attention.py the kernels).
+# Its own op, outside BACKEND: attention is not a QuantLinear step and has its own fallback rules.
+def _attention_q8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fp8: bool,
+                  blhd: bool) -> torch.Tensor:
+    from . import _attention  # needs triton
+    cfg = configs.attention_config(_capability(q.device) if q.is_cuda else (0, 0), fp8, ops.interpreting())
+    return _attention.attention(q, k, v, scale, fp8, blhd, cfg)
+
+
+def _attention_q8_fake(q, k, v, scale, fp8, blhd):
+    b, h, lq, d = q.shape
+    return q.new_empty((b, lq, h, d) if blhd else (b, h, lq, d))
+
+
+attention_q8 = _block_op("attention_q8", _attention_q8, _attention_q8_fake)

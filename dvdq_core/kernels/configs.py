@@ -169,3 +169,46 @@ def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, inte
         if a_float:
             cfg = GemmConfig(64, 128, 64, 8, False, 4, 3)
     return cfg
+
+
+# 8-bit attention (_attention.py): BM query rows x BN keys per step (BN is also the key block that shares
+# one INT8 scale), warps, stages. Not yet timed on a GPU: bench/attention.py --sweep times the candidates
+# (the first one per form is the default). Compiled here for each target (bench/compile_targets.py's
+# compile_kernel): the sm_90 candidates have no spills (248-252 registers); on sm_80/89/120 a 64 x 64 tile
+# with 4 warps spilled in the loop and 128 x 64 with 8 warps and 2 stages did not (52 spill stores outside
+# it), 128 x 32 none at all. 128 x 128 with 16-bit P.V spilled in the loop on sm_90.
+@dataclass(frozen=True)
+class AttentionConfig:
+    BM: int
+    BN: int
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def parse(cls, text: str) -> "AttentionConfig":
+        v = [int(t) for t in text.split(",")]
+        if len(v) != 4:
+            raise ValueError(f"DVDQ_ATTN_CONFIG needs 4 comma-separated integers BM,BN,warps,stages, got {text!r}")
+        return cls(*v)
+
+
+ATTN_SM90_FP8 = (AttentionConfig(128, 128, 8, 3), AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 128, 8, 4))
+ATTN_SM90_16 = (AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 8, 4))
+ATTN_SM8X = (AttentionConfig(128, 64, 8, 2), AttentionConfig(128, 32, 8, 2), AttentionConfig(128, 64, 8, 3))
+ATTN_INTERPRETER = AttentionConfig(32, 16, 4, 1)
+
+
+def attention_candidates(capability, fp8: bool):
+    if wgmma(capability):
+        return ATTN_SM90_FP8 if fp8 else ATTN_SM90_16
+    return ATTN_SM8X
+
+
+def attention_config(capability, fp8: bool, interpret: bool = False, env=None) -> AttentionConfig:
+    """The tile for this card and P.V form; DVDQ_ATTN_CONFIG=BM,BN,warps,stages overrides it (tuning)."""
+    text = (os.environ if env is None else env).get("DVDQ_ATTN_CONFIG", "")
+    if text:
+        return AttentionConfig.parse(text)
+    if interpret:
+        return ATTN_INTERPRETER
+    return attention_candidates(capability, fp8)[0]

@@ -1,0 +1,230 @@
+"""8-bit attention kernels (imported lazily: this module needs triton). The math is
+dvdq_core/attention.py's (`attention_reference` computes it in PyTorch, block by block as here).
+
+Three steps per call, each reading its inputs once:
+1. `_kv_stats_kernel`: per (batch x head, chunk of tokens) partial sums of K and V and V's
+   per-channel max / min (the chunks are summed by PyTorch: a fixed order, deterministic).
+2. `_quantize_kernel` (one launch per tensor): Q -> INT8 per token (scale x softmax scale x log2 e),
+   K - mean -> INT8 per block of BN tokens, and in the FP8 form (V - mean) * 448 / absmax -> FP8
+   e4m3, stored transposed [D, tokens] so the P.V dot reads V K-major as Hopper's FP8 wgmma needs.
+   The quantized tensors are padded with zeros to whole tiles, so the main loop loads unmasked.
+3. `_attention_kernel`: FlashAttention's online softmax over key blocks: INT8 QK^T (int32), scaled per
+   row by q_scale x k_scale, exp2, P.V as FP8 (sm_90; each block's product added to a float32
+   accumulator outside the MMA) or in V's 16-bit dtype; the last, partial key block is masked.
+
+Interpreter (TRITON_INTERPRET=1, CI): loop bounds are compile-time constants there (Triton 3.6's
+interpreter fails on run-time loop bounds with numpy >= 2.4); its float32 -> FP8 cast rounds wrongly
+at binade edges and below 2**-6, so values are rounded on the float32 grid first (the cast is then
+exact); 16-bit dots go through float32 and float32 -> bf16 is rounded on the bits (_triton._round_to).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import EPS, _clamp_round, _exp2i, _round_to
+
+V_MAX = tl.constexpr(448.0)
+P_SHIFT = tl.constexpr(8.0)
+
+
+@triton.jit
+def _to_fp8(v, INTERPRET: tl.constexpr):
+    """float32 -> FP8 e4m3, round to nearest even (|v| <= 448 here)."""
+    if INTERPRET:
+        e = ((tl.abs(v).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 |v|) (normal v)
+        step = _exp2i(tl.maximum(e, -6) - 3)  # e4m3: 3 mantissa bits; subnormal spacing 2**-9
+        v = ((v / step + 12582912.0) - 12582912.0) * step  # rint on that grid (exact: step is a power of 2)
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _kv_stats_kernel(k_ptr, v_ptr, part_ptr, L, H, NCH, skb, skh, skl, skd, svb, svh, svl, svd,
+                     D: tl.constexpr, CHUNK: tl.constexpr, BT: tl.constexpr, V_STATS: tl.constexpr):
+    """part[0..3, bh, chunk, :] = sum K, sum V, max V, min V over the chunk's tokens."""
+    bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, D)
+    kb = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    vb = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    ksum = tl.zeros((D,), tl.float32)
+    vsum = tl.zeros((D,), tl.float32)
+    vmax = tl.full((D,), float("-inf"), tl.float32)
+    vmin = tl.full((D,), float("inf"), tl.float32)
+    for i in range(CHUNK // BT):
+        rows = c * CHUNK + i * BT + tl.arange(0, BT)
+        ok = (rows < L)[:, None]
+        x = tl.load(kb + rows[:, None].to(tl.int64) * skl + offs_d[None, :] * skd, mask=ok, other=0.0)
+        ksum += tl.sum(x.to(tl.float32), 0)
+        if V_STATS:
+            x = tl.load(vb + rows[:, None].to(tl.int64) * svl + offs_d[None, :] * svd, mask=ok, other=0.0)
+            x = x.to(tl.float32)
+            vsum += tl.sum(x, 0)
+            vmax = tl.maximum(vmax, tl.max(tl.where(ok, x, float("-inf")), 0))
+            vmin = tl.minimum(vmin, tl.min(tl.where(ok, x, float("inf")), 0))
+    out = part_ptr + (bh * NCH + c) * D + offs_d
+    plane = tl.num_programs(0) * NCH * D  # part is [4, B x H, NCH, D]
+    tl.store(out, ksum)
+    if V_STATS:
+        tl.store(out + plane, vsum)
+        tl.store(out + 2 * plane, vmax)
+        tl.store(out + 3 * plane, vmin)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, mean_ptr, r_ptr, out_ptr, scale_ptr, L, LP, H, sxb, sxh, sxl, sxd, qk_scale,
+                     D: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr, INTERPRET: tl.constexpr):
+    """One tile of BT tokens of one (batch, head). MODE 0: Q, INT8 per token, scale x qk_scale;
+    1: K - mean, INT8 per tile (BT = the attention's BN); 2: (V - mean) * r -> FP8, stored [D, LP]."""
+    t, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = t * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, D)
+    ok = (rows < L)[:, None]
+    base = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
+    x = tl.load(base + rows[:, None].to(tl.int64) * sxl + offs_d[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
+    obase = bh.to(tl.int64) * LP * D
+    if MODE == 0:
+        amax = tl.maximum(tl.max(tl.abs(x), 1), EPS)
+        q = _clamp_round(x * tl.math.div_rn(127.0, amax)[:, None], 127.0, INTERPRET).to(tl.int8)
+        tl.store(out_ptr + obase + rows[:, None] * D + offs_d[None, :], q)
+        tl.store(scale_ptr + bh.to(tl.int64) * LP + rows, tl.math.div_rn(amax, 127.0) * qk_scale)
+    elif MODE == 1:
+        x = tl.where(ok, x - tl.load(mean_ptr + bh * D + offs_d)[None, :], 0.0)
+        amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), EPS)
+        q = _clamp_round(x * tl.math.div_rn(127.0, amax), 127.0, INTERPRET).to(tl.int8)
+        tl.store(out_ptr + obase + rows[:, None] * D + offs_d[None, :], q)
+        tl.store(scale_ptr + bh.to(tl.int64) * (LP // BT) + t, tl.math.div_rn(amax, 127.0))
+    else:
+        x = tl.where(ok, x - tl.load(mean_ptr + bh * D + offs_d)[None, :], 0.0)
+        v8 = _to_fp8(x * tl.load(r_ptr + bh * D + offs_d)[None, :], INTERPRET)
+        tl.store(out_ptr + obase + offs_d[None, :] * LP + rows[:, None], v8)
+
+
+@triton.jit
+def _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, j, Lk, LKP, svl, svd, offs_n, offs_d,
+                     D: tl.constexpr, BN: tl.constexpr, FP8: tl.constexpr, MASK: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    """One key block j: scores, online-softmax update, P.V."""
+    n0 = j * BN
+    k = tl.load(k_base + (n0 + offs_n)[:, None] * D + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * (qs * tl.load(ks_ptr + j))[:, None]
+    if MASK:
+        s = tl.where((n0 + offs_n < Lk)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    if FP8:
+        p = tl.exp2(s - (m_new - P_SHIFT)[:, None])
+    else:
+        p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if FP8:
+        vt = tl.load(v_base + offs_d[:, None] * LKP + (n0 + offs_n)[None, :])  # [D, BN], keys contiguous
+        # a fresh MMA accumulator per block, summed in float32: FP8 wgmma keeps fewer accumulator bits
+        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, INTERPRET), tl.trans(vt), out_dtype=tl.float32)
+    else:
+        rows = n0 + offs_n
+        ptrs = v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :] * svd
+        if MASK:
+            v = tl.load(ptrs, mask=(rows < Lk)[:, None], other=0.0)
+        else:
+            v = tl.load(ptrs)
+        p16 = _round_to(p, v.dtype, INTERPRET)
+        if INTERPRET:  # the interpreter's dot mishandles 16-bit floats: float32 (exact products here)
+            acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), v.to(tl.float32))
+        else:
+            acc = tl.dot(p16, v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr, H, Lq, Lk, LQP, LKP, n_full,
+                      svb, svh, svl, svd, sob, soh, sol, sod,
+                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FP8: tl.constexpr, TAIL: tl.constexpr,
+                      N_FULL: tl.constexpr, INTERPRET: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    bh64 = bh.to(tl.int64)
+    q = tl.load(q_ptr + bh64 * LQP * D + offs_m[:, None] * D + offs_d[None, :])
+    qs = tl.load(qs_ptr + bh64 * LQP + offs_m)
+    k_base = k_ptr + bh64 * LKP * D
+    ks_ptr += bh64 * (LKP // BN)
+    if FP8:
+        v_base = v_ptr + bh64 * LKP * D
+    else:
+        v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, D), tl.float32)
+    if INTERPRET:  # (a compile-time bound there, see the module's docstring)
+        for j in range(0, N_FULL):
+            acc, l_i, m_i = _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, j, Lk, LKP, svl, svd,
+                                             offs_n, offs_d, D, BN, FP8, False, INTERPRET)
+    else:
+        for j in range(0, n_full):
+            acc, l_i, m_i = _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, j, Lk, LKP, svl, svd,
+                                             offs_n, offs_d, D, BN, FP8, False, INTERPRET)
+    if TAIL:
+        acc, l_i, m_i = _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, n_full, Lk, LKP, svl, svd,
+                                         offs_n, offs_d, D, BN, FP8, True, INTERPRET)
+    out = acc / l_i[:, None]
+    if FP8:
+        out = out * tl.load(vs_ptr + bh * D + offs_d)[None, :] + tl.load(vm_ptr + bh * D + offs_d)[None, :]
+    o = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * sol + offs_d[None, :] * sod
+    tl.store(o, _round_to(out, o_ptr.dtype.element_ty, INTERPRET), mask=(offs_m < Lq)[:, None])
+
+
+STATS_CHUNK = 1024  # tokens per stats program (interpreter: 4 tiles)
+STATS_BT = 64
+
+
+def attention(q, k, v, scale: float, fp8: bool, blhd: bool, cfg) -> torch.Tensor:
+    """Launch the three steps; q, k, v [B, H, L, D] bf16/fp16 with any strides (checked by the caller)."""
+    from .ops import interpreting
+    interp = interpreting()
+    bsz, heads, lq, d = q.shape
+    lk = k.shape[2]
+    bm, bn = cfg.BM, cfg.BN
+    lqp, lkp = triton.cdiv(lq, bm) * bm, triton.cdiv(lk, bn) * bn
+    bh = bsz * heads
+    dev = q.device
+    chunk = STATS_BT * 4 if interp else STATS_CHUNK
+    nch = triton.cdiv(lk, chunk)
+    part = torch.empty((4 if fp8 else 1, bh, nch, d), device=dev, dtype=torch.float32)
+    _kv_stats_kernel[(bh, nch)](k, v, part, lk, heads, nch, *k.stride(), *v.stride(), D=d, CHUNK=chunk, BT=STATS_BT,
+                                V_STATS=fp8, num_warps=4)
+    kmean = (part[0].sum(1) / lk).contiguous()
+    q8 = torch.empty((bh, lqp, d), device=dev, dtype=torch.int8)
+    qs = torch.empty((bh, lqp), device=dev, dtype=torch.float32)
+    k8 = torch.empty((bh, lkp, d), device=dev, dtype=torch.int8)
+    ks = torch.empty((bh, lkp // bn), device=dev, dtype=torch.float32)
+    qk_scale = float(scale) * 1.4426950408889634
+    common = dict(D=d, INTERPRET=interp, num_warps=4)
+    _quantize_kernel[(lqp // bm, bh)](q, q, q, q8, qs, lq, lqp, heads, *q.stride(), qk_scale, BT=bm, MODE=0, **common)
+    _quantize_kernel[(lkp // bn, bh)](k, kmean, kmean, k8, ks, lk, lkp, heads, *k.stride(), 1.0, BT=bn, MODE=1, **common)
+    if fp8:
+        vm = (part[1].sum(1) / lk).contiguous()
+        va = torch.maximum(part[2].amax(1) - vm, vm - part[3].amin(1)).clamp_min(1e-8)  # = max |V - mean|
+        vs, vr = va / 448.0, 448.0 / va
+        v_in = torch.empty((bh, d, lkp), device=dev, dtype=torch.float8_e4m3fn)
+        _quantize_kernel[(lkp // bn, bh)](v, vm, vr, v_in, ks, lk, lkp, heads, *v.stride(), 1.0, BT=bn, MODE=2,
+                                          **common)
+        v_strides = (0, 0, 0, 0)
+    else:
+        vs = vm = ks  # unused
+        v_in, v_strides = v, v.stride()
+    if blhd:
+        out = torch.empty((bsz, lq, heads, d), device=dev, dtype=q.dtype)
+        o_strides = (out.stride(0), out.stride(2), out.stride(1), out.stride(3))
+    else:
+        out = torch.empty((bsz, heads, lq, d), device=dev, dtype=q.dtype)
+        o_strides = out.stride()
+    n_full = lk // bn
+    _attention_kernel[(lqp // bm, bh)](
+        q8, qs, k8, ks, v_in, vs, vm, out, heads, lq, lk, lqp, lkp, n_full, *v_strides, *o_strides,
+        D=d, BM=bm, BN=bn, FP8=fp8, TAIL=lk % bn != 0, N_FULL=n_full if interp else 0, INTERPRET=interp,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
