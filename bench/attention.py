@@ -2,6 +2,9 @@
 
     python3 bench/attention.py            # Wan 14B and 1.3B, 480p and 720p x 81 frames (CFG batch 2)
     python3 bench/attention.py --sweep    # also time every tile candidate of kernels/configs.py
+    python3 bench/attention.py --variants --shapes "Wan 14B 480p,Wan 1.3B 480p"
+                                          # FP8 form: every variant of kernels/configs.py's ATTN_SM90_FP8_VARIANTS,
+                                          # with the split quantization / attention kernel
 
 One table: per shape, SDPA (PyTorch's own backend choice), our kernel (quantization included) with FP8
 and with 16-bit P.V, FlashAttention-3 and sageattention where importable; time per call, speed-up over
@@ -131,21 +134,65 @@ def bench_shape(name, b, h, l, d, args, peers, cap):
                     del os.environ["DVDQ_ATTN_CONFIG"]
 
 
+def sweep_variants(name, b, h, l, d, args, cap):
+    """Per FP8 variant (configs.ATTN_SM90_FP8_VARIANTS on sm_90): the whole op, its quantization (steps 1-2) and
+    its attention kernel (step 3) alone, the speed-up over SDPA and the error against SDPA. A variant that fails
+    to compile prints its error; the sweep goes on."""
+    from dvdq_core.kernels import _attention, configs
+    q, k, v = dit_like_qkv(b, h, l, d, device="cuda")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    t_ref = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.iters)
+    print(f"{name:15} {'SDPA':44} {t_ref:8.2f}")
+    variants = configs.ATTN_SM90_FP8_VARIANTS if configs.wgmma(cap) else configs.attention_candidates(cap, True)
+    scale = d ** -0.5
+    best = None
+    for cfg in variants:
+        label = cfg.to_env()
+        try:
+            run = lambda cfg=cfg: _attention.attention(q, k, v, scale, True, False, cfg)  # noqa: E731
+            err, cos = rel_l2_cos(run(), ref)
+            t = timed(run, args.iters)
+            prep = _attention.quantize(q, k, v, scale, True, cfg)
+            t_q = timed(lambda cfg=cfg: _attention.quantize(q, k, v, scale, True, cfg), args.iters)
+            t_k = timed(lambda prep=prep: _attention.attend(prep, False), args.iters)
+            del prep
+        except Exception as e:  # noqa: BLE001 (a failing variant is a line of the table)
+            print(f"{name:15} {label:44} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        ok = "" if err <= 0.02 and cos >= 0.9998 else "  (misses rel L2 <= 0.02 / cosine >= 0.9998 vs SDPA)"
+        print(f"{name:15} {label:44} {t:8.2f} {t_q:8.2f} {t_k:8.2f} {t_ref / t:8.2f} {err:8.4f} {cos:9.6f}{ok}",
+              flush=True)
+        if not ok and (best is None or t < best[0]):
+            best = (t, label)
+    if best:
+        print(f"{name:15} fastest within the thresholds: {best[1]} ({best[0]:.2f} ms, {t_ref / best[0]:.2f}x SDPA)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="all", help="comma-separated prefixes of the shape names, or all")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--sweep", action="store_true", help="time every tile candidate (kernels/configs.py)")
+    ap.add_argument("--variants", action="store_true",
+                    help="only the FP8 kernel variants (configs.ATTN_SM90_FP8_VARIANTS), split into quantization "
+                         "and attention kernel")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
     cap = torch.cuda.get_device_capability()
     print(f"# {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}, "
           f"SDPA backend: PyTorch's default choice; times in ms per call, quantization included")
+    shapes = [s for s in SHAPES if args.shapes == "all" or any(s[0].startswith(p) for p in args.shapes.split(","))]
+    if args.variants:
+        print(f"{'shape':15} {'variant (DVDQ_ATTN_CONFIG)':44} {'ms':>8} {'quant':>8} {'kernel':>8} {'vs SDPA':>8} "
+              f"{'rel L2':>8} {'cosine':>9}")
+        for shape in shapes:
+            sweep_variants(*shape, args, cap)
+            torch.cuda.empty_cache()
+        return
     peers, notes = _optional()
     for n in notes:
         print(f"# skipped: {n}")
-    shapes = [s for s in SHAPES if args.shapes == "all" or any(s[0].startswith(p) for p in args.shapes.split(","))]
     print(f"{'shape':15} {'method':22} {'ms':>8} {'vs SDPA':>8} {'rel L2':>8} {'cosine':>9}")
     for shape in shapes:
         bench_shape(*shape, args, peers, cap)

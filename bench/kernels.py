@@ -11,7 +11,15 @@ Times, per shape and token count M (CUDA events, median of do_bench):
   ck_w4a8    comfy-kitchen AsymW4A8Int8Layout, F.linear incl. its quantizer
 and a sweep of our GEMM tile configurations. Prints a table; --json writes all numbers.
 
+With --lora R, per shape also the W4A4 pow2 layer with a rank-R LoRA branch beside it (dvdq_core/lowrank.py)
+in every way ops.LORA_IMPLS runs it (unfused: cuBLAS x·Aᵀ and addmm; fused: down-projection in the activation
+pass, up-projection in the Gluon GEMM's epilogue on sm_90; fused-triton: the Triton GEMM's epilogue), each
+with the branch's cost in % of the layer without it, the fused pieces alone, and the fused outputs checked
+against the unfused one. The feed-forward's first layer (ffn1, mlp1) runs with its fused GELU there.
+
 usage: python bench/kernels.py [--m 32760 75600] [--models wan1.3b wan14b hunyuan] [--sweep] [--ck] [--lora R]
+       python bench/kernels.py --lora 64 --lora-only [--m 32760] [--models wan14b wan1.3b]   (BF16, W4A4 pow2
+       and the LoRA variants only)
        python bench/kernels.py --act-sweep [--m 32760]   (activation-kernel launch settings only)
        python bench/kernels.py --act-sweep-pow2 [--m 32760]   (the two passes of granularity pow2)
        python bench/kernels.py --chain-sweep [--m 32760] [--models wan14b]   (tiles of the sm_90 GEMM without
@@ -85,6 +93,112 @@ def try_ck():
         return None, f"{type(e).__name__}: {e}"
 
 
+LORA_VARIANTS = (("unfused", "unfused", "x·Aᵀ and addmm by cuBLAS, GELU by torch"),
+                 ("fused", "fused", "pass 2 + Gluon epilogue on sm_90"),
+                 ("fused_triton", "triton", "pass 2 + Triton GEMM epilogue"))
+GELU_LAYERS = ("ffn1", "mlp1")  # followed by the tanh GELU (dvdq_core.fusion fuses it into the GEMM)
+
+
+def lora_cases(model, name, n, k, m, dev, args, x, layer, row):
+    """The W4A4 pow2 layer with and without a rank-R branch, every LORA_IMPLS way, and the fused pieces alone."""
+    from dvdq_core.lowrank import LowRankTerm, stack
+    hb, sb = ops.effective_blocks(layer, k)
+    gelu = name in GELU_LAYERS
+    r = args.lora
+    term = LowRankTerm(torch.randn(n, r, device=dev) / 64, torch.randn(r, k, device=dev) / k ** 0.5, 1.0)
+    lr = stack([term], [], n, k, dev, torch.bfloat16)
+
+    def layer_call(impl=None, branch=True, bits=4):
+        kw = dict(lora_down=lr.down, lora_up=lr.up, lora_impl=impl) if branch else {}
+        return ops.w4_linear_impl(x, layer.weight, layer.w_scale, layer.w_zero, layer.bias, bits, hb, sb, True,
+                                  pow2=bits == 4, gelu=gelu, **kw)
+    out = {"gelu": gelu, "rank": r}
+    out["base"] = bench(lambda: layer_call(branch=False))
+    want = layer_call("unfused").float()
+    for key, impl, _ in LORA_VARIANTS:
+        try:
+            got = layer_call(impl).float()
+            out[key + "_maxdiff"] = ((got - want).abs().max() / want.abs().max()).item()
+            out[key] = bench(lambda: layer_call(impl))
+        except Exception as e:
+            out[key + "_err"] = f"{type(e).__name__}: {str(e)[:300]}"
+        got = None
+    # the 8-bit steps (block scales, the Triton GEMM with per-block promotion): unfused vs fused
+    out["a8_base"] = bench(lambda: layer_call(branch=False, bits=8))
+    for impl in ("unfused", "fused"):
+        out[f"a8_{impl}"] = bench(lambda: layer_call(impl, bits=8))
+    # the fused pieces alone: the pow2 passes with T (each candidate launch of configs.ACT_LORA_CANDIDATES),
+    # the GEMM with the epilogue (on the same codes)
+    t = torch.empty((m, r), device=dev, dtype=torch.bfloat16)
+    out["act"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True))
+    out["act_lora"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True, down=lr.down, t=t))
+    cmax = ops.channel_absmax(x, hb, sb)
+    out["act_lora_cfgs"] = {str(c): bench(lambda: ops.quantize_pow2(x, hb, sb, 4, cmax, act_cfg=c, down=lr.down, t=t))
+                            for c in configs.ACT_LORA_CANDIDATES}
+    out["act_pass2"] = bench(lambda: ops.quantize_pow2(x, hb, sb, 4, cmax))
+    q, s, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True, down=lr.down, t=t)
+    gemm_args = (q, layer.weight, layer.w_zero, layer.w_scale, None, s, layer.bias, torch.bfloat16, sb, False)
+    out["gemm"] = bench(lambda: ops.w4_gemm(*gemm_args, gelu=gelu))
+    out["gemm_lora"] = bench(lambda: ops.w4_gemm(*gemm_args, gelu=gelu, lora=(t, lr.up)))
+    out["gemm_lora_triton"] = bench(lambda: ops.w4_gemm(*gemm_args, gelu=gelu, lora=(t, lr.up), lora_gluon=False))
+    w8 = configs.use_workspace(ops._capability(dev), m, False, False)  # what the Triton GEMM takes by default
+    out["gemm_triton"] = bench(lambda: ops.w4_gemm(*gemm_args, gelu=gelu, W8=w8))
+    out["gemm_lora_triton_split1"] = bench(lambda: ops.w4_gemm(*gemm_args, gelu=gelu, lora=(t, lr.up), W8=w8, SPLIT=1))
+    q = s = t = lr = cmax = None  # free the GPU memory (the timed lambdas read them)
+    row["lora"] = out
+    print("  " + lora_line(row), flush=True)
+
+
+def pct(a, b):
+    return f"{a / b - 1:+6.1%}"
+
+
+def lora_line(r):
+    """One shape's LoRA timings: ms, and the branch's cost against the W4A4 pow2 layer without it."""
+    o = r["lora"]
+    base = o["base"]
+    parts = [f"lora{o['rank']} {r['model']:7s} {r['layer']:5s} M={r['M']}{' +GELU' if o['gelu'] else ''}: "
+             f"BF16 {r['bf16'] * 1e3:.3f} | W4A4 pow2 {base * 1e3:.3f}"]
+    for key, _, _ in LORA_VARIANTS:
+        if key in o:
+            parts.append(f"{key} {o[key] * 1e3:.3f} ({pct(o[key], base)}, maxdiff {o[key + '_maxdiff']:.1e})")
+        else:
+            parts.append(f"{key} FAILED {o.get(key + '_err')}")
+    parts.append(f"pieces: act {o['act'] * 1e3:.3f}->{o['act_lora'] * 1e3:.3f} ({pct(o['act_lora'], o['act'])}), "
+                 f"gemm {o['gemm'] * 1e3:.3f}->{o['gemm_lora'] * 1e3:.3f} ({pct(o['gemm_lora'], o['gemm'])}), "
+                 f"triton gemm {o['gemm_triton'] * 1e3:.3f}->{o['gemm_lora_triton'] * 1e3:.3f} "
+                 f"({pct(o['gemm_lora_triton'], o['gemm_triton'])}; SPLIT 1: {o['gemm_lora_triton_split1'] * 1e3:.3f})")
+    parts.append(f"pow2 pass 2 {o['act_pass2'] * 1e3:.3f}, with T per launch (elems, warps, stages, per SM): "
+                 + ", ".join(f"{c} {v * 1e3:.3f}" for c, v in o["act_lora_cfgs"].items()))
+    parts.append(f"W4A8 block {o['a8_base'] * 1e3:.3f}: unfused {o['a8_unfused'] * 1e3:.3f} "
+                 f"({pct(o['a8_unfused'], o['a8_base'])}), fused {o['a8_fused'] * 1e3:.3f} ({pct(o['a8_fused'], o['a8_base'])})")
+    return "\n    ".join([" | ".join(parts[:len(LORA_VARIANTS) + 1])] + parts[len(LORA_VARIANTS) + 1:])
+
+
+def lora_table(rows):
+    """The LoRA results of every shape as one table (ms; % = the branch's cost over W4A4 pow2 alone)."""
+    rows = [r for r in rows if "lora" in r]
+    if not rows:
+        return
+    print(f"\nLoRA branch beside the W4A4 pow2 layer (rank {rows[0]['lora']['rank']}; ms, % over the layer without "
+          "the branch; " + "; ".join(f"{k}: {d}" for k, _, d in LORA_VARIANTS) + ")")
+    head = f"{'model':8s} {'layer':6s} {'M':>6s} {'N':>6s} {'K':>6s} {'bf16':>8s} {'w4a4':>8s}"
+    for key, _, _ in LORA_VARIANTS:
+        head += f" {key:>13s} {'%':>7s}"
+    print(head + f" {'act+T %':>8s} {'gemm+U %':>8s} {'a8 unf %':>8s} {'a8 fus %':>8s}")
+    for r in rows:
+        o = r["lora"]
+        line = (f"{r['model']:8s} {r['layer'] + ('*' if o['gelu'] else ''):6s} {r['M']:6d} {r['N']:6d} {r['K']:6d} "
+                f"{r['bf16'] * 1e3:8.3f} {o['base'] * 1e3:8.3f}")
+        for key, _, _ in LORA_VARIANTS:
+            line += (f" {o[key] * 1e3:13.3f} {pct(o[key], o['base']):>7s}" if key in o else f" {'failed':>13s} {'':7s}")
+        print(line + f" {pct(o['act_lora'], o['act']):>8s} {pct(o['gemm_lora'], o['gemm']):>8s}"
+              f" {pct(o['a8_unfused'], o['a8_base']):>8s} {pct(o['a8_fused'], o['a8_base']):>8s}")
+    print("(* with the fused GELU; act+T: pow2 activation passes with the down-projection over without; gemm+U: the"
+          " default GEMM with the up-projection epilogue over without; a8: the W4A8 (block) layer with the branch"
+          " unfused / fused into the Triton kernels, over without)")
+
+
 def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     x[:, :: max(1, k // 7)] *= 20
@@ -93,6 +207,15 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     flops = 2.0 * m * n * k
     row = {"model": model, "layer": name, "M": m, "N": n, "K": k}
     row["bf16"] = bench(lambda: F.linear(x, w, b))
+    if args.lora_only:
+        layer = make_layer(n, k, dev)
+        layer.granularity = "pow2"
+        row["ours_p4"] = bench(lambda: kernels.linear_forward(layer, x, 4))
+        lora_cases(model, name, n, k, m, dev, args, x, layer, row)
+        rows.append(row)
+        x = w = b = layer = None
+        torch.cuda.empty_cache()
+        return row
     try:
         xq, wq, xs, ws = fp8_operands(x, w)
         row["fp8"] = bench(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=torch.bfloat16))
@@ -112,13 +235,7 @@ def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):
     layer.granularity = "pow2"
     row["ours_p4"] = bench(lambda: kernels.linear_forward(layer, x, 4))
     if args.lora:  # a rank-R LoRA after quantization beside the W4A4 pow2 layer (dvdq_core/lowrank.py)
-        from dvdq_core.lowrank import LowRankTerm, stack
-        term = LowRankTerm(torch.randn(n, args.lora, device=dev) / 64, torch.randn(args.lora, k, device=dev) / k ** 0.5, 1.0)
-        lr = stack([term], [], n, k, dev, torch.bfloat16)
-        row["ours_p4_lora"] = bench(lambda: lr.add_to(kernels.linear_forward(layer, x, 4), x))
-        print(f"  lora{args.lora} {model} {name} M={m}: W4A4 pow2 layer {row['ours_p4'] * 1e3:.3f} ms, with the branch "
-              f"{row['ours_p4_lora'] * 1e3:.3f} ms (+{row['ours_p4_lora'] / row['ours_p4'] - 1:.1%})", flush=True)
-        lr = None
+        lora_cases(model, name, n, k, m, dev, args, x, layer, row)
     layer.granularity = "block"
     row["act_p4"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True))
     qp, sp_, _ = ops.quantize_activations(x, hb, sb, 4, True, pow2=True)
@@ -307,7 +424,8 @@ def main():
     ap.add_argument("--chain-sweep", action="store_true",
                     help="tiles of the sm_90 GEMM without per-block scales (BM,BN,warps,stages,GROUP_M) only")
     ap.add_argument("--lora", type=int, default=0, metavar="R",
-                    help="also time the W4A4 pow2 layer with a rank-R LoRA branch beside it")
+                    help="also time the W4A4 pow2 layer with a rank-R LoRA branch beside it (every way it runs)")
+    ap.add_argument("--lora-only", action="store_true", help="with --lora: skip the other variants of each shape")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     with ClockMonitor() as clock:
@@ -343,13 +461,16 @@ def run(args, clock):
                 print(f"{name:5s} {key}: {text}", flush=True)
         finish(args, info, clock, variants=study)
         return
+    if args.lora_only and not args.lora:
+        raise SystemExit("--lora-only needs --lora R")
     print(HEADER)
     for model in args.models:
         for m in args.m:
             for name, n, k in SHAPES[model]:
                 try:
                     r = run_shape(model, name, n, k, m, dev, args, ck_qt, rows)
-                    print(fmt_row(r), flush=True)
+                    if not args.lora_only:
+                        print(fmt_row(r), flush=True)
                     for key in ("fp8_err", "ck_int8_err", "ck_w4a8_err"):
                         if key in r:
                             print(f"   {key}: {r[key]}")
@@ -360,9 +481,11 @@ def run(args, clock):
                 except Exception:
                     traceback.print_exc()
                     torch.cuda.empty_cache()
-    print(HEADER)
-    for r in rows:
-        print(fmt_row(r))
+    if not args.lora_only:
+        print(HEADER)
+        for r in rows:
+            print(fmt_row(r))
+    lora_table(rows)
     swept = [r for r in rows if "sweep" in r]
     if swept:  # the tile with the lowest total time over the swept shapes
         totals = {}

@@ -4,7 +4,7 @@ For one quantized layer (a QuantLinear of any method) and a batch of its real in
 from the float model while it samples), with Y = X W^T + b the float output:
 
 - "W":    quantized weights, float activations (in the method's basis: rotated for quarot/dvdq,
-          smoothed for smoothquant),
+          smoothed for smoothquant; a layer's SVD branch, 16-bit, reads the float input in every part),
 - "A":    float weights (in that basis), quantized activations (the method's per-call math:
           rotation, auto-scale, per-token quantizer at ``a_bits``),
 - "both": the layer as it runs (the reference backend's math, without a fused activation),
@@ -57,6 +57,11 @@ def split_outputs(layer, weight: torch.Tensor, x2d: torch.Tensor, a_bits: int) -
         wf = rotate(w, layer.had_block) if layer.rotate else w
         wq = layer.dequantized_weight()
     xq = _quantized_acts(xb, layer, a_bits)
+    branch = layer.svd_branch() if hasattr(layer, "svd_branch") else None
+    if branch is not None:  # the SVD branch (16-bit, plain basis) is exact here: it joins the weight part
+        b = b + (x @ branch.down.float().t()) @ branch.up.float().t()
+        wf = wf - (rotate(branch.up.float() @ branch.down.float(), layer.had_block) if layer.rotate
+                   else branch.up.float() @ branch.down.float())
     return {"ref": ref, "W": xb @ wq.t() + b, "A": xq @ wf.t() + b, "both": xq @ wq.t() + b}
 
 

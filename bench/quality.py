@@ -13,7 +13,7 @@ For each model variant:
   (d) the synthetic family of bench/synthetic.py (docs/test-models.md): random weights with
       "massive", "sinks", "heavy", "modshift", "constant" (or several joined by "+"),
 it samples the same prompts from the same noise in full precision and with each method
-(minmax, smoothquant, quarot, dvdq) at W4A8, W4A4 and W4 with delta-GBS 4/8, and reports per run:
+(minmax, smoothquant, quarot, dvdq without its SVD branch, dvdq) at W4A8, W4A4 and W4 with delta-GBS 4/8, and reports per run:
 relative error and PSNR of the final clip against full precision, the per-step error curve of the
 latent x_t, the average activation bits; on trained weights also SSIM, the detector's task
 accuracy (colour/shape/motion) and temporal consistency (centroid-track straightness, area
@@ -49,7 +49,11 @@ from demo.sampling import sample  # noqa: E402
 from dvdq_core.hadamard import effective_block, rotate  # noqa: E402
 from dvdq_core.linear import quantize_weight  # noqa: E402
 
-METHODS = ("minmax", "smoothquant", "quarot", "dvdq")
+# (label, QuantConfig fields): the baselines, DVD-Quant without its SVD branch (the default before it), and
+# DVD-Quant as it ships (docs/method.md)
+METHODS = (("minmax", {"method": "minmax"}), ("smoothquant", {"method": "smoothquant"}),
+           ("quarot", {"method": "quarot"}), ("dvdq-nosvd", {"method": "dvdq", "svd_rank": 0}),
+           ("dvdq", {"method": "dvdq"}))
 
 
 def run_sampler(model, noise, ids, args, bitswitch=None):
@@ -149,8 +153,8 @@ def run_variant(label, base, args, trained):
     rows = [fp_row(ref, labels, trained)]
     gbs_bits = None
     qmodels = {}
-    for method in METHODS:
-        cfg = dvdq_core.QuantConfig(method=method, backend=args.backend)
+    for method, fields in METHODS:
+        cfg = dvdq_core.QuantConfig(backend=args.backend, **fields)
         model = quantized_copy(base, cfg)
         if args.layer_split:
             qmodels[method] = model

@@ -1,7 +1,7 @@
 """One denoising step of ComfyUI's own WanModel (CFG batch of 2) or HunyuanVideo (batch 1: its
 guidance is embedded, ComfyUI's workflows run it at CFG 1) at 480p x 81 frames (32760 video tokens),
 random weights: BF16 vs DVD-Quant W4A8 / W4A4 / W4A4 with granularity "pow2" (triton backend), PyTorch SDPA
-or SageAttention.
+or SageAttention, or (variant suffix -q8) the pack's 8-bit attention as its node installs it.
 
 ComfyUI's source is not part of this repository: pass --comfy DIR (a ComfyUI checkout; only its
 `comfy/` package is imported). Weights are random; the quantized model is made with the core's
@@ -137,6 +137,24 @@ def make_inputs(arch, dev):
     return (x, t, torch.randn(b, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)), {}
 
 
+def q8_attention(host, counts):
+    """`host` (an optimized_attention) behind the pack's 8-bit attention override, as the DVD-Quant 8-bit
+    Attention node installs it (nodes/attention.py, mode always, pv auto); counts[0] / counts[1]: calls that ran
+    the 8-bit kernel / that went back to the host's attention (masks, short key sequences, ...)."""
+    node = pack_module("nodes.attention")
+
+    def run(*a, **kw):
+        counts[0] += 1
+        return node.core.attention_q8(*a, **kw)
+
+    def host_counted(*a, **kw):
+        counts[1] += 1
+        return host(*a, **kw)
+
+    override = node.make_override(node.ALWAYS, "auto", run=run)
+    return lambda *a, **kw: override(host_counted, *a, **kw)
+
+
 def run_variant(model, inputs, steps, profile):
     args, kwargs = inputs
 
@@ -193,7 +211,9 @@ def main():
                          "bf16-fused: BF16 with the fused ones (the split of the gain); suffix -compiled: the whole "
                          "model under torch.compile (inductor, defaults), as ComfyUI's TorchCompileModel node does; "
                          "suffix -loraR (quantized): a rank-R LoRA after quantization on every block linear "
-                         "(ComfyUI's BF16 + LoRA merges it into the weights: its step is the bf16 step)")
+                         "(ComfyUI's BF16 + LoRA merges it into the weights: its step is the bf16 step); "
+                         "suffix -q8: the model's attention through the pack's 8-bit attention (nodes/attention.py's "
+                         "override, mode always, pv auto), e.g. bf16-q8, w4a4p-q8")
     ap.add_argument("--sage", action="store_true", help="also run every variant with SageAttention")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
@@ -283,6 +303,9 @@ def main():
                 fused = -unfuse_blocks(model)
             print(f"[{arch}] {variant}: fused elementwise steps in {max(fused, 0)} modules", flush=True)
             for impl_name, impl in attn_impls.items():
+                q8_calls = [0, 0]
+                if "q8" in flags:  # the 8-bit attention node's override, around this attention
+                    impl_name, impl = "q8", q8_attention(impl, q8_calls)
                 for mod in attention_users.get(arch, (wan,)):
                     mod.optimized_attention = impl
                 sage_calls[0] = 0
@@ -292,12 +315,16 @@ def main():
                 r.update(arch=arch, variant=variant, attention=impl_name, weight_gib=weight_bytes(model) / 2**30)
                 if impl_name == "sage":
                     r["sage_calls"] = sage_calls[0]
+                if impl_name == "q8":  # calls per step that ran the 8-bit kernel / went back to the host's
+                    r["q8_calls"] = {"kernel": q8_calls[0] // (args.steps + 1 + (not args.no_profile)),
+                                     "host": q8_calls[1] // (args.steps + 1 + (not args.no_profile))}
                 results.append(r)
                 sh = r["shares"]
                 print(f"[{arch}] {variant:13s} {impl_name:5s} warm-up {r['warmup_s']:.0f} s  step {r['step_s']:.3f} s  "
                       f"peak {r['peak_gib']:.1f} GiB  "
                       f"block weights {r['weight_gib']:.2f} GiB  finite={r['finite']}  shares " +
-                      " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k not in ("gpu_s", "top_kernels")), flush=True)
+                      " ".join(f"{k} {v:.0%}" for k, v in sh.items() if k not in ("gpu_s", "top_kernels")) +
+                      (f"  8-bit attention calls per step: {r['q8_calls']}" if "q8_calls" in r else ""), flush=True)
                 for ms, cls, name in sh.get("top_kernels", []):
                     print(f"    {ms:9.2f} ms  {cls:9s} {name}")
         del model

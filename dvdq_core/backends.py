@@ -11,7 +11,8 @@ Built in:
   reference  PyTorch on any device, the ground truth, priority 0: QuantLinear's math below; for the
              fused block steps the op module's own `*_reference` (the host's formulas, wan_ops and
              hunyuan_ops), which is why its implementation of those ops is None ("the caller's").
-Ops: "linear" (args: layer, x2d, a_bits) and the block steps of wan_ops / hunyuan_ops (args as the
+Ops: "linear" (args: layer, x2d, a_bits; the layer's `lowrank` branch, if any, is the implementation's
+to apply too, before its fused activation) and the block steps of wan_ops / hunyuan_ops (args as the
 kernels take them, input first).
 
 Choosing: a layer's `backend` ("auto", "reference", "triton"), overridden for everything in its scope by
@@ -289,6 +290,9 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias.float()
     y = y.to(x2d.dtype)
+    lowrank = getattr(layer, "lowrank", None)
+    if lowrank is not None:  # LoRAs after quantization (dvdq_core.lowrank): in x's dtype, before the fused GELU
+        y = lowrank.add_to(y, x2d)
     if layer.act == "gelu_tanh":  # fused GELU (dvdq_core.fusion): the module's own op on the rounded output
         y = F.gelu(y, approximate="tanh")
     return y

@@ -10,8 +10,8 @@ from .config import GRANULARITIES, METHODS, QuantConfig
 def _config_from_args(a) -> QuantConfig:
     return QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_high, a_low=a.a_low, a_high=a.a_high,
                        rotate=not a.no_rotate, had_block=a.had_block, auto_scale=not a.no_auto_scale,
-                       granularity=a.granularity, scale_block=a.scale_block, include=tuple(a.include),
-                       overrides="\n".join(a.override))
+                       granularity=a.granularity, scale_block=a.scale_block, svd_rank=a.svd_rank,
+                       include=tuple(a.include), overrides="\n".join(a.override))
 
 
 def cmd_quantize(a):
@@ -68,6 +68,8 @@ def build_parser():
     q.add_argument("--no-auto-scale", action="store_true")
     q.add_argument("--granularity", default="pow2", choices=GRANULARITIES)
     q.add_argument("--scale-block", type=int, default=128)
+    q.add_argument("--svd-rank", type=int, default=QuantConfig().svd_rank,
+                   help="rank of each 4-bit weight's 16-bit SVD branch (method dvdq; 0: none)")
     q.add_argument("--include", action="append", default=None, help="glob of layers to quantize (default '*blocks.*')")
     q.add_argument("--override", action="append", default=[], help="per-layer precision, e.g. 'blocks.0.*=8' or 'head.*=skip'")
     q.add_argument("--device", default="auto", help="where BGR runs: auto, cuda, cpu")

@@ -11,6 +11,7 @@ METHODS = ("dvdq", "minmax", "smoothquant", "quarot")
 GRANULARITIES = ("block", "pow2", "pow2-fast", "channel")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 BACKENDS = ("auto", "reference", "triton")
+MAX_SVD_RANK = 256
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class QuantConfig:
     auto_scale: bool = True
     granularity: str = "pow2"  # at 4-bit steps; 6/8-bit steps use "block" ("pow2-fast": none; scale_granularity)
     scale_block: int = 128
+    svd_rank: int = 32  # method "dvdq": rank of each 4-bit weight's 16-bit SVD branch (0: none; docs/method.md)
     include: tuple = ("*blocks.*",)  # globs of Linear layers to quantize
     overrides: dict = field(default_factory=dict)  # glob -> LayerRule (or its text)
     backend: str = "auto"
@@ -89,6 +91,8 @@ class QuantConfig:
         for name in ("had_block", "scale_block"):
             if getattr(self, name) not in BLOCK_SIZES:
                 raise ValueError(f"{name} must be one of {BLOCK_SIZES}, got {getattr(self, name)!r}")
+        if not isinstance(self.svd_rank, int) or isinstance(self.svd_rank, bool) or not 0 <= self.svd_rank <= MAX_SVD_RANK:
+            raise ValueError(f"svd_rank must be an integer from 0 to {MAX_SVD_RANK}, got {self.svd_rank!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.include, str):
@@ -108,6 +112,10 @@ class QuantConfig:
     @property
     def uses_bgr(self) -> bool:
         return self.method == "dvdq"
+
+    @property
+    def uses_svd(self) -> bool:
+        return self.method == "dvdq" and self.svd_rank > 0
 
     def rule_for(self, name: str) -> LayerRule | None:
         """The override for a layer name: the last matching glob wins."""
@@ -131,5 +139,6 @@ class QuantConfig:
         d = json.loads(text)
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("svd_rank", 0)  # configs written before the SVD branch had none
         d["overrides"] = {k: LayerRule(**v) for k, v in d.get("overrides", {}).items()}
         return cls(**d)

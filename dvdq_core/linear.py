@@ -2,13 +2,13 @@
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import backends
 from .hadamard import rotate
+from .lowrank import LowRank
 from .spec import LayerSpec
-from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, unpack_codes
+from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, svd_split, unpack_codes
 
 # Sibling projections that read one input tensor one after the other without changing it in place
 # (Wan's attention, in ComfyUI and in the reference code; "v" always comes last). Backends may then
@@ -16,13 +16,6 @@ from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, unpack_code
 # version counter to prove they did not change.
 _SHARED_INPUT = re.compile(r"(^|\.)(self_attn\.[qkv]|cross_attn\.(k|v|k_img|v_img))$")
 SHARE_NONE, SHARE_MEMBER, SHARE_LAST = 0, 1, 2
-
-
-def apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
-    """A fused activation (dvdq_core.fusion) applied outside the backend (after a low-rank branch joined)."""
-    if act == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    raise ValueError(f"unknown fused activation {act!r}")
 
 
 def input_sharing(name: str) -> int:
@@ -43,13 +36,25 @@ class BitState:
 
 
 def quantize_weight(weight: torch.Tensor, spec: LayerSpec, device=None):
-    """Rotate (if the spec says so) and quantize one weight. Returns (QuantizedWeight, rel. error)."""
+    """Split off the SVD branch (spec.svd_rank > 0), rotate (if the spec says so) and quantize one weight.
+    Returns (QuantizedWeight, rel. error of the whole layer weight, branch included)."""
     w = weight.detach().to(device=device or weight.device, dtype=torch.float32)
+    up = down = None
+    if spec.svd_rank:
+        up, down, res = svd_split(w, spec.svd_rank)
+    else:
+        res = w
     if spec.rotate:
-        w = rotate(w, spec.had_block)
-    qw = (bgr_quantize if spec.method == "dvdq" else minmax_quantize)(w, spec.w_bits)
-    rel = ((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-30)).item()
+        res = rotate(res, spec.had_block)
+    qw = (bgr_quantize if spec.method == "dvdq" else minmax_quantize)(res, spec.w_bits)
+    qw.svd_up, qw.svd_down = up, down
+    rel = ((qw.dequantize() - res).norm() / w.norm().clamp_min(1e-30)).item()
     return qw, rel
+
+
+def branch_dtype(weight_dtype) -> torch.dtype:
+    """The SVD branch's dtype: the float weight's, bfloat16 for 8-bit (fp8) checkpoints."""
+    return torch.bfloat16 if weight_dtype.itemsize == 1 else weight_dtype
 
 
 class QuantLinear(nn.Module):
@@ -73,6 +78,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         if spec.method == "smoothquant":  # the baseline re-quantizes W * s every call
             self.register_buffer("float_weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
+        rank = min(spec.svd_rank, in_features, out_features)
+        if rank:  # the weight's own 16-bit SVD branch (weights.svd_split); the codes hold the residual
+            bd = branch_dtype(weight_dtype)
+            self.register_buffer("svd_down", torch.zeros(rank, in_features, dtype=bd, device=device))
+            self.register_buffer("svd_up", torch.zeros(out_features, rank, dtype=bd, device=device))
 
     # attributes the backends read (design.md)
     w_bits = property(lambda self: self.spec.w_bits)
@@ -107,31 +117,41 @@ class QuantLinear(nn.Module):
         self.weight.copy_(qw.codes)
         self.w_scale.copy_(qw.scale)
         self.w_zero.copy_(qw.zero)
+        if hasattr(self, "svd_up") != (qw.svd_up is not None):
+            raise ValueError("the quantized weight and the layer disagree on the SVD branch (spec.svd_rank)")
+        if qw.svd_up is not None:
+            self.svd_up.copy_(qw.svd_up)
+            self.svd_down.copy_(qw.svd_down)
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.weight, self.w_scale.float(), self.w_zero, self.spec.w_bits,
-                               (self.out_features, self.in_features))
+                               (self.out_features, self.in_features), getattr(self, "svd_up", None),
+                               getattr(self, "svd_down", None))
+
+    def svd_branch(self) -> LowRank | None:
+        """The weight's own SVD branch as a LowRank (None without one). `lowrank`, when set (LoRAs after
+        quantization), is the whole branch: nodes/lora.py stacks this one's factors with the LoRAs'."""
+        up = getattr(self, "svd_up", None)
+        return None if up is None else LowRank(self.svd_down, up, None)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """D * (u - z): the rotated weight this layer multiplies with (float32)."""
+        """D * (u - z): the rotated weight this layer multiplies with (float32); with an SVD branch, the
+        rotated residual (the whole weight is this rotated back plus svd_up @ svd_down)."""
         u = unpack_codes(self.weight, self.spec.w_bits, self.in_features).float()
         return self.w_scale.float().unsqueeze(1) * (u - self.w_zero.float().unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
-        lowrank = self.lowrank
+        lowrank = self.lowrank if self.lowrank is not None else self.svd_branch()
         x2d = x.reshape(-1, self.in_features)
-        if lowrank is None and self.weight.device == x.device:
+        if lowrank is not None and (lowrank.down.device != x.device or lowrank.down.dtype != x.dtype):
+            lowrank = lowrank.to(x.device, x.dtype)  # built for other calls
+        if lowrank is self.lowrank and self.weight.device == x.device:
             layer = self
-        else:  # offloaded weights: buffers copied for the call; a branch joins before the fused activation
-            layer = _View(self, x.device, self.act if lowrank is None else None)
+        else:  # offloaded weights (buffers copied for the call) or a branch converted for it
+            layer = _View(self, x.device, self.act, lowrank)
+        # the backend applies the branch too, before the fused activation (docs/design.md, "Backends")
         y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
-        if lowrank is not None:
-            if lowrank.down.device != x.device or lowrank.down.dtype != x.dtype:  # built for other calls
-                lowrank = lowrank.to(x.device, x.dtype)
-            y = lowrank.add_to(y, x2d)
-            if self.act is not None:
-                y = apply_act(y, self.act)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -143,12 +163,14 @@ class QuantLinear(nn.Module):
 
 class _View:
     """A QuantLinear as the backends read it, for one call: its buffers on `device` (copied where the layer's
-    weights are offloaded elsewhere) and the fused activation `act` it applies."""
+    weights are offloaded elsewhere), the fused activation `act` it applies and its low-rank branch (the
+    layer's, or given: converted to the call's device and dtype)."""
 
-    def __init__(self, layer: QuantLinear, device, act):
+    def __init__(self, layer: QuantLinear, device, act, lowrank=None):
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
                                                               "shares_input")})
         self.act = act
+        self.lowrank = lowrank if lowrank is not None else getattr(layer, "lowrank", None)
         # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer)
         for name, t in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
             setattr(self, name, t.detach() if t.device == device else t.detach().to(device, non_blocking=True))

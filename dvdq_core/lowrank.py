@@ -6,6 +6,9 @@ A is every LoRA's down-projection stacked ([R, K]), B every LoRA's scaled up-pro
 ([N, R]), so a stack of LoRAs costs one 16-bit GEMM pair whatever their number. The branch reads the
 layer's original (unrotated) input: a LoRA's ΔW = s·up·down lives in the float weight's basis, and the
 packed weights are never changed, so strengths, stacks and removal take effect without re-quantizing.
+The backend that runs the layer applies the branch (QuantLinear.forward hands it the factors in the input's
+dtype): the reference backend with `add_to`, the GPU kernels fused (x·Aᵀ in the activation pass, the
+up-projection in the GEMM's epilogue; dvdq_core/kernels/README.md).
 """
 import math
 from dataclasses import dataclass

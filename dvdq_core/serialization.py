@@ -13,11 +13,13 @@ from .linear import BitState, QuantLinear, input_sharing
 from .model import is_linear, quantized_layers
 from .spec import LayerSpec
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 # Version 1 named a quantized layer's packed codes `qweight` (and the smoothquant baseline's float
 # weight `weight`); version 2 stores the codes as the layer's `weight`, as a host expects of a Linear.
+# Version 3 adds the SVD branch (`svd_down`, `svd_up`, layer spec `svd_rank`): a reader of version 2
+# would load such a file without its branch, so it must refuse it. Version 1 and 2 files have none.
 V1_NAMES = {"weight": "qweight", "float_weight": "weight"}
-READABLE_VERSIONS = ("1", FORMAT_VERSION)
+READABLE_VERSIONS = ("1", "2", FORMAT_VERSION)
 # safetensors' dtype names; also what the CLI and the ComfyUI loader read file headers with
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .config import QuantConfig
-from .linear import quantize_weight
+from .linear import branch_dtype, quantize_weight
 from .serialization import SAFETENSORS_DTYPES, SafetensorsWriter, build_metadata
 from .spec import layer_spec
 
@@ -101,6 +101,11 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             plan[layer + ".w_zero"] = (torch.uint8, (out_f,))
             if spec.method == "smoothquant":
                 plan[layer + ".float_weight"] = (torch.float32 if _scale_key(n, scale_keys) else dtype, shape)
+            rank = min(spec.svd_rank, in_f, out_f)
+            if rank:  # the SVD branch, in the dtype QuantLinear keeps it in
+                bd = branch_dtype(torch.float32 if _scale_key(n, scale_keys) else dtype)
+                plan[layer + ".svd_down"] = (bd, (rank, in_f))
+                plan[layer + ".svd_up"] = (bd, (out_f, rank))
             has_bias = any(names[b] == layer + ".bias" for b in keys)
             layers[layer] = {"in": in_f, "out": out_f, "bias": has_bias, **spec.to_dict()}
         if not layers:
@@ -115,6 +120,7 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             if k in specs:
                 layer = specs[k][0]
                 extra = (".float_weight",) if specs[k][1].method == "smoothquant" else ()
+                extra += tuple(x for x in (".svd_down", ".svd_up") if layer + x in plan)
                 for suffix in (".weight", ".w_scale", ".w_zero") + extra:
                     ordered[layer + suffix] = plan[layer + suffix]
             else:
@@ -141,6 +147,11 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
                     bytes_out += v.numel() * v.element_size()
                 if spec.method == "smoothquant":
                     writer.write(layer + ".float_weight", t.to(ordered[layer + ".float_weight"][0]))
+                for suffix, v in ((".svd_down", qw.svd_down), (".svd_up", qw.svd_up)):
+                    if layer + suffix in ordered:
+                        v = v.to(ordered[layer + suffix][0]).cpu()
+                        writer.write(layer + suffix, v)
+                        bytes_out += v.numel() * v.element_size()
                 done += 1
                 if progress is not None:
                     progress(done, len(specs), layer)

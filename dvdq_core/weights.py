@@ -53,6 +53,10 @@ class QuantizedWeight:
     zero: torch.Tensor  # uint8 [N], integer zero point z
     bits: int
     shape: tuple
+    # the 16-bit SVD branch beside the codes (svd_split; None without one): the layer computes
+    # Q(x)·(D(u - z))ᵀ + (x·svd_downᵀ)·svd_upᵀ, the codes holding the rotated residual
+    svd_up: torch.Tensor | None = None  # [N, r]
+    svd_down: torch.Tensor | None = None  # [r, K]
 
     def unpacked(self) -> torch.Tensor:
         return unpack_codes(self.codes, self.bits, self.shape[1])
@@ -63,7 +67,8 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero, self.svd_up, self.svd_down)
+                   if t is not None)
 
 
 def _check_weight(weight: torch.Tensor):
@@ -168,3 +173,44 @@ def minmax_quantize(weight: torch.Tensor, bits: int = 4) -> QuantizedWeight:
 def bgr_quantize(weight: torch.Tensor, bits: int = 4) -> QuantizedWeight:
     """BGR: bounded-init clipping search, then least-squares grid refinement, per row, batched."""
     return _quantize_rows(weight, bits, _bgr_rows)
+
+
+# The 16-bit SVD branch (docs/method.md, "The weight's SVD branch"): W = up @ down + residual, the residual
+# quantized. Its top singular directions are where a weight's outlier columns, rows and blocks live, so the
+# residual has a small, even range. Matrices wider than SVD_EXACT_MAX in both dimensions take a seeded
+# randomized range finder (deterministic): only how much of W the branch holds depends on its accuracy,
+# never the layer's correctness (the residual is whatever the branch leaves).
+SVD_EXACT_MAX = 1024
+SVD_OVERSAMPLE = 16
+SVD_POWER_ITERS = 4
+
+
+def _top_singular(w: torch.Tensor, rank: int):
+    """(U [N, r], S [r], Vh [r, K]) of the top `rank` singular triplets of w (in w's dtype)."""
+    n, k = w.shape
+    if min(n, k) <= SVD_EXACT_MAX:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.linalg.qr(w @ torch.randn(k, rank + SVD_OVERSAMPLE, generator=g).to(w.device, w.dtype)).Q
+    for _ in range(SVD_POWER_ITERS):
+        q = torch.linalg.qr(w @ torch.linalg.qr(w.t() @ q).Q).Q
+    u, s, vh = torch.linalg.svd(q.t() @ w, full_matrices=False)
+    return (q @ u)[:, :rank], s[:rank], vh[:rank]
+
+
+def svd_split(weight: torch.Tensor, rank: int):
+    """(up [N, r], down [r, K], residual [N, K]) with weight = up @ down + residual, up @ down the best
+    rank-r approximation (r = min(rank, N, K); float32). rank 0: empty factors and the weight itself."""
+    _check_weight(weight)
+    r = min(int(rank), *weight.shape)
+    if r <= 0:
+        w = weight.float()
+        return w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1]), w
+    # float64: float32 SVDs and products differ in their last bits with the number of CPU threads, and a
+    # residual one bit apart can round to other 4-bit codes; in float64 the float32 results agree, so a file
+    # quantized by the CLI and the same model quantized in ComfyUI get the same codes
+    w = weight.double()
+    u, s, vh = _top_singular(w, r)
+    up, down = u * s, vh
+    return up.float().contiguous(), down.float().contiguous(), (w - up @ down).float()

@@ -119,7 +119,9 @@ def refresh(layer, device, dtype):
         sig = (device, dtype, tuple((k, tuple((p[0], id(p[1]), p[2], p[3]) for p in lst)) for k, lst in lists))
         cache = layer.lowrank_cache or {}  # a few recent sets: hook LoRAs switch every step (cond / uncond)
         if sig not in cache:
-            terms, biases = [], []
+            # the weight's own SVD branch (QuantLinear.svd_branch) joins the LoRAs' terms: one stacked branch
+            own = layer.svd_branch()
+            terms, biases = ([] if own is None else [LowRankTerm(own.up, own.down, 1.0)]), []
             for key, lst in lists:
                 t, b = patch_terms(key, lst)
                 terms += t

@@ -597,9 +597,14 @@ def _merge_patches(patcher, sd: dict, keys: list):
             w = layer.dequantized_weight().to(device)
             if layer.spec.rotate:
                 w = rotate(w, layer.spec.had_block)  # H is symmetric and orthogonal: rotating again undoes it
+            own = layer.svd_branch()
+            if own is not None:  # the SVD branch is part of the weight (split off again below)
+                w = w + own.up.to(device, torch.float32) @ own.down.to(device, torch.float32)
             qw, _ = quantize_weight(merged(key, w), layer.spec, device)
             stem = name[:-len(".weight")]
             fields = [("weight", qw.codes), ("w_scale", qw.scale), ("w_zero", qw.zero)]
+            if qw.svd_up is not None:
+                fields += [("svd_up", qw.svd_up), ("svd_down", qw.svd_down)]
             if f"{stem}.float_weight" in sd:  # method smoothquant computes with it
                 fields.append(("float_weight", merged(key, sd[f"{stem}.float_weight"])))
             for field, t in fields:

@@ -1,7 +1,7 @@
 """Widget values -> dvdq_core.QuantConfig (no ComfyUI imports, tested in CI)."""
 from ..dvdq_core import QuantConfig, parse_overrides
 from ..dvdq_core.activations import ACT_BITS as A_BITS
-from ..dvdq_core.config import GRANULARITIES as _GRANULARITIES, METHODS as _METHODS
+from ..dvdq_core.config import GRANULARITIES as _GRANULARITIES, MAX_SVD_RANK, METHODS as _METHODS
 
 METHODS = list(_METHODS)  # the core's choices, as lists for ComfyUI's dropdowns
 GRANULARITIES = list(_GRANULARITIES)
@@ -9,7 +9,8 @@ BLOCKS = ["64", "128", "256"]  # the block sizes offered on the node (the core t
 
 _CORE = QuantConfig()  # the core's defaults are the nodes' defaults (tests check the widgets follow)
 DEFAULT_ARQ = {"rotate": _CORE.rotate, "had_block": _CORE.had_block, "auto_scale": _CORE.auto_scale,
-               "granularity": _CORE.granularity, "scale_block": _CORE.scale_block, "layer_overrides": ""}
+               "granularity": _CORE.granularity, "scale_block": _CORE.scale_block, "layer_overrides": "",
+               "svd_rank": _CORE.svd_rank}
 
 
 class SettingsError(ValueError):
@@ -17,7 +18,7 @@ class SettingsError(ValueError):
 
 
 def arq_settings(rotate=True, had_block="128", auto_scale=True, granularity="pow2", scale_block="128",
-                 layer_overrides="") -> dict:
+                 layer_overrides="", svd_rank=_CORE.svd_rank) -> dict:
     """The ARQ_SETTINGS value: plain data, validated now so a typo shows on the ARQ Settings node."""
     if str(had_block) not in BLOCKS or str(scale_block) not in BLOCKS:
         raise SettingsError(f"ARQ Settings: block sizes must be one of {', '.join(BLOCKS)}")
@@ -27,8 +28,11 @@ def arq_settings(rotate=True, had_block="128", auto_scale=True, granularity="pow
         parse_overrides(layer_overrides or "")
     except ValueError as e:
         raise SettingsError(f"ARQ Settings, layer_overrides: {e}") from None
+    if not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or not 0 <= svd_rank <= MAX_SVD_RANK:
+        raise SettingsError(f"ARQ Settings: svd_rank must be a whole number from 0 to {MAX_SVD_RANK}, got {svd_rank!r}")
     return {"rotate": bool(rotate), "had_block": int(had_block), "auto_scale": bool(auto_scale),
-            "granularity": granularity, "scale_block": int(scale_block), "layer_overrides": layer_overrides or ""}
+            "granularity": granularity, "scale_block": int(scale_block), "layer_overrides": layer_overrides or "",
+            "svd_rank": svd_rank}
 
 
 def check_activation_bits(a_low: int, a_high: int):
@@ -51,6 +55,6 @@ def build_config(w_bits: int, a_low: int, a_high: int, method: str, arq: dict | 
         return QuantConfig(method=method, w_bits=w_bits, a_bits=a_high, a_low=a_low, a_high=a_high,
                            rotate=arq["rotate"], had_block=int(arq["had_block"]), auto_scale=arq["auto_scale"],
                            granularity=arq["granularity"], scale_block=int(arq["scale_block"]),
-                           overrides=parse_overrides(arq["layer_overrides"] or ""))
+                           svd_rank=int(arq["svd_rank"]), overrides=parse_overrides(arq["layer_overrides"] or ""))
     except ValueError as e:
         raise SettingsError(f"DVD-Quant settings: {e}") from None

@@ -87,6 +87,42 @@ def test_kernel_matches_reference(case, fp8):
     assert torch.equal(blhd.transpose(1, 2), out)
 
 
+@pytest.mark.parametrize("options", ["magic=1", "magic=2", "magic=2,acc=0", "tma=1"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16pv", "fp8pv"])
+def test_kernel_variants_match_reference(options, fp8, monkeypatch):
+    """The kernel's options (kernels/configs.py AttentionConfig: the INT8 scores' conversion, where P.V
+    accumulates, TMA loads) compute the same attention (what bench/attention.py --variants times)."""
+    _check_fp8_form_runs_here(fp8)
+    tile = "32,16,4,1" if not ON_GPU else ("128,128,8,4" if fp8 else "128,64,8,3")
+    monkeypatch.setenv("DVDQ_ATTN_CONFIG", f"{tile},{options}")
+    b, h, lq, lk, d, dtype = CASES[2]
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, h, lq, d, generator=g).to(dtype).to(DEV)
+    k = (torch.randn(b, h, lk, d, generator=g) + 3 * torch.randn(d, generator=g)).to(dtype).to(DEV)
+    v = (torch.randn(b, h, lk, d, generator=g) + 1).to(dtype).to(DEV)
+    out = run_kernel(q, k, v, fp8)
+    ref = att.attention_reference(q, k, v, pv="fp8" if fp8 else "fp16", block_n=block_n(fp8))
+    err, _ = rel_l2_cos(out, ref)
+    # magic=2 folds the bias into the exponent's FMA (one rounding of ~1.5 x 2**23 x scale, far below the scores'
+    # own quantization step): a few P values then round to the neighbouring FP8 value (~6% each). acc=0 on the GPU:
+    # the FP8 MMA's own accumulator (fewer bits) over all key blocks. Both stay far below the quantization error
+    # against exact attention (~1e-2, the accuracy tests).
+    tol = 5e-3 if ON_GPU and "acc=0" in options else 3e-3 if fp8 and "magic=2" in options else 1e-3
+    assert err < tol, err
+
+
+def test_attention_config_parses_options():
+    c = configs.AttentionConfig.parse("128,128,8,4,magic=2,acc=0,tma=1,ws=0")
+    assert (c.BM, c.BN, c.num_warps, c.num_stages, c.magic, c.acc_r, c.tma, c.ws) == (128, 128, 8, 4, 2, 0, True, False)
+    assert configs.AttentionConfig.parse(c.to_env()) == c
+    assert configs.AttentionConfig.parse("128,64,8,3") == configs.AttentionConfig(128, 64, 8, 3)
+    for bad in ("128,64,8", "128,64,8,3,fast=1", "a,b,c,d"):
+        with pytest.raises(ValueError, match="DVDQ_ATTN_CONFIG needs"):
+            configs.AttentionConfig.parse(bad)
+    assert configs.attention_config((9, 0), True, env={}) == configs.ATTN_SM90_FP8[0]
+    assert configs.ATTN_SM90_FP8_VARIANTS[0] == configs.ATTN_SM90_FP8[0]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="Wan-sized calls run compiled on a GPU only")
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp16pv", "fp8pv"])
 def test_kernel_matches_reference_at_scale(fp8):

@@ -3,6 +3,7 @@ the configurations configs.py picks: no register spills, shared memory within ea
 tensor-core instructions of the expected kind. CPU only (Triton's bundled ptxas and cuobjdump);
 run in a subprocess because this test session may use Triton's interpreter."""
 import os
+import re
 import subprocess
 import sys
 
@@ -17,3 +18,5 @@ def test_kernels_compile_for_all_targets():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for cc in (80, 86, 89, 90, 100, 120):
         assert f"sm_{cc}" in r.stdout
+        assert re.search(rf"sm_{cc}\s+attention q8 16-bit P.V", r.stdout), r.stdout[-3000:]  # the 8-bit attention
+    assert re.search(r"sm_90\s+attention q8 fp8 P.V", r.stdout)

@@ -58,3 +58,14 @@ def test_fake_matches_the_kernel_for_strided_inputs(name, args):
     torch.library.opcheck(op, args, test_utils="test_faketensor")
     real = op(*args)
     assert real is None or real.is_contiguous()  # what every fake promises (the in-place op returns None)
+
+
+def test_fake_of_the_linear_with_a_lora_branch():
+    """The LoRA branch's factors are optional tensor arguments of dvdq::w4_linear (down [R, K], up [N, R], a
+    bias difference [N]): the fake gives the kernel's shape and strides with them too."""
+    k, n, r = 128, 16, 5
+    args = (rand(k, 5).t(), torch.randint(0, 256, (n, k // 2), generator=GEN, dtype=torch.uint8).to(DEV),
+            torch.rand(n, generator=GEN).to(DEV) * 0.01, torch.randint(0, 16, (n,), generator=GEN, dtype=torch.uint8).to(DEV),
+            rand(n), 4, 128, 128, True, 0, True, True, rand(r, k), rand(n, r), rand(n))
+    torch.library.opcheck(torch.ops.dvdq.w4_linear, args, test_utils="test_faketensor")
+    assert torch.ops.dvdq.w4_linear(*args).is_contiguous()

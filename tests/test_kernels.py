@@ -677,3 +677,261 @@ def test_gelu_constants():
     c1 = 2 * math.sqrt(2 / math.pi) * math.log2(math.e)
     assert _triton.GELU_C1.value == pytest.approx(c1, rel=1e-15)
     assert _triton.GELU_C2.value == pytest.approx(c1 * 0.044715, rel=1e-15)
+
+
+# ---- LoRAs after quantization: the branch fused into the kernels (ops.LORA_IMPLS) ----
+
+def lora_factors(n, k, rank, dtype, bias=True):
+    """A branch's factors in the activations' dtype (dvdq_core.lowrank.LowRank), of a size that moves the output."""
+    from dvdq_core.lowrank import LowRank
+    down = rand(rank, k, dtype=dtype, scale=1.0 / math.sqrt(k))
+    up = rand(n, rank, dtype=dtype, scale=0.5 / math.sqrt(rank))
+    return LowRank(down, up, rand(n, dtype=dtype, scale=0.1) if bias else None)
+
+
+def ulp(v, dtype):
+    """The spacing of `dtype` numbers at |v| (float64), for bf16 (7 stored mantissa bits) or fp16 (10)."""
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -14))) - (7 if dtype == torch.bfloat16 else 10))
+
+
+def within_rounding(y, exact, slack, dtype):
+    """y (dtype) is `exact` (float64) rounded once to dtype, after float32 arithmetic whose error is at most
+    `slack` (float64, per element): |y - exact| <= half an ulp of y + slack (where the float32 error pushes
+    a value across a rounding boundary, the result is the neighbouring dtype value)."""
+    err = (y.double() - exact).abs()
+    bound = 0.5 * ulp(y.double(), dtype) + slack
+    assert (err <= bound).all(), f"{(err > bound).sum().item()} elements off, worst {(err - bound).max().item()}"
+
+
+LORA_PATHS = [(4, "pow2"), (8, "block"), (16, "block")]
+
+
+@pytest.mark.parametrize("bits,granularity", LORA_PATHS)
+@pytest.mark.parametrize("rank", [5, 16] + ([64, 100] if ON_GPU else []))
+def test_lora_down_projection_in_the_activation_pass(bits, granularity, rank):
+    """The pass that quantizes X (pow2's pass 2, the block form's pass 2, the 16-bit rotation) also writes a
+    branch's T = X @ A^T from the unrotated tiles it reads: float32 sums rounded once, so within half an
+    ulp (+ float32 slack) of the exact product; the codes stay bit for bit those without a branch. A rank
+    that is not a power of two reads the padded rows as zero."""
+    m, k = (4097, 1536) if ON_GPU else (37, 256)
+    dtype = torch.bfloat16 if rank % 2 else torch.float16
+    x = activations(m, k, dtype)
+    down = lora_factors(8, k, rank, dtype).down
+    t = torch.full((m, rank), float("nan"), dtype=dtype, device=DEV)
+    if bits == 16:
+        xr = ops.rotate_activations(x, 128, down, t)
+        assert torch.equal(xr, ops.rotate_activations(x, 128))
+    else:
+        pow2 = granularity == "pow2"
+        got = ops.quantize_activations(x, 128, 128, bits, True, pow2=pow2, down=down, t=t)
+        want = ops.quantize_activations(x, 128, 128, bits, True, pow2=pow2)
+        assert all(torch.equal(a, b) for a, b in zip(got, want) if a is not None)
+    exact = x.double() @ down.double().t()
+    # float32 slack: tensor cores sum a dot's products with truncation, at most ~K/16 steps of 2**-23 of the sum of
+    # magnitudes; 2**-16 of it is far below half an ulp of bf16/fp16 for all but heavily cancelling sums
+    within_rounding(t, exact, 2.0 ** -16 * (x.double().abs() @ down.double().abs().t()), dtype)
+
+
+@pytest.mark.parametrize("bits,granularity", LORA_PATHS)
+@pytest.mark.parametrize("cfg", [None, GEMM_CONFIGS[1]], ids=["default", "swapped"])
+@pytest.mark.parametrize("split", [1, 2])
+def test_lora_up_projection_in_the_gemm_epilogue(bits, granularity, cfg, split):
+    """The Triton GEMM's epilogue adds T @ U^T to the float32 result (scales and bias applied) before the one
+    rounding: equal to the same GEMM's float32 output plus the exact product, rounded once, up to float32
+    slack; in both operand orders and with two token sub-tiles per program."""
+    m, n, k, rank = (1000, 1000, 1536, 64) if ON_GPU else (37, 40, 256, 5)
+    dtype = torch.bfloat16
+    layer = make_layer(n, k, granularity=granularity, dtype=dtype)
+    lr = lora_factors(n, k, rank, dtype)
+    x = activations(m, k, dtype)
+    t = torch.empty((m, rank), dtype=dtype, device=DEV)
+    pow2 = granularity == "pow2"
+    if bits == 16:
+        a, l, s, auto = ops.rotate_activations(x, layer.had_block, lr.down, t), None, None, False
+    else:
+        a, s, l = ops.quantize_activations(x, layer.had_block, layer.scale_block, bits, True, pow2=pow2,
+                                           down=lr.down, t=t)
+        auto = not pow2
+    cfg = cfg or configs.gemm_config(ops._capability(x.device), m, n, k, layer.scale_block, bits == 16, not ON_GPU)
+    args = (a, layer.weight, layer.w_zero, layer.w_scale, l, s, layer.bias)
+    v = ops.w4_gemm(*args, torch.float32, layer.scale_block, auto, cfg=cfg, SPLIT=split)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    y = ops.w4_gemm(*args, dtype, layer.scale_block, auto, cfg=cfg, out=out, lora=(t, lr.up), SPLIT=split)
+    assert not torch.isnan(y).any()
+    tb = t.double() @ lr.up.double().t()
+    within_rounding(y, v.double() + tb, 2.0 ** -18 * (v.double().abs() + t.double().abs() @ lr.up.double().abs().t()),
+                    dtype)
+    assert rel_err(y, v) > 0.05  # the branch really joined
+
+
+def ops_copies():
+    """Every imported copy of kernels.ops (the custom op runs in whichever copy registered it)."""
+    return list({id(m): m for n, m in list(sys.modules.items()) if n.endswith("dvdq_core.kernels.ops")}.values())
+
+
+def clear_activation_caches():
+    for m in ops_copies():
+        m.clear_activation_cache()
+
+
+# "triton" differs from "fused" on sm_90 only (the Gluon GEMMs)
+@pytest.mark.parametrize("impl", ["fused", "triton"] if HOPPER else ["fused"])
+@pytest.mark.parametrize("bits,granularity", LORA_PATHS)
+@pytest.mark.parametrize("act", [None, "gelu_tanh"])
+def test_linear_with_lora_matches_reference(impl, bits, granularity, act, monkeypatch):
+    """A layer with a branch (down and up factors, a bias difference; the fused GELU) through the custom op
+    equals the reference backend's math (the base layer, then the branch, then the GELU) whichever way the
+    branch runs; without GELU the fused ways differ from the unfused one by the output roundings the fusion
+    saves only: at most two ulps of the larger of the base output and the result (the unfused path rounds
+    the base output, the sum with the up-projection and the sum with the bias difference; the fused one once)."""
+    m, n, k, rank = (4097, 1000, 1536, 64) if ON_GPU else (37, 48, 256, 5)
+    dtype = torch.bfloat16 if bits != 8 else torch.float16
+    layer = make_layer(n, k, granularity=granularity, dtype=dtype)
+    layer.act = act
+    x = activations(m, k, dtype)
+    base = kernels.linear_forward(layer, x, bits)
+    layer.lowrank = lora_factors(n, k, rank, dtype)
+    ref = reference_forward(layer, x, bits)
+    got = {}
+    for name in ("unfused", impl):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+        got[name] = ops.w4_linear_impl(x, layer.weight, layer.w_scale, layer.w_zero, layer.bias, bits, layer.had_block,
+                                       layer.scale_block, layer.auto_scale, out=out, pow2=granularity == "pow2",
+                                       gelu=act == "gelu_tanh", lora_down=layer.lowrank.down, lora_up=layer.lowrank.up,
+                                       lora_bias=layer.lowrank.bias, lora_impl=name)
+        assert got[name].data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+    tol = (4e-3 if dtype == torch.bfloat16 else 1e-3) * (2 if bits == 16 else 1)
+    assert rel_err(got[impl], ref) < tol and rel_err(got["unfused"], ref) < tol
+    assert rel_err(base, ref) > 0.05  # the branch changes the output
+    if act is None:  # (after a GELU the bound would need its slope at the unrounded input: the reference decides)
+        mag = torch.maximum(base.double().abs(), got["unfused"].double().abs())
+        diff = (got[impl].double() - got["unfused"].double()).abs()
+        assert (diff <= 2 * ulp(mag, dtype) + 1e-6).all()
+    for m in ops_copies():  # the custom op (what QuantLinear's triton backend calls) runs the module's choice
+        monkeypatch.setattr(m, "LORA_IMPL", impl)
+    clear_activation_caches()  # (a cached input's T would come from a torch GEMM: equal up to rounding)
+    assert torch.equal(kernels.linear_forward(layer, x, bits), got[impl])
+
+
+def test_lora_branch_on_a_reused_activation():
+    """q, k, v reading one input quantize it once (the reuse cache); each projection's own branch still joins:
+    the first from the activation pass, the others from a GEMM on the cached input (T is per layer)."""
+    from dvdq_core.linear import SHARE_LAST, SHARE_MEMBER
+    k = 256
+    q, kk, v = (make_layer(n, k, granularity="pow2") for n in (40, 56, 24))
+    q.shares_input = kk.shares_input = SHARE_MEMBER
+    v.shares_input = SHARE_LAST
+    q.lowrank, v.lowrank = lora_factors(40, k, 5, torch.bfloat16), lora_factors(24, k, 16, torch.bfloat16, bias=False)
+    owners = ops_copies()
+    clear_activation_caches()
+    with torch.inference_mode():
+        x = activations(19, k, torch.bfloat16)
+        ys = [kernels.linear_forward(layer, x, 4) for layer in (kk, q, v)]  # k first: q's branch on a hit
+        for layer, y in zip((kk, q, v), ys):
+            assert rel_err(y, reference_forward(layer, x, 4)) < 4e-3
+        assert all(m._last[0] is None for m in owners)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon GEMMs run on sm_90 only; without one, test_compile_targets "
+                                       "compiles their branch epilogue for sm_90 on the CPU")
+@pytest.mark.parametrize("path", ["chain", "u8"])
+@pytest.mark.parametrize("m,n,k,rank", [(333, 5120, 5120, 64), (4097, 1000, 1600, 5), (2048, 13824, 5120, 128),
+                                        (9000, 1536, 8960, 16), (200, 256, 128, 40)])
+@pytest.mark.parametrize("dtype,gelu", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)])
+def test_gluon_gemms_with_lora_epilogue(path, m, n, k, rank, dtype, gelu):
+    """The sm_90 Gluon GEMMs' branch epilogue (U and T tiles in the rings' shared memory, one 16-bit wgmma
+    into the float32 result): within half an ulp (+ float32 slack) of the same GEMM's float32 output plus the
+    exact T @ U^T; with GELU, what the Triton GEMM's fused epilogue gives up to the GELU's evaluation (the
+    two GEMMs' float32 sums may differ by their order of summation)."""
+    layer = make_layer(n, k, dtype=dtype)
+    lr = lora_factors(n, k, rank, dtype)
+    x = activations(m, k, dtype)
+    sb = ops.effective_blocks(layer, k)[1]
+    t = torch.empty((m, rank), dtype=dtype, device=DEV)
+    q, s, _ = ops.quantize_activations(x, layer.had_block, sb, 4, True, pow2=True, down=lr.down, t=t)
+    gemm = ops.w4_gemm_chain if path == "chain" else ops.w4_gemm_u8
+    args = (q, layer.weight, layer.w_zero, layer.w_scale, s, layer.bias)
+    v = gemm(*args, torch.float32, sb)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    y = gemm(*args, dtype, sb, out=out, gelu=gelu, lora=(t, lr.up))
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    y_triton = ops.w4_gemm(q, layer.weight, layer.w_zero, layer.w_scale, None, s, layer.bias, dtype, sb, False,
+                           cfg=configs.SM90_DEFAULT, gelu=gelu, lora=(t, lr.up))
+    if gelu:
+        ulps = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -9
+        assert ((y.float() - y_triton.float()).abs() <= 2 * ulps * y_triton.float().abs() + 1e-5).all()
+    else:
+        exact = v.double() + t.double() @ lr.up.double().t()
+        slack = 2.0 ** -18 * (v.double().abs() + t.double().abs() @ lr.up.double().abs().t())
+        within_rounding(y, exact, slack, dtype)
+        within_rounding(y_triton, exact, slack, dtype)
+        print(f"gluon {path} vs triton epilogue: {(y != y_triton).float().mean().item():.2e} of the elements differ")
+
+
+def test_gluon_lora_fits_the_rings():
+    """The Gluon branch epilogue reuses the rings, whose size follows K: Wan's and HunyuanVideo's widths take
+    every fused rank; one K step of 128 (one stage) holds RP 64, 64-wide layout groups RP 64."""
+    for k in (1536, 3072, 5120, 8960, 12288, 13824, 15360):
+        assert ops.gluon_lora_fits(k, 128, 128)
+    assert ops.gluon_lora_fits(128, 128, 64) and not ops.gluon_lora_fits(128, 128, 65)
+    assert ops.gluon_lora_fits(1600, 128, 64) and not ops.gluon_lora_fits(1600, 128, 100)  # groups of 64
+
+
+def test_lora_paths_by_rank_and_impl(monkeypatch):
+    """Which GEMM takes the branch: the default runs the Gluon epilogue on sm_90 (the Triton one elsewhere),
+    DVDQ_LORA_IMPL=triton the Triton GEMM's, and a padded rank over LORA_FUSED_MAX_RP (a stack of LoRAs) the
+    unfused branch; all of them the reference's result."""
+    calls = []
+    real = ops.w4_gemm
+    monkeypatch.setattr(ops, "w4_gemm", lambda *a, **kw: calls.append((kw.get("lora") is not None,
+                                                                        kw.get("lora_gluon"))) or real(*a, **kw))
+    for name in ("w4_gemm_u8", "w4_gemm_chain"):
+        monkeypatch.setattr(ops, name, lambda *a, _f=getattr(ops, name), **kw: calls.append("gluon") or _f(*a, **kw))
+    m, n, k = (configs.U8_MIN_M + 5, 512, 1536) if ON_GPU else (21, 40, 256)
+    layer = make_layer(n, k, granularity="pow2")
+    x = activations(m, k, torch.bfloat16)
+    clear_activation_caches()
+    for rank, impl, want in ((64, "fused", [(True, True)] + (["gluon"] if HOPPER else [])),
+                             (64, "triton", [(True, False)]), (200, "fused", [(False, True)] + (["gluon"] if HOPPER else []))):
+        calls.clear()
+        layer.lowrank = lora_factors(n, k, rank, torch.bfloat16)
+        y = ops.w4_linear_impl(x, layer.weight, layer.w_scale, layer.w_zero, layer.bias, 4, 128, 128, True, pow2=True,
+                               lora_down=layer.lowrank.down, lora_up=layer.lowrank.up, lora_bias=layer.lowrank.bias,
+                               lora_impl=impl)
+        assert calls == want, (rank, impl)
+        assert rel_err(y, reference_forward(layer, x, 4)) < 4e-3
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile of the custom op needs the compiled GPU kernels")
+def test_torch_compile_with_lora():
+    """The branch's factors are optional tensor arguments of the custom op: fullgraph compile, same result."""
+    layer = make_layer(1536, 1536, granularity="pow2")
+    layer.lowrank = lora_factors(1536, 1536, 32, torch.bfloat16)
+    x = activations(777, 1536, torch.bfloat16)
+
+    def f(x):
+        return kernels.linear_forward(layer, x * 2.0, 4)
+
+    eager = f(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)(x)
+    assert rel_err(compiled, eager) < 1e-6
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host synchronisation is a CUDA notion; needs the compiled GPU kernels")
+@pytest.mark.parametrize("m", [300, configs.U8_MIN_M + 5])
+def test_no_host_sync_in_forward_with_lora(m):
+    """With a branch (fused, including the reuse cache's hit) a forward still never waits for the GPU."""
+    from dvdq_core.linear import SHARE_LAST, SHARE_MEMBER
+    a, b = make_layer(512, 1536, granularity="pow2"), make_layer(256, 1536, granularity="pow2")
+    a.shares_input, b.shares_input = SHARE_MEMBER, SHARE_LAST
+    a.lowrank, b.lowrank = lora_factors(512, 1536, 64, torch.bfloat16), lora_factors(256, 1536, 8, torch.bfloat16)
+    x = activations(m, 1536, torch.bfloat16)
+
+    def forwards():
+        with torch.inference_mode():
+            for bits in (4, 8, 16):
+                kernels.linear_forward(a, x, bits)
+                kernels.linear_forward(b, x, bits)
+    forwards()
+    assert allocations_without_host_sync(forwards) > 0

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import dvdq_core
-from dvdq_core.backends import reference_forward
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +34,10 @@ def test_split_matches_the_layer(method):
     x = torch.randn(64, 256) * (1 + 10 * (torch.arange(256) < 3))  # a few outlier channels
     out = layer_error.split_outputs(q, lin.weight, x, 4)
     assert torch.allclose(out["ref"], lin(x), atol=1e-4)
-    assert torch.allclose(out["both"], reference_forward(q, x, 4), atol=1e-4)
-    assert torch.allclose(out["W"], reference_forward(q, x, 16), atol=1e-4)
+    # the layer as it runs (its SVD branch, if any, included)
+    for part, bits in (("both", 4), ("W", 16)):
+        dvdq_core.set_activation_bits(model, bits)
+        assert torch.allclose(out[part], q(x), atol=1e-4), part
     # float weights: the activation part alone vanishes at 16 bits, and is nonzero at 4
     at16 = layer_error.split_outputs(q, lin.weight, x, 16)
     assert torch.allclose(at16["A"], out["ref"], atol=1e-3)
@@ -53,7 +54,7 @@ def test_quality_quick_synthetic(tmp_path, capsys):
     assert "sink tokens (synthetic)" in text and "W only" in text
     res = json.loads(path.read_text())[0]
     split = res["layer_split"]["layers"]
-    assert set(split) == {"minmax", "smoothquant", "quarot", "dvdq"}
+    assert set(split) == {"minmax", "smoothquant", "quarot", "dvdq-nosvd", "dvdq"}
     for layers in split.values():
         assert len(layers) == 20  # 2 blocks x 10 Linear layers
         for e in layers.values():

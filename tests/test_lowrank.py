@@ -105,3 +105,20 @@ def test_torch_compile_traces_the_branch():
         want = q(x)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(q, fullgraph=True, backend="eager")(x), want)
+
+
+def test_branch_in_another_dtype_reaches_the_backend_converted():
+    """A branch built for other calls (float32 factors, bf16 input) is converted for the call and handed to the
+    backend with the layer's fused GELU (linear._View): the same output as factors made in the input's dtype,
+    the branch joined before the GELU."""
+    lin = torch.nn.Linear(64, 48)
+    q = quantized(lin)
+    q.act = "gelu_tanh"
+    up, down = randn(48, 4) / 3, randn(4, 64) / 3
+    x = randn(3, 64).to(torch.bfloat16)
+    q.lowrank = stack([LowRankTerm(up, down, 0.7)], [(0.5, randn(48))], 48, 64, "cpu", torch.float32)
+    y = q(x)
+    q.lowrank = q.lowrank.to("cpu", torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, q(x))
+    q.act = None
+    assert rel(y, F.gelu(q(x).float(), approximate="tanh")) < 0.01

@@ -17,7 +17,7 @@ SPEC = {  # class id: (display name, required inputs in order, optional, outputs
                        ["arq_settings"], ("MODEL",)),
     "DVDQuantApply": ("DVD-Quant Apply", ["model", "w_bits", "a_low", "a_high", "method"], ["arq_settings"], ("MODEL",)),
     "DVDQuantARQSettings": ("ARQ Settings", ["rotate", "had_block", "auto_scale", "granularity", "scale_block",
-                                             "layer_overrides"], [], ("ARQ_SETTINGS",)),
+                                             "layer_overrides"], ["svd_rank"], ("ARQ_SETTINGS",)),
     "DVDQuantBitSwitch": ("Bit Switch Scheduler", ["model", "mode", "delta", "low", "high", "fixed_bits", "schedule"],
                           ["final_step_high"], ("MODEL",)),
     "DVDQuantSave": ("DVD-Quant Save", ["model", "filename_prefix"], ["loras"], ()),
@@ -63,9 +63,10 @@ def test_widget_defaults_and_ranges():
     assert arq["granularity"][0] == ["block", "pow2", "pow2-fast", "channel"] and arq["layer_overrides"][1]["multiline"]
     # the ARQ node's widget defaults, its function's defaults and the loader's (no ARQ node) are the core's
     core = QuantConfig()
-    widgets = {k: v[1]["default"] for k, v in arq.items()}
+    widgets = {k: v[1]["default"] for k, v in {**arq, **m["DVDQuantARQSettings"].INPUT_TYPES()["optional"]}.items()}
     assert widgets == {"rotate": core.rotate, "had_block": str(core.had_block), "auto_scale": core.auto_scale,
-                       "granularity": core.granularity, "scale_block": str(core.scale_block), "layer_overrides": ""}
+                       "granularity": core.granularity, "scale_block": str(core.scale_block), "layer_overrides": "",
+                       "svd_rank": core.svd_rank}
     settings = sub("settings")
     assert settings.arq_settings() == settings.arq_settings(**widgets) == settings.DEFAULT_ARQ
     bs = m["DVDQuantBitSwitch"].INPUT_TYPES()["required"]
@@ -114,6 +115,23 @@ def test_override_errors_name_the_line(text, msg):
     node = load_pack().NODE_CLASS_MAPPINGS["DVDQuantARQSettings"]()
     with pytest.raises(RuntimeError, match="layer_overrides"):  # the node raises the host's user error
         node.settings(True, "128", True, "block", "128", text)
+
+
+@pytest.mark.parametrize("rank", [-1, 257, 8.0, True])
+def test_svd_rank_out_of_range_is_refused_on_the_arq_node(rank):
+    settings = sub("settings")
+    with pytest.raises(settings.SettingsError, match="svd_rank must be a whole number from 0 to 256"):
+        settings.arq_settings(svd_rank=rank)
+
+
+def test_svd_rank_reaches_the_config_and_old_workflows_get_the_default():
+    settings = sub("settings")
+    node = load_pack().NODE_CLASS_MAPPINGS["DVDQuantARQSettings"]()
+    (old,) = node.settings(True, "128", True, "pow2", "128", "")  # a workflow saved before the widget existed
+    (off,) = node.settings(True, "128", True, "pow2", "128", "", svd_rank=0)
+    assert settings.build_config(4, 4, 8, "dvdq", old).svd_rank == QuantConfig().svd_rank > 0
+    cfg = settings.build_config(4, 4, 8, "dvdq", off)
+    assert cfg.svd_rank == 0 and not cfg.uses_svd
 
 
 # ---------------------------------------------------------------- step from sigma

@@ -82,10 +82,10 @@ def test_wrong_version_and_non_dvdq_file(tmp_path):
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         dq.load_quantized(TinyModel(), garbage)
-    v3 = tmp_path / "v3.safetensors"
-    save_file({"a": torch.zeros(2)}, v3, metadata={"dvdq.format_version": "3"})
-    with pytest.raises(ValueError, match="format version 3, this version reads 1, 2"):
-        dq.load_quantized(TinyModel(), v3)
+    v4 = tmp_path / "v4.safetensors"
+    save_file({"a": torch.zeros(2)}, v4, metadata={"dvdq.format_version": "4"})
+    with pytest.raises(ValueError, match="format version 4, this version reads 1, 2, 3"):
+        dq.load_quantized(TinyModel(), v4)
 
 
 def test_reads_format_1_files(tmp_path):
@@ -148,7 +148,7 @@ def test_cli_quantize_matches_quantize_model(tmp_path, capsys):
         assert f.get_tensor("blocks.0.self_attn.q.bias").dtype == torch.bfloat16
     assert cli_main(["inspect", str(dst)]) == 0
     out = capsys.readouterr().out
-    assert "DVD-Quant format 2, arch wan" in out and "10 quantized layers" in out
+    assert "DVD-Quant format 3, arch wan" in out and "10 quantized layers" in out
     # refuses to overwrite, refuses a non-DiT and a DVD-Quant input, with one clear line
     assert cli_main(["quantize", str(src), str(dst)]) == 2
     assert "exists" in capsys.readouterr().err
@@ -237,3 +237,13 @@ def test_cli_refuses_comfyui_quantized_layouts(tmp_path, capsys):
     assert cli_main(["quantize", str(src), str(dst), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "int8_tensorwise" in err and "DVD-Quant Loader" in err and not dst.exists()
+
+
+def test_cli_svd_rank_option_reaches_the_config():
+    from dvdq_core.cli import _config_from_args, build_parser
+    args = build_parser().parse_args(["quantize", "in.safetensors", "out.safetensors", "--svd-rank", "0"])
+    args.include = ["*blocks.*"]
+    assert _config_from_args(args).svd_rank == 0
+    args = build_parser().parse_args(["quantize", "in.safetensors", "out.safetensors"])
+    args.include = ["*blocks.*"]
+    assert _config_from_args(args).svd_rank == dq.QuantConfig().svd_rank > 0

@@ -338,8 +338,8 @@ def test_core_node_list_is_the_one_the_script_uses():
 
 def test_our_specs_follow_the_contract_widget_counts():
     counts = {t: node_specs.widget_value_count(s) for t, s in node_specs.OUR_NODES.items()}
-    assert counts == {"DVDQuantLoader": 6, "DVDQuantApply": 4, "DVDQuantARQSettings": 6,
-                      "DVDQuantBitSwitch": 7, "DVDQuantSave": 2}
+    assert counts == {"DVDQuantLoader": 6, "DVDQuantApply": 4, "DVDQuantARQSettings": 7,
+                      "DVDQuantBitSwitch": 7, "DVDQuantSave": 2, "DVDQuantAttention": 2}
 
 
 # ---------------------------------------------------------------------- the checkers can fail

@@ -52,7 +52,8 @@ def _define_op():
     op = torch.library.custom_op(name, mutates_args=())(_on_input_device(_w4_linear))
 
     @op.register_fake
-    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2, gelu):
+    def _(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share, pow2, gelu, lora_down=None,
+          lora_up=None, lora_bias=None):
         return x2d.new_empty((x2d.shape[0], qweight.shape[0]))
 
     return op
@@ -60,9 +61,10 @@ def _define_op():
 
 def _w4_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                bias: torch.Tensor | None, a_bits: int, hb: int, sb: int, auto_scale: bool, share: int,
-               pow2: bool, gelu: bool) -> torch.Tensor:
+               pow2: bool, gelu: bool, lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
+               lora_bias: torch.Tensor | None = None) -> torch.Tensor:
     return ops.w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, share=share, pow2=pow2,
-                              gelu=gelu)
+                              gelu=gelu, lora_down=lora_down, lora_up=lora_up, lora_bias=lora_bias)
 
 
 _w4_linear_op = _define_op()
@@ -140,8 +142,12 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     pow2 = auto_scale and granularity == "pow2"
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
     gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
+    # a LoRA branch beside the layer (dvdq_core/lowrank.py), joined before the GELU: its down-projection in the
+    # activation pass, its up-projection in the GEMM's epilogue (ops.LORA_IMPL)
+    lowrank = getattr(layer, "lowrank", None)
+    branch = () if lowrank is None else (lowrank.down, lowrank.up, lowrank.bias)
     return _w4_linear_op(x2d, layer.weight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
-                         share, pow2, gelu)
+                         share, pow2, gelu, *branch)
 
 
 @functools.lru_cache(maxsize=None)  # asked on every forward; the answer holds for the process
@@ -187,6 +193,20 @@ def _linear_shape(layer, x2d: torch.Tensor, a_bits: int):
         return f"Hadamard block {hb} > 256 is not supported by the kernels"
     if layer.auto_scale and sb < 64:
         return f"scale block {sb} < 64 is not supported by the kernels (the GEMM's K-tile is at least 64)"
+    return _lowrank_shape(getattr(layer, "lowrank", None), x2d, layer.out_features)
+
+
+def _lowrank_shape(lowrank, x2d: torch.Tensor, n: int):
+    """A LoRA branch (QuantLinear.lowrank) the kernels can fuse: factors of the layer's shape in the input's
+    dtype (QuantLinear.forward converts them)."""
+    if lowrank is None:
+        return None
+    rank, k = lowrank.down.shape[0], x2d.shape[1]
+    if tuple(lowrank.down.shape) != (rank, k) or tuple(lowrank.up.shape) != (n, rank) or \
+            (lowrank.bias is not None and tuple(lowrank.bias.shape) != (n,)):
+        return "the LoRA branch's factors do not fit the layer"
+    if any(t is not None and t.dtype != x2d.dtype for t in (lowrank.down, lowrank.up, lowrank.bias)):
+        return "the LoRA branch's factors are not in the input's dtype"
     return None
 
 

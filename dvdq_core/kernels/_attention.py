@@ -8,9 +8,13 @@ Three steps per call, each reading its inputs once:
    K - mean -> INT8 per block of BN tokens, and in the FP8 form (V - mean) * 448 / absmax -> FP8
    e4m3, stored transposed [D, tokens] so the P.V dot reads V K-major as Hopper's FP8 wgmma needs.
    The quantized tensors are padded with zeros to whole tiles, so the main loop loads unmasked.
-3. `_attention_kernel`: FlashAttention's online softmax over key blocks: INT8 QK^T (int32), scaled per
-   row by q_scale x k_scale, exp2, P.V as FP8 (sm_90; each block's product added to a float32
-   accumulator outside the MMA) or in V's 16-bit dtype; the last, partial key block is masked.
+3. `_attention_kernel`: FlashAttention's online softmax over key blocks: INT8 QK^T (int32), the row max
+   on the codes, then one FMA per score (x q_scale x k_scale - max) before exp2, P.V as FP8 (sm_90; each
+   block's product added to a float32 accumulator outside the MMA) or in V's 16-bit dtype; the last,
+   partial key block is masked. Options (kernels/configs.py AttentionConfig, docs/attention.md): MAGIC
+   (the int32 -> float32 conversion through the accumulator's start value), ACC_R (FP8 P.V in the MMA's
+   accumulator), TMA (K / V by tensor descriptors), WS (tl.range warp specialization).
+`quantize` runs steps 1-2 and `attend` step 3 (bench/attention.py times them apart).
 
 Interpreter (TRITON_INTERPRET=1, CI): loop bounds are compile-time constants there (Triton 3.6's
 interpreter fails on run-time loop bounds with numpy >= 2.4); its float32 -> FP8 cast rounds wrongly
@@ -101,39 +105,105 @@ def _quantize_kernel(x_ptr, mean_ptr, r_ptr, out_ptr, scale_ptr, L, LP, H, sxb, 
         tl.store(out_ptr + obase + offs_d[None, :] * LP + rows[:, None], v8)
 
 
+MAGIC_BIAS = tl.constexpr(12582912.0)  # 1.5 * 2**23: its float32 grid step is 1
+MAGIC_BITS = tl.constexpr(0x4B400000)  # its bits: an int32 accumulator started there reads, as float32, 1.5 * 2**23 + x
+
+
 @triton.jit
-def _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, j, Lk, LKP, svl, svd, offs_n, offs_d,
-                     D: tl.constexpr, BN: tl.constexpr, FP8: tl.constexpr, MASK: tl.constexpr,
-                     INTERPRET: tl.constexpr):
-    """One key block j: scores, online-softmax update, P.V."""
-    n0 = j * BN
-    k = tl.load(k_base + (n0 + offs_n)[:, None] * D + offs_d[None, :])
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * (qs * tl.load(ks_ptr + j))[:, None]
+def _scores(q, k_base, j, offs_n, offs_d, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MAGIC: tl.constexpr,
+            TMA: tl.constexpr = False, row0=0):
+    """The INT8 dot of key block j: float32 codes x (MAGIC 0: converted; 1: also exact, through the accumulator
+    started at MAGIC_BITS and one exact subtraction; 2: 1.5 * 2**23 + x, the bias taken off later in the FMA).
+    TMA: k_base is a tensor descriptor of all heads' [LKP, D] codes, this head's from row0."""
+    if TMA:
+        k = k_base.load([row0 + j * BN, 0])
+    else:
+        k = tl.load(k_base + (j * BN + offs_n)[:, None] * D + offs_d[None, :])
+    if MAGIC == 0:
+        x = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    else:
+        # |x| <= 127 * 127 * D < 2**22: 0x4B400000 + x are the bits of the float32 1.5 * 2**23 + x, exactly
+        # (no int -> float conversion per element)
+        x = tl.dot(q, tl.trans(k), tl.full((BM, BN), MAGIC_BITS, tl.int32), out_dtype=tl.int32)
+        x = x.to(tl.float32, bitcast=True)
+        if MAGIC == 1:
+            x = x - MAGIC_BIAS
+    return x
+
+
+@triton.jit
+def _softmax_step(x, l_i, m_i, c, j, Lk, offs_n, BN: tl.constexpr, FP8: tl.constexpr, MASK: tl.constexpr,
+                  MAGIC: tl.constexpr):
+    """Online-softmax update of one key block from its codes x (scores x * c, c = q_scale x k_scale per row):
+    P (unnormalised, float32), alpha (the old rows' rescale), l, m. The row max is taken on the codes (c > 0),
+    so each score costs one FMA before exp2."""
     if MASK:
-        s = tl.where((n0 + offs_n < Lk)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        x = tl.where((j * BN + offs_n < Lk)[None, :], x, float("-inf"))
+    mx = tl.max(x, 1)
+    if MAGIC == 2:
+        off = MAGIC_BIAS * c  # the bias, folded into the FMA's addend (one rounding of ~2**-24 x it)
+        m_new = tl.maximum(m_i, (mx - MAGIC_BIAS) * c)
+    else:
+        off = 0.0
+        m_new = tl.maximum(m_i, mx * c)
     alpha = tl.exp2(m_i - m_new)
     if FP8:
-        p = tl.exp2(s - (m_new - P_SHIFT)[:, None])
+        b = m_new - P_SHIFT + off
     else:
-        p = tl.exp2(s - m_new[:, None])
+        b = m_new + off
+    p = tl.exp2(tl.fma(x, c[:, None], -b[:, None]))
     l_i = l_i * alpha + tl.sum(p, 1)
-    if FP8:
-        vt = tl.load(v_base + offs_d[:, None] * LKP + (n0 + offs_n)[None, :])  # [D, BN], keys contiguous
-        # a fresh MMA accumulator per block, summed in float32: FP8 wgmma keeps fewer accumulator bits
-        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, INTERPRET), tl.trans(vt), out_dtype=tl.float32)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
+def _v_tile(v_base, j, Lk, LKP, svl, svd, offs_n, offs_d, BN: tl.constexpr, FP8: tl.constexpr, MASK: tl.constexpr,
+            TMA: tl.constexpr = False, row0=0):
+    if TMA:  # a descriptor of all heads' [D, LKP] FP8 codes, this head's from row0
+        v = tl.trans(v_base.load([row0, j * BN]))
+    elif FP8:
+        v = tl.trans(tl.load(v_base + offs_d[:, None] * LKP + (j * BN + offs_n)[None, :]))  # keys contiguous
     else:
-        rows = n0 + offs_n
+        rows = j * BN + offs_n
         ptrs = v_base + rows[:, None].to(tl.int64) * svl + offs_d[None, :] * svd
         if MASK:
             v = tl.load(ptrs, mask=(rows < Lk)[:, None], other=0.0)
         else:
             v = tl.load(ptrs)
-        p16 = _round_to(p, v.dtype, INTERPRET)
-        if INTERPRET:  # the interpreter's dot mishandles 16-bit floats: float32 (exact products here)
-            acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), v.to(tl.float32))
-        else:
-            acc = tl.dot(p16, v, acc * alpha[:, None])
+    return v
+
+
+@triton.jit
+def _pv(p, v, acc, FP8: tl.constexpr, FRESH: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + P.V (FRESH: P.V alone, in a new accumulator)."""
+    if FP8:
+        p8 = _to_fp8(p, INTERPRET)
+        if FRESH:
+            return tl.dot(p8, v, out_dtype=tl.float32)
+        return tl.dot(p8, v, acc, out_dtype=tl.float32)
+    p16 = _round_to(p, v.dtype, INTERPRET)
+    if INTERPRET:  # the interpreter's dot mishandles 16-bit floats: float32 (exact products here)
+        if FRESH:
+            return tl.dot(p16.to(tl.float32), v.to(tl.float32))
+        return acc + tl.dot(p16.to(tl.float32), v.to(tl.float32))
+    if FRESH:
+        return tl.dot(p16, v, out_dtype=tl.float32)
+    return tl.dot(p16, v, acc)
+
+
+@triton.jit
+def _attention_block(acc, l_i, m_i, x, qs, ks_ptr, v_base, j, Lk, LKP, svl, svd, offs_n, offs_d,
+                     BN: tl.constexpr, FP8: tl.constexpr, MASK: tl.constexpr, MAGIC: tl.constexpr,
+                     ACC_R: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr = False, vrow0=0):
+    """One key block j from its codes x: online-softmax update and P.V. ACC_R 1 (FP8): each block's P.V in a
+    fresh MMA accumulator, added to the float32 one outside the MMA; 0: accumulated in the MMA's accumulator
+    (the 16-bit form always)."""
+    p, alpha, l_i, m_new = _softmax_step(x, l_i, m_i, qs * tl.load(ks_ptr + j), j, Lk, offs_n, BN, FP8, MASK, MAGIC)
+    v = _v_tile(v_base, j, Lk, LKP, svl, svd, offs_n, offs_d, BN, FP8, MASK, TMA, vrow0)
+    if FP8 and ACC_R == 1:
+        acc = acc * alpha[:, None] + _pv(p, v, acc, FP8, True, INTERPRET)
+    else:
+        acc = _pv(p, v, acc * alpha[:, None], FP8, False, INTERPRET)
     return acc, l_i, m_new
 
 
@@ -141,7 +211,12 @@ def _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, j, Lk, LKP, s
 def _attention_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr, H, Lq, Lk, LQP, LKP, n_full,
                       svb, svh, svl, svd, sob, soh, sol, sod,
                       D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FP8: tl.constexpr, TAIL: tl.constexpr,
-                      N_FULL: tl.constexpr, INTERPRET: tl.constexpr):
+                      N_FULL: tl.constexpr, INTERPRET: tl.constexpr, MAGIC: tl.constexpr = 0,
+                      ACC_R: tl.constexpr = 1, TMA: tl.constexpr = False, WS: tl.constexpr = False):
+    """MAGIC: how the INT8 scores become float32 (_scores); ACC_R: where the FP8 P.V accumulates (1: each block
+    in a fresh MMA accumulator, added outside the MMA; 0: in the MMA's accumulator); TMA (FP8 form): k_ptr and
+    v_ptr are tensor descriptors (TMA loads instead of cp.async); WS: Triton's warp specialization of the key
+    loop (tl.range(warp_specialize=True))."""
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = pid * BM + tl.arange(0, BM)
@@ -150,26 +225,37 @@ def _attention_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr
     bh64 = bh.to(tl.int64)
     q = tl.load(q_ptr + bh64 * LQP * D + offs_m[:, None] * D + offs_d[None, :])
     qs = tl.load(qs_ptr + bh64 * LQP + offs_m)
-    k_base = k_ptr + bh64 * LKP * D
     ks_ptr += bh64 * (LKP // BN)
-    if FP8:
-        v_base = v_ptr + bh64 * LKP * D
+    krow0 = 0
+    vrow0 = 0
+    if TMA:
+        k_base = k_ptr
+        v_base = v_ptr
+        krow0 = bh * LKP
+        vrow0 = bh * D
     else:
-        v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        k_base = k_ptr + bh64 * LKP * D
+        if FP8:
+            v_base = v_ptr + bh64 * LKP * D
+        else:
+            v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, D), tl.float32)
     if INTERPRET:  # (a compile-time bound there, see the module's docstring)
         for j in range(0, N_FULL):
-            acc, l_i, m_i = _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, j, Lk, LKP, svl, svd,
-                                             offs_n, offs_d, D, BN, FP8, False, INTERPRET)
+            x = _scores(q, k_base, j, offs_n, offs_d, D, BM, BN, MAGIC, TMA, krow0)
+            acc, l_i, m_i = _attention_block(acc, l_i, m_i, x, qs, ks_ptr, v_base, j, Lk, LKP, svl, svd, offs_n,
+                                             offs_d, BN, FP8, False, MAGIC, ACC_R, INTERPRET, TMA, vrow0)
     else:
-        for j in range(0, n_full):
-            acc, l_i, m_i = _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, j, Lk, LKP, svl, svd,
-                                             offs_n, offs_d, D, BN, FP8, False, INTERPRET)
-    if TAIL:
-        acc, l_i, m_i = _attention_block(acc, l_i, m_i, q, qs, k_base, ks_ptr, v_base, n_full, Lk, LKP, svl, svd,
-                                         offs_n, offs_d, D, BN, FP8, True, INTERPRET)
+        for j in tl.range(0, n_full, warp_specialize=WS):
+            x = _scores(q, k_base, j, offs_n, offs_d, D, BM, BN, MAGIC, TMA, krow0)
+            acc, l_i, m_i = _attention_block(acc, l_i, m_i, x, qs, ks_ptr, v_base, j, Lk, LKP, svl, svd, offs_n,
+                                             offs_d, BN, FP8, False, MAGIC, ACC_R, INTERPRET, TMA, vrow0)
+    if TAIL:  # the last, partial key block (its padded keys' codes are zeros: masked in the scores)
+        x = _scores(q, k_base, n_full, offs_n, offs_d, D, BM, BN, MAGIC, TMA, krow0)
+        acc, l_i, m_i = _attention_block(acc, l_i, m_i, x, qs, ks_ptr, v_base, n_full, Lk, LKP, svl, svd, offs_n,
+                                         offs_d, BN, FP8, True, MAGIC, ACC_R, INTERPRET, TMA, vrow0)
     out = acc / l_i[:, None]
     if FP8:
         out = out * tl.load(vs_ptr + bh * D + offs_d)[None, :] + tl.load(vm_ptr + bh * D + offs_d)[None, :]
@@ -183,6 +269,11 @@ STATS_BT = 64
 
 def attention(q, k, v, scale: float, fp8: bool, blhd: bool, cfg) -> torch.Tensor:
     """Launch the three steps; q, k, v [B, H, L, D] bf16/fp16 with any strides (checked by the caller)."""
+    return attend(quantize(q, k, v, scale, fp8, cfg), blhd)
+
+
+def quantize(q, k, v, scale: float, fp8: bool, cfg) -> dict:
+    """Steps 1 and 2: the codes and scales the attention kernel reads (bench/attention.py times this alone)."""
     from .ops import interpreting
     interp = interpreting()
     bsz, heads, lq, d = q.shape
@@ -216,15 +307,33 @@ def attention(q, k, v, scale: float, fp8: bool, blhd: bool, cfg) -> torch.Tensor
     else:
         vs = vm = ks  # unused
         v_in, v_strides = v, v.stride()
+    return dict(q8=q8, qs=qs, k8=k8, ks=ks, v_in=v_in, vs=vs, vm=vm, v_strides=v_strides, shape=(bsz, heads, lq, lk, d),
+                lqp=lqp, lkp=lkp, dtype=q.dtype, fp8=fp8, cfg=cfg, interp=interp)
+
+
+def attend(t: dict, blhd: bool) -> torch.Tensor:
+    """Step 3, the attention kernel, on quantize's output."""
+    bsz, heads, lq, lk, d = t["shape"]
+    cfg, fp8, interp, lqp, lkp = t["cfg"], t["fp8"], t["interp"], t["lqp"], t["lkp"]
+    bm, bn, bh = cfg.BM, cfg.BN, bsz * heads
+    dev = t["q8"].device
     if blhd:
-        out = torch.empty((bsz, lq, heads, d), device=dev, dtype=q.dtype)
+        out = torch.empty((bsz, lq, heads, d), device=dev, dtype=t["dtype"])
         o_strides = (out.stride(0), out.stride(2), out.stride(1), out.stride(3))
     else:
-        out = torch.empty((bsz, heads, lq, d), device=dev, dtype=q.dtype)
+        out = torch.empty((bsz, heads, lq, d), device=dev, dtype=t["dtype"])
         o_strides = out.stride()
     n_full = lk // bn
+    tma = bool(fp8 and cfg.tma and not interp)
+    k_arg, v_arg = t["k8"], t["v_in"]
+    if tma:  # descriptors of all heads' codes: K [B H LKP, D] in [BN, D] tiles, V^T [B H D, LKP] in [D, BN] tiles
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        k_arg = TensorDescriptor.from_tensor(k_arg.view(bh * lkp, d), [bn, d])
+        v_arg = TensorDescriptor.from_tensor(v_arg.view(bh * d, lkp), [d, bn])
     _attention_kernel[(lqp // bm, bh)](
-        q8, qs, k8, ks, v_in, vs, vm, out, heads, lq, lk, lqp, lkp, n_full, *v_strides, *o_strides,
+        t["q8"], t["qs"], k_arg, t["ks"], v_arg, t["vs"], t["vm"], out, heads, lq, lk, lqp, lkp, n_full,
+        *t["v_strides"], *o_strides,
         D=d, BM=bm, BN=bn, FP8=fp8, TAIL=lk % bn != 0, N_FULL=n_full if interp else 0, INTERPRET=interp,
+        MAGIC=cfg.magic, ACC_R=cfg.acc_r, TMA=tma, WS=cfg.ws,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -70,11 +70,29 @@ def _mma_layout(BM, num_warps):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, min(BM, 128), 32])
 
 
+@gluon.constexpr_function
+def _mma16_layout(BM, num_warps):
+    """The accumulator layout of a 16-bit wgmma (K = 16 per instruction) over the same [BN, BM] tile as
+    _mma_layout (the same registers: only the instruction's K differs)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, min(BM, 128), 16])
+
+
+@gluon.constexpr_function
+def _rank_rows_layout(RP, num_warps):
+    """Rows of RP 16-bit values, 8 consecutive ones (16 bytes) per thread: for the LoRA tiles' loads."""
+    tpr = min(RP // 8, 32)
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // tpr, tpr], warps_per_cta=[num_warps, 1],
+                            order=[1, 0])
+
+
+@gluon.constexpr_function
+def _rank_smem_layout(rows, RP, dtype):
+    return gl.NVMMASharedLayout.get_default_for([rows, RP], dtype)
+
+
 @gluon.jit
-def _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
-                num_warps: gl.constexpr):
-    """Epilogue as _triton._gemm_store: D[n] * s_i + bias[n] on the int32 sums acc [BN rows, BM
-    tokens], rounded (GELU of the rounded value, rounded again), stored as Y[token, row] (masked)."""
+def _scaled_tile(acc, d_ptr, s_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
+    """D[n] * s_i + bias[n] on the int32 sums acc [BN rows, BM tokens], float32 (as _triton._gemm_store)."""
     BN: gl.constexpr = acc.shape[0]
     BM: gl.constexpr = acc.shape[1]
     mma: gl.constexpr = _mma_layout(BM, num_warps)
@@ -85,6 +103,44 @@ def _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS
     out = acc.to(gl.float32) * d[:, None] * s[None, :]
     if HAS_BIAS:
         out += gl.load(bias_ptr + offs_n % N).to(gl.float32)[:, None]
+    return out
+
+
+@gluon.jit
+def _lora_up(out, u_smem, t_smem, t_ptr, stride_t, lu_ptr, RANK, off_m, off_n, M, N, num_warps: gl.constexpr):
+    """out [BN rows, BM tokens] float32 + U[row, :] . T[token, :]: a LoRA branch's up-projection (as
+    _triton._lora_up) as one bf16/fp16 wgmma of depth RP accumulating into out. U [N, RANK] and T
+    [M, RANK] (row stride stride_t) are read masked to RANK columns into u_smem [BN, RP] and t_smem
+    [BM, RP]: views of the main loop's rings, whose every wgmma and TMA is complete by now."""
+    BN: gl.constexpr = out.shape[0]
+    BM: gl.constexpr = out.shape[1]
+    RP: gl.constexpr = u_smem.shape[1]
+    ld: gl.constexpr = _rank_rows_layout(RP, num_warps)
+    CH: gl.constexpr = min(BM, BN, 32 * 32 * num_warps // RP)  # rows per copy: 32 values a thread (registers are short)
+    r = gl.arange(0, RP, layout=gl.SliceLayout(0, ld))
+    rc = gl.arange(0, CH, layout=gl.SliceLayout(1, ld))
+    gl.thread_barrier()  # every warpgroup has retired its last wgmma on the rings these views reuse
+    for i in gl.static_range(BN // CH):
+        rn = (off_n + i * CH + rc) % N
+        u_smem.slice(i * CH, CH).store(gl.load(lu_ptr + rn.to(gl.int64)[:, None] * RANK + r[None, :],
+                                               mask=(rn < N)[:, None] & (r < RANK)[None, :], other=0.0))
+    for i in gl.static_range(BM // CH):
+        rm = off_m + i * CH + rc
+        t_smem.slice(i * CH, CH).store(gl.load(t_ptr + rm.to(gl.int64)[:, None] * stride_t + r[None, :],
+                                               mask=(rm < M)[:, None] & (r < RANK)[None, :], other=0.0))
+    fence_async_shared()
+    gl.thread_barrier()
+    acc = gl.convert_layout(out, _mma16_layout(BM, num_warps))
+    acc = warpgroup_mma(u_smem, t_smem.permute((1, 0)), acc, use_acc=True, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+
+@gluon.jit
+def _store_tile(out, y_ptr, off_m, off_n, M, N, GELU: gl.constexpr, num_warps: gl.constexpr):
+    """The rest of the epilogue (as _triton._gemm_store): out [BN rows, BM tokens] float32 rounded
+    (GELU of the rounded value, rounded again), stored as Y[token, row] (masked)."""
+    BN: gl.constexpr = out.shape[0]
+    BM: gl.constexpr = out.shape[1]
     ol: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
                                         warps_per_cta=[1, num_warps], order=[0, 1])  # rows contiguous in Y
     out = out.to(y_ptr.dtype.element_ty)
@@ -100,9 +156,12 @@ def _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS
 def _w4_gemm_u8_kernel(
     a_desc, w_desc, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
-    GELU: gl.constexpr = False,
+    GELU: gl.constexpr = False, t_ptr=None, lu_ptr=None, stride_t=0, RANK=0, LORA: gl.constexpr = False,
+    RP: gl.constexpr = 16,
 ):
-    """w_desc: the unpacked int8 weights (u - z) [N, K] in the codes' layout."""
+    """w_desc: the unpacked int8 weights (u - z) [N, K] in the codes' layout. LORA: + T . U^T before the
+    rounding (_lora_up; U's tile [BN, RP] reuses the weight ring, T's [BM, RP] the activation ring:
+    they fit where STAGES * BK >= 2 RP)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program (the MMA's N side)
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
@@ -132,16 +191,26 @@ def _w4_gemm_u8_kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS, GELU, num_warps)
+    out = _scaled_tile(acc, d_ptr, s_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS, num_warps)
+    if LORA:  # (the host checks the fit: ops.gluon_lora_fits)
+        gl.static_assert(STAGES * BK >= 2 * RP, "the LoRA tiles do not fit the rings")
+        dt: gl.constexpr = lu_ptr.dtype.element_ty
+        u_smem = w_smem._reinterpret(dt, [BN, RP], _rank_smem_layout(BN, RP, dt))
+        t_smem = a_smem._reinterpret(dt, [BM, RP], _rank_smem_layout(BM, RP, dt))
+        out = _lora_up(out, u_smem, t_smem, t_ptr, stride_t, lu_ptr, RANK, off_m, off_n, M, N, num_warps)
+    _store_tile(out, y_ptr, off_m, off_n, M, N, GELU, num_warps)
 
 
 @gluon.jit
 def _w4_gemm_chain_kernel(
     a_desc, w_desc, z_ptr, d_ptr, s_ptr, bias_ptr, y_ptr, M, N, K: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
-    GELU: gl.constexpr = False,
+    GELU: gl.constexpr = False, t_ptr=None, lu_ptr=None, stride_t=0, RANK=0, LORA: gl.constexpr = False,
+    RP: gl.constexpr = 16,
 ):
-    """w_desc: the packed weight bytes [N, K/2]; z_ptr: the zero points."""
+    """w_desc: the packed weight bytes [N, K/2]; z_ptr: the zero points. LORA: as _w4_gemm_u8_kernel
+    (U's tile reuses the unpacked-weight double buffer, T's the activation ring: BK >= RP and
+    STAGES * BK >= 2 RP)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]  # tokens per program (the MMA's N side)
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]  # weight rows per program (the MMA's M side)
@@ -185,4 +254,11 @@ def _w4_gemm_chain_kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    _store_tile(acc, d_ptr, s_ptr, bias_ptr, y_ptr, off_m, off_n, M, N, HAS_BIAS, GELU, num_warps)
+    out = _scaled_tile(acc, d_ptr, s_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS, num_warps)
+    if LORA:  # (the host checks the fit: ops.gluon_lora_fits)
+        gl.static_assert(BK >= RP and STAGES * BK >= 2 * RP, "the LoRA tiles do not fit the buffers")
+        dt: gl.constexpr = lu_ptr.dtype.element_ty
+        u_lora = u_smem._reinterpret(dt, [BN, RP], _rank_smem_layout(BN, RP, dt))
+        t_lora = a_smem._reinterpret(dt, [BM, RP], _rank_smem_layout(BM, RP, dt))
+        out = _lora_up(out, u_lora, t_lora, t_ptr, stride_t, lu_ptr, RANK, off_m, off_n, M, N, num_warps)
+    _store_tile(out, y_ptr, off_m, off_n, M, N, GELU, num_warps)

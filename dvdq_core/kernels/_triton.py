@@ -96,6 +96,27 @@ def _rotate_tile(x, rmat, rscale, BM: tl.constexpr, C: tl.constexpr, R: tl.const
 
 
 @triton.jit
+def _lora_down(t, x, a_ptr, c0, K: tl.constexpr, RANK, RP: tl.constexpr, C: tl.constexpr, INTERPRET: tl.constexpr):
+    """One K tile of a LoRA branch's down-projection (dvdq_core/lowrank.py): t [BM, RP] float32 +=
+    x [BM, C] (the UNROTATED input tile, input dtype) @ A[:, c0:c0 + C]^T, A [RANK, K] in x's dtype; its
+    rows from RANK to RP are read as 0."""
+    offs_r = tl.arange(0, RP)
+    a = tl.load(a_ptr + offs_r.to(tl.int64)[:, None] * K + (c0 + tl.arange(0, C))[None, :],
+                mask=(offs_r < RANK)[:, None], other=0.0)
+    if INTERPRET:  # the interpreter's dot mishandles 16-bit floats: go through float32 (exact products)
+        return tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), t)
+    return tl.dot(x, tl.trans(a), t)
+
+
+@triton.jit
+def _lora_store(t, t_ptr, rows, m_mask, RANK, RP: tl.constexpr, INTERPRET: tl.constexpr):
+    """t [BM, RP] float32 -> rows of T [M, RANK] (dense, T's dtype: the input's), rounded once."""
+    offs_r = tl.arange(0, RP)
+    tl.store(t_ptr + rows[:, None] * RANK + offs_r[None, :], _round_to(t, t_ptr.dtype.element_ty, INTERPRET),
+             mask=m_mask[:, None] & (offs_r < RANK)[None, :])
+
+
+@triton.jit
 def _absmax_kernel(
     x_ptr, r_ptr, rscale, rowmax_ptr, l_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm,
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
@@ -130,9 +151,11 @@ def _quantize_kernel(
     x_ptr, r_ptr, rscale, rowmax_ptr, l_ptr, q_ptr, s_ptr, M, K: tl.constexpr, NT: tl.constexpr, stride_xm, qmax,
     SB: tl.constexpr, TG: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
     TB: tl.constexpr, AUTO_SCALE: tl.constexpr, INTERPRET: tl.constexpr,
+    a_ptr=None, t_ptr=None, RANK=0, LORA: tl.constexpr = False, RP: tl.constexpr = 16,
 ):
     """Pass 2 over BM rows: s_i = max(max_j |Xr_ij| / l_j, EPS) / qmax from the small rowmax table,
     then q = clamp(rint(Xr * r), -qmax - 1, qmax) as int8 with r = 1 / (l_b * s_i), and s [M].
+    LORA: also T = X @ A^T [M, RANK] (a LoRA branch's down-projection, _lora_down) from the same reads.
 
     r is computed per row and column tile (the tile lies in one scale block, or holds C // SB of
     them), not per element: one multiplication per element instead of two divisions. Every step is
@@ -155,9 +178,12 @@ def _quantize_kernel(
     if not AUTO_SCALE:  # l = 1: one reciprocal per row for all of K
         r = tl.math.div_rn(1.0, s)
     rmat = _load_rotation(r_ptr, R, INTERPRET)
+    t = tl.zeros((BM, RP), dtype=tl.float32)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        if LORA:
+            t = _lora_down(t, x, a_ptr, c0, K, RANK, RP, C, INTERPRET)
         xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
         if AUTO_SCALE and SB >= C:  # the tile lies inside one scale block (both are powers of two)
             lb = tl.maximum(tl.load(l_ptr + c0 // SB), EPS)
@@ -170,6 +196,8 @@ def _quantize_kernel(
             v = xr * r[:, None]
         qv = _clamp_round(v, qmax, INTERPRET).to(tl.int8)
         tl.store(q_ptr + rows[:, None] * K + offs_c[None, :], qv, mask=m_mask[:, None])
+    if LORA:
+        _lora_store(t, t_ptr, rows, m_mask, RANK, RP, INTERPRET)
 
 
 @triton.jit
@@ -205,7 +233,8 @@ def _pow2_exponents(cmax_ptr, c0, e_lo, C: tl.constexpr):
 def _quantize_pow2_kernel(
     x_ptr, r_ptr, rscale, cmax_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, qmax,
     C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, OCTAVES: tl.constexpr, INTERPRET: tl.constexpr,
-    PERSISTENT: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False, a_ptr=None, t_ptr=None, RANK=0, LORA: tl.constexpr = False,
+    RP: tl.constexpr = 16,
 ):
     """Pass 2 of granularity "pow2" (dvdq_core.activations): per-channel scales l_j = 2**e_j,
     e_j = max(ceil(log2 cmax_j), E - OCTAVES), folded into the codes:
@@ -215,7 +244,9 @@ def _quantize_pow2_kernel(
     |Xr_ij| / l_j over the whole row before any code can be made.
     PERSISTENT: the grid's programs stride over the blocks of BM rows (GPU only: the interpreter
     cannot loop to a run-time bound): the rotation matrix and the exponent floor are loaded once per
-    program instead of once per block (configs.ACT_POW2_PASS2_PER_SM says what it measured)."""
+    program instead of once per block (configs.ACT_POW2_PASS2_PER_SM says what it measured).
+    LORA: the first sweep also computes T = X @ A^T [M, RANK] (a LoRA branch's down-projection on the
+    unrotated tiles it reads anyway, _lora_down; RP = RANK rounded up to a power of two >= 16)."""
     gmax = tl.max(tl.load(cmax_ptr + tl.arange(0, C)))
     for c0 in range(C, K, C):
         gmax = tl.maximum(gmax, tl.max(tl.load(cmax_ptr + c0 + tl.arange(0, C))))
@@ -224,26 +255,32 @@ def _quantize_pow2_kernel(
     if PERSISTENT:
         for rb in range(tl.program_id(0), tl.cdiv(M, BM), tl.num_programs(0)):
             _quantize_pow2_rows(x_ptr, rmat, rscale, cmax_ptr, q_ptr, s_ptr, rb, e_lo, M, K, stride_xm, qmax,
-                                C, R, BM, INTERPRET)
+                                C, R, BM, INTERPRET, a_ptr, t_ptr, RANK, LORA, RP)
     else:
         _quantize_pow2_rows(x_ptr, rmat, rscale, cmax_ptr, q_ptr, s_ptr, tl.program_id(0), e_lo, M, K, stride_xm,
-                            qmax, C, R, BM, INTERPRET)
+                            qmax, C, R, BM, INTERPRET, a_ptr, t_ptr, RANK, LORA, RP)
 
 
 @triton.jit
 def _quantize_pow2_rows(x_ptr, rmat, rscale, cmax_ptr, q_ptr, s_ptr, rb, e_lo, M, K: tl.constexpr, stride_xm, qmax,
-                        C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, INTERPRET: tl.constexpr):
+                        C: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, INTERPRET: tl.constexpr,
+                        a_ptr, t_ptr, RANK, LORA: tl.constexpr, RP: tl.constexpr):
     """_quantize_pow2_kernel's work on the block rb of BM rows."""
     offs_m = rb * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
     amax = tl.zeros((BM,), dtype=tl.float32)
+    t = tl.zeros((BM, RP), dtype=tl.float32)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        if LORA:
+            t = _lora_down(t, x, a_ptr, c0, K, RANK, RP, C, INTERPRET)
         xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
         inv_l = _exp2i(-_pow2_exponents(cmax_ptr, c0, e_lo, C))
         amax = tl.maximum(amax, tl.max(tl.abs(xr) * inv_l[None, :], axis=1))
+    if LORA:
+        _lora_store(t, t_ptr, rows, m_mask, RANK, RP, INTERPRET)
     s = tl.math.div_rn(tl.maximum(amax, EPS), qmax)
     rs = tl.math.div_rn(1.0, s)
     tl.store(s_ptr + offs_m, s * _exp2i(e_lo), mask=m_mask)
@@ -259,18 +296,25 @@ def _quantize_pow2_rows(x_ptr, rmat, rscale, cmax_ptr, q_ptr, s_ptr, rb, e_lo, M
 
 @triton.jit
 def _rotate_kernel(x_ptr, r_ptr, rscale, y_ptr, M, K: tl.constexpr, stride_xm, C: tl.constexpr, R: tl.constexpr,
-                   BM: tl.constexpr, INTERPRET: tl.constexpr):
-    """16-bit activations: Xr in the input dtype, for the dequantizing GEMM."""
+                   BM: tl.constexpr, INTERPRET: tl.constexpr, a_ptr=None, t_ptr=None, RANK=0,
+                   LORA: tl.constexpr = False, RP: tl.constexpr = 16):
+    """16-bit activations: Xr in the input dtype, for the dequantizing GEMM (LORA: and T = X @ A^T, as
+    _quantize_kernel)."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     rows = offs_m.to(tl.int64)  # 64-bit row offsets: M * K can pass 2**31 (long videos)
     rmat = _load_rotation(r_ptr, R, INTERPRET)
+    t = tl.zeros((BM, RP), dtype=tl.float32)
     for c0 in range(0, K, C):
         offs_c = c0 + tl.arange(0, C)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=m_mask[:, None], other=0.0)
+        if LORA:
+            t = _lora_down(t, x, a_ptr, c0, K, RANK, RP, C, INTERPRET)
         xr = _rotate_tile(x, rmat, rscale, BM, C, R, INTERPRET)
         tl.store(y_ptr + rows[:, None] * K + offs_c[None, :], _round_to(xr, x.dtype, INTERPRET), mask=m_mask[:, None])
+    if LORA:
+        _lora_store(t, t_ptr, rows, m_mask, RANK, RP, INTERPRET)
 
 
 @triton.jit
@@ -308,7 +352,8 @@ def _w4_gemm_kernel(
     SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     A_FLOAT: tl.constexpr, AUTO_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr, ASM_UNPACK: tl.constexpr = False, SPLIT: tl.constexpr = 1, GELU: tl.constexpr = False,
-    W8: tl.constexpr = False,
+    W8: tl.constexpr = False, t_ptr=None, lu_ptr=None, stride_t=0, RANK=0, LORA: tl.constexpr = False,
+    RP: tl.constexpr = 16,
 ):
     """Y = D[n] * s_i * sum_b l_b * sum_{k in b} q[i, k] * (u[n, k] - z[n]) + bias[n]
     (GELU: then gelu_tanh(Y rounded to Y's dtype), rounded again: the fused feed-forward GELU).
@@ -324,6 +369,10 @@ def _w4_gemm_kernel(
     SPLIT: a program covers SPLIT * BM tokens as sub-tiles that share one unpacked weight tile.
     ASM_UNPACK unpacks four bytes per 32-bit instruction (inline PTX; not in the interpreter).
     W8: w is the unpacked int8 workspace (u - z) [N, K] of _unpack_weights_kernel instead.
+    LORA: a LoRA branch's up-projection joins in the epilogue, before the output rounding and the
+    GELU: Y += T[i, :] . U[n, :] with T [M, RANK] (row stride stride_t: the down-projection the
+    activation pass wrote) and U [N, RANK] (the scaled up-projections), a 16-bit dot of depth RP
+    (RANK rounded up to a power of two >= 16, masked) accumulating in float32 (_lora_up).
     Row indices wrap modulo M and N for the loads (unmasked loads pipeline best); the store is masked.
     """
     pid = tl.program_id(0)
@@ -386,9 +435,12 @@ def _w4_gemm_kernel(
         bias = tl.load(bias_ptr + wrows).to(tl.float32)
     else:
         bias = d * 0.0
-    _gemm_store(acc0, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU)
+    lu_ptrs = lu_ptr + wrows[:, None] * RANK if LORA else None  # this program's rows of the up-projection
+    _gemm_store(acc0, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU,
+                t_ptr, stride_t, lu_ptrs, RANK, LORA, RP)
     if SPLIT == 2:
-        _gemm_store(acc1, y_ptr, s_ptr, d, bias, offs_m + BM, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU)
+        _gemm_store(acc1, y_ptr, s_ptr, d, bias, offs_m + BM, offs_n, M, N, A_FLOAT, SWAP, INTERPRET, GELU,
+                    t_ptr, stride_t, lu_ptrs, RANK, LORA, RP)
 
 
 @triton.jit
@@ -417,10 +469,30 @@ def _gemm_step(acc, a_ptrs, w, lb, A_FLOAT: tl.constexpr, INT_ACC: tl.constexpr,
 
 
 @triton.jit
+def _lora_up(v, lu_ptrs, t_ptr, stride_t, offs_m, M, RANK, RP: tl.constexpr, SWAP: tl.constexpr,
+             INTERPRET: tl.constexpr):
+    """v (float32, [BN, BM] with SWAP, else [BM, BN]) + T[tokens, :] . U[rows, :]: the LoRA branch's
+    up-projection of one output tile, a 16-bit dot accumulating into v (lu_ptrs: U's rows [BN, 1]; loaded
+    per token sub-tile, L1/L2-hot after the first, to keep registers free)."""
+    offs_r = tl.arange(0, RP)
+    lu = tl.load(lu_ptrs + offs_r[None, :], mask=(offs_r < RANK)[None, :], other=0.0)
+    tt = tl.load(t_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_t + offs_r[None, :],
+                 mask=(offs_r < RANK)[None, :], other=0.0)
+    if INTERPRET:  # the interpreter's dot mishandles 16-bit floats: go through float32 (exact products)
+        tt = tt.to(tl.float32)
+        lu = lu.to(tl.float32)
+    if SWAP:
+        return tl.dot(lu, tl.trans(tt), v)
+    return tl.dot(tt, tl.trans(lu), v)
+
+
+@triton.jit
 def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.constexpr, SWAP: tl.constexpr,
-                INTERPRET: tl.constexpr, GELU: tl.constexpr):
-    """Epilogue of one token sub-tile: D[n] * s_i (* 1 for 16-bit activations) + bias, rounded (GELU:
-    gelu_tanh of the rounded value, rounded again), masked store."""
+                INTERPRET: tl.constexpr, GELU: tl.constexpr, t_ptr=None, stride_t=0, lu_ptrs=None, RANK=0,
+                LORA: tl.constexpr = False, RP: tl.constexpr = 16):
+    """Epilogue of one token sub-tile: D[n] * s_i (* 1 for 16-bit activations) + bias (LORA: + the
+    branch's up-projection, _lora_up), rounded (GELU: gelu_tanh of the rounded value, rounded again),
+    masked store."""
     m_ok = offs_m < M
     acc = acc.to(tl.float32)
     if A_FLOAT:
@@ -429,9 +501,15 @@ def _gemm_store(acc, y_ptr, s_ptr, d, bias, offs_m, offs_n, M, N, A_FLOAT: tl.co
         s = tl.load(s_ptr + (offs_m % M))
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if SWAP:
-        out = tl.trans(_round_to(acc * d[:, None] * s[None, :] + bias[:, None], y_ptr.dtype.element_ty, INTERPRET))
+        v = acc * d[:, None] * s[None, :] + bias[:, None]
+        if LORA:
+            v = _lora_up(v, lu_ptrs, t_ptr, stride_t, offs_m, M, RANK, RP, SWAP, INTERPRET)
+        out = tl.trans(_round_to(v, y_ptr.dtype.element_ty, INTERPRET))
     else:
-        out = _round_to(acc * d[None, :] * s[:, None] + bias[None, :], y_ptr.dtype.element_ty, INTERPRET)
+        v = acc * d[None, :] * s[:, None] + bias[None, :]
+        if LORA:
+            v = _lora_up(v, lu_ptrs, t_ptr, stride_t, offs_m, M, RANK, RP, SWAP, INTERPRET)
+        out = _round_to(v, y_ptr.dtype.element_ty, INTERPRET)
     if GELU:
         out = _round_to(gelu_tanh(out.to(tl.float32)), y_ptr.dtype.element_ty, INTERPRET)
     tl.store(y_ptrs, out, mask=m_ok[:, None] & (offs_n < N)[None, :])

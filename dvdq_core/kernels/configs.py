@@ -142,6 +142,14 @@ ACT_POW2_PASS1_ELEMS = 4096
 # program per block (the persistent-activation probe on an H100, docs/kernel-notes.md; bit-identical codes). Fewer rows per
 # block so that a block's second read stays in L2 was 1.5-3x slower (too little in flight).
 ACT_POW2_PASS2_PER_SM = 2
+# With a LoRA branch's down-projection (ops.LORA_IMPL "fused"), the pass that quantizes X (pow2's pass 2,
+# the block form's pass 2, the 16-bit rotation) also multiplies each unrotated tile with the branch's
+# [rank, C] slice of A, read from L2 per block of rows: (elements per tile, warps, stages, pow2 pass 2's
+# programs per SM). 8 warps and 2 stages: the extra dot and A tile spilled registers on sm_80/120 with 4
+# warps (bench/compile_targets.py) and took 131 KB of shared memory with 3 stages on sm_90; NOT timed yet:
+# bench/kernels.py --lora times these candidates (the first one is the default).
+ACT_LORA_CANDIDATES = ((8192, 8, 2, 1), (8192, 8, 2, 2), (8192, 4, 3, 2), (16384, 8, 2, 1))
+ACT_LORA = ACT_LORA_CANDIDATES[0]
 # The Wan block's elementwise kernels (_norm_rope_kernel, _modulated_norm_kernel,
 # _gated_residual_kernel): one token's whole row per program. bench/wan_ops.py on an H100: 2.3-2.8
 # TB/s at C = 5120 with 4 warps; 8 no faster (but for the rotation without norm, by 1%), 16 slower.
@@ -172,9 +180,9 @@ def gemm_config(capability, m: int, n: int, k: int, sb: int, a_float: bool, inte
 
 
 # 8-bit attention (_attention.py): BM query rows x BN keys per step (BN is also the key block that shares
-# one INT8 scale), warps, stages. Not yet timed on a GPU: bench/attention.py --sweep times the candidates
-# (the first one per form is the default). Compiled here for each target (bench/compile_targets.py's
-# compile_kernel): the sm_90 candidates have no spills (248-252 registers); on sm_80/89/120 a 64 x 64 tile
+# one INT8 scale), warps, stages, and the kernel's options (docs/attention.md). bench/attention.py --sweep times
+# the tile candidates (the first one per form is the default), --variants the sm_90 FP8 options. Compiled for each
+# target (bench/compile_targets.py): the sm_90 candidates have no spills (248-253 registers); on sm_80/89/120 a 64 x 64 tile
 # with 4 warps spilled in the loop and 128 x 64 with 8 warps and 2 stages did not (52 spill stores outside
 # it), 128 x 32 none at all. 128 x 128 with 16-bit P.V spilled in the loop on sm_90.
 @dataclass(frozen=True)
@@ -183,16 +191,43 @@ class AttentionConfig:
     BN: int
     num_warps: int
     num_stages: int
+    magic: int = 0  # INT8 scores -> float32: 0 conversion, 1 and 2 through the accumulator's start (_attention._scores)
+    acc_r: int = 1  # FP8 P.V: 1 a fresh MMA accumulator per key block (added outside the MMA), 0 accumulate in the MMA
+    tma: bool = False  # FP8 form: K and V tiles by TMA (tensor descriptors) instead of cp.async
+    ws: bool = False  # Triton's warp specialization of the key loop
 
     @classmethod
     def parse(cls, text: str) -> "AttentionConfig":
-        v = [int(t) for t in text.split(",")]
-        if len(v) != 4:
-            raise ValueError(f"DVDQ_ATTN_CONFIG needs 4 comma-separated integers BM,BN,warps,stages, got {text!r}")
-        return cls(*v)
+        """"BM,BN,warps,stages" and optional "magic=M", "acc=R", "tma=0|1", "ws=0|1" fields."""
+        fields = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            v = [int(t) for t in fields[:4]]
+            extra = dict(t.split("=", 1) for t in fields[4:])
+            named = {"magic": int(extra.pop("magic", 0)), "acc_r": int(extra.pop("acc", 1)),
+                     "tma": bool(int(extra.pop("tma", 0))), "ws": bool(int(extra.pop("ws", 0)))}
+        except ValueError:
+            v, extra = [], {}
+        if len(v) != 4 or extra:
+            raise ValueError("DVDQ_ATTN_CONFIG needs BM,BN,warps,stages and optionally magic=M,acc=R,tma=0|1,"
+                             f"ws=0|1, got {text!r}")
+        return cls(*v, **named)
+
+    def to_env(self) -> str:
+        return (f"{self.BM},{self.BN},{self.num_warps},{self.num_stages},magic={self.magic},acc={self.acc_r},"
+                f"tma={int(self.tma)},ws={int(self.ws)}")
 
 
-ATTN_SM90_FP8 = (AttentionConfig(128, 128, 8, 3), AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 128, 8, 4))
+_A = AttentionConfig.parse
+# sm_90, FP8 P.V: 64 query rows x 128 keys, 4 warps, 3 stages timed fastest of the 14 variants on an H100 (1.26x
+# SDPA at Wan 14B 480p, 1.33x at 1.3B; 128 x 128 with 8 warps 1.12x / 1.11x): two programs per SM are not held
+# in lockstep, so one's softmax overlaps the other's MMAs (bench/RESULTS.md, docs/attention.md).
+ATTN_SM90_FP8 = (_A("64,128,4,3"), _A("128,128,8,4"), _A("128,128,8,3"))
+# What bench/attention.py --variants times on sm_90 (FP8 P.V): the default, then the kernel's options and tiles
+# (docs/attention.md says what each changes in the compiled loop)
+ATTN_SM90_FP8_VARIANTS = tuple(_A(t) for t in (
+    "64,128,4,3", "128,128,8,4", "128,128,8,4,magic=1", "128,128,8,4,magic=2", "128,128,8,4,acc=0", "128,128,8,4,magic=2,acc=0",
+    "128,128,8,3,magic=2,acc=0", "128,128,8,3,tma=1", "128,128,8,3,tma=1,magic=2,acc=0", "128,128,8,4,ws=1",
+    "64,128,4,2,magic=2,acc=0", "64,128,4,3,magic=2,acc=0", "64,64,4,3,magic=2", "128,64,8,4,magic=2,acc=0"))
 ATTN_SM90_16 = (AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 8, 4))
 ATTN_SM8X = (AttentionConfig(128, 64, 8, 2), AttentionConfig(128, 32, 8, 2), AttentionConfig(128, 64, 8, 3))
 ATTN_INTERPRETER = AttentionConfig(32, 16, 4, 1)

@@ -17,6 +17,21 @@ from . import configs
 
 GROUP = 64  # smallest column tile of the activation kernels
 _rot_cache = {}
+# A LoRA branch beside the layer (dvdq_core/lowrank.py, QuantLinear.lowrank) runs, by DVDQ_LORA_IMPL:
+#   "fused"    its down-projection in the activation pass, its up-projection in the GEMM's epilogue
+#              (the Gluon GEMM's on sm_90, else the Triton GEMM's; the default)
+#   "triton"   fused too, but layers with a branch take the Triton GEMM on sm_90 as well (no Gluon)
+#   "unfused"  the layer as without a branch, then x @ A^T and an addmm of the up-projection into y
+#              (cuBLAS), then the fused GELU by torch: the earlier path, kept to compare
+LORA_IMPLS = ("fused", "triton", "unfused")
+LORA_IMPL = os.environ.get("DVDQ_LORA_IMPL", "unfused")
+if LORA_IMPL not in LORA_IMPLS:
+    raise ValueError(f"DVDQ_LORA_IMPL must be one of {', '.join(LORA_IMPLS)}, got {LORA_IMPL!r}")
+# The largest padded rank (lora_rp) the fused kernels take: the Gluon GEMMs keep a branch's tiles (U [BN, RP],
+# T [BM, RP] in 16 bits) in their rings' shared memory, which holds them up to 128, and the activation pass
+# and the Triton epilogue compile without spills up to there (bench/compile_targets.py). A larger rank (a
+# stack of several LoRAs) runs unfused.
+LORA_FUSED_MAX_RP = 128
 
 
 def interpreting() -> bool:
@@ -90,6 +105,18 @@ def _act_launch(x2d, hb: int, sb: int, act_cfg=None, g=None):
     return rmat, (triton_cdiv(m, bm),), min(r, sb), kw
 
 
+def lora_rp(rank: int) -> int:
+    """A branch's rank as the kernels' dots take it: rounded up to a power of two, at least 16 (masked)."""
+    return max(16, triton_next_power_of_2(rank))
+
+
+def _lora_kw(down, t):
+    """Launch keywords of an activation kernel that also writes T = X @ down^T into t [M, rank] (none without)."""
+    if down is None:
+        return {}
+    return dict(a_ptr=down, t_ptr=t, RANK=down.shape[0], LORA=True, RP=lora_rp(down.shape[0]))
+
+
 def _codes(x2d, q, s):
     """Output buffers of the quantizers (given ones are used: tests poison them)."""
     m, k = x2d.shape
@@ -119,11 +146,13 @@ def _programs(device, per_sm: int) -> int:
     return per_sm * _sm_count[device.index]
 
 
-def quantize_pow2(x2d, hb: int, sb: int, a_bits: int, cmax, q=None, s=None, act_cfg=None):
+def quantize_pow2(x2d, hb: int, sb: int, a_bits: int, cmax, q=None, s=None, act_cfg=None, down=None, t=None):
     """Pass 2 of granularity "pow2" (see _quantize_pow2_kernel) -> (q' int8 [M, K], s' f32 [M]).
     On the GPU a persistent grid of configs.ACT_POW2_PASS2_PER_SM programs per SM strides over the
-    row blocks (act_cfg's optional 4th entry overrides it; 0 = one program per block)."""
+    row blocks (act_cfg's optional 4th entry overrides it; 0 = one program per block).
+    down [rank, K] (x's dtype, contiguous): also writes a LoRA branch's T = X @ down^T into t [M, rank]."""
     m, k = x2d.shape
+    act_cfg = act_cfg or (configs.ACT_LORA if down is not None else None)
     rmat, grid, _, kw = _act_launch(x2d, hb, sb, act_cfg[:3] if act_cfg else None)
     per_sm = act_cfg[3] if act_cfg and len(act_cfg) > 3 else configs.ACT_POW2_PASS2_PER_SM
     if per_sm and not interpreting():
@@ -131,12 +160,13 @@ def quantize_pow2(x2d, hb: int, sb: int, a_bits: int, cmax, q=None, s=None, act_
         kw["PERSISTENT"] = True
     q, s = _codes(x2d, q, s)
     _triton()._quantize_pow2_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), cmax, q, s, m, k, x2d.stride(0),
-                                          float(2 ** (a_bits - 1) - 1), OCTAVES=POW2_OCTAVES, **kw)
+                                          float(2 ** (a_bits - 1) - 1), OCTAVES=POW2_OCTAVES, **kw,
+                                          **_lora_kw(down, t))
     return q, s
 
 
 def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q=None, s=None, act_cfg=None,
-                         pow2=False):
+                         pow2=False, down=None, t=None):
     """Rotate, auto-scale and quantize X [M, K] -> (q int8 [M, K] in the layout of
     layout_group(K, sb), s f32 [M], l f32 [K // sb]).
     pow2 (granularity "pow2" at POW2_BITS, with auto-scale): per-channel power-of-two scales folded
@@ -144,28 +174,35 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
     auto-scale, one int32 sum over all of K.
     q and s may be given (tests pass poisoned buffers to check every element is written).
     act_cfg: (elements per tile, warps, stages) instead of the shipped setting (benchmark sweeps;
-    with pow2 it applies to pass 2)."""
+    with pow2 it applies to pass 2).
+    down [rank, K] and t [M, rank] (x's dtype): the pass that quantizes (pass 2) also writes a LoRA
+    branch's down-projection T = X @ down^T (float32 sums of the unrotated input, rounded once) into t."""
     if pow2:
-        return (*quantize_pow2(x2d, hb, sb, a_bits, channel_absmax(x2d, hb, sb), q, s, act_cfg), None)
+        return (*quantize_pow2(x2d, hb, sb, a_bits, channel_absmax(x2d, hb, sb), q, s, act_cfg, down, t), None)
     kt = _triton()
     m, k = x2d.shape
     rmat, grid, tg, kw = _act_launch(x2d, hb, sb, act_cfg)
+    # (with a branch pass 2 takes configs.ACT_LORA's launch; each pass covers all rows with its own grid)
+    rmat2, grid2, _, kw2 = (rmat, grid, tg, kw) if down is None else _act_launch(x2d, hb, sb, act_cfg or configs.ACT_LORA[:3])
     q, s = _codes(x2d, q, s)
     rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
     l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
     kt._absmax_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, m, k, k // tg, x2d.stride(0),
                             SB=sb, TG=tg, AUTO_SCALE=auto_scale, **kw)
-    kt._quantize_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), rowmax, l, q, s, m, k, k // tg, x2d.stride(0),
-                              float(2 ** (a_bits - 1) - 1), SB=sb, TG=tg, TB=64, AUTO_SCALE=auto_scale, **kw)
+    kt._quantize_kernel[grid2](x2d, rmat2, 1.0 / math.sqrt(hb), rowmax, l, q, s, m, k, k // tg, x2d.stride(0),
+                               float(2 ** (a_bits - 1) - 1), SB=sb, TG=tg, TB=64, AUTO_SCALE=auto_scale, **kw2,
+                               **_lora_kw(down, t))
     return q, s, l
 
 
-def rotate_activations(x2d, hb: int):
-    """16-bit path: Xr in the input dtype, in the layout of layout_group(K, sb, a_float=True)."""
+def rotate_activations(x2d, hb: int, down=None, t=None):
+    """16-bit path: Xr in the input dtype, in the layout of layout_group(K, sb, a_float=True) (down, t:
+    and a LoRA branch's down-projection, as quantize_activations)."""
     m, k = x2d.shape
-    rmat, grid, _, kw = _act_launch(x2d, hb, GROUP, g=layout_group(k, GROUP, a_float=True))
+    rmat, grid, _, kw = _act_launch(x2d, hb, GROUP, None if down is None else configs.ACT_LORA[:3],
+                                    g=layout_group(k, GROUP, a_float=True))
     xr = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
-    _triton()._rotate_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), **kw)
+    _triton()._rotate_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), **kw, **_lora_kw(down, t))
     return xr
 
 
@@ -212,9 +249,20 @@ def chain_gemm_applies(a, qweight, auto_scale: bool, cap=None) -> bool:
             and _gluon() is not None)
 
 
-def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, chain_cfg=None, gelu=False):
+def _gemm_lora_kw(lora):
+    """Launch keywords of a GEMM that adds a LoRA branch's up-projection in its epilogue: lora = (t [M, rank]
+    with unit column stride, up [N, rank] contiguous), both of the activations' dtype (none without)."""
+    if lora is None:
+        return {}
+    t, up = lora
+    return dict(t_ptr=t, lu_ptr=up, stride_t=t.stride(0), RANK=up.shape[1], LORA=True, RP=lora_rp(up.shape[1]))
+
+
+def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, chain_cfg=None, gelu=False,
+                  lora=None):
     """Y [M, N] from int8 codes without per-K-block scales, on sm_90 (_gluon._w4_gemm_chain_kernel).
-    chain_cfg: a tile other than configs.CHAIN_SM90 (bench/kernels.py --chain-sweep). gelu: as w4_gemm."""
+    chain_cfg: a tile other than configs.CHAIN_SM90 (bench/kernels.py --chain-sweep). gelu, lora: as w4_gemm
+    (where gluon_lora_fits)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     cfg = chain_cfg or configs.CHAIN_SM90
@@ -230,7 +278,7 @@ def w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=
     _gluon()._w4_gemm_chain_kernel[grid](
         a_desc, w_desc, w_zero, w_scale, s, bias if bias is not None else w_scale, y, m, n, k,
         GROUP_M=cfg["group_m"], STAGES=min(cfg["stages"], k // bk), HAS_BIAS=bias is not None,
-        num_warps=cfg["num_warps"], GELU=gelu)
+        num_warps=cfg["num_warps"], GELU=gelu, **_gemm_lora_kw(lora))
     return y
 
 
@@ -254,7 +302,8 @@ def workspace_or_none(qweight, w_zero, g: int):
         return None
 
 
-def w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, u8_cfg=None, gelu=False, w8=None):
+def w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=None, u8_cfg=None, gelu=False, w8=None,
+               lora=None):
     """As w4_gemm_chain, through an int8 weight workspace (unpack_weights, or w8 if given) and
     _gluon._w4_gemm_u8_kernel. u8_cfg: a tile other than configs.U8_SM90 (benchmarks)."""
     from triton.experimental.gluon import language as gl
@@ -272,33 +321,57 @@ def w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb: int, out=Non
     _gluon()._w4_gemm_u8_kernel[grid](
         a_desc, w_desc, w_scale, s, bias if bias is not None else w_scale, y, m, n, k,
         GROUP_M=cfg["group_m"], STAGES=min(cfg["stages"], k // bk), HAS_BIAS=bias is not None,
-        num_warps=cfg["num_warps"], GELU=gelu)
+        num_warps=cfg["num_warps"], GELU=gelu, **_gemm_lora_kw(lora))
     return y
 
 
+_gluon_lora_state = [True]  # False once a Gluon GEMM with a fused branch failed: those layers take the Triton GEMM
+
+
+def gluon_lora_fits(k: int, sb: int, rank: int) -> bool:
+    """Whether both Gluon GEMMs hold a branch's tiles of this rank in their rings (_gluon._lora_up): U [BN, RP]
+    and T [BM, RP] in 16 bits need STAGES * BK >= 2 RP bytes per row of the activation and weight rings (u8,
+    and the chain kernel's activation ring), and BK >= RP of the chain kernel's unpacked double buffer; the
+    rings shrink with K (STAGES <= K / BK), so a small K or 64-wide groups take fewer."""
+    bk, rp = layout_group(k, sb), lora_rp(rank)
+    return all(min(cfg["stages"], k // bk) * bk >= 2 * rp for cfg in (configs.U8_SM90, configs.CHAIN_SM90)) and bk >= rp
+
+
 def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_scale: bool, cfg=None, out=None,
-            gelu=False, **variant):
+            gelu=False, lora=None, lora_gluon=True, **variant):
     """Y [M, N] from activation codes a (or 16-bit Xr), packed 4-bit weights and the scales; gelu: the
     epilogue applies GELU (tanh form) to the rounded output (dvdq_core.fusion).
+    lora = (t [M, rank], up [N, rank]) in the output's dtype: the epilogue adds a LoRA branch's
+    up-projection t @ up^T to the float32 result before the rounding and the GELU.
     Without per-K-block scales on an H100-class GPU a Gluon GEMM runs (chain_gemm_applies): from
     configs.U8_MIN_M tokens on through the int8 weight workspace, else the chain kernel; unless a
-    Triton tile or variant is asked for."""
+    Triton tile or variant is asked for, or a branch with lora_gluon False, one whose tiles do not fit
+    their rings (gluon_lora_fits), or after their branch epilogue failed once. The caller keeps lora's
+    padded rank within LORA_FUSED_MAX_RP."""
     cap = _capability(a.device)
-    if cfg is None and not variant and chain_gemm_applies(a, qweight, auto_scale, cap):
+    gluon_ok = lora is None or (lora_gluon and _gluon_lora_state[0] and gluon_lora_fits(a.shape[1], sb, lora[1].shape[1]))
+    if cfg is None and not variant and gluon_ok and chain_gemm_applies(a, qweight, auto_scale, cap):
         try:
             w8 = None
             if configs.use_workspace(cap, a.shape[0], False, interpreting()):
                 w8 = workspace_or_none(qweight, w_zero, layout_group(a.shape[1], sb))
             if w8 is not None:
-                return w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu, w8=w8)
-            return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu)
+                return w4_gemm_u8(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu, w8=w8, lora=lora)
+            return w4_gemm_chain(a, qweight, w_zero, w_scale, s, bias, out_dtype, sb, out, gelu=gelu, lora=lora)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # Gluon is experimental: a newer triton may change its API under us
-            _gluon_state[:] = [None]
-            warnings.warn(f"DVD-Quant: the Hopper Gluon GEMM failed ({type(e).__name__}: {str(e)[:300]}); the "
-                          f"Triton GEMM runs from now on (same results, about 10% slower). Please report this "
-                          f"with your triton version.", stacklevel=2)
+            if lora is not None:  # the branch's epilogue only: layers without a branch keep the Gluon GEMM
+                _gluon_lora_state[0] = False
+                warnings.warn(f"DVD-Quant: the Hopper Gluon GEMM failed with a LoRA branch in its epilogue "
+                              f"({type(e).__name__}: {str(e)[:300]}); layers with a LoRA take the Triton GEMM "
+                              f"from now on (same results). Please report this with your triton version.",
+                              stacklevel=2)
+            else:
+                _gluon_state[:] = [None]
+                warnings.warn(f"DVD-Quant: the Hopper Gluon GEMM failed ({type(e).__name__}: {str(e)[:300]}); the "
+                              f"Triton GEMM runs from now on (same results, about 10% slower). Please report this "
+                              f"with your triton version.", stacklevel=2)
     kt = _triton()
     m, k = a.shape
     n = qweight.shape[0]
@@ -325,7 +398,7 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
         SB=sb, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, A_FLOAT=a_float,
         AUTO_SCALE=auto_scale and not a_float, HAS_BIAS=bias is not None, SWAP=cfg.SWAP,
         INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, GELU=gelu,
-        **flags)
+        **flags, **_gemm_lora_kw(lora))
     return y
 
 
@@ -337,51 +410,91 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
 # version counter: there only layers of a known shared-input group (`share`, set by the core from
 # the layer's name: Wan's q/k/v) reuse, and the group's last member releases the entry.
 # DVDQ_REUSE_ACTIVATIONS=0 turns the cache off.
+# A layer with a LoRA branch (down: its down-projection) gets T = X @ down^T from the pass that quantizes
+# X; only the codes are cached (T is the layer's own), so on a hit T is one cuBLAS GEMM of X (one more
+# read of X, instead of the three of the activation pass).
 _reuse = os.environ.get("DVDQ_REUSE_ACTIVATIONS", "1") != "0"
 _last = [None, None, None]  # key, input, (q, s, l)
 
 
-def _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share=0, pow2=False):
+def _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share=0, pow2=False, down=None):
+    """(q, s, l, t): the codes (cached as above) and, with down, a LoRA branch's T [M, rank] (else None)."""
+    t = None if down is None else torch.empty((x2d.shape[0], down.shape[0]), dtype=x2d.dtype, device=x2d.device)
     inference = x2d.is_inference()
     if not _reuse or (inference and not share):
-        return quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
+        return (*quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2, down=down, t=t), t)
     key = (x2d.data_ptr(), tuple(x2d.shape), tuple(x2d.stride()), x2d.dtype, x2d.device,
            None if inference else x2d._version, hb, sb, a_bits, auto_scale, pow2)
     if _last[0] == key:
         val = _last[2]
+        if down is not None:
+            torch.mm(x2d, down.t(), out=t)
     else:
         clear_activation_cache()  # release the previous entry before allocating the new one
-        val = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
+        val = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2, down=down, t=t)
         _last[0], _last[1], _last[2] = key, x2d, val
     if share == SHARE_LAST:
         clear_activation_cache()
-    return val
+    return (*val, t)
 
 
 def clear_activation_cache():
     _last[0] = _last[1] = _last[2] = None
 
 
+def _joined_bias(bias, lora_bias):
+    """The layer's bias plus a branch's bias difference, added in float32 (the epilogue adds it unrounded)."""
+    if lora_bias is None:
+        return bias
+    return lora_bias if bias is None else bias.float() + lora_bias.float()
+
+
 def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb: int, auto_scale: bool,
-                   gemm_cfg=None, out=None, share: int = 0, pow2: bool = False, gelu: bool = False, **variant):
+                   gemm_cfg=None, out=None, share: int = 0, pow2: bool = False, gelu: bool = False, lora_down=None,
+                   lora_up=None, lora_bias=None, lora_impl=None, **variant):
     """pow2: the layer's granularity folds power-of-two scales into the codes ("pow2", "pow2-fast"; it
     applies at POW2_BITS with auto-scale only).
-    gelu: GELU (tanh form) fused into the GEMM's epilogue (dvdq_core.fusion)."""
+    gelu: GELU (tanh form) fused into the GEMM's epilogue (dvdq_core.fusion).
+    lora_down [R, K], lora_up [N, R], lora_bias [N] (x's dtype; any may be None): a LoRA branch beside
+    the layer (dvdq_core/lowrank.py), Y = act(Q(X) W^T + b + (X down^T) up^T + lora_bias), run as
+    lora_impl says (default LORA_IMPL: see LORA_IMPLS above)."""
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     if x2d.shape[0] == 0:  # no tokens: nothing to launch (GELU(empty) is empty too)
         return x2d.new_empty((0, qweight.shape[0])) if out is None else out
+    lora_impl = lora_impl or LORA_IMPL
+    if lora_down is not None and lora_down.shape[0] == 0:  # bias differences only
+        lora_down = lora_up = None
+    if lora_down is not None and lora_rp(lora_down.shape[0]) > LORA_FUSED_MAX_RP:
+        lora_impl = "unfused"
+    if lora_impl == "unfused" and (lora_down is not None or lora_bias is not None):
+        y = w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits, hb, sb, auto_scale, gemm_cfg, out, share,
+                           pow2, False, **variant)
+        if lora_down is not None:
+            y.addmm_(x2d @ lora_down.t(), lora_up.t())
+        if lora_bias is not None:
+            y.add_(lora_bias)
+        if gelu:
+            g = torch.nn.functional.gelu(y, approximate="tanh")
+            y = g if out is None else y.copy_(g)
+        return y
+    bias = _joined_bias(bias, lora_bias)
+    down = None if lora_down is None else lora_down.contiguous()
+    up = None if lora_up is None else lora_up.contiguous()
+    gluon = lora_impl != "triton"
     if a_bits == 16:
-        xr = rotate_activations(x2d, hb)
+        t = None if down is None else torch.empty((x2d.shape[0], down.shape[0]), dtype=x2d.dtype, device=x2d.device)
+        xr = rotate_activations(x2d, hb, down, t)
         return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, gelu,
-                       **variant)
+                       lora=None if down is None else (t, up), lora_gluon=gluon, **variant)
     pow2 = pow2 and auto_scale and a_bits == POW2_BITS
     if out is None:
-        q, s, l = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share, pow2)
+        q, s, l, t = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share, pow2, down)
     else:  # tests: always run the activation kernels
-        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2)
+        t = None if down is None else torch.empty((x2d.shape[0], down.shape[0]), dtype=x2d.dtype, device=x2d.device)
+        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2, down=down, t=t)
     return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale and not pow2, gemm_cfg, out,
-                   gelu, **variant)
+                   gelu, lora=None if down is None else (t, up), lora_gluon=gluon, **variant)
 
 
 def norm_rope(x, weight, eps: float, freqs, heads: int, out=None):

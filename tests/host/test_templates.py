@@ -20,8 +20,8 @@ import urllib.request
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from prompt_runs import events, rel, run_latent
 from prompts import HY_COND, WAN_COND, node
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -255,22 +255,6 @@ class TinyPrompt(dict):
     """A prompt that remembers the template's latent node types it replaced."""
 
 
-def run_prompt(server, prompt):
-    hist, msgs, err = server.run(prompt)
-    assert err is None, f"{err}\n--- server log tail ---\n{server.log()[-3000:]}"
-    out = next(o for o in hist["outputs"].values() if "latents" in o)["latents"][0]
-    lat = load_file(os.path.join(server.base_dir, "output", out["subfolder"], out["filename"]))["latent_tensor"].float()
-    return lat, msgs
-
-
-def events(msgs, kind):
-    return [m["data"] for m in msgs if m.get("type") == kind]
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 def model_chain(prompt, nid):
     """(id, class type) from a node's MODEL input up to the loader (a switch followed on its LoRA branch)."""
     out, name = [], "model"
@@ -323,13 +307,13 @@ def test_template_runs(server, comfy, name, model, cond, channels):
     sampler = next(nid for nid, n in prompt.items() if n["class_type"] in ("KSampler", "BasicGuider", "CFGGuider"))
     assert [ct for _, ct in model_chain(prompt, sampler)] == ["ModelSamplingSD3", "DVDQuantBitSwitch", "DVDQuantLoader"]
     steps = next(n["inputs"]["steps"] for n in prompt.values() if n["class_type"] in ("KSampler", "BasicScheduler"))
-    q, msgs = run_prompt(server, prompt)
+    q, msgs = run_latent(server, prompt)
     bits = events(msgs, "dvdq.bits")
     assert [b["step"] for b in bits] == list(range(steps)) and bits[0]["bits"] == bits[-1]["bits"] == 8, bits
     assert {b["bits"] for b in bits} <= {4, 8}
     (summary,) = events(msgs, "dvdq.quant_summary")
     assert summary["layers"] > 0 and summary["bytes_after"] < summary["bytes_before"], summary
-    f, _ = run_prompt(server, float_twin(prompt, f"tpl_{name}_float"))
+    f, _ = run_latent(server, float_twin(prompt, f"tpl_{name}_float"))
     assert q.shape == f.shape and q.shape[1] == channels and torch.isfinite(q).all()
     assert rel(q, f) < 0.5  # W4 with delta-switched A4/A8 on random weights: near, not equal (as test_architectures)
 
@@ -363,7 +347,7 @@ def test_wan22_14B_t2v_template_runs(server, comfy, turbo):
     loras = [nid for nid, n in prompt.items() if n["class_type"] == "LoraLoaderModelOnly"]
     assert len(loras) == 2
     lora_log = server.log().count("lora key not loaded")
-    q, msgs = run_prompt(server, prompt)
+    q, msgs = run_latent(server, prompt)
     steps, split = (4, 2) if turbo else (20, 10)
     bits = events(msgs, "dvdq.bits")
     assert [(b["node"], b["step"]) for b in bits] == [(high_bs, s) for s in range(split)] + \
@@ -378,7 +362,7 @@ def test_wan22_14B_t2v_template_runs(server, comfy, turbo):
     for nid in loras:
         prompt[nid]["inputs"]["strength_model"] = 0.0
     next(n for n in prompt.values() if n["class_type"] == "SaveLatent")["inputs"]["filename_prefix"] = prefix + "_no_lora"
-    q0, msgs0 = run_prompt(server, prompt)
+    q0, msgs0 = run_latent(server, prompt)
     assert not events(msgs0, "dvdq.quant_progress"), "a new LoRA strength must not quantize again"
     assert rel(q, q0) > 1e-3, "the LoRAs after the Loaders must change the result"
 
