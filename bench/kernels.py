@@ -12,8 +12,9 @@ Times, per shape and token count M (CUDA events, median of do_bench):
 and a sweep of our GEMM tile configurations. Prints a table; --json writes all numbers.
 
 With --lora R, per shape also the W4A4 pow2 layer with a rank-R LoRA branch beside it (dvdq_core/lowrank.py)
-in every way ops.LORA_IMPLS runs it (unfused: cuBLAS x·Aᵀ and addmm; fused: down-projection in the activation
-pass, up-projection in the Gluon GEMM's epilogue on sm_90; fused-triton: the Triton GEMM's epilogue), each
+in every way ops.LORA_IMPLS runs it (unfused: cuBLAS x·Aᵀ and addmm; epilogue: cuBLAS x·Aᵀ, the up-projection
+in the Gluon GEMM's epilogue on sm_90; fused: down-projection in the activation pass, up-projection in the
+Gluon epilogue; fused-triton: the same with the Triton GEMM's epilogue), each
 with the branch's cost in % of the layer without it, the fused pieces alone, and the fused outputs checked
 against the unfused one. The feed-forward's first layer (ffn1, mlp1) runs with its fused GELU there.
 
@@ -94,6 +95,7 @@ def try_ck():
 
 
 LORA_VARIANTS = (("unfused", "unfused", "x·Aᵀ and addmm by cuBLAS, GELU by torch"),
+                 ("epilogue", "epilogue", "x·Aᵀ by cuBLAS + Gluon epilogue on sm_90"),
                  ("fused", "fused", "pass 2 + Gluon epilogue on sm_90"),
                  ("fused_triton", "triton", "pass 2 + Triton GEMM epilogue"))
 GELU_LAYERS = ("ffn1", "mlp1")  # followed by the tanh GELU (dvdq_core.fusion fuses it into the GEMM)
@@ -125,11 +127,12 @@ def lora_cases(model, name, n, k, m, dev, args, x, layer, row):
         got = None
     # the 8-bit steps (block scales, the Triton GEMM with per-block promotion): unfused vs fused
     out["a8_base"] = bench(lambda: layer_call(branch=False, bits=8))
-    for impl in ("unfused", "fused"):
+    for impl in ("unfused", "epilogue", "fused"):
         out[f"a8_{impl}"] = bench(lambda: layer_call(impl, bits=8))
     # the fused pieces alone: the pow2 passes with T (each candidate launch of configs.ACT_LORA_CANDIDATES),
     # the GEMM with the epilogue (on the same codes)
     t = torch.empty((m, r), device=dev, dtype=torch.bfloat16)
+    out["down_mm"] = bench(lambda: torch.mm(x, lr.down.t(), out=t))  # the epilogue way's T (cuBLAS)
     out["act"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True))
     out["act_lora"] = bench(lambda: ops.quantize_activations(x, hb, sb, 4, True, pow2=True, down=lr.down, t=t))
     cmax = ops.channel_absmax(x, hb, sb)
@@ -164,14 +167,16 @@ def lora_line(r):
             parts.append(f"{key} {o[key] * 1e3:.3f} ({pct(o[key], base)}, maxdiff {o[key + '_maxdiff']:.1e})")
         else:
             parts.append(f"{key} FAILED {o.get(key + '_err')}")
-    parts.append(f"pieces: act {o['act'] * 1e3:.3f}->{o['act_lora'] * 1e3:.3f} ({pct(o['act_lora'], o['act'])}), "
+    parts.append(f"pieces: x·Aᵀ by cuBLAS {o['down_mm'] * 1e3:.3f}, "
+                 f"act {o['act'] * 1e3:.3f}->{o['act_lora'] * 1e3:.3f} ({pct(o['act_lora'], o['act'])}), "
                  f"gemm {o['gemm'] * 1e3:.3f}->{o['gemm_lora'] * 1e3:.3f} ({pct(o['gemm_lora'], o['gemm'])}), "
                  f"triton gemm {o['gemm_triton'] * 1e3:.3f}->{o['gemm_lora_triton'] * 1e3:.3f} "
                  f"({pct(o['gemm_lora_triton'], o['gemm_triton'])}; SPLIT 1: {o['gemm_lora_triton_split1'] * 1e3:.3f})")
     parts.append(f"pow2 pass 2 {o['act_pass2'] * 1e3:.3f}, with T per launch (elems, warps, stages, per SM): "
                  + ", ".join(f"{c} {v * 1e3:.3f}" for c, v in o["act_lora_cfgs"].items()))
     parts.append(f"W4A8 block {o['a8_base'] * 1e3:.3f}: unfused {o['a8_unfused'] * 1e3:.3f} "
-                 f"({pct(o['a8_unfused'], o['a8_base'])}), fused {o['a8_fused'] * 1e3:.3f} ({pct(o['a8_fused'], o['a8_base'])})")
+                 f"({pct(o['a8_unfused'], o['a8_base'])}), epilogue {o['a8_epilogue'] * 1e3:.3f} "
+                 f"({pct(o['a8_epilogue'], o['a8_base'])}), fused {o['a8_fused'] * 1e3:.3f} ({pct(o['a8_fused'], o['a8_base'])})")
     return "\n    ".join([" | ".join(parts[:len(LORA_VARIANTS) + 1])] + parts[len(LORA_VARIANTS) + 1:])
 
 
@@ -185,18 +190,20 @@ def lora_table(rows):
     head = f"{'model':8s} {'layer':6s} {'M':>6s} {'N':>6s} {'K':>6s} {'bf16':>8s} {'w4a4':>8s}"
     for key, _, _ in LORA_VARIANTS:
         head += f" {key:>13s} {'%':>7s}"
-    print(head + f" {'act+T %':>8s} {'gemm+U %':>8s} {'a8 unf %':>8s} {'a8 fus %':>8s}")
+    print(head + f" {'x·Aᵀ ms':>8s} {'act+T %':>8s} {'gemm+U %':>8s} {'a8 unf %':>8s} {'a8 epi %':>8s} {'a8 fus %':>8s}")
     for r in rows:
         o = r["lora"]
         line = (f"{r['model']:8s} {r['layer'] + ('*' if o['gelu'] else ''):6s} {r['M']:6d} {r['N']:6d} {r['K']:6d} "
                 f"{r['bf16'] * 1e3:8.3f} {o['base'] * 1e3:8.3f}")
         for key, _, _ in LORA_VARIANTS:
             line += (f" {o[key] * 1e3:13.3f} {pct(o[key], o['base']):>7s}" if key in o else f" {'failed':>13s} {'':7s}")
-        print(line + f" {pct(o['act_lora'], o['act']):>8s} {pct(o['gemm_lora'], o['gemm']):>8s}"
-              f" {pct(o['a8_unfused'], o['a8_base']):>8s} {pct(o['a8_fused'], o['a8_base']):>8s}")
-    print("(* with the fused GELU; act+T: pow2 activation passes with the down-projection over without; gemm+U: the"
-          " default GEMM with the up-projection epilogue over without; a8: the W4A8 (block) layer with the branch"
-          " unfused / fused into the Triton kernels, over without)")
+        print(line + f" {o['down_mm'] * 1e3:8.3f} {pct(o['act_lora'], o['act']):>8s} {pct(o['gemm_lora'], o['gemm']):>8s}"
+              f" {pct(o['a8_unfused'], o['a8_base']):>8s} {pct(o['a8_epilogue'], o['a8_base']):>8s}"
+              f" {pct(o['a8_fused'], o['a8_base']):>8s}")
+    print("(* with the fused GELU; x·Aᵀ: the epilogue way's cuBLAS GEMM alone; act+T: pow2 activation passes with"
+          " the down-projection over without; gemm+U: the default GEMM with the up-projection epilogue over without;"
+          " a8: the W4A8 (block) layer with the branch unfused / epilogue / fused into the Triton kernels, over"
+          " without)")
 
 
 def run_shape(model, name, n, k, m, dev, args, ck_qt, rows):

@@ -18,19 +18,25 @@ from . import configs
 GROUP = 64  # smallest column tile of the activation kernels
 _rot_cache = {}
 # A LoRA branch beside the layer (dvdq_core/lowrank.py, QuantLinear.lowrank) runs, by DVDQ_LORA_IMPL:
-#   "fused"    its down-projection in the activation pass, its up-projection in the GEMM's epilogue
-#              (the Gluon GEMM's on sm_90, else the Triton GEMM's; the default)
-#   "triton"   fused too, but layers with a branch take the Triton GEMM on sm_90 as well (no Gluon)
-#   "unfused"  the layer as without a branch, then x @ A^T and an addmm of the up-projection into y
-#              (cuBLAS), then the fused GELU by torch: the earlier path, kept to compare
-LORA_IMPLS = ("fused", "triton", "unfused")
-LORA_IMPL = os.environ.get("DVDQ_LORA_IMPL", "unfused")
+#   "unfused"   the layer as without a branch, then x @ A^T and an addmm of the up-projection into y
+#               (cuBLAS), then the fused GELU by torch (the default)
+#   "epilogue"  T = x @ A^T by one cuBLAS GEMM, the activation pass as without a branch, the up-projection in
+#               the GEMM's epilogue (the Gluon GEMM's on sm_90, else the Triton GEMM's): saves unfused's extra
+#               read and write of the output without slowing the activation pass
+#   "fused"     the down-projection in the activation pass too (its tiles are read there anyway), the
+#               up-projection in the epilogue as "epilogue"
+#   "triton"    "fused", but layers with a branch take the Triton GEMM on sm_90 as well (no Gluon)
+# bench/kernels.py --lora times them side by side; the default changes only on a GPU measurement (one line:
+# DEFAULT_LORA_IMPL).
+LORA_IMPLS = ("unfused", "epilogue", "fused", "triton")
+DEFAULT_LORA_IMPL = "unfused"
+LORA_IMPL = os.environ.get("DVDQ_LORA_IMPL", DEFAULT_LORA_IMPL)
 if LORA_IMPL not in LORA_IMPLS:
     raise ValueError(f"DVDQ_LORA_IMPL must be one of {', '.join(LORA_IMPLS)}, got {LORA_IMPL!r}")
-# The largest padded rank (lora_rp) the fused kernels take: the Gluon GEMMs keep a branch's tiles (U [BN, RP],
-# T [BM, RP] in 16 bits) in their rings' shared memory, which holds them up to 128, and the activation pass
-# and the Triton epilogue compile without spills up to there (bench/compile_targets.py). A larger rank (a
-# stack of several LoRAs) runs unfused.
+# The largest padded rank (lora_rp) the kernels take ("epilogue", "fused", "triton"): the Gluon GEMMs keep
+# a branch's tiles (U [BN, RP], T [BM, RP] in 16 bits) in their rings' shared memory, which holds them up to
+# 128, and the activation pass and the Triton epilogue compile without spills up to there
+# (bench/compile_targets.py). A larger rank (a stack of several LoRAs) runs unfused.
 LORA_FUSED_MAX_RP = 128
 
 
@@ -412,7 +418,7 @@ def w4_gemm(a, qweight, w_zero, w_scale, l, s, bias, out_dtype, sb: int, auto_sc
 # DVDQ_REUSE_ACTIVATIONS=0 turns the cache off.
 # A layer with a LoRA branch (down: its down-projection) gets T = X @ down^T from the pass that quantizes
 # X; only the codes are cached (T is the layer's own), so on a hit T is one cuBLAS GEMM of X (one more
-# read of X, instead of the three of the activation pass).
+# read of X, instead of the three of the activation pass), as LORA_IMPL "epilogue" always computes it.
 _reuse = os.environ.get("DVDQ_REUSE_ACTIVATIONS", "1") != "0"
 _last = [None, None, None]  # key, input, (q, s, l)
 
@@ -479,22 +485,29 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
             y = g if out is None else y.copy_(g)
         return y
     bias = _joined_bias(bias, lora_bias)
-    down = None if lora_down is None else lora_down.contiguous()
     up = None if lora_up is None else lora_up.contiguous()
+    down = t = None  # down: the factor the activation pass multiplies by (fused); t: T when it comes from cuBLAS
+    if lora_down is not None and lora_impl == "epilogue":  # one cuBLAS GEMM, rounded once to x's dtype
+        t = x2d @ lora_down.t()
+    elif lora_down is not None:
+        down = lora_down.contiguous()
     gluon = lora_impl != "triton"
     if a_bits == 16:
-        t = None if down is None else torch.empty((x2d.shape[0], down.shape[0]), dtype=x2d.dtype, device=x2d.device)
+        if down is not None:
+            t = torch.empty((x2d.shape[0], down.shape[0]), dtype=x2d.dtype, device=x2d.device)
         xr = rotate_activations(x2d, hb, down, t)
         return w4_gemm(xr, qweight, w_zero, w_scale, None, None, bias, x2d.dtype, sb, False, gemm_cfg, out, gelu,
-                       lora=None if down is None else (t, up), lora_gluon=gluon, **variant)
+                       lora=None if t is None else (t, up), lora_gluon=gluon, **variant)
     pow2 = pow2 and auto_scale and a_bits == POW2_BITS
     if out is None:
-        q, s, l, t = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share, pow2, down)
+        q, s, l, t_act = _quantize_cached(x2d, hb, sb, a_bits, auto_scale, share, pow2, down)
     else:  # tests: always run the activation kernels
-        t = None if down is None else torch.empty((x2d.shape[0], down.shape[0]), dtype=x2d.dtype, device=x2d.device)
-        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2, down=down, t=t)
+        t_act = None if down is None else torch.empty((x2d.shape[0], down.shape[0]), dtype=x2d.dtype,
+                                                      device=x2d.device)
+        q, s, l = quantize_activations(x2d, hb, sb, a_bits, auto_scale, pow2=pow2, down=down, t=t_act)
+    t = t if down is None else t_act
     return w4_gemm(q, qweight, w_zero, w_scale, l, s, bias, x2d.dtype, sb, auto_scale and not pow2, gemm_cfg, out,
-                   gelu, lora=None if down is None else (t, up), lora_gluon=gluon, **variant)
+                   gelu, lora=None if t is None else (t, up), lora_gluon=gluon, **variant)
 
 
 def norm_rope(x, weight, eps: float, freqs, heads: int, out=None):
