@@ -47,6 +47,12 @@ def _is_fp8_card(device) -> bool:
 def resolve_pv(pv: str, device) -> str:
     if pv not in PV_FORMS:
         raise ValueError(f"pv must be one of {', '.join(PV_FORMS)}, got {pv!r}")
+    if pv == "fp8" and device.type == "cuda" and not _is_fp8_card(device):
+        if "fp8 card" not in _WARNED:  # the FP8 dot needs Hopper's (and is built and measured there only)
+            _WARNED.add("fp8 card")
+            warnings.warn("DVD-Quant 8-bit attention: P.V in FP8 runs on H100/H200 (sm_90) only; this card takes "
+                          "the 16-bit P.V form", RuntimeWarning, stacklevel=2)
+        return "fp16"
     if pv != "auto":
         return pv
     return "fp8" if device.type == "cuda" and _is_fp8_card(device) else "fp16"

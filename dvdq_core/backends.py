@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .activations import EPS, auto_scale, quantize_per_token, scale_granularity
 from .hadamard import rotate
+from .lowrank import branch_of
 from .weights import minmax_quantize
 
 log = logging.getLogger("dvdq")
@@ -290,8 +291,8 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias.float()
     y = y.to(x2d.dtype)
-    lowrank = getattr(layer, "lowrank", None)
-    if lowrank is not None:  # LoRAs after quantization (dvdq_core.lowrank): in x's dtype, before the fused GELU
+    lowrank = branch_of(layer)
+    if lowrank is not None:  # LoRAs after quantization, the SVD branch (dvdq_core.lowrank): before the fused GELU
         y = lowrank.add_to(y, x2d)
     if layer.act == "gelu_tanh":  # fused GELU (dvdq_core.fusion): the module's own op on the rounded output
         y = F.gelu(y, approximate="tanh")

@@ -6,7 +6,7 @@ from torch import nn
 
 from . import backends
 from .hadamard import rotate
-from .lowrank import LowRank
+from .lowrank import LowRank, branch_of
 from .spec import LayerSpec
 from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, svd_split, unpack_codes
 
@@ -142,14 +142,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.spec.a_bits if self.spec.a_bits is not None else self.state.bits
-        lowrank = self.lowrank if self.lowrank is not None else self.svd_branch()
+        lowrank = branch_of(self)
         x2d = x.reshape(-1, self.in_features)
-        if lowrank is not None and (lowrank.down.device != x.device or lowrank.down.dtype != x.dtype):
-            lowrank = lowrank.to(x.device, x.dtype)  # built for other calls
-        if lowrank is self.lowrank and self.weight.device == x.device:
-            layer = self
-        else:  # offloaded weights (buffers copied for the call) or a branch converted for it
-            layer = _View(self, x.device, self.act, lowrank)
+        convert = lowrank is not None and (lowrank.down.device != x.device or lowrank.down.dtype != x.dtype)
+        if not convert and self.weight.device == x.device:
+            layer = self  # the backends read the branch with branch_of, as above
+        else:  # offloaded weights (buffers copied for the call) or a branch converted for it (built for other calls)
+            layer = _View(self, x.device, self.act, lowrank.to(x.device, x.dtype) if convert else lowrank)
         # the backend applies the branch too, before the fused activation (docs/design.md, "Backends")
         y = backends.select("linear", (layer, x2d, bits), self.backend, "the quantized linear layers")(layer, x2d, bits)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -51,6 +51,15 @@ class LowRank:
                        None if self.bias is None else self.bias.to(device, dtype))
 
 
+def branch_of(layer) -> "LowRank | None":
+    """The low-rank branch a backend adds to a quantized layer's output: its `lowrank` (LoRAs after
+    quantization, the weight's SVD branch stacked in), else the weight's own SVD branch, else None."""
+    branch = getattr(layer, "lowrank", None)
+    if branch is None and hasattr(layer, "svd_branch"):
+        branch = layer.svd_branch()
+    return branch
+
+
 def misfit(term: LowRankTerm, out_features: int, in_features: int) -> str | None:
     """Why the term does not fit a layer of out_features x in_features, else None (shapes only: cheap)."""
     r, k = term.down.shape[0], math.prod(term.down.shape[1:])

@@ -103,7 +103,7 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
                 plan[layer + ".float_weight"] = (torch.float32 if _scale_key(n, scale_keys) else dtype, shape)
             rank = min(spec.svd_rank, in_f, out_f)
             if rank:  # the SVD branch, in the dtype QuantLinear keeps it in
-                bd = branch_dtype(torch.float32 if _scale_key(n, scale_keys) else dtype)
+                bd = branch_dtype(dtype)  # bf16 for fp8 sources, as ComfyUI's Loader keeps it
                 plan[layer + ".svd_down"] = (bd, (rank, in_f))
                 plan[layer + ".svd_up"] = (bd, (out_f, rank))
             has_bias = any(names[b] == layer + ".bias" for b in keys)

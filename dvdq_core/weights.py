@@ -210,7 +210,15 @@ def svd_split(weight: torch.Tensor, rank: int):
     # float64: float32 SVDs and products differ in their last bits with the number of CPU threads, and a
     # residual one bit apart can round to other 4-bit codes; in float64 the float32 results agree, so a file
     # quantized by the CLI and the same model quantized in ComfyUI get the same codes
-    w = weight.double()
+    home = weight.device
+    w = weight.to(float64_device(home), torch.float64)
     u, s, vh = _top_singular(w, r)
     up, down = u * s, vh
-    return up.float().contiguous(), down.float().contiguous(), (w - up @ down).float()
+    return (up.float().contiguous().to(home), down.float().contiguous().to(home),
+            (w - up @ down).float().to(home))
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 math on `device`'s tensors runs: the device itself, or the CPU for Apple's MPS, which
+    has no float64."""
+    return torch.device("cpu") if torch.device(device).type == "mps" else torch.device(device)

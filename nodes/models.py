@@ -476,7 +476,8 @@ def load_prequantized(path, a_bits, node_id):
         shapes = read_header(path)[1]
     except Exception as e:
         raise DVDQuantError(f"{fname} cannot be read ({e}); the file is damaged: save or download it again") from None
-    quant_suffixes = (".weight", ".qweight", ".float_weight", ".w_scale", ".w_zero")  # format 2 and 1
+    quant_suffixes = (".weight", ".qweight", ".float_weight", ".w_scale", ".w_zero",  # format 2 and 1
+                      ".svd_down", ".svd_up")  # format 3
     fake = {}
     float_dtypes = []
     for k, (shape, dtype) in shapes.items():

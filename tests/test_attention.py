@@ -241,3 +241,12 @@ def test_auto_runs_the_reference_with_one_warning_where_the_kernel_cannot():
     with pytest.raises(ValueError, match="attention mask|pv must be"):
         att.attention_q8(q, k, v, pv="int4")
     assert att.resolve_pv("auto", torch.device("cpu")) == "fp16"
+
+
+def test_fp8_pv_asked_on_a_card_without_it_takes_the_16_bit_form_with_a_warning(monkeypatch):
+    from dvdq_core import attention
+    monkeypatch.setattr(attention, "_is_fp8_card", lambda device: False)
+    monkeypatch.setattr(attention, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="FP8 runs on H100/H200"):
+        assert attention.resolve_pv("fp8", torch.device("cuda")) == "fp16"
+    assert attention.resolve_pv("fp8", torch.device("cpu")) == "fp8"  # the reference and interpreter forms

@@ -144,3 +144,30 @@ def test_torch_compile_traces_the_svd_branch():
         want = q(x)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(q, fullgraph=True, backend="eager")(x), want)
+
+
+def test_the_layer_runs_its_branch_itself_without_a_per_call_copy(monkeypatch):
+    """On the layer's own device and dtype the backends read the SVD branch from the layer (branch_of): no
+    per-call _View of every buffer; the output is the same as through a _View."""
+    from dvdq_core import linear
+    layer, _ = dq.QuantLinear.from_linear(outlier_linear(), spec(32), dq.BitState(16), backend="reference")
+    x = randn(5, 256)
+
+    def no_view(*a, **k):
+        raise AssertionError("a _View was built for a layer on its own device and dtype")
+    y = layer(x)
+    monkeypatch.setattr(linear, "_View", no_view)
+    assert torch.equal(layer(x), y)
+    monkeypatch.undo()
+    # the same through a _View (what an offloaded layer gets): the branch is applied there too
+    from dvdq_core import backends
+    view = linear._View(layer, x.device, layer.act, layer.svd_branch())
+    assert torch.equal(backends.select("linear", (view, x, 16), "reference", "t")(view, x, 16), y)
+    # and the branch is really in the output
+    layer.svd_up.zero_()
+    assert not torch.equal(layer(x), y)
+
+
+def test_float64_math_of_an_mps_weight_runs_on_the_cpu():
+    assert weights.float64_device(torch.device("mps")) == torch.device("cpu")
+    assert weights.float64_device(torch.device("cpu")) == torch.device("cpu")

@@ -23,6 +23,7 @@ import torch
 
 from ..activations import scale_granularity
 from ..backends import Backend, Capabilities
+from ..lowrank import branch_of
 from . import configs, ops
 
 __all__ = ["BACKEND", "linear_forward", "norm_rope", "modulated_norm", "gated_residual", "head_norm_rope",
@@ -144,7 +145,7 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     # a LoRA branch beside the layer (dvdq_core/lowrank.py), joined before the GELU: its down-projection in the
     # activation pass, its up-projection in the GEMM's epilogue (ops.LORA_IMPL)
-    lowrank = getattr(layer, "lowrank", None)
+    lowrank = branch_of(layer)
     branch = () if lowrank is None else (lowrank.down, lowrank.up, lowrank.bias)
     return _w4_linear_op(x2d, layer.weight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,
                          share, pow2, gelu, *branch)
@@ -193,7 +194,7 @@ def _linear_shape(layer, x2d: torch.Tensor, a_bits: int):
         return f"Hadamard block {hb} > 256 is not supported by the kernels"
     if layer.auto_scale and sb < 64:
         return f"scale block {sb} < 64 is not supported by the kernels (the GEMM's K-tile is at least 64)"
-    return _lowrank_shape(getattr(layer, "lowrank", None), x2d, layer.out_features)
+    return _lowrank_shape(branch_of(layer), x2d, layer.out_features)
 
 
 def _lowrank_shape(lowrank, x2d: torch.Tensor, n: int):
