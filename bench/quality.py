@@ -3,6 +3,8 @@
     python bench/quality.py [--device cuda] [--models random,outliers,trained] [--steps 20]
     python bench/quality.py --models massive,sinks,heavy,modshift,constant --prompts 2 --steps 6 \
         --skip-ablations --layer-split          # the synthetic family, quick, with per-layer errors
+    python bench/quality.py --models trained --dtype bfloat16 --prompts 16 \
+        --attention sdpa,sdpa-fp32,q8,q8-fp16,q8-lowbit   # 8-bit attention at model level (below)
 
 For each model variant:
   (a) "random": random weights (no trained activation structure),
@@ -22,13 +24,27 @@ fixed schedules with the same number of 4-bit steps, and BGR's weight-error redu
 type (--skip-ablations: the method table only). --layer-split: for every quantized layer and
 method, the output error at W4A4 (--split-bits) on real inputs split into its weight and activation parts
 (bench/layer_error.py). Markdown to stdout; all numbers (curves included) to --json.
+
+--attention FORMS: instead of the method table, the model's attention in each form (comma list) at each of
+BF16 (no quantization), DVD-Quant W4A4 and W4 + delta-GBS, against the unquantized model with its own
+attention: `sdpa` the model's 16-bit attention; `sdpa-fp32` (unquantized weights only) attention in float32
+(what the 16-bit attention's own rounding costs, for scale); `q8` / `q8-fp16` the pack's 8-bit attention with
+FP8 / 16-bit P.V; `q8-lowbit` (delta-GBS only) 8-bit attention at the low-bit steps only. The 8-bit calls go
+through the DVD-Quant 8-bit Attention node's own override (nodes/attention.py: its routing, so calls with
+fewer than 128 keys, the mini-Wan's text cross-attention, stay on the 16-bit attention as in ComfyUI), with
+dvdq_core.attention's reference, which computes what the GPU kernel computes, in place of the kernel. Per
+run: the final-clip error per prompt, its mean and spread over the prompts, and for 8-bit rows the paired
+difference to the same weights with 16-bit attention (mean and 95% CI). Needs --dtype bfloat16 or float16
+(the 8-bit attention takes 16-bit tensors).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -41,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dvdq_core  # noqa: E402
 from bench import layer_error, synthetic  # noqa: E402
-from demo import clips  # noqa: E402
+from demo import clips, model as demo_model  # noqa: E402
 from demo.metrics import psnr, rel_error, ssim  # noqa: E402
 from demo.model import MiniWanConfig, load_mini_wan  # noqa: E402
 from demo.run import TINY, WEIGHTS  # noqa: E402
@@ -139,15 +155,24 @@ def bgr_weight_table(base):
     return {f"{t}|{b}": sum(v) / len(v) for (t, b), v in acc.items()}
 
 
-def run_variant(label, base, args, trained):
+def prompts_and_noise(base, args, trained):
+    """(prompt count, labels, prompt ids, noise): prompts spread over all labels, seeded noise."""
     device = torch.device(args.device)
-    base = base.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     n_prompts = args.prompts if args.prompts else (clips.NUM_PROMPTS if trained else 8)
     all_l = clips.all_labels()
     labels = all_l[torch.linspace(0, len(all_l) - 1, n_prompts).round().long()]
     ids = clips.labels_to_prompt_ids(labels).to(device)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(n_prompts, base.cfg.in_dim, 16, 32, 32, generator=g).to(device)
+    return n_prompts, labels, ids, noise
+
+
+def run_variant(label, base, args, trained):
+    device = torch.device(args.device)
+    base = base.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    if args.attention:
+        return run_attention_variant(label, base, args, trained)
+    n_prompts, labels, ids, noise = prompts_and_noise(base, args, trained)
     t0 = time.time()
     ref = run_sampler(base, noise, ids, args)
     rows = [fp_row(ref, labels, trained)]
@@ -228,6 +253,157 @@ def run_variant(label, base, args, trained):
             "bgr_weight_error_reduction": bgr, "layer_split": split}
 
 
+# ---------------------------------------------------------------- 8-bit attention at model level (--attention)
+
+ATTENTION_FORMS = ("sdpa", "sdpa-fp32", "q8", "q8-fp16", "q8-lowbit")
+_T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+         12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11, 18: 2.10, 19: 2.09, 20: 2.09, 22: 2.07,
+         24: 2.06, 26: 2.06, 28: 2.05, 30: 2.04, 40: 2.02, 60: 2.00, 120: 1.98}
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5% quantile (two-sided 95% CI), from the table's nearest df at or below."""
+    keys = [k for k in _T975 if k <= df]
+    return _T975[max(keys)] if keys else float("nan")
+
+
+def spread(values) -> dict:
+    """Mean, sample standard deviation and the mean's 95% CI half-width (Student's t) of a list."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "ci95": t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")}
+
+
+class _Functional:
+    """torch.nn.functional with scaled_dot_product_attention replaced (the demo model's attention calls)."""
+
+    def __init__(self, attend):
+        self.scaled_dot_product_attention = attend
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+
+def _sdpa_host(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+               **kwargs):
+    """The host attention the override hands calls back to: the demo model's own ([B, H, L, D] in and out)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=kwargs.get("scale"))
+
+
+@contextlib.contextmanager
+def attention_form(form: str, bit_state=None):
+    """The demo model's attention in `form` (ATTENTION_FORMS) while inside. The 8-bit forms go through the
+    DVD-Quant 8-bit Attention node's override (its routing: calls under 128 keys stay on the 16-bit attention)
+    with the kernel's shape rules (`shape_reason`: no GPU needed) and the reference in place of the kernel.
+    Yields the override's AttentionStats (None for sdpa)."""
+    if form not in ATTENTION_FORMS:
+        raise SystemExit(f"unknown attention form {form!r}: use {', '.join(ATTENTION_FORMS)}")
+    if form in ("sdpa", "sdpa-fp32"):
+        if form == "sdpa":
+            yield None
+            return
+
+        def fp32(q, k, v, attn_mask=None, scale=None):  # the 16-bit attention's own rounding, for scale
+            return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                                    scale=scale).to(q.dtype)
+        saved = demo_model.F
+        demo_model.F = _Functional(fp32)
+        try:
+            yield None
+        finally:
+            demo_model.F = saved
+        return
+    from bench.step import pack_module
+    node = pack_module("nodes.attention")
+    mode = node.LOW_BIT_STEPS if form == "q8-lowbit" else node.ALWAYS
+    pv = "fp16" if form == "q8-fp16" else "fp8"
+
+    def reference(q, k, v, *, scale, pv, backend, out_layout):  # what the kernel computes
+        return node.core.attention_q8(q, k, v, scale=scale, pv=pv, backend="reference", out_layout=out_layout)
+
+    stats = node.AttentionStats(mode=mode, pv=pv)
+    override = node.make_override(mode, pv, bit_state, run=reference, check=node.core.shape_reason, stats=stats)
+
+    def attend(q, k, v, attn_mask=None, scale=None):
+        kw = {} if scale is None else {"scale": scale}
+        return override(_sdpa_host, q, k, v, q.shape[1], mask=attn_mask, skip_reshape=True,
+                        skip_output_reshape=True, **kw)
+
+    saved = demo_model.F
+    demo_model.F = _Functional(attend)
+    try:
+        yield stats
+    finally:
+        demo_model.F = saved
+
+
+def run_attention_variant(label, base, args, trained):
+    """Rows (weights x attention form) against the unquantized model with its own attention (module doc)."""
+    forms = [f.strip() for f in args.attention.split(",") if f.strip()]
+    for f in forms:
+        if f not in ATTENTION_FORMS:
+            raise SystemExit(f"unknown attention form {f!r}: use {', '.join(ATTENTION_FORMS)}")
+    if args.dtype == "float32":
+        raise SystemExit("--attention needs --dtype bfloat16 or float16 (the 8-bit attention takes 16-bit tensors)")
+    n_prompts, labels, ids, noise = prompts_and_noise(base, args, trained)
+    t0 = time.time()
+    ref = run_sampler(base, noise, ids, args)
+    rows = []
+    settings = ((args.dtype.replace("bfloat16", "BF16").replace("float16", "FP16"), None),
+                ("dvdq W4A4", 4), ("dvdq W4 dGBS", "delta"))
+    for wname, setting in settings:
+        model = base if setting is None else quantized_copy(base, dvdq_core.QuantConfig(backend=args.backend))
+        for form in forms:
+            if (form == "q8-lowbit" and setting != "delta") or (form == "sdpa-fp32" and setting is not None):
+                continue  # 8-bit attention at low-bit steps: where the steps' bits differ; fp32: the BF16 rows' scale
+            bs = None
+            if setting == "delta":
+                bs = dvdq_core.BitSwitch(delta=args.delta)
+            elif setting is not None:
+                bs = dvdq_core.BitSwitch(mode="fixed", fixed_bits=setting)
+            state = dvdq_core.get_bit_state(model) if form == "q8-lowbit" else None
+            t1 = time.time()
+            with attention_form(form, state) as stats:
+                res = run_sampler(model, noise, ids, args, bitswitch=bs)
+            row = evaluate(f"{wname}, {form}", res, ref, labels, trained)
+            row.update(weights=wname, attention=form, seconds=time.time() - t1,
+                       prompt_rel_error=[rel_error(a, b) for a, b in zip(res.video.cpu(), ref.video.cpu())])
+            row["prompt_spread"] = spread(row["prompt_rel_error"])
+            if stats is not None:
+                row["attention_calls"] = {"q8": stats.q8, "host": stats.host, "reasons": dict(stats.reasons)}
+            rows.append(row)
+            print(f"[{label}] {row['run']}: {row['rel_error']:.4f} ({row['seconds']:.0f} s)", file=sys.stderr,
+                  flush=True)
+        del model
+    for r in rows:
+        same = next((b for b in rows if b["weights"] == r["weights"] and b["attention"] == "sdpa"), None)
+        if r["attention"] != "sdpa" and same is not None:
+            r["paired_diff"] = spread([a - b for a, b in zip(r["prompt_rel_error"], same["prompt_rel_error"])])
+    print(f"[{label}] {time.time() - t0:.0f} s", file=sys.stderr)
+    return {"variant": label, "prompts": n_prompts, "attention_runs": rows}
+
+
+def attention_markdown(result, trained):
+    n = result["prompts"]
+    out = [f"### {result['variant']} ({n} prompts), attention forms", "",
+           "| weights | attention | avg A bits | 8-bit calls / all | rel. err | per prompt: mean ± sd | "
+           "minus 16-bit attention, per prompt: mean [95% CI] | PSNR dB |" + (" task all |" if trained else "")
+           + " A bits per step |",
+           "|---|---|---|---|---|---|---|---|" + ("---|" if trained else "") + "---|"]
+    for r in result["attention_runs"]:
+        c = r.get("attention_calls")
+        calls = f"{c['q8']} / {c['q8'] + c['host']}" if c else "-"
+        p = r["prompt_spread"]
+        d = r.get("paired_diff")
+        diff = f"{d['mean']:+.4f} [{d['mean'] - d['ci95']:+.4f}, {d['mean'] + d['ci95']:+.4f}]" if d else "-"
+        bits = "".join("L" if b < 8 else ("H" if b < 16 else "F") for b in r["bits"])
+        out.append(f"| {r['weights']} | {r['attention']} | {r['avg_bits']:.2f} | {calls} | {r['rel_error']:.4f} | "
+                   f"{p['mean']:.4f} ± {p['sd']:.4f} | {diff} | {fmt(r['psnr_db'], '.2f')} |"
+                   + (f" {fmt(r['task_all'], '.2f')} |" if trained else "") + f" {bits} |")
+    return "\n".join(out)
+
+
 def fmt(v, spec=".3f"):
     if v is None:
         return "-"
@@ -237,6 +413,8 @@ def fmt(v, spec=".3f"):
 
 
 def markdown(result, trained):
+    if "attention_runs" in result:
+        return attention_markdown(result, trained)
     out = [f"### {result['variant']} ({result['prompts']} prompts)", ""]
     head = "| run | avg A bits | rel. err | PSNR dB | err@25% | err@50% | err@75% | err@100% |"
     sep = "|---|---|---|---|---|---|---|---|"
@@ -295,6 +473,9 @@ def main(argv=None):
                    help="per-layer output error split into weight / activation parts, every method")
     p.add_argument("--split-bits", type=int, default=4, choices=(4, 5, 6, 7, 8),
                    help="activation bits of the split (default 4)")
+    p.add_argument("--attention", default="",
+                   help=f"comma list of attention forms ({', '.join(ATTENTION_FORMS)}): the 8-bit attention table "
+                        "instead of the method table (see above)")
     args = p.parse_args(argv)
     results = []
     for which in args.models.split(","):

@@ -150,7 +150,7 @@ class DVDQuantARQSettings:
                 "svd_rank": ("INT", {"default": DEFAULT_ARQ["svd_rank"], "min": 0, "max": MAX_SVD_RANK, "step": 8,
                                      "tooltip": "Method dvdq, 4-bit weights: each weight's top singular directions "
                                                 "kept as a 16-bit low-rank branch, only the rest quantized (much lower "
-                                                "error where weights have outliers; about 9% of a Wan 14B step on an "
+                                                "error where weights have outliers; about 9-10% of a Wan 14B step on an "
                                                 "H100). 0 = none (fastest)."}),
             },
         }
@@ -284,9 +284,10 @@ class DVDQuantAttention:
                     "tooltip": "Precision of P.V: fp8 (Hopper: fastest), fp16 (P and V in 16 bits, more accurate), "
                                "auto (fp8 on H100/H200, else fp16)."}),
             },
+            "hidden": dict(_UID),
         }
 
-    def patch(self, model, mode, pv):
+    def patch(self, model, mode, pv, unique_id=None):
         from .attention import LOW_BIT_STEPS, install
         state = None
         if mode == LOW_BIT_STEPS:
@@ -298,7 +299,7 @@ class DVDQuantAttention:
                     "DVD-Quant 8-bit Attention: mode 'low-bit steps' follows DVD-Quant's activation bits per step: "
                     "connect a MODEL from DVD-Quant Loader or Apply (with a Bit Switch Scheduler), or use 'always'"
                 ) from None
-        return (install(model, mode, pv, state),)
+        return (install(model, mode, pv, state, node=unique_id, emit=_host().emit),)
 
 
 NODE_CLASS_MAPPINGS = {

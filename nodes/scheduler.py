@@ -78,7 +78,8 @@ def make_diffusion_model_wrapper(hook: BitScheduleHook):
         if hook.running and not hook.tracker.schedule and to.get("sample_sigmas") is not None:
             hook.tracker.begin(to["sample_sigmas"])  # a sampler path without OUTER_SAMPLE
         sigma = call_sigma(to)
-        bits = hook.bits if sigma is None else hook.bits_for_call(sigma, "easycache" in to)
+        attention = getattr(to.get("optimized_attention_override"), "dvdq_stats", None)  # the 8-bit attention's
+        bits = hook.bits if sigma is None else hook.bits_for_call(sigma, "easycache" in to, attention)
         set_activation_bits(executor.class_obj, bits)
         out = executor(*args, **kwargs)
         hook.after_call(out, to.get("cond_or_uncond"), sigma, served_from_cache(to))

@@ -142,6 +142,8 @@ class BitScheduleHook:
         self._lock = threading.Lock()  # ComfyUI's MultiGPU CFG split calls the model from worker threads
         self._shape = ()
         self._last = None  # the last step decided (or marked skipped) in this schedule
+        self.attention = None  # the calls' 8-bit attention counts (nodes/attention.py AttentionStats), if any
+        self._attn_mark = None  # its counts when the step in progress began
 
     def begin_run(self, schedule, shape):
         sched = to_floats(schedule)
@@ -164,12 +166,15 @@ class BitScheduleHook:
         self._cache = False  # a cache's state was seen in this run's calls: steps with no call were its
         self.running = True
 
-    def bits_for_call(self, sigma: float, cache: bool = False) -> int:
+    def bits_for_call(self, sigma: float, cache: bool = False, attention=None) -> int:
         """cache: the call's transformer_options hold a cache's state (EasyCache, LazyCache); only then
         are steps that got no call marked as skipped (samplers such as dpm_adaptive call the model off
-        the schedule's sigmas, and those steps just get no event)."""
+        the schedule's sigmas, and those steps just get no event). attention: the AttentionStats of the
+        model's DVD-Quant 8-bit Attention (None without one): each step's event then says how many of its
+        attention calls ran in 8 bits."""
         with self._lock:
             self._cache = self._cache or cache
+            self.attention = attention
             if not self.running:  # a model call outside a sampler run: keep the last bits
                 return self.bits
             step, new = self.tracker.on_call(float(sigma))
@@ -179,6 +184,7 @@ class BitScheduleHook:
                 total = self.tracker.total  # known where this run ends the schedule (at sigma 0)
                 self.bits = self.bs.next_bits(step, last=total is not None and step == total - 1)
                 self._parts, self._step, self._last = {}, (step, float(sigma)), step
+                self._attn_mark = attention.counts() if attention is not None else None
             return self.bits
 
     def _skipped_until(self, step: int):
@@ -229,9 +235,13 @@ class BitScheduleHook:
 
     def _emit_step(self, indicator):
         rec = self.bs.log[-1]
-        self.emit("dvdq.bits", {"node": self.node, "step": self._step[0], "total": self.tracker.total,
-                                "bits": int(rec.bits), "indicator": None if indicator is None else float(indicator),
-                                "accumulated": float(rec.accumulated), "mode": self.mode})
+        ev = {"node": self.node, "step": self._step[0], "total": self.tracker.total, "bits": int(rec.bits),
+              "indicator": None if indicator is None else float(indicator), "accumulated": float(rec.accumulated),
+              "mode": self.mode}
+        if self.attention is not None and self._attn_mark is not None:  # the step's calls so far
+            q8, host = self.attention.counts()
+            ev["attention"] = {"q8": max(0, q8 - self._attn_mark[0]), "host": max(0, host - self._attn_mark[1])}
+        self.emit("dvdq.bits", ev)
 
     def end_run(self, completed: bool):
         with self._lock:

@@ -12,12 +12,36 @@ ATT = sub("attention")
 
 
 class FakePatcher:
-    def __init__(self, model_options=None):
+    def __init__(self, model_options=None, wrappers=None):
         self.model_options = model_options if model_options is not None else {"transformer_options": {}}
+        self.wrappers = wrappers if wrappers is not None else {}  # {kind: {key: [fn]}}, as ComfyUI's
 
     def clone(self):
         import copy
-        return FakePatcher(copy.deepcopy(self.model_options))
+        return FakePatcher(copy.deepcopy(self.model_options), copy.deepcopy(self.wrappers))
+
+    def add_wrapper_with_key(self, kind, key, fn):
+        self.wrappers.setdefault(kind, {}).setdefault(key, []).append(fn)
+
+    def remove_wrappers_with_key(self, kind, key):
+        self.wrappers.get(kind, {}).pop(key, None)
+
+
+class Events:
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, event, data):
+        self.sent.append((event, data))
+
+    def of(self, event):
+        return [d for e, d in self.sent if e == event]
+
+
+def fake_run(q, k, v, *, scale, pv, backend, out_layout):
+    """The 8-bit attention's result shape without its math."""
+    out = torch.zeros_like(q)
+    return out.transpose(1, 2).contiguous() if out_layout == "blhd" else out
 
 
 def host_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
@@ -148,3 +172,130 @@ def test_node_schema_and_mode_choices():
     assert req["pv"][0] == ["auto", "fp8", "fp16"] and req["pv"][1]["default"] == "auto"
     (m,) = cls().patch(FakePatcher(), "always", "fp16")
     assert m.model_options["transformer_options"]["optimized_attention_override"].dvdq_attention == ("always", "fp16")
+
+
+def test_stats_count_the_calls_and_why_they_went_back(kernel_here):
+    state = BitState(4)
+    stats = ATT.AttentionStats("5", ATT.LOW_BIT_STEPS, "fp8")
+    ov = ATT.make_override(ATT.LOW_BIT_STEPS, "fp8", bit_state=state, run=fake_run, stats=stats)
+    assert ov.dvdq_stats is stats
+    q, k, v = qkv()
+    ov(host_attention, q, k, v, heads=2)  # 8-bit
+    ov(host_attention, q[:, :16], k[:, :16], v[:, :16], heads=2)  # 16 keys: the host's
+    state.bits = 8
+    ov(host_attention, q, k, v, heads=2)  # a high-bit step: the host's
+    assert stats.counts() == (1, 2)
+    ev = stats.event()
+    assert ev == {"node": "5", "mode": ATT.LOW_BIT_STEPS, "pv": "fp8", "q8": 1, "host": 2,
+                  "reasons": {"fewer than 128 keys": 1, "a high-bit step": 1}, "running": False}
+
+
+def test_stats_events_are_throttled_and_sent_at_run_start_and_end():
+    events, now = Events(), [0.0]
+    stats = ATT.AttentionStats("7", ATT.ALWAYS, "auto", emit=events, every_s=0.5, clock=lambda: now[0])
+    wrapper = ATT.make_outer_sample_wrapper(stats)
+
+    def sample(*args, **kwargs):
+        for t in (0.0, 0.1, 0.2, 0.6, 0.7):  # the run's start sent at 0 s: the next event at 0.6 s
+            now[0] = t
+            stats.count(None)
+        stats.count("fewer than 128 keys")
+        return "latent"
+
+    assert wrapper(sample) == "latent"
+    sent = events.of("dvdq.attention")
+    assert [(e["q8"], e["host"], e["running"]) for e in sent] == [(0, 0, True), (4, 0, True), (5, 1, False)]
+    assert sent[-1]["reasons"] == {"fewer than 128 keys": 1}
+    wrapper(lambda: None)  # the next run starts from zero
+    assert [(e["q8"], e["host"]) for e in events.of("dvdq.attention")[-2:]] == [(0, 0), (0, 0)]
+
+
+def test_node_sends_its_status_and_installs_one_counting_wrapper(monkeypatch):
+    events = Events()
+    monkeypatch.setattr(sub("host"), "emit", events)
+    cls = load_pack().NODE_CLASS_MAPPINGS["DVDQuantAttention"]
+    assert cls.INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID"}  # hidden: no widget, no widgets_values
+    (m,) = cls().patch(FakePatcher(), "always", "fp8", unique_id="12")
+    assert events.of("dvdq.attention") == [{"node": "12", "mode": "always", "pv": "fp8", "q8": 0, "host": 0,
+                                            "reasons": {}, "running": False}]
+    key = ATT.outer_sample_key()
+    assert len(m.wrappers[key][ATT.WRAPPER_KEY]) == 1
+    (m2,) = cls().patch(m, "always", "fp16", unique_id="13")  # a second node replaces the first's wrapper
+    assert len(m2.wrappers[key][ATT.WRAPPER_KEY]) == 1
+    (m3,) = cls().patch(m2, "never", "auto", unique_id="14")
+    assert ATT.WRAPPER_KEY not in m3.wrappers[key]
+    assert events.of("dvdq.attention")[-1]["mode"] == "never"
+
+
+def test_bit_switch_step_events_say_whether_attention_ran_in_8_bits(kernel_here):
+    """A sampling run through the scheduler's wrappers and the attention node's override (mode low-bit steps):
+    each dvdq.bits event counts that step's 8-bit and handed-back attention calls."""
+    from dvdq_core import QuantConfig, get_bit_state, quantize_model
+    sched, steps = sub("scheduler"), sub("steps")
+    steps.record_run_end(None)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64)])
+    quantize_model(model, QuantConfig(w_bits=8, a_bits=8))
+    events = Events()
+    hook = steps.BitScheduleHook("3", mode="manual", schedule="8,4,4,8", emit=events)
+    stats = ATT.AttentionStats("4", ATT.LOW_BIT_STEPS, "fp8", emit=events)
+    ov = ATT.make_override(ATT.LOW_BIT_STEPS, "fp8", bit_state=get_bit_state(model), run=fake_run, stats=stats)
+    outer = sched.make_outer_sample_wrapper(hook)
+    attn_outer, inner = ATT.make_outer_sample_wrapper(stats), sched.make_diffusion_model_wrapper(hook)
+    q, k, v = qkv()
+
+    class Exec:
+        class_obj = model
+
+        def __call__(self, x, timestep, context, to):
+            to["optimized_attention_override"](host_attention, q, k, v, heads=2)  # self-attention
+            to["optimized_attention_override"](host_attention, q, k[:, :3], v[:, :3], heads=2)  # 3 text keys
+            return x
+
+    def sample(noise, latent, sampler, sigmas, *rest):
+        for s in sigmas[:-1].tolist():
+            s2 = torch.full((2,), s)
+            inner(Exec(), noise, s2, None, {"sigmas": s2, "sample_sigmas": sigmas, "optimized_attention_override": ov})
+        return noise
+
+    noise = torch.randn(2, 64)
+    sched_ = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    attn_outer(lambda *a: outer(lambda *b: sample(*b), *a), noise, noise, None, sched_, None, None, False, 0)
+    bits = events.of("dvdq.bits")
+    assert [e["bits"] for e in bits] == [8, 4, 4, 8]
+    assert [e["attention"] for e in bits] == [{"q8": 0, "host": 2}, {"q8": 1, "host": 1}, {"q8": 1, "host": 1},
+                                              {"q8": 0, "host": 2}]
+    last = events.of("dvdq.attention")[-1]
+    assert (last["q8"], last["host"], last["running"]) == (2, 6, False)
+    assert last["reasons"] == {"a high-bit step": 4, "fewer than 128 keys": 2}
+    hook2 = steps.BitScheduleHook("3", mode="manual", schedule="8,4", emit=events)  # no 8-bit attention node
+    hook2.begin_run([1.0, 0.0], (2, 64))
+    hook2.bits_for_call(1.0)
+    hook2.after_call(torch.ones(2, 4))
+    assert "attention" not in events.of("dvdq.bits")[-1]
+
+
+def test_quality_bench_runs_the_demo_models_attention_under_the_nodes_rule():
+    """bench/quality.py --attention: the mini-Wan's attention through the node's override (the reference in place
+    of the kernel): self-attention (256 tokens) in 8 bits, the 3-key text cross-attention on the 16-bit one."""
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_quality", os.path.join(root, "bench", "quality.py"))
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    from demo.run import TINY, random_model
+    model = random_model(TINY, 0).to(torch.bfloat16).eval()
+    x, t, ids = torch.randn(1, 3, 16, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0.5]), \
+        torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        want = model(x, t, ids).float()
+        with quality.attention_form("sdpa") as none:
+            same = model(x, t, ids).float()
+        with quality.attention_form("q8") as stats:
+            got = model(x, t, ids).float()
+    assert none is None and torch.equal(same, want)
+    assert stats.counts() == (2, 2) and stats.reasons == {"fewer than 128 keys": 2}  # 2 blocks
+    assert quality.demo_model.F is torch.nn.functional  # put back
+    err = ((got - want).norm() / want.norm()).item()
+    assert 0 < err < 0.05, err

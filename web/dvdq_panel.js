@@ -1,16 +1,19 @@
-// DVD-Quant front-end extension: a live bit strip on each Bit Switch Scheduler node and the
-// quantization progress and summary on DVD-Quant Loader / Apply nodes. The server's events are
-// described in the pack's docs; the state and text logic lives in dvdq_panel_state.js.
+// DVD-Quant front-end extension: a live bit strip on each Bit Switch Scheduler node (with a mark for
+// the steps whose attention ran in 8 bits), the quantization progress and summary on DVD-Quant Loader /
+// Apply nodes, and the status of DVD-Quant 8-bit Attention nodes. The server's events are described in
+// the pack's docs; the state and text logic lives in dvdq_panel_state.js.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import * as S from "./dvdq_panel_state.js";
 
 const BIT_NODE = "DVDQuantBitSwitch";
 const QUANT_NODES = new Set(["DVDQuantLoader", "DVDQuantApply"]);
+const ATTN_NODE = "DVDQuantAttention";
 const PANEL_WIDGET = "dvdq_panel";
 const { PAD } = S.LAYOUT;
-const BIT_PANEL_H = 80;
+const BIT_PANEL_H = 94;  // strip, attention mark, line, info and the attention summary
 const QUANT_PANEL_H = 92;  // the bar and up to five summary lines (the last: the backend)
+const ATTN_PANEL_H = 48;  // three status lines
 const FONT = "11px Arial";
 const BOLD = "bold 12px Arial";
 const TEXT = "#dddddd";
@@ -21,6 +24,7 @@ const PANEL_BG = "#1b1b1b";
 // has the last part as its id, so state is kept under that.
 const strips = new Map();
 const quants = new Map();
+const attns = new Map();
 const keyOf = (id) => String(id).split(":").pop();
 
 // The panel widgets of the nodes that exist. The classic (LiteGraph) canvas draws them with the
@@ -114,6 +118,11 @@ function drawBitPanel(ctx, node, width, y) {
       ctx.fillStyle = S.cellColour(s, low, high);
       ctx.fillRect(c.x, g.stripY, c.w, g.stripH);
     }
+    const mark = S.attentionColour(s);  // the step's attention: 8-bit or 16-bit (DVD-Quant 8-bit Attention)
+    if (mark) {
+      ctx.fillStyle = mark;
+      ctx.fillRect(c.x, g.attnY, c.w, g.attnH);
+    }
     if (i === node._dvdqHover) {
       ctx.strokeStyle = "#ffffff";
       ctx.lineWidth = 1.5;
@@ -158,6 +167,8 @@ function drawBitPanel(ctx, node, width, y) {
   else if (S.lastStepIndex(strip) >= 0) info = S.describeStep(strip, S.lastStepIndex(strip));
   else info = "bits per step appear here while sampling";
   text(ctx, S.fitLeft(info, g.w, (t) => ctx.measureText(t).width), g.x, g.infoY, { colour: DIM });
+  const attn = S.attentionSummary(strip);
+  if (attn) text(ctx, S.fitRight(attn, g.w, (t) => ctx.measureText(t).width), g.x, g.attnLineY, { colour: S.ATTN8_COLOUR });
   ctx.restore();
 }
 
@@ -219,6 +230,21 @@ function drawQuantPanel(ctx, node, width, y) {
   ctx.restore();
 }
 
+// ------------------------------------------------------------------ 8-bit Attention panel
+
+function drawAttentionPanel(ctx, node, width, y) {
+  const a = attns.get(String(node.id)) ?? null;
+  const g = S.attentionGeometry(width, y);
+  ctx.save();
+  panelBox(ctx, width, y, ATTN_PANEL_H);
+  S.attentionLines(a).forEach((line, k) => {
+    ctx.font = FONT;
+    text(ctx, S.fitRight(line, g.w, (t) => ctx.measureText(t).width), g.x, g.lineY + g.lineH * k,
+      { colour: k === 0 && a ? TEXT : DIM });
+  });
+  ctx.restore();
+}
+
 // ------------------------------------------------------------------ wiring
 
 function addPanel(node, height, draw) {
@@ -265,16 +291,23 @@ app.registerExtension({
       quants.set(key, S.applySummaryEvent(quants.get(key) ?? S.emptyQuant(), detail));
       redraw();
     });
+    api.addEventListener(S.EVENTS.attention, ({ detail }) => {
+      const key = keyOf(detail.node);
+      attns.set(key, S.applyAttentionEvent(attns.get(key) ?? null, detail));
+      redraw();
+    });
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const isBits = nodeData.name === BIT_NODE;
     const isQuant = QUANT_NODES.has(nodeData.name);
-    if (!isBits && !isQuant) return;
+    const isAttn = nodeData.name === ATTN_NODE;
+    if (!isBits && !isQuant && !isAttn) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       if (isBits) addPanel(this, BIT_PANEL_H, drawBitPanel);
+      else if (isAttn) addPanel(this, ATTN_PANEL_H, drawAttentionPanel);
       else addPanel(this, QUANT_PANEL_H, drawQuantPanel);
       return r;
     };

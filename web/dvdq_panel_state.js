@@ -7,6 +7,7 @@ export const EVENTS = Object.freeze({
   bitsReset: "dvdq.bits_reset",
   quantProgress: "dvdq.quant_progress",
   quantSummary: "dvdq.quant_summary",
+  attention: "dvdq.attention",
 });
 
 // Bits 4 and 8 get two easily told apart colours (the paper's bit strip: low-bit steps light,
@@ -17,6 +18,10 @@ export const FULL_COLOUR = "#9e9e9e";
 export const EMPTY_COLOUR = "#2b2b2b";
 // a step a cache (EasyCache, LazyCache) served without running the model
 export const SKIPPED_COLOUR = "#5c5c5c";
+// the thin mark under a step whose attention ran in 8 bits (DVD-Quant 8-bit Attention), and under one
+// whose attention stayed 16-bit
+export const ATTN8_COLOUR = "#ce93d8";
+export const ATTN16_COLOUR = "#4a4a4a";
 
 function hexToRgb(hex) {
   const v = parseInt(hex.slice(1), 16);
@@ -60,11 +65,13 @@ export function applyBitsEvent(strip, ev) {
   if (!Number.isInteger(step) || step < 0) return strip;
   const steps = strip.steps.slice();
   steps[step] = ev.skipped
-    ? { bits: null, skipped: true, indicator: null, accumulated: null }  // a cache served it: no model run
+    ? { bits: null, skipped: true, indicator: null, accumulated: null, attention: null }  // a cache served it
     : {
       bits: Number(ev.bits),
       indicator: ev.indicator == null ? null : Number(ev.indicator),
       accumulated: ev.accumulated == null ? null : Number(ev.accumulated),
+      // the step's attention calls that ran in 8 bits / went to 16-bit attention (null: no 8-bit Attention node)
+      attention: ev.attention == null ? null : { q8: Number(ev.attention.q8), host: Number(ev.attention.host) },
     };
   const total = ev.total == null ? strip.total : Number(ev.total);
   return { steps, total, mode: ev.mode ?? strip.mode, updated: strip.updated + 1 };
@@ -101,6 +108,26 @@ export function trimNumber(x, digits) {
   return s.includes(".") ? s.replace(/0+$/, "").replace(/\.$/, "") : s;
 }
 
+/** Whether a step's attention ran in 8 bits (any of its calls): true / false, null if not reported. */
+export function attention8(s) {
+  if (!s || s.skipped || !s.attention) return null;
+  return s.attention.q8 > 0;
+}
+
+/** Colour of the thin attention mark under a cell, or null (nothing to draw). */
+export function attentionColour(s) {
+  const a = attention8(s);
+  return a == null ? null : a ? ATTN8_COLOUR : ATTN16_COLOUR;
+}
+
+/** "attention: 8-bit on 12 of 20 steps" over the steps that reported it; null when none did. */
+export function attentionSummary(strip) {
+  const known = strip.steps.map(attention8).filter((a) => a != null);
+  if (!known.length) return null;
+  const n8 = known.filter(Boolean).length;
+  return `attention: 8-bit on ${n8} of ${known.length} step${known.length === 1 ? "" : "s"}`;
+}
+
 /** One line about a step, for the hovered cell or the newest one. */
 export function describeStep(strip, i) {
   const s = strip.steps[i];
@@ -112,6 +139,8 @@ export function describeStep(strip, i) {
   const parts = [`step ${i + 1}/${total}: ${s.bits} bits`];
   if (s.indicator != null && Number.isFinite(s.indicator)) parts.push(`ind ${formatSmall(s.indicator)}`);
   if (s.accumulated != null && Number.isFinite(s.accumulated)) parts.push(`acc ${formatSmall(s.accumulated)}`);
+  const a = attention8(s);
+  if (a != null) parts.push(`attn ${a ? "8" : "16"}-bit`);
   return parts.join(" · ");
 }
 
@@ -147,10 +176,22 @@ export const LAYOUT = Object.freeze({
   PAD: 10,  // left and right margin of the contents
 });
 
-/** Where the Bit Switch panel drawn `width` wide at `y` puts its strip, line and info text. */
+/**
+ * Where the Bit Switch panel drawn `width` wide at `y` puts its strip, the attention mark under it, the
+ * accumulated-change line, the info text and the attention summary line (text lines: their centres).
+ */
 export function stripGeometry(width, y) {
   const { PAD } = LAYOUT;
-  return { x: PAD, w: width - 2 * PAD, stripY: y + 20, stripH: 16, lineY: y + 40, lineH: 16, infoY: y + 66 };
+  return {
+    x: PAD, w: width - 2 * PAD, stripY: y + 20, stripH: 16, attnY: y + 37, attnH: 2, lineY: y + 40, lineH: 16,
+    infoY: y + 66, attnLineY: y + 80,
+  };
+}
+
+/** Where the 8-bit Attention panel drawn `width` wide at `y` puts its three status lines (centres). */
+export function attentionGeometry(width, y) {
+  const { PAD } = LAYOUT;
+  return { x: PAD, w: width - 2 * PAD, lineY: y + 10, lineH: 13 };
 }
 
 /** Where the Loader / Apply panel drawn `width` wide at `y` puts its bar and its summary lines (centres). */
@@ -270,4 +311,44 @@ export function fitLeft(text, maxWidth, measure) {
   let t = text;
   while (t.length > 1 && measure("…" + t) > maxWidth) t = t.slice(1);
   return "…" + t;
+}
+
+/** Shortens text from the right ("fewer than 128 ke…") until measure(text) fits maxWidth. */
+export function fitRight(text, maxWidth, measure) {
+  if (measure(text) <= maxWidth) return text;
+  let t = text;
+  while (t.length > 1 && measure(t + "…") > maxWidth) t = t.slice(0, -1);
+  return t + "…";
+}
+
+// ---------------------------------------------------------------- DVD-Quant 8-bit Attention
+
+/** State after a `dvdq.attention` event: the node's mode and its calls in the current (or last) run. */
+export function applyAttentionEvent(a, ev) {
+  const reasons = {};
+  for (const [k, n] of Object.entries(ev.reasons ?? {})) reasons[String(k)] = Number(n);
+  return {
+    mode: String(ev.mode ?? ""),
+    pv: String(ev.pv ?? ""),
+    q8: Number(ev.q8 ?? 0),
+    host: Number(ev.host ?? 0),
+    reasons,
+    running: Boolean(ev.running),
+  };
+}
+
+/** The attention node's status lines: mode, calls 8-bit vs handed back, the reasons (most calls first). */
+export function attentionLines(a) {
+  if (!a) return ["status appears here when the node runs"];
+  const lines = [a.mode === "never" ? "never: the model's own attention" : `${a.mode} · P·V ${a.pv}`];
+  if (a.mode === "never") return lines;
+  const total = a.q8 + a.host;
+  if (!total) {
+    lines.push(a.running ? "sampling: no attention call yet" : "no attention calls yet");
+    return lines;
+  }
+  lines.push(`8-bit: ${a.q8} of ${total} calls · handed back: ${a.host}${a.running ? " (running)" : ""}`);
+  const why = Object.entries(a.reasons).sort((p, q) => q[1] - p[1]).map(([k, n]) => `${k} (${n})`);
+  if (why.length) lines.push(`16-bit because: ${why.join(", ")}`);
+  return lines;
 }

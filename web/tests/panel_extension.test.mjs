@@ -68,6 +68,7 @@ function makeNodeType(name, { copyWidgets = false } = {}) {
 let ext;
 let BitNode;
 let LoaderNode;
+let AttnNode;
 
 before(async () => {
   // Load dvdq_panel.js with its two ComfyUI imports pointed at the fakes.
@@ -88,6 +89,8 @@ before(async () => {
   LoaderNode = makeNodeType("DVDQuantLoader");
   await ext.beforeRegisterNodeDef(BitNode, { name: "DVDQuantBitSwitch" });
   await ext.beforeRegisterNodeDef(LoaderNode, { name: "DVDQuantLoader" });
+  AttnNode = makeNodeType("DVDQuantAttention");
+  await ext.beforeRegisterNodeDef(AttnNode, { name: "DVDQuantAttention" });
 });
 
 const panelOf = (node) => node.widgets.find((w) => w.name === "dvdq_panel");
@@ -325,4 +328,42 @@ test("the whole summary (five lines with the fused steps and the backend) fits i
   assert.ok(rec.texts.includes("backend reference (the input is on cpu)"));
   const height = panelOf(loader).computeSize(320)[1];  // the panel's box ends 4 px above the next widget
   for (const y of rec.textYs) assert.ok(y + 6 <= 200 + height - 4, `text at ${y} below the panel (200..${200 + height - 4})`);
+});
+
+test("the Bit Switch strip marks the steps whose attention ran in 8 bits and says on how many", () => {
+  const node = newBitNode(141, newLoader(140));
+  let rec = draw(node);
+  assert.equal(rec.rects.filter((r) => r.h === 2).length, 0);
+  host.api.emit("dvdq.bits_reset", { node: "141" });
+  [[8, 0], [4, 3], [4, 3], [8, 0]].forEach(([bits, q8], step) => host.api.emit("dvdq.bits", {
+    node: "141", step, total: 5, bits, indicator: 0.01, accumulated: 0.01, mode: "delta",
+    attention: { q8, host: 6 - q8 },
+  }));
+  rec = draw(node);
+  const marks = rec.rects.filter((r) => r.h === 2 && r.y === 237);  // under the strip (y + 37)
+  assert.deepEqual(marks.map((m) => m.colour), [S.ATTN16_COLOUR, S.ATTN8_COLOUR, S.ATTN8_COLOUR, S.ATTN16_COLOUR]);
+  assert.ok(rec.texts.includes("attention: 8-bit on 2 of 4 steps"), rec.texts.join(" | "));
+  assert.ok(rec.texts.some((t) => t.endsWith("acc 0.01 · attn 16-bit")), rec.texts.join(" | "));  // the newest step
+  const height = panelOf(node).computeSize(320)[1];
+  for (const y of rec.textYs) assert.ok(y + 6 <= 200 + height - 4, `text at ${y} below the panel (200..${200 + height - 4})`);
+});
+
+test("the 8-bit Attention node gets a status panel that follows dvdq.attention", () => {
+  const node = new AttnNode(151, [{ name: "mode", value: "always" }, { name: "pv", value: "auto" }],
+    [{ name: "model", type: "MODEL", link: 1 }]);
+  node.onNodeCreated();
+  const panel = panelOf(node);
+  assert.ok(panel && panel.serialize === false, "an unserialized panel widget");
+  assert.ok(draw(node).texts.includes("status appears here when the node runs"));
+  host.api.emit("dvdq.attention", { node: "151", mode: "always", pv: "fp8", q8: 60, host: 60,
+    reasons: { "fewer than 128 keys": 60 }, running: false });
+  const rec = draw(node);
+  assert.deepEqual(rec.texts, ["always · P·V fp8", "8-bit: 60 of 120 calls · handed back: 60",
+    "16-bit because: fewer than 128 keys (60)"]);
+  const height = panel.computeSize(320)[1];
+  for (const y of rec.textYs) assert.ok(y + 6 <= 200 + height - 4, `text at ${y} below the panel`);
+  const { frames } = mountLikeNodes2(node);  // Nodes 2.0: repainted on the next event
+  host.api.emit("dvdq.attention", { node: "9:151", mode: "always", pv: "fp8", q8: 61, host: 60,
+    reasons: { "fewer than 128 keys": 60 }, running: true });
+  assert.ok(frames.at(-1).texts.some((t) => t.startsWith("8-bit: 61 of 121 calls")), frames.at(-1).texts.join(" | "));
 });

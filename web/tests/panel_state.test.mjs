@@ -186,13 +186,68 @@ test("formatting helpers", () => {
 
 test("layout: strip, line and info inside the Bit Switch panel; bar and five summary lines inside the Loader's", () => {
   const { PAD } = S.LAYOUT;
-  const [BIT_PANEL_H, QUANT_PANEL_H] = [80, 92];  // dvdq_panel.js (the extension test checks the drawing too)
+  const [BIT_PANEL_H, QUANT_PANEL_H, ATTN_PANEL_H] = [94, 92, 48];  // dvdq_panel.js (the extension test draws)
   const g = S.stripGeometry(300, 50);
   assert.deepEqual([g.x, g.w], [PAD, 300 - 2 * PAD]);
   assert.ok(g.stripY + g.stripH <= g.lineY && g.lineY + g.lineH < g.infoY - 5);
-  assert.ok(g.infoY + 6 <= 50 + BIT_PANEL_H - 4, "the info line inside the panel's box");
+  assert.ok(g.stripY + g.stripH < g.attnY && g.attnY + g.attnH <= g.lineY, "the attention mark between strip and line");
+  assert.ok(g.infoY + 7 <= g.attnLineY - 6, "the attention summary under the info line");
+  assert.ok(g.attnLineY + 6 <= 50 + BIT_PANEL_H - 4, "the attention summary inside the panel's box");
+  const a = S.attentionGeometry(300, 50);
+  assert.ok(a.lineY - 6 >= 50 && a.lineY + 2 * a.lineH + 6 <= 50 + ATTN_PANEL_H - 4, "three status lines in the box");
   const q = S.quantGeometry(300, 50);
   assert.equal(q.barY - 50, 5);
   assert.ok(q.lineY - 6 >= q.barY + q.barH, "the first summary line under the bar");
   assert.ok(q.lineY + 4 * q.lineH + 6 <= 50 + QUANT_PANEL_H - 4, "five summary lines inside the panel's box");
+});
+
+test("steps say whether their attention ran in 8 bits; the summary counts them", () => {
+  const att = (q8, host) => ({ attention: { q8, host } });
+  let st = run([bitsEv(0, 8, att(0, 12)), bitsEv(1, 4, att(6, 6)), bitsEv(2, 4, att(6, 6))]);
+  assert.equal(S.attention8(st.steps[0]), false);
+  assert.equal(S.attention8(st.steps[1]), true);
+  assert.equal(S.attentionColour(st.steps[0]), S.ATTN16_COLOUR);
+  assert.equal(S.attentionColour(st.steps[1]), S.ATTN8_COLOUR);
+  assert.equal(S.attentionColour(st.steps[3]), null);  // not run yet
+  assert.equal(S.attentionSummary(st), "attention: 8-bit on 2 of 3 steps");
+  assert.equal(S.describeStep(st, 1), "step 2/5: 4 bits · ind 0.01 · acc 0.02 · attn 8-bit");
+  assert.equal(S.describeStep(st, 0), "step 1/5: 8 bits · ind 0 · acc 0 · attn 16-bit");
+  st = S.applyBitsEvent(st, { node: "7", step: 3, total: 5, bits: null, skipped: true, mode: "delta" });
+  assert.equal(S.attention8(st.steps[3]), null);  // a cached step ran no attention
+  assert.equal(S.attentionSummary(st), "attention: 8-bit on 2 of 3 steps");
+  // without a DVD-Quant 8-bit Attention node the events carry no attention: nothing is shown
+  const plain = run([bitsEv(0, 8), bitsEv(1, 4)]);
+  assert.equal(S.attentionSummary(plain), null);
+  assert.equal(S.attentionColour(plain.steps[0]), null);
+  assert.equal(S.describeStep(plain, 1), "step 2/5: 4 bits · ind 0.01 · acc 0.02");
+  assert.equal(S.attentionSummary(run([bitsEv(0, 4, att(1, 0))])), "attention: 8-bit on 1 of 1 step");
+});
+
+test("the 8-bit Attention node's status: mode, calls 8-bit vs handed back, and why", () => {
+  assert.deepEqual(S.attentionLines(null), ["status appears here when the node runs"]);
+  let a = S.applyAttentionEvent(null, { node: "4", mode: "low-bit steps (δ-GBS)", pv: "fp8", q8: 0, host: 0,
+    reasons: {}, running: false });
+  assert.deepEqual(S.attentionLines(a), ["low-bit steps (δ-GBS) · P·V fp8", "no attention calls yet"]);
+  a = S.applyAttentionEvent(a, { node: "4", mode: "low-bit steps (δ-GBS)", pv: "fp8", q8: 120, host: 360,
+    reasons: { "fewer than 128 keys": 120, "a high-bit step": 240 }, running: true });
+  assert.deepEqual(S.attentionLines(a), [
+    "low-bit steps (δ-GBS) · P·V fp8",
+    "8-bit: 120 of 480 calls · handed back: 360 (running)",
+    "16-bit because: a high-bit step (240), fewer than 128 keys (120)",
+  ]);
+  a = S.applyAttentionEvent(a, { node: "4", mode: "always", pv: "auto", q8: 0, host: 40, running: false,
+    reasons: { "the tensors are on cpu, and the 8-bit attention kernel runs on CUDA GPUs only": 40 } });
+  assert.equal(S.attentionLines(a)[1], "8-bit: 0 of 40 calls · handed back: 40");
+  assert.match(S.attentionLines(a)[2], /^16-bit because: the tensors are on cpu/);
+  a = S.applyAttentionEvent(a, { node: "4", mode: "never", pv: "auto", q8: 0, host: 0, reasons: {} });
+  assert.deepEqual(S.attentionLines(a), ["never: the model's own attention"]);
+  a = S.applyAttentionEvent(null, { node: "4", mode: "always", pv: "fp16", q8: 10, host: 0, reasons: {} });
+  assert.equal(S.attentionLines(a).length, 2);  // nothing handed back: no reason line
+});
+
+test("fitRight keeps the start of a long line", () => {
+  const measure = (t) => t.length * 6;
+  assert.equal(S.fitRight("short", 100, measure), "short");
+  const fitted = S.fitRight("16-bit because: fewer than 128 keys (120)", 60, measure);
+  assert.ok(fitted.endsWith("…") && measure(fitted) <= 60 && "16-bit because".startsWith(fitted.slice(0, -1)), fitted);
 });
