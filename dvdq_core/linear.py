@@ -169,7 +169,7 @@ class _View:
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
                                                               "shares_input")})
         self.act = act
-        self.lowrank = lowrank if lowrank is not None else getattr(layer, "lowrank", None)
+        self.lowrank = lowrank if lowrank is not None else branch_of(layer)
         # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer)
         for name, t in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
             setattr(self, name, t.detach() if t.device == device else t.detach().to(device, non_blocking=True))
