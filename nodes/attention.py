@@ -22,7 +22,7 @@ log = logging.getLogger("dvdq")
 
 ALWAYS, LOW_BIT_STEPS, NEVER = "always", "low-bit steps (δ-GBS)", "never"
 MODES = (ALWAYS, LOW_BIT_STEPS, NEVER)
-PV_FORMS = ("auto", "fp8", "fp16")
+PV_FORMS = core.PV_FORMS
 LOW_BITS_BELOW = 8  # "low-bit steps": the step's activation bits are below this (δ-GBS's 4-bit steps by default)
 MIN_KEYS = 128  # shorter key sequences (text cross-attention of tiny models) stay on the host: nothing to gain
 # reasons a call stays on the host's attention by design (no warning)

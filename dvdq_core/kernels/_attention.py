@@ -25,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import attention as _core
 from ._triton import EPS, _clamp_round, _exp2i, _round_to
 
-V_MAX = tl.constexpr(448.0)
-P_SHIFT = tl.constexpr(8.0)
+V_MAX = tl.constexpr(_core.V_MAX)  # the reference's constants (dvdq_core.attention), one definition
+P_SHIFT = tl.constexpr(_core.P_SHIFT)
 
 
 @triton.jit
@@ -299,7 +300,7 @@ def quantize(q, k, v, scale: float, fp8: bool, cfg) -> dict:
     if fp8:
         vm = (part[1].sum(1) / lk).contiguous()
         va = torch.maximum(part[2].amax(1) - vm, vm - part[3].amin(1)).clamp_min(1e-8)  # = max |V - mean|
-        vs, vr = va / 448.0, 448.0 / va
+        vs, vr = va / _core.V_MAX, _core.V_MAX / va
         v_in = torch.empty((bh, d, lkp), device=dev, dtype=torch.float8_e4m3fn)
         _quantize_kernel[(lkp // bn, bh)](v, vm, vr, v_in, ks, lk, lkp, heads, *v.stride(), 1.0, BT=bn, MODE=2,
                                           **common)
