@@ -17,7 +17,8 @@ from . import configs
 
 GROUP = 64  # smallest column tile of the activation kernels
 _rot_cache = {}
-# A LoRA branch beside the layer (dvdq_core/lowrank.py, QuantLinear.lowrank) runs, by DVDQ_LORA_IMPL:
+# A LoRA branch beside the layer (dvdq_core/lowrank.py, lowrank.branch_of: the LoRAs after quantization and/or
+# the weight's own SVD branch, one stacked branch; "lora_*" names below mean that branch) runs, by DVDQ_LORA_IMPL:
 #   "unfused"   the layer as without a branch, then x @ A^T and an addmm of the up-projection into y
 #               (cuBLAS), then the fused GELU by torch (the default)
 #   "epilogue"  T = x @ A^T by one cuBLAS GEMM, the activation pass as without a branch, the up-projection in
