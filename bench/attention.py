@@ -121,7 +121,7 @@ def bench_shape(name, b, h, l, d, args, peers, cap):
     if args.sweep:
         for pv in ("fp8", "fp16"):
             for cfg in configs.attention_candidates(cap, pv == "fp8"):
-                os.environ["DVDQ_ATTN_CONFIG"] = f"{cfg.BM},{cfg.BN},{cfg.num_warps},{cfg.num_stages}"
+                os.environ["DVDQ_ATTN_CONFIG"] = cfg.to_env()
                 try:
                     fn = lambda pv=pv: attention_q8(q, k, v, pv=pv, backend="triton")  # noqa: E731
                     err, _ = rel_l2_cos(fn(), ref)

@@ -170,8 +170,12 @@ class _View:
                                                               "shares_input")})
         self.act = act
         self.lowrank = lowrank if lowrank is not None else branch_of(layer)
-        # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer)
+        # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer);
+        # not the SVD factors when the branch is given (converted for the call: copying them too would be twice)
+        skip = ("svd_down", "svd_up") if lowrank is not None else ()
         for name, t in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
+            if name in skip:
+                continue
             setattr(self, name, t.detach() if t.device == device else t.detach().to(device, non_blocking=True))
         if "bias" not in self.__dict__:
             self.bias = None

@@ -155,10 +155,10 @@ class DVDQuantARQSettings:
             },
         }
 
-    def settings(self, rotate, had_block, auto_scale, granularity, scale_block, layer_overrides, svd_rank=None):
+    def settings(self, rotate, had_block, auto_scale, granularity, scale_block, layer_overrides,
+                 svd_rank=DEFAULT_ARQ["svd_rank"]):
         try:
-            return (arq_settings(rotate, had_block, auto_scale, granularity, scale_block, layer_overrides,
-                                 DEFAULT_ARQ["svd_rank"] if svd_rank is None else svd_rank),)
+            return (arq_settings(rotate, had_block, auto_scale, granularity, scale_block, layer_overrides, svd_rank),)
         except SettingsError as e:
             raise _user_error(e) from None
 

@@ -168,8 +168,9 @@ class _LowRankPatching:
             if layer.lowrank is not None:
                 branches, branch_bytes = branches + 1, branch_bytes + layer.lowrank.nbytes()
         if branches:  # outside ComfyUI's memory accounting: said, so a user sees what the LoRAs take
-            log.info("DVD-Quant: LoRAs after quantization run as branches on %d layers (%.0f MiB on %s)", branches,
-                     branch_bytes / 2**20, self.load_device)
+            log.info("DVD-Quant: LoRAs after quantization run as branches on %d layers (%.0f MiB on %s, including a "
+                     "copy of each layer's SVD branch stacked with them)", branches, branch_bytes / 2**20,
+                     self.load_device)
         return out
 
     def _refresh(self, layer):

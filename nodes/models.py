@@ -370,10 +370,10 @@ def _stored_weight(src, key):
     import comfy.model_patcher
     weight, _, convert = comfy.model_patcher.get_key_weight(src.model, key)
     backup = src.backup.get(key)
-    if backup is not None:
+    hook_backup = getattr(src, "hook_backup", {}).get(key)
+    if backup is not None:  # the original; a hook's backup holds the weight as the MODEL's patches left it
         weight = backup.weight
-    hook_backup = src.hook_backup.get(key)
-    if hook_backup is not None:
+    elif hook_backup is not None:
         weight = hook_backup[0]
     return weight, convert or (lambda a, **kwargs: a)
 
@@ -560,9 +560,8 @@ def save_model(patcher, path, merge_loras=False):
     hook_backup = getattr(patcher, "hook_backup", {})
     for key in {*patcher.backup, *hook_backup}:
         name = key[len(prefix):]
-        if key.startswith(prefix) and name in sd:  # the original: the MODEL's backup before a hook's
-            weight = patcher.backup[key].weight if key in patcher.backup else hook_backup[key][0]
-            _, convert = _stored_weight(patcher, key)
+        if key.startswith(prefix) and name in sd:  # the original weight, without the MODEL's patches
+            weight, convert = _stored_weight(patcher, key)
             sd[name] = convert(weight.detach().to(torch.float32, copy=True), inplace=True).to(sd[name].dtype)
     patched = [k for k in patcher.patches if patcher.patches[k] and k.startswith(prefix) and k[len(prefix):] in sd]
     if merge_loras and patched:

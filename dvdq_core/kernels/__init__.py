@@ -198,16 +198,16 @@ def _linear_shape(layer, x2d: torch.Tensor, a_bits: int):
 
 
 def _lowrank_shape(lowrank, x2d: torch.Tensor, n: int):
-    """A LoRA branch (QuantLinear.lowrank) the kernels can fuse: factors of the layer's shape in the input's
+    """A low-rank branch (lowrank.branch_of) the kernels can fuse: factors of the layer's shape in the input's
     dtype (QuantLinear.forward converts them)."""
     if lowrank is None:
         return None
     rank, k = lowrank.down.shape[0], x2d.shape[1]
     if tuple(lowrank.down.shape) != (rank, k) or tuple(lowrank.up.shape) != (n, rank) or \
             (lowrank.bias is not None and tuple(lowrank.bias.shape) != (n,)):
-        return "the LoRA branch's factors do not fit the layer"
+        return "the low-rank branch's factors (SVD branch / LoRAs after quantization) do not fit the layer"
     if any(t is not None and t.dtype != x2d.dtype for t in (lowrank.down, lowrank.up, lowrank.bias)):
-        return "the LoRA branch's factors are not in the input's dtype"
+        return "the low-rank branch's factors (SVD branch / LoRAs after quantization) are not in the input's dtype"
     return None
 
 

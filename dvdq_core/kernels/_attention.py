@@ -293,13 +293,13 @@ def quantize(q, k, v, scale: float, fp8: bool, cfg) -> dict:
     qs = torch.empty((bh, lqp), device=dev, dtype=torch.float32)
     k8 = torch.empty((bh, lkp, d), device=dev, dtype=torch.int8)
     ks = torch.empty((bh, lkp // bn), device=dev, dtype=torch.float32)
-    qk_scale = float(scale) * 1.4426950408889634
+    qk_scale = float(scale) * _core.LOG2E
     common = dict(D=d, INTERPRET=interp, num_warps=4)
     _quantize_kernel[(lqp // bm, bh)](q, q, q, q8, qs, lq, lqp, heads, *q.stride(), qk_scale, BT=bm, MODE=0, **common)
     _quantize_kernel[(lkp // bn, bh)](k, kmean, kmean, k8, ks, lk, lkp, heads, *k.stride(), 1.0, BT=bn, MODE=1, **common)
     if fp8:
         vm = (part[1].sum(1) / lk).contiguous()
-        va = torch.maximum(part[2].amax(1) - vm, vm - part[3].amin(1)).clamp_min(1e-8)  # = max |V - mean|
+        va = torch.maximum(part[2].amax(1) - vm, vm - part[3].amin(1)).clamp_min(_core.EPS)  # = max |V - mean|
         vs, vr = va / _core.V_MAX, _core.V_MAX / va
         v_in = torch.empty((bh, d, lkp), device=dev, dtype=torch.float8_e4m3fn)
         _quantize_kernel[(lkp // bn, bh)](v, vm, vr, v_in, ks, lk, lkp, heads, *v.stride(), 1.0, BT=bn, MODE=2,
