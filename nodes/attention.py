@@ -61,25 +61,27 @@ def _hand_back(why: str | None):
 
 
 def route(args, kwargs, mode: str = ALWAYS, bit_state=None, check=None):
-    """Where one host attention call goes: (None, q, k, v) with q, k, v as [B, H, L, D] views where the 8-bit
-    attention takes it, else (reason, None, None, None). `check(q, k, v, mask)`: why the 8-bit attention cannot
+    """Where one host attention call goes: (None, q, k, v, skip_output_reshape) with q, k, v as [B, H, L, D]
+    views where the 8-bit attention takes it, else (reason, None, None, None, None). `check(q, k, v, mask)`: why the 8-bit attention cannot
     run these tensors (default `core.why_not`, the GPU kernel's; bench/quality.py passes `core.shape_reason`
     to run the reference on the CPU under the same rules)."""
     if mode == NEVER or kwargs.get("low_precision_attention", True) is False:  # the model asks for 16 bits
-        return (MODE_NEVER if mode == NEVER else FULL_PRECISION), None, None, None
+        return (MODE_NEVER if mode == NEVER else FULL_PRECISION), None, None, None, None
     if mode == LOW_BIT_STEPS and (bit_state is None or int(bit_state.bits) >= LOW_BITS_BELOW):
-        return HIGH_BIT_STEP, None, None, None
+        return HIGH_BIT_STEP, None, None, None, None
     a = _bind(args, kwargs)
     heads = a.get("heads")
     if not isinstance(heads, int) or heads < 1:
-        return "the call gives no head count", None, None, None
+        return "the call gives no head count", None, None, None, None
     if kwargs.get("enable_gqa", False):
-        return "grouped-query attention is not supported", None, None, None
+        return "grouped-query attention is not supported", None, None, None, None
     q, k, v = (_to_bhld(a.get(n), heads, a.get("skip_reshape", False)) for n in ("q", "k", "v"))
     why = (check or core.why_not)(q, k, v, a["mask"])
     if why is None and k.shape[2] < MIN_KEYS:
         why = FEW_KEYS
-    return (why, None, None, None) if why is not None else (None, q, k, v)
+    if why is not None:
+        return why, None, None, None, None
+    return None, q, k, v, bool(a.get("skip_output_reshape", False))
 
 
 class AttentionStats:
@@ -153,12 +155,11 @@ def make_override(mode: str = ALWAYS, pv: str = "auto", bit_state=None, previous
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
     def override(func, *args, **kwargs):
-        why, q, k, v = route(args, kwargs, mode, bit_state, check)
+        why, q, k, v, skip_out = route(args, kwargs, mode, bit_state, check)
         stats.count(why)
         if why is not None:
             _hand_back(why)
             return host(func, args, kwargs)
-        skip_out = _bind(args, kwargs).get("skip_output_reshape", False)
         out = run(q, k, v, scale=kwargs.get("scale"), pv=pv, backend="triton",
                   out_layout="bhld" if skip_out else "blhd")
         return out if skip_out else out.reshape(out.shape[0], out.shape[1], -1)

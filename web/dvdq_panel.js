@@ -31,12 +31,13 @@ const keyOf = (id) => String(id).split(":").pop();
 // node whenever it is marked dirty. In Nodes 2.0 (Vue nodes, `Comfy.VueNodes.Enabled`) the front
 // end draws a widget that has its own draw() into a <canvas> of the widget's own ("WidgetLegacy"),
 // and repaints it only when the widget's triggerDraw(), which it sets, is called.
-const panels = new Set();
+const panels = new Map();  // panel widget -> its node
 
-function redraw() {
+/** Repaint: the classic canvas, and in Nodes 2.0 the panels of the event's node (`key`; all without one). */
+function redraw(key) {
   if (app.canvas?.setDirty) app.canvas.setDirty(true, false);  // the canvas that shows the open (sub)graph
   else app.graph?.setDirtyCanvas(true, false);
-  for (const w of panels) w.triggerDraw?.();
+  for (const [w, node] of panels) if (key === undefined || keyOf(node.id) === key) w.triggerDraw?.();
 }
 
 function widgetValue(node, name) {
@@ -184,7 +185,7 @@ function bitHoverIndex(node, width, y, [px, py]) {
 function setHover(node, i) {
   if (i === (node._dvdqHover ?? null)) return;
   node._dvdqHover = i;
-  redraw();
+  redraw(keyOf(node.id));
 }
 
 // Nodes 2.0 draws the panel into its own <canvas>, whose pointer moves do not reach
@@ -263,7 +264,7 @@ function addPanel(node, height, draw) {
     },
   };
   // Some front ends add a widget object of their own made from this one: keep the one added.
-  panels.add(node.addCustomWidget(widget) ?? widget);
+  panels.set(node.addCustomWidget(widget) ?? widget, node);
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
 }
@@ -273,28 +274,29 @@ app.registerExtension({
 
   setup() {
     api.addEventListener(S.EVENTS.bitsReset, ({ detail }) => {
-      strips.set(keyOf(detail.node), S.emptyBitStrip());
-      redraw();
+      const key = keyOf(detail.node);
+      strips.set(key, S.emptyBitStrip());
+      redraw(key);
     });
     api.addEventListener(S.EVENTS.bits, ({ detail }) => {
       const key = keyOf(detail.node);
       strips.set(key, S.applyBitsEvent(strips.get(key) ?? S.emptyBitStrip(), detail));
-      redraw();
+      redraw(key);
     });
     api.addEventListener(S.EVENTS.quantProgress, ({ detail }) => {
       const key = keyOf(detail.node);
       quants.set(key, S.applyProgressEvent(quants.get(key) ?? S.emptyQuant(), detail));
-      redraw();
+      redraw(key);
     });
     api.addEventListener(S.EVENTS.quantSummary, ({ detail }) => {
       const key = keyOf(detail.node);
       quants.set(key, S.applySummaryEvent(quants.get(key) ?? S.emptyQuant(), detail));
-      redraw();
+      redraw(key);
     });
     api.addEventListener(S.EVENTS.attention, ({ detail }) => {
       const key = keyOf(detail.node);
       attns.set(key, S.applyAttentionEvent(attns.get(key) ?? null, detail));
-      redraw();
+      redraw(key);
     });
   },
 

@@ -306,6 +306,18 @@ test("a removed node's panel is no longer repainted", () => {
   assert.equal(calls, 1);
 });
 
+test("Nodes 2.0: an event repaints its own node's panel only", () => {
+  const a = newBitNode(141, newLoader(140));
+  const b = newBitNode(143, newLoader(142));
+  const calls = { a: 0, b: 0 };
+  panelOf(a).triggerDraw = () => { calls.a++; };
+  panelOf(b).triggerDraw = () => { calls.b++; };
+  host.api.emit("dvdq.bits", { node: "141", step: 0, total: 2, bits: 8, indicator: null, accumulated: 0, mode: "fixed" });
+  assert.deepEqual(calls, { a: 1, b: 0 });
+  host.api.emit("dvdq.bits", { node: "sub:143", step: 0, total: 2, bits: 4, indicator: null, accumulated: 0, mode: "fixed" });
+  assert.deepEqual(calls, { a: 1, b: 1 });  // a node inside a subgraph: its local id
+});
+
 test("a front end that adds its own copy of the widget: triggerDraw on that copy is what repaints", async () => {
   const Copying = makeNodeType("DVDQuantBitSwitch", { copyWidgets: true });
   await ext.beforeRegisterNodeDef(Copying, { name: "DVDQuantBitSwitch" });
