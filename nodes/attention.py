@@ -62,9 +62,9 @@ def _hand_back(why: str | None):
 
 def route(args, kwargs, mode: str = ALWAYS, bit_state=None, check=None):
     """Where one host attention call goes: (None, q, k, v, skip_output_reshape) with q, k, v as [B, H, L, D]
-    views where the 8-bit attention takes it, else (reason, None, None, None, None). `check(q, k, v, mask)`: why the 8-bit attention cannot
-    run these tensors (default `core.why_not`, the GPU kernel's; bench/quality.py passes `core.shape_reason`
-    to run the reference on the CPU under the same rules)."""
+    views where the 8-bit attention takes it, else (reason, None, None, None, None). `check(q, k, v, mask)`:
+    why the 8-bit attention cannot run these tensors (default `core.why_not`, the GPU kernel's;
+    bench/quality.py passes `core.shape_reason` to run the reference on the CPU under the same rules)."""
     if mode == NEVER or kwargs.get("low_precision_attention", True) is False:  # the model asks for 16 bits
         return (MODE_NEVER if mode == NEVER else FULL_PRECISION), None, None, None, None
     if mode == LOW_BIT_STEPS and (bit_state is None or int(bit_state.bits) >= LOW_BITS_BELOW):
