@@ -437,10 +437,9 @@ def check_template_widgets(where, n, defs):
         if node_specs.widget_value_count(spec) != len(values):
             tried[version] = f"{node_specs.widget_value_count(spec)} widgets"
             continue
-        found, k = [], 0
+        found, by_name = [], make_workflows.widget_map(spec, values)
         for w in node_specs.widgets(spec):
-            found += check_widget_value(f"{where}.{w['name']}", w, values[k])
-            k += 1 + node_specs.has_control(w) + (node_specs.upload_value(w) is not None)
+            found += check_widget_value(f"{where}.{w['name']}", w, by_name[w["name"]])
         if not found:
             return []
         tried[version] = "; ".join(found)
