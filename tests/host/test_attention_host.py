@@ -10,14 +10,14 @@ T2V = "tiny_wan2.1_t2v.safetensors"
 HAND_BACK = "DVD-Quant 8-bit Attention: this call runs on ComfyUI's attention because "
 
 
-def graph(prefix, *attention, seed=3):
+def graph(prefix, *attention):
     """The tiny Wan T2V sampled with the node (attention: (mode, pv)) or without it (no arguments)."""
     nodes = {"unet": node("UNETLoader", unet_name=T2V, weight_dtype="default")}
     ref = ["unet", 0]
     if attention:
         nodes["att"] = node("DVDQuantAttention", model=ref, mode=attention[0], pv=attention[1])
         ref = ["att", 0]
-    return sample_graph(nodes, ref, prefix, seed=seed)
+    return sample_graph(nodes, ref, prefix)
 
 
 def test_attention_node_hands_back_on_cpu_with_one_warning(server):
@@ -35,10 +35,7 @@ def test_attention_node_hands_back_on_cpu_with_one_warning(server):
     assert torch_equal(never, base)
 
 
-def test_attention_node_on_a_second_seed_and_low_bit_mode_refused_without_dvdq(server):
-    base = latent(server, run_ok(server, graph("attn_base5", seed=5))[0])
-    ours = latent(server, run_ok(server, graph("attn_always5", "always", "auto", seed=5))[0])
-    assert torch_equal(ours, base)
+def test_attention_low_bit_mode_refused_without_dvdq(server):
     # "low-bit steps" follows DVD-Quant's activation bits: a plain model is refused with the node's own message
     err = run_error(server, graph("attn_lowbit", "low-bit steps (δ-GBS)", "auto"))
     assert "connect a MODEL from DVD-Quant Loader or Apply" in err, err
