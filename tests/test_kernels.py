@@ -958,13 +958,19 @@ def test_lora_paths_by_rank_and_impl(monkeypatch):
         assert rel_err(y, reference_forward(layer, x, 4)) < 4e-3
 
 
-def test_lora_impls_and_default():
-    """DVDQ_LORA_IMPL's values; the default is set in one place (ops.DEFAULT_LORA_IMPL) and stays "unfused"
-    until a GPU measurement (bench/kernels.py --lora) says otherwise."""
+def test_lora_impls_and_default(monkeypatch):
+    """DVDQ_LORA_IMPL's values; by default the branch runs in the GEMM's epilogue on sm_90 (measured there:
+    bench/kernels.py --lora) and unfused elsewhere; DVDQ_LORA_IMPL, when set, holds for every device."""
     assert set(ops.LORA_IMPLS) == {"unfused", "epilogue", "fused", "triton"}
-    assert ops.DEFAULT_LORA_IMPL == "unfused"
-    if "DVDQ_LORA_IMPL" not in os.environ:
-        assert ops.LORA_IMPL == ops.DEFAULT_LORA_IMPL
+    assert set(ops.DEFAULT_LORA_IMPL.values()) <= set(ops.LORA_IMPLS)
+    monkeypatch.setattr(ops, "LORA_IMPL", None)
+    assert ops.lora_impl_for(torch.device("cpu")) == "unfused"
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    assert ops.lora_impl_for(torch.device("cuda", 0)) == "epilogue"
+    monkeypatch.setattr(ops, "_capability", lambda device: (8, 9))
+    assert ops.lora_impl_for(torch.device("cuda", 0)) == "unfused"
+    monkeypatch.setattr(ops, "LORA_IMPL", "fused")
+    assert ops.lora_impl_for(torch.device("cuda", 0)) == "fused"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile of the custom op needs the compiled GPU kernels")

@@ -144,7 +144,7 @@ def linear_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     share = int(getattr(layer, "shares_input", 0))  # q/k/v reading one input: quantize it once (ops)
     gelu = getattr(layer, "act", None) == "gelu_tanh"  # the next GELU, fused into the GEMM's epilogue (dvdq_core.fusion)
     # a LoRA branch beside the layer (dvdq_core/lowrank.py), joined before the GELU: its down-projection in the
-    # activation pass, its up-projection in the GEMM's epilogue (ops.LORA_IMPL)
+    # activation pass, its up-projection in the GEMM's epilogue (ops.lora_impl_for)
     lowrank = branch_of(layer)
     branch = () if lowrank is None else (lowrank.down, lowrank.up, lowrank.bias)
     return _w4_linear_op(x2d, layer.weight, layer.w_scale, layer.w_zero, layer.bias, int(a_bits), hb, sb, auto_scale,

@@ -20,25 +20,32 @@ _rot_cache = {}
 # A LoRA branch beside the layer (dvdq_core/lowrank.py, lowrank.branch_of: the LoRAs after quantization and/or
 # the weight's own SVD branch, one stacked branch; "lora_*" names below mean that branch) runs, by DVDQ_LORA_IMPL:
 #   "unfused"   the layer as without a branch, then x @ A^T and an addmm of the up-projection into y
-#               (cuBLAS), then the fused GELU by torch (the default)
+#               (cuBLAS), then the fused GELU by torch (the default off sm_90, where "epilogue" is not measured)
 #   "epilogue"  T = x @ A^T by one cuBLAS GEMM, the activation pass as without a branch, the up-projection in
 #               the GEMM's epilogue (the Gluon GEMM's on sm_90, else the Triton GEMM's): saves unfused's extra
-#               read and write of the output without slowing the activation pass
+#               read and write of the output without slowing the activation pass (the default on sm_90)
 #   "fused"     the down-projection in the activation pass too (its tiles are read there anyway), the
 #               up-projection in the epilogue as "epilogue"
 #   "triton"    "fused", but layers with a branch take the Triton GEMM on sm_90 as well (no Gluon)
-# bench/kernels.py --lora times them side by side; the default changes only on a GPU measurement (one line:
-# DEFAULT_LORA_IMPL).
+# bench/kernels.py --lora times them side by side (H100, Wan 14B, rank 64: epilogue +7-10% of the layer, unfused
+# +12-31%, fused +24-55%: bench/RESULTS.md). DVDQ_LORA_IMPL, when set, applies to every card.
 LORA_IMPLS = ("unfused", "epilogue", "fused", "triton")
-DEFAULT_LORA_IMPL = "unfused"
-LORA_IMPL = os.environ.get("DVDQ_LORA_IMPL", DEFAULT_LORA_IMPL)
-if LORA_IMPL not in LORA_IMPLS:
+DEFAULT_LORA_IMPL = {(9, 0): "epilogue"}  # by the architecture the kernels compile for; other cards: "unfused"
+LORA_IMPL = os.environ.get("DVDQ_LORA_IMPL") or None
+if LORA_IMPL is not None and LORA_IMPL not in LORA_IMPLS:
     raise ValueError(f"DVDQ_LORA_IMPL must be one of {', '.join(LORA_IMPLS)}, got {LORA_IMPL!r}")
 # The largest padded rank (lora_rp) the kernels take ("epilogue", "fused", "triton"): the Gluon GEMMs keep
 # a branch's tiles (U [BN, RP], T [BM, RP] in 16 bits) in their rings' shared memory, which holds them up to
 # 128, and the activation pass and the Triton epilogue compile without spills up to there
 # (bench/compile_targets.py). A larger rank (a stack of several LoRAs) runs unfused.
 LORA_FUSED_MAX_RP = 128
+
+
+def lora_impl_for(device) -> str:
+    """How a branch runs on this device: DVDQ_LORA_IMPL, else DEFAULT_LORA_IMPL's choice for the card."""
+    if LORA_IMPL is not None:
+        return LORA_IMPL
+    return DEFAULT_LORA_IMPL.get(_capability(device), "unfused")
 
 
 def interpreting() -> bool:
@@ -464,12 +471,12 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
     gelu: GELU (tanh form) fused into the GEMM's epilogue (dvdq_core.fusion).
     lora_down [R, K], lora_up [N, R], lora_bias [N] (x's dtype; any may be None): a LoRA branch beside
     the layer (dvdq_core/lowrank.py), Y = act(Q(X) W^T + b + (X down^T) up^T + lora_bias), run as
-    lora_impl says (default LORA_IMPL: see LORA_IMPLS above)."""
+    lora_impl says (default lora_impl_for(x2d.device): see LORA_IMPLS above)."""
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     if x2d.shape[0] == 0:  # no tokens: nothing to launch (GELU(empty) is empty too)
         return x2d.new_empty((0, qweight.shape[0])) if out is None else out
-    lora_impl = lora_impl or LORA_IMPL
+    lora_impl = lora_impl or lora_impl_for(x2d.device)
     if lora_down is not None and lora_down.shape[0] == 0:  # bias differences only
         lora_down = lora_up = None
     if lora_down is not None and lora_rp(lora_down.shape[0]) > LORA_FUSED_MAX_RP:
