@@ -179,6 +179,8 @@ def run_variant(label, base, args, trained):
     gbs_bits = None
     qmodels = {}
     for method, fields in METHODS:
+        if args.methods and method not in args.methods.split(","):
+            continue
         cfg = dvdq_core.QuantConfig(backend=args.backend, **fields)
         model = quantized_copy(base, cfg)
         if args.layer_split:
@@ -469,6 +471,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write all numbers here")
     p.add_argument("--skip-ablations", action="store_true",
                    help="the method table only (no ablations, schedules or BGR table): quick runs")
+    p.add_argument("--methods", default="",
+                   help=f"comma list of methods to run ({', '.join(m for m, _ in METHODS)}; default all): quicker runs")
     p.add_argument("--layer-split", action="store_true",
                    help="per-layer output error split into weight / activation parts, every method")
     p.add_argument("--split-bits", type=int, default=4, choices=(4, 5, 6, 7, 8),

@@ -8,7 +8,7 @@ from . import backends
 from .hadamard import rotate
 from .lowrank import LowRank, branch_of
 from .spec import LayerSpec
-from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, svd_split, unpack_codes
+from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, quantize_split, unpack_codes
 
 # Sibling projections that read one input tensor one after the other without changing it in place
 # (Wan's attention, in ComfyUI and in the reference code; "v" always comes last). Backends may then
@@ -39,17 +39,14 @@ def quantize_weight(weight: torch.Tensor, spec: LayerSpec, device=None):
     """Split off the SVD branch (spec.svd_rank > 0), rotate (if the spec says so) and quantize one weight.
     Returns (QuantizedWeight, rel. error of the whole layer weight, branch included)."""
     w = weight.detach().to(device=device or weight.device, dtype=torch.float32)
-    up = down = None
-    if spec.svd_rank:
-        up, down, res = svd_split(w, spec.svd_rank)
+    block = spec.had_block if spec.rotate else 1
+    if spec.svd_rank:  # the branch fitted to what the 4-bit residual leaves (weights.quantize_split)
+        qw = quantize_split(w, spec.svd_rank, spec.w_bits, spec.method, block)
+        approx = rotate(qw.dequantize(), block) + qw.svd_up @ qw.svd_down
     else:
-        res = w
-    if spec.rotate:
-        res = rotate(res, spec.had_block)
-    qw = (bgr_quantize if spec.method == "dvdq" else minmax_quantize)(res, spec.w_bits)
-    qw.svd_up, qw.svd_down = up, down
-    rel = ((qw.dequantize() - res).norm() / w.norm().clamp_min(1e-30)).item()
-    return qw, rel
+        qw = (bgr_quantize if spec.method == "dvdq" else minmax_quantize)(rotate(w, block), spec.w_bits)
+        approx = rotate(qw.dequantize(), block)
+    return qw, ((approx - w).norm() / w.norm().clamp_min(1e-30)).item()
 
 
 def branch_dtype(weight_dtype) -> torch.dtype:

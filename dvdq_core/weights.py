@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .hadamard import rotate
+
 W_BITS = range(2, 9)
 
 # BGR's search constants (the paper publishes neither n nor eps). The clipping range shrinks
@@ -199,9 +201,29 @@ def _top_singular(w: torch.Tensor, rank: int):
     return (q @ u)[:, :rank], s[:rank], vh[:rank]
 
 
-def svd_split(weight: torch.Tensor, rank: int):
+# Guarded input channels: columns whose norm is below GUARD_RATIO x the median column norm. A layer that reads
+# the residual stream gives its massive channels (hundreds of times the median) tiny columns, so the product
+# stays in range; a 4-bit grid's error on such a column (spread onto it by the rotation) is multiplied by the
+# massive input. The branch holds these columns exactly (one-hot rows of `down`), at most GUARD_MAX per layer.
+GUARD_RATIO = 0.1
+GUARD_MAX = 8
+
+
+def guard_channels(weight: torch.Tensor, ratio: float = GUARD_RATIO, limit: int = GUARD_MAX) -> torch.Tensor:
+    """Indices (int64, ascending) of the input channels whose column norm is below ratio x the median's,
+    the smallest `limit` of them."""
+    c = weight.float().norm(dim=0)
+    small = torch.nonzero(c < ratio * c.median()).flatten()
+    if small.numel() > limit:
+        small = small[c[small].argsort()[:limit]]
+    return small.sort().values.cpu()
+
+
+def svd_split(weight: torch.Tensor, rank: int, guard: bool = False):
     """(up [N, r], down [r, K], residual [N, K]) with weight = up @ down + residual, up @ down the best
-    rank-r approximation (r = min(rank, N, K); float32). rank 0: empty factors and the weight itself."""
+    rank-r approximation (r = min(rank, N, K); float32). rank 0: empty factors and the weight itself.
+    guard: the guarded channels' columns (guard_channels) take the first rows of `down` (one-hot), the rest
+    the best rank approximation of the other columns; the residual's guarded columns are exactly 0."""
     _check_weight(weight)
     r = min(int(rank), *weight.shape)
     if r <= 0:
@@ -212,10 +234,90 @@ def svd_split(weight: torch.Tensor, rank: int):
     # quantized by the CLI and the same model quantized in ComfyUI get the same codes
     home = weight.device
     w = weight.to(float64_device(home), torch.float64)
-    u, s, vh = _top_singular(w, r)
-    up, down = u * s, vh
+    g = guard_channels(w, limit=min(GUARD_MAX, r)) if guard else torch.zeros(0, dtype=torch.long)
+    if g.numel():
+        onehot = w.new_zeros(g.numel(), w.shape[1])
+        onehot[torch.arange(g.numel()), g.to(w.device)] = 1.0
+        rest = w.clone()
+        rest[:, g.to(w.device)] = 0.0
+        parts = [onehot]
+        if r > g.numel():
+            parts.append(_top_singular(rest, r - g.numel())[2])
+        down = torch.cat(parts)
+        up = w @ down.t()
+    else:
+        u, s, vh = _top_singular(w, r)
+        up, down = u * s, vh
     return (up.float().contiguous().to(home), down.float().contiguous().to(home),
             (w - up @ down).float().to(home))
+
+
+def refit_branch(weight: torch.Tensor, residual_hat: torch.Tensor, rank: int, keep: torch.Tensor | None = None):
+    """The branch (up [N, r], down [r, K], float32) that best completes a quantized residual: the best rank-r
+    approximation of weight - residual_hat (residual_hat: the dequantized residual in the weight's unrotated
+    basis), with the rows `keep` ([g, K], orthonormal, e.g. guarded channels' one-hot rows) kept first in `down`.
+    With E = weight - residual_hat, up = E downᵀ: the layer's weight error E (I - downᵀ down) is E projected
+    out of the branch's rows, zero on the kept ones."""
+    home = weight.device
+    dev = float64_device(home)
+    e = weight.to(dev, torch.float64) - residual_hat.to(dev, torch.float64)
+    parts = []
+    if keep is not None and keep.shape[0]:
+        kept = keep.to(dev, torch.float64)
+        parts.append(kept)
+        e_rest = e - (e @ kept.t()) @ kept
+    else:
+        e_rest = e
+    r_rest = min(int(rank), *e.shape) - sum(p.shape[0] for p in parts)
+    if r_rest > 0:
+        parts.append(_top_singular(e_rest, r_rest)[2])
+    down = torch.cat(parts) if parts else e.new_zeros(0, e.shape[1])
+    up = e @ down.t()
+    return up.float().contiguous().to(home), down.float().contiguous().to(home)
+
+
+# The branch refitted to the quantized residual (quantize_split): SVD_REFIT_ROUNDS rounds of "quantize the
+# residual, refit the branch to what it left"; 3 measured best on the synthetic models and the trained mini-Wan
+# (1: half the gain, 6: no better; bench/RESULTS.md, "Synthetic hard models").
+SVD_REFIT_ROUNDS = 3
+
+
+def quantize_split(weight: torch.Tensor, rank: int, bits: int = 4, method: str = "dvdq", had_block: int = 1,
+                   rounds: int = SVD_REFIT_ROUNDS, guard: bool = True) -> QuantizedWeight:
+    """A weight's 4-bit residual codes (rotated by the block Hadamard `had_block`, 1: none; BGR for method
+    "dvdq", else min-max) and its 16-bit branch, the branch fitted to what the codes leave:
+
+    1. split: the guarded channels' columns (guard_channels: tiny columns, the massive input channels a layer
+       that reads the residual stream nearly ignores) and the top singular directions of the rest,
+    2. quantize the residual W - up·down (rotated), and refit the branch to W - Ŵ (refit_branch: the guarded
+       rows kept, the others the top singular directions of what is left), `rounds` times,
+    3. keep the round with the smallest ||W - Ŵ - up·down||_F.
+
+    The layer's weight error is then W - Ŵ projected out of the branch's rows: exactly 0 on the guarded
+    channels, whatever the rotation spread onto them. Same shapes and storage as svd_split's branch."""
+    _check_weight(weight)
+    w = weight.float()
+    quant = bgr_quantize if method == "dvdq" else minmax_quantize
+    if min(int(rank), *w.shape) <= 0:
+        return quant(rotate(w, had_block), bits)
+    up, down, res = svd_split(w, rank, guard=guard)
+    r = up.shape[1]
+    home = w.device
+    w64 = w.to(float64_device(home), torch.float64)
+    g = guard_channels(w64, limit=min(GUARD_MAX, r)).numel() if guard else 0  # as svd_split found them
+    best, best_err = None, None
+    for _ in range(max(1, int(rounds))):
+        qw = quant(rotate(res, had_block), bits)
+        # back to the plain basis (the block Sylvester Hadamard is its own inverse); float64 as in svd_split
+        plain = rotate(qw.dequantize().to(w64.device, torch.float64), had_block)
+        up, down = refit_branch(w, plain, r, keep=down[:g])
+        branch = up.to(w64.device, torch.float64) @ down.to(w64.device, torch.float64)
+        err = (w64 - plain - branch).norm().item()
+        if best_err is None or err < best_err:
+            best, best_err = (qw, up, down), err
+        res = (w64 - branch).float().to(home)
+    qw, qw.svd_up, qw.svd_down = best[0], best[1], best[2]
+    return qw
 
 
 def float64_device(device: torch.device) -> torch.device:

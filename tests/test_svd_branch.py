@@ -171,3 +171,56 @@ def test_the_layer_runs_its_branch_itself_without_a_per_call_copy(monkeypatch):
 def test_float64_math_of_an_mps_weight_runs_on_the_cpu():
     assert weights.float64_device(torch.device("mps")) == torch.device("cpu")
     assert weights.float64_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def massive_reader(n=96, k=256, ch=(5, 140)):
+    """A weight that reads a residual stream with massive channels: those columns 1/300 of the others."""
+    w = randn(n, k) * 0.05
+    w[:, list(ch)] /= 300
+    return w
+
+
+def test_guard_channels_finds_the_tiny_columns_only():
+    w = massive_reader()
+    assert weights.guard_channels(w).tolist() == [5, 140]
+    assert weights.guard_channels(randn(96, 256)).numel() == 0  # an ordinary weight: none
+    w[:, 10:30] /= 300
+    assert weights.guard_channels(w, limit=4).numel() == 4  # capped, the smallest kept
+
+
+@pytest.mark.parametrize("block", [1, 64])
+def test_quantize_split_zero_error_on_guarded_channels_and_below_the_one_shot_split(block):
+    w = massive_reader()
+    w[10:14, 150:] += randn(4, 1) * randn(1, 106) * 0.2  # an outlier block away from the guarded columns
+    qw = weights.quantize_split(w, 8, 4, "dvdq", block)
+    assert qw.svd_up.shape == (96, 8) and qw.svd_down.shape == (8, 256)
+    layer = rotate(qw.dequantize(), block) + qw.svd_up @ qw.svd_down
+    err = layer - w
+    # the guarded columns are exact (float32 rounding only), though the residual's grid covers them
+    assert err[:, [5, 140]].abs().max() < 1e-6 * w.abs().max()
+    # the old one-shot split: branch = top-8 SVD of W, residual quantized once
+    up, down, res = weights.svd_split(w, 8)
+    old = rotate(weights.bgr_quantize(rotate(res, block), 4).dequantize(), block) + up @ down - w
+    assert err.norm() < old.norm()
+    # on a massive input in those channels, the output error is below the old split's; far below with the
+    # rotation, which spreads every row's grid error onto the guarded channels
+    x = randn(32, 256)
+    x[:, [5, 140]] = 300.0
+    assert (x @ err.t()).norm() < (0.5 if block > 1 else 1.0) * (x @ old.t()).norm()
+    again = weights.quantize_split(w, 8, 4, "dvdq", block)
+    assert torch.equal(again.codes, qw.codes) and torch.equal(again.svd_up, qw.svd_up), "deterministic"
+
+
+def test_quantize_split_without_guard_or_rank():
+    w = randn(64, 128)
+    qw = weights.quantize_split(w, 0, 4, "dvdq", 64)
+    assert qw.svd_up is None and qw.svd_down is None
+    assert torch.equal(qw.codes, weights.bgr_quantize(rotate(w, 64), 4).codes)
+    qw = weights.quantize_split(w, 4, 4, "minmax", 64, rounds=1, guard=False)
+    # one round: the residual of the plain split, its branch refitted (never worse than the split's own)
+    up, down, res = weights.svd_split(w, 4)
+    q0 = weights.minmax_quantize(rotate(res, 64), 4)
+    assert torch.equal(qw.codes, q0.codes)
+    old = rotate(q0.dequantize(), 64) + up @ down - w
+    new = rotate(qw.dequantize(), 64) + qw.svd_up @ qw.svd_down - w
+    assert new.norm() <= old.norm() + 1e-6
