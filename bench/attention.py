@@ -12,6 +12,7 @@ SDPA, and the output's relative L2 error / cosine against SDPA's, on inputs with
 video-DiT attention (`dit_like_qkv`; the CPU tests use the same generator).
 """
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -80,16 +81,23 @@ def timed(fn, iters):
 def _optional():
     """Peers that may be installed: {name: fn(q, k, v) -> [B, H, L, D]}, and notes on the missing ones."""
     peers, notes = {}, []
-    try:
-        from flash_attn_interface import flash_attn_func as fa3
-
-        def fa3_fp8(q, k, v):
-            f8 = torch.float8_e4m3fn
-            out = fa3(q.transpose(1, 2).to(f8), k.transpose(1, 2).to(f8), v.transpose(1, 2).to(f8))
-            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
-        peers["FA3 fp8"] = fa3_fp8
-    except Exception as e:
-        notes.append(f"FlashAttention-3 (flash_attn_interface) not importable: {type(e).__name__}")
+    fa3, fa3_errors = None, []
+    for module in ("flash_attn_interface", "fa3_fwd_interface"):  # FlashAttention-3: its own build, or `fa3-fwd`
+        try:
+            fa3 = importlib.import_module(module).flash_attn_func
+            break
+        except Exception as e:
+            fa3_errors.append(f"FlashAttention-3 ({module}) not importable: {type(e).__name__}: {e}"[:200])
+    if fa3 is None:
+        notes += fa3_errors
+    else:
+        def fa3_as(dtype):
+            def run(q, k, v):  # FA3 takes [B, L, H, D]; FP8 with unit scales (the inputs fit e4m3's range)
+                out = fa3(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)))
+                return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+            return run
+        peers["FA3 bf16"] = fa3_as(torch.bfloat16)
+        peers["FA3 fp8"] = fa3_as(torch.float8_e4m3fn)
     try:
         from sageattention import sageattn
         peers["sageattention"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
