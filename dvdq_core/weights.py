@@ -277,9 +277,10 @@ def refit_branch(weight: torch.Tensor, residual_hat: torch.Tensor, rank: int, ke
 
 
 # The branch refitted to the quantized residual (quantize_split): SVD_REFIT_ROUNDS rounds of "quantize the
-# residual, refit the branch to what it left"; 3 measured best on the synthetic models and the trained mini-Wan
-# (1: half the gain, 6: no better; bench/RESULTS.md, "Synthetic hard models").
-SVD_REFIT_ROUNDS = 3
+# residual, refit the branch to what it left". One round keeps nearly all of the gain (W4A4 on the massive model
+# 0.044, three rounds 0.042, six 0.043) for 1.1x the quantization time of the plain split (three: 2.3-3.2x);
+# bench/RESULTS.md, "Synthetic hard models".
+SVD_REFIT_ROUNDS = 1
 
 
 def quantize_split(weight: torch.Tensor, rank: int, bits: int = 4, method: str = "dvdq", had_block: int = 1,
