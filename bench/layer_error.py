@@ -21,23 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dvdq_core.activations import EPS, auto_scale, quantize_per_token, scale_granularity  # noqa: E402
+from dvdq_core.activations import EPS  # noqa: E402
+from dvdq_core.backends import quantized_input  # noqa: E402
 from dvdq_core.hadamard import rotate  # noqa: E402
 from dvdq_core.weights import minmax_quantize  # noqa: E402
 
 PARTS = ("W", "A", "both")
-
-
-def _quantized_acts(x, layer, a_bits):
-    scale = None
-    g = scale_granularity(layer.granularity, a_bits)
-    if layer.method != "smoothquant" and layer.auto_scale and a_bits != 16 and g is not None:
-        scale = auto_scale(x, g, layer.scale_block)
-    if a_bits == 16:
-        return x
-    q, s_tok = quantize_per_token(x, a_bits, scale)
-    xq = q.float() * s_tok.unsqueeze(1)
-    return xq * scale if scale is not None else xq
 
 
 @torch.no_grad()
@@ -56,7 +45,7 @@ def split_outputs(layer, weight: torch.Tensor, x2d: torch.Tensor, a_bits: int) -
         xb = rotate(x, layer.had_block) if layer.rotate else x
         wf = rotate(w, layer.had_block) if layer.rotate else w
         wq = layer.dequantized_weight()
-    xq = _quantized_acts(xb, layer, a_bits)
+    xq = quantized_input(layer, xb, a_bits)
     branch = layer.svd_branch() if hasattr(layer, "svd_branch") else None
     if branch is not None:  # the SVD branch (16-bit, plain basis) is exact here: it joins the weight part
         b = b + (x @ branch.down.float().t()) @ branch.up.float().t()

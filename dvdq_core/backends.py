@@ -264,6 +264,20 @@ def linear_backend(layer, dtype, a_bits: int = 4, device=None) -> str:
     return b.name if skipped is None else f"{b.name} ({skipped})"
 
 
+def quantized_input(layer, x: torch.Tensor, a_bits: int) -> torch.Tensor:
+    """x (float32, in the layer's basis: rotated, or divided by SmoothQuant's scales) as the layer's activation
+    quantization gives it back: per-token codes times their scales, times ARQ's channel scales where it has them."""
+    if a_bits == 16:
+        return x
+    scale = None
+    granularity = scale_granularity(layer.granularity, a_bits)  # None: no auto-scale at this bit-width
+    if layer.method != "smoothquant" and layer.auto_scale and granularity is not None:
+        scale = auto_scale(x, granularity, layer.scale_block)
+    q, s_tok = quantize_per_token(x, a_bits, scale)
+    x = q.float() * s_tok.unsqueeze(1)
+    return x * scale if scale is not None else x
+
+
 @torch.no_grad()
 def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
     """ARQ / baseline math of docs/design.md in float32."""
@@ -273,20 +287,11 @@ def reference_forward(layer, x2d: torch.Tensor, a_bits: int) -> torch.Tensor:
         s = x.abs().amax(0).clamp_min(EPS).sqrt() / w.abs().amax(0).clamp_min(EPS).sqrt()
         x = x / s
         w = minmax_quantize(w * s, layer.w_bits).dequantize()
-        scale = None
     else:
         if layer.rotate:
             x = rotate(x, layer.had_block)
         w = layer.dequantized_weight()
-        scale = None
-        granularity = scale_granularity(layer.granularity, a_bits)  # None: no auto-scale at this bit-width
-        if layer.auto_scale and a_bits != 16 and granularity is not None:
-            scale = auto_scale(x, granularity, layer.scale_block)
-    if a_bits != 16:
-        q, s_tok = quantize_per_token(x, a_bits, scale)
-        x = q.float() * s_tok.unsqueeze(1)
-        if scale is not None:
-            x = x * scale
+    x = quantized_input(layer, x, a_bits)
     y = x @ w.t()
     if layer.bias is not None:
         y = y + layer.bias.float()
