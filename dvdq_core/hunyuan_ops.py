@@ -11,8 +11,10 @@ per-sample vector. Here:
   roundings, which runs as is; with dims (below) the host multiplies, then adds, in place: the
   product is rounded to the dtype before the sum, and the kernel does so too.
 - head_norm_rope: the q (or k) columns of the qkv output [B, L, 3 H D] -> per-head RMS norm with
-  the weight (`scale`), rotary embedding -> [B, H, L, D]; with a second part (the double block's
-  text) both land in one [B, H, L + L2, D] buffer, image tokens first.
+  the weight, rotary embedding -> [B, H, L, D]; with a second part (the double block's other stream)
+  both land in one [B, H, L + L2, D] buffer, the first part first (image tokens first in ComfyUI
+  0.3.x and 0.8.0, text first in 0.33.0). The rotation's reference is flux.math.attention's sum of
+  products (0.3.x) or, with addcmul, comfy-kitchen's apply_rope (0.8.0 on): product, then addcmul_.
 - gated_add / gated_add_: `x + apply_mod(y, gate, None, dims)` and `x += ...`: unlike Wan's addcmul
   (one rounding) the host rounds the product to the dtype before the sum, with dims or without; the
   kernel does too (for bf16/fp16 the result is then the host's bit for bit). gated_add_ updates x in
@@ -35,6 +37,8 @@ Shapes: x, y [B, L, C]; shift, scale, gate [B, 1, C] in x's dtype (one vector pe
 with dims; pe [B or 1, 1, L, D/2, 2, 2] float32 (the 2 x 2 rotation of each channel pair, ComfyUI's
 flux layout).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -105,15 +109,23 @@ def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) ->
 
 
 def head_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, pe: torch.Tensor, heads: int,
-                             x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None) -> torch.Tensor:
-    """QKNorm (RMS norm per head, rounded to x's dtype), the double block's torch.cat of the image (x)
-    and text (x2) parts, then flux.math.attention's rotation in float32 -> [B, H, L + L2, D] in x's dtype."""
+                             x2: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
+                             addcmul: bool = False) -> torch.Tensor:
+    """QKNorm (RMS norm per head, rounded to x's dtype), the double block's torch.cat of the first (x)
+    and second (x2) parts, then the rotation in float32 -> [B, H, L + L2, D] in x's dtype: flux.math.attention's
+    sum of the two products (ComfyUI 0.3.x), or with addcmul comfy-kitchen's apply_rope that newer hosts call
+    (the first product, then addcmul_ of the second: on the CPU another rounding)."""
     q = _head_norm(x, weight, eps, heads)
     if x2 is not None:
         q = torch.cat((q, _head_norm(x2, weight2, eps, heads)), dim=2)
     shape = q.shape
     q32 = q.to(dtype=pe.dtype).reshape(*shape[:-1], -1, 1, 2)
-    return (pe[..., 0] * q32[..., 0] + pe[..., 1] * q32[..., 1]).reshape(*shape).type_as(q)
+    if addcmul:
+        out = pe[..., 0] * q32[..., 0]
+        out.addcmul_(pe[..., 1], q32[..., 1])
+    else:
+        out = pe[..., 0] * q32[..., 0] + pe[..., 1] * q32[..., 1]
+    return out.reshape(*shape).type_as(q)
 
 
 def gated_add_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, dims=None) -> torch.Tensor:
@@ -139,8 +151,10 @@ def modulated_norm(x, shift, scale, eps: float, dims=None) -> torch.Tensor:
                   reference_args=args)
 
 
-def head_norm_rope(x, weight, eps: float, pe, heads: int, x2=None, weight2=None) -> torch.Tensor:
-    return _fused("head_norm_rope", "HunyuanVideo's per-head q/k norm and rotary embedding", head_norm_rope_reference,
+def head_norm_rope(x, weight, eps: float, pe, heads: int, x2=None, weight2=None, addcmul: bool = False) -> torch.Tensor:
+    """addcmul: the rotation as the reference's addcmul form (the kernel's is the same math either way)."""
+    reference = functools.partial(head_norm_rope_reference, addcmul=True) if addcmul else head_norm_rope_reference
+    return _fused("head_norm_rope", "HunyuanVideo's per-head q/k norm and rotary embedding", reference,
                   x, weight, float(eps), pe, heads, x2, weight2)
 
 

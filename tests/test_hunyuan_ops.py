@@ -114,6 +114,15 @@ def test_head_norm_rope_reference_is_the_host_and_the_textbook():
         want = (pe[..., 0] * k[..., 0] + pe[..., 1] * k[..., 1]).reshape(b, heads, n + n2, d).type_as(qkv)
         got = hunyuan_ops.head_norm_rope_reference(qkv[..., c:2 * c], w, 1e-6, pe, heads, qkv2[..., c:2 * c], w2)
         assert torch.equal(got, want), dtype
+        # ComfyUI 0.8.0 on rotates with comfy-kitchen's apply_rope: its eager (CPU) form is the first product,
+        # then addcmul_ of the second, which rounds otherwise on the CPU: the reference's addcmul form
+        kitchen = pe[..., 0] * k[..., 0]
+        kitchen.addcmul_(pe[..., 1], k[..., 1])
+        kitchen = kitchen.reshape(b, heads, n + n2, d).type_as(qkv)
+        got = hunyuan_ops.head_norm_rope_reference(qkv[..., c:2 * c], w, 1e-6, pe, heads, qkv2[..., c:2 * c], w2,
+                                                   addcmul=True)
+        assert torch.equal(got, kitchen), dtype
+        assert_close_to_reference(got, want)
     x = torch.randn(b, n, c, generator=GEN, dtype=torch.float64)
     w = torch.randn(d, generator=GEN, dtype=torch.float64)
     pe = flux_pe(1, n, d).cpu()
@@ -555,6 +564,21 @@ def test_node_patch_refuses_a_changed_host():
     assert "uses ['dtype', 'reshape', 'to', 'type_as'] differently" in \
         bf.host_function_mismatch(changed["attention"], hb.ATTENTION)
     assert "expected ('self', 'img', 'txt'" in bf.host_function_mismatch(changed["rms_forward"], hb.DOUBLE_BLOCK)
+    # the newer forms (0.8.0, 0.33.0): a block with 0.33.0's names but without its patch names is no known form;
+    # a function is matched to the first form it has, with that form's flags, else compared with the newest
+    exec("def single(self, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):\n"
+         "    return (apply_mod, attention, cat, copy, dtype, float16, gate, get, hidden_size, linear1, linear2,\n"
+         "            mlp_act, mlp_hidden_dim_first, modulation, nan_to_num, norm, num_heads, permute, pre_norm,\n"
+         "            scale, shape, shift, split, torch, view, yak_mlp, 'patches', 'attn1_patch')\n", changed)
+    assert "no longer has the constants ['attn1_output_patch']" in \
+        bf.host_function_mismatch(changed["single"], hb.SINGLE_BLOCK_033)
+    forms = hb.FORMS["SingleStreamBlock.forward"]
+    assert hb._match(changed["single"], "single", forms) == \
+        ((), "single: " + bf.host_function_mismatch(changed["single"], hb.SINGLE_BLOCK_033))
+    exec("def attention(q, k, v, pe, mask=None, transformer_options={}):\n"
+         "    q, k = apply_rope(q, k, pe)\n"
+         "    return optimized_attention(q, k, v, q.shape[1], skip_reshape=True, mask=mask)\n", changed)
+    assert hb._match(changed["attention"], "attention", hb.FORMS["attention"]) == (("addcmul",), None)
     assert hb.fuse_hunyuan(nn.Linear(2, 2)) == (0, None)  # no HunyuanVideo (and without ComfyUI: no import)
     for name in ("DVDQ_FUSE_BLOCKS", "DVDQ_FUSE_WAN"):
         os.environ[name] = "0"
@@ -578,6 +602,7 @@ def test_calls_for_the_host_forward_say_why_once(monkeypatch, caplog):
         return None
     monkeypatch.setitem(hb._HOST, "attention", attention)
     monkeypatch.setitem(hb._HOST, "apply_mod", apply_mod)
+    monkeypatch.setitem(hb._HOST, "apply_rope", None)  # (this module has none, as the host's flux.math)
     monkeypatch.setattr(hb, "_SAID", set())
     host, pe = SimpleNamespace(attention=attention, apply_mod=apply_mod), torch.zeros(1)
     one, two = torch.zeros(1, 8, 4), torch.zeros(2, 8, 4)
@@ -589,8 +614,48 @@ def test_calls_for_the_host_forward_say_why_once(monkeypatch, caplog):
     assert "rotary" in hb._host_reason(host, None, one, torch.zeros(1, 4), None)
     other = SimpleNamespace(attention=attention, apply_mod=lambda: None)
     assert "replaced" in hb._host_reason(other, pe, one, torch.zeros(1, 4), None)
+    # 0.8.0 on ("v080"): blocks without their own modulation; 0.33.0 ("patches"): attention patches
+    block, off = SimpleNamespace(modulation=object()), SimpleNamespace(modulation=None)
+    patched = {"patches": {"attn1_output_patch": [print]}}
+    assert hb._early_reason(off, frozenset(), patched) is None  # 0.3.64: no such blocks, patches ignored
+    assert "modulation=False" in hb._early_reason(off, frozenset({"v080"}), {})
+    assert hb._early_reason(block, frozenset({"v080", "patches"}), {"patches": {"attn1_patch": []}}) is None
+    assert "attn1_patch" in hb._early_reason(block, frozenset({"v080", "patches"}), patched)
     with caplog.at_level(logging.WARNING, logger="dvdq"):
         for reason in ("reason a", "reason a", "reason b"):
             hb._to_host(reason)
     said = [r.getMessage() for r in caplog.records if r.name == "dvdq"]
     assert len(said) == 2 and "ComfyUI's own forward (correct, slower) for reason a" in said[0]
+
+
+def test_ops_rms_norm_weights_and_eps(monkeypatch):
+    """0.33.0's q/k norms are comfy.ops RMSNorms (torch's RMSNorm): the fused forwards take their weight
+    (cast where comfy_cast_weights is set, else only in the activations' dtype) and their eps, where None
+    torch's default: the epsilon of rms_norm's compute type, float32's for bf16 / fp16 (not the input's)."""
+    from torch import nn
+    hb = pack.sub("hunyuan_blocks")
+
+    class Norm(nn.RMSNorm):
+        comfy_cast_weights, weight_function, bias_function = False, [], []
+
+    class QK(nn.Module):
+        def __init__(self, eps=None, dtype=torch.bfloat16):
+            super().__init__()
+            self.query_norm, self.key_norm = Norm(16, eps=eps, dtype=dtype), Norm(16, eps=eps, dtype=dtype)
+
+        def forward(self, q, k, v):
+            return self.query_norm(q).to(v), self.key_norm(k).to(v)
+    monkeypatch.setitem(hb._HOST, "QKNorm", QK.forward)
+    monkeypatch.setitem(hb._HOST, "RMSNorm", Norm.forward)
+    x = (torch.randn(1, 5, 32, generator=GEN) * 1e-2).to(torch.bfloat16)
+    wq, wk, eps = hb._qk_norm(QK(), 16, x, True)
+    assert wq.dtype == wk.dtype == torch.bfloat16 and eps == torch.finfo(torch.float32).eps
+    h = x.view(1, 5, 2, 16)
+    assert torch.equal(torch.nn.functional.rms_norm(h, (16,), wq, None), torch.nn.functional.rms_norm(h, (16,), wq, eps))
+    assert hb._qk_norm(QK(1e-5), 16, x, True)[2] == 1e-5
+    assert hb._qk_norm(QK(dtype=torch.float32), 16, x, True) is None  # torch's rms_norm would mix dtypes
+    cast = QK(dtype=torch.float32)
+    cast.query_norm.comfy_cast_weights = cast.key_norm.comfy_cast_weights = True  # the host casts to x's dtype
+    assert hb._qk_norm(cast, 16, x, True) is not None and hb._qk_norm(cast, 8, x, True) is None
+    cast.key_norm.eps = 1e-5
+    assert hb._qk_norm(cast, 16, x, True) is None  # one eps for q and k

@@ -150,13 +150,27 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
 
 
-def hunyuan_fused(dtype, quantize):
+def hunyuan_patches():
+    """transformer_options with an attn1_patch (changes q) and an attn1_output_patch (changes the attention's
+    output), which ComfyUI 0.33.0's flux blocks run and older ones ignore: the fused forwards must hand such
+    calls to the host's forward."""
+    def attn1(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        return {"q": q * 0.5}
+
+    def attn1_output(attn, extra_options):
+        return attn - 0.25
+    return {"patches": {"attn1_patch": [attn1], "attn1_output_patch": [attn1_output]}}
+
+
+def hunyuan_fused(dtype, quantize, cast=False, patches=False):
     """HunyuanVideo (one double- and one single-stream block) with a text mask, fused vs the host's; then
     with a guiding frame (I2V: two modulation vectors, the first latent frame's tokens on the first,
     modulation_dims), which the fused forwards take too; and a batch of two with a guiding frame,
     which they hand to the host's forward (whatever that does: ComfyUI 0.3.64 fails, its slices
-    broadcast the batch of vectors over the tokens)."""
-    m = build_module("hunyuan_video")
+    broadcast the batch of vectors over the tokens; newer hosts run it). cast: ComfyUI's manual_cast
+    layers (weights cast at each call, q/k norms too on 0.33.0); patches: every call with hunyuan_patches."""
+    import comfy.ops
+    m = build_module("hunyuan_video", comfy.ops.manual_cast) if cast else build_module("hunyuan_video")
     m.load_state_dict(randomize(m.state_dict(), 0))
     m.to(dtype)
     if quantize:
@@ -171,7 +185,12 @@ def hunyuan_fused(dtype, quantize):
     two = [torch.cat((v, v)) for v in (x, t, ctx)]
     guiding2 = dict(guiding, y=torch.cat((kw["y"], kw["y"])), attention_mask=None)  # (the host's mask is for one)
     with torch.no_grad():
+        plain = m(x, t, ctx, **kw) if patches else None
+    if patches:
+        kw, guiding, guiding2 = [dict(d, transformer_options=hunyuan_patches()) for d in (kw, guiding, guiding2)]
+    with torch.no_grad():
         before, before_guided = m(x, t, ctx, **kw), m(x, t, ctx, **guiding)
+        host_runs_patches = patches and not torch.equal(before, plain)
         before_two = outcome(lambda: m(*two, **guiding2))
         fused, off = hb.fuse_hunyuan(m)
         again, _ = hb.fuse_hunyuan(m)
@@ -191,7 +210,7 @@ def hunyuan_fused(dtype, quantize):
             "guided_calls": guided_calls, "guided_equal": bool(torch.equal(before_guided, after_guided)),
             "guided_differs": not torch.equal(before, before_guided), "batch2_calls": two_calls,
             "batch2_same": same(before_two, after_two),
-            "batch2_host": before_two if isinstance(before_two, str) else "ran"}
+            "batch2_host": before_two if isinstance(before_two, str) else "ran", "host_runs_patches": host_runs_patches}
 
 
 out = {}
@@ -229,4 +248,6 @@ out["wan"]["wan21_t2v/float32/attention patches"] = wan_fused("wan21_t2v", torch
 out["hunyuan"] = {f"{str(dtype)[6:]}/{'quantized' if quantize else 'float'}": hunyuan_fused(dtype, quantize)
                   for dtype, quantize in [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
                                           (torch.bfloat16, True)]}
+out["hunyuan"]["bfloat16/manual_cast layers"] = hunyuan_fused(torch.bfloat16, False, cast=True)
+out["hunyuan"]["float32/attention patches"] = hunyuan_fused(torch.float32, False, patches=True)
 print(json.dumps(out))
