@@ -8,7 +8,7 @@ from . import backends
 from .hadamard import rotate
 from .lowrank import LowRank, branch_of
 from .spec import LayerSpec
-from .weights import QuantizedWeight, bgr_quantize, minmax_quantize, quantize_split, unpack_codes
+from .weights import QuantizedWeight, quantize_split, unpack_codes
 
 # Sibling projections that read one input tensor one after the other without changing it in place
 # (Wan's attention, in ComfyUI and in the reference code; "v" always comes last). Backends may then
@@ -40,12 +40,10 @@ def quantize_weight(weight: torch.Tensor, spec: LayerSpec, device=None):
     Returns (QuantizedWeight, rel. error of the whole layer weight, branch included)."""
     w = weight.detach().to(device=device or weight.device, dtype=torch.float32)
     block = spec.had_block if spec.rotate else 1
-    if spec.svd_rank:  # the branch fitted to what the 4-bit residual leaves (weights.quantize_split)
-        qw = quantize_split(w, spec.svd_rank, spec.w_bits, spec.method, block)
-        approx = rotate(qw.dequantize(), block) + qw.svd_up @ qw.svd_down
-    else:
-        qw = (bgr_quantize if spec.method == "dvdq" else minmax_quantize)(rotate(w, block), spec.w_bits)
-        approx = rotate(qw.dequantize(), block)
+    qw = quantize_split(w, spec.svd_rank, spec.w_bits, spec.method, block)  # rank 0: no branch
+    approx = rotate(qw.dequantize(), block)
+    if qw.svd_up is not None:
+        approx = approx + qw.svd_up @ qw.svd_down
     return qw, ((approx - w).norm() / w.norm().clamp_min(1e-30)).item()
 
 
@@ -76,7 +74,7 @@ class QuantLinear(nn.Module):
         if spec.method == "smoothquant":  # the baseline re-quantizes W * s every call
             self.register_buffer("float_weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
         rank = min(spec.svd_rank, in_features, out_features)
-        if rank:  # the weight's own 16-bit SVD branch (weights.svd_split); the codes hold the residual
+        if rank:  # the weight's own 16-bit SVD branch (weights.quantize_split); the codes hold the residual
             bd = branch_dtype(weight_dtype)
             self.register_buffer("svd_down", torch.zeros(rank, in_features, dtype=bd, device=device))
             self.register_buffer("svd_up", torch.zeros(out_features, rank, dtype=bd, device=device))

@@ -204,26 +204,36 @@ def _top_singular(w: torch.Tensor, rank: int):
 # Guarded input channels: columns whose norm is below GUARD_RATIO x the median column norm. A layer that reads
 # the residual stream gives its massive channels (hundreds of times the median) tiny columns, so the product
 # stays in range; a 4-bit grid's error on such a column (spread onto it by the rotation) is multiplied by the
-# massive input. The branch holds these columns exactly (one-hot rows of `down`), at most GUARD_MAX per layer.
+# massive input. The branch holds these columns (one-hot rows of `down`): at most GUARD_MAX per layer and a
+# quarter of its rank, so the rest of the rank keeps the top singular directions (outlier columns, sinks).
 GUARD_RATIO = 0.1
 GUARD_MAX = 8
 
 
-def guard_channels(weight: torch.Tensor, ratio: float = GUARD_RATIO, limit: int = GUARD_MAX) -> torch.Tensor:
-    """Indices (int64, ascending) of the input channels whose column norm is below ratio x the median's,
-    the smallest `limit` of them."""
-    c = weight.float().norm(dim=0)
+def guard_channels(weight: torch.Tensor, rank: int, ratio: float = GUARD_RATIO) -> torch.Tensor:
+    """Indices (int64, ascending, on the CPU) of the input channels whose column norm is below ratio x the
+    median's: the smallest min(GUARD_MAX, rank // 4) of them. Norms in the weight's dtype (float64 from
+    svd_split: the same set on every device), ties by index (a stable sort)."""
+    limit = min(GUARD_MAX, int(rank) // 4)
+    c = weight.norm(dim=0).cpu()
     small = torch.nonzero(c < ratio * c.median()).flatten()
     if small.numel() > limit:
-        small = small[c[small].argsort()[:limit]]
-    return small.sort().values.cpu()
+        small = small[torch.argsort(c[small], stable=True)[:limit]]
+    return small.sort().values
 
 
-def svd_split(weight: torch.Tensor, rank: int, guard: bool = False):
+def _rows_without(rows: torch.Tensor, guarded: torch.Tensor) -> torch.Tensor:
+    """SVD rows with exact zeros in the guarded columns (they are 0 there up to float64 noise, whose sign
+    depends on the CPU thread count and would survive into the 16-bit factors)."""
+    rows[:, guarded.to(rows.device)] = 0.0
+    return rows
+
+
+def svd_split(weight: torch.Tensor, rank: int, guard: torch.Tensor | None = None):
     """(up [N, r], down [r, K], residual [N, K]) with weight = up @ down + residual, up @ down the best
     rank-r approximation (r = min(rank, N, K); float32). rank 0: empty factors and the weight itself.
-    guard: the guarded channels' columns (guard_channels) take the first rows of `down` (one-hot), the rest
-    the best rank approximation of the other columns; the residual's guarded columns are exactly 0."""
+    guard: input channels (guard_channels) whose columns take the first rows of `down` (one-hot), the rest
+    the best rank approximation of the other columns; the residual's guarded columns are then 0."""
     _check_weight(weight)
     r = min(int(rank), *weight.shape)
     if r <= 0:
@@ -234,7 +244,7 @@ def svd_split(weight: torch.Tensor, rank: int, guard: bool = False):
     # quantized by the CLI and the same model quantized in ComfyUI get the same codes
     home = weight.device
     w = weight.to(float64_device(home), torch.float64)
-    g = guard_channels(w, limit=min(GUARD_MAX, r)) if guard else torch.zeros(0, dtype=torch.long)
+    g = guard if guard is not None else torch.zeros(0, dtype=torch.long)
     if g.numel():
         onehot = w.new_zeros(g.numel(), w.shape[1])
         onehot[torch.arange(g.numel()), g.to(w.device)] = 1.0
@@ -242,7 +252,7 @@ def svd_split(weight: torch.Tensor, rank: int, guard: bool = False):
         rest[:, g.to(w.device)] = 0.0
         parts = [onehot]
         if r > g.numel():
-            parts.append(_top_singular(rest, r - g.numel())[2])
+            parts.append(_rows_without(_top_singular(rest, r - g.numel())[2], g))
         down = torch.cat(parts)
         up = w @ down.t()
     else:
@@ -252,72 +262,57 @@ def svd_split(weight: torch.Tensor, rank: int, guard: bool = False):
             (w - up @ down).float().to(home))
 
 
-def refit_branch(weight: torch.Tensor, residual_hat: torch.Tensor, rank: int, keep: torch.Tensor | None = None):
-    """The branch (up [N, r], down [r, K], float32) that best completes a quantized residual: the best rank-r
-    approximation of weight - residual_hat (residual_hat: the dequantized residual in the weight's unrotated
-    basis), with the rows `keep` ([g, K], orthonormal, e.g. guarded channels' one-hot rows) kept first in `down`.
-    With E = weight - residual_hat, up = E downᵀ: the layer's weight error E (I - downᵀ down) is E projected
-    out of the branch's rows, zero on the kept ones."""
-    home = weight.device
-    dev = float64_device(home)
-    e = weight.to(dev, torch.float64) - residual_hat.to(dev, torch.float64)
+def refit_branch(error: torch.Tensor, rank: int, guard: torch.Tensor):
+    """The branch (up [N, r], down [r, K], float32) that best holds a weight's quantization error `error`
+    (float64, W - the dequantized residual in the weight's basis): the guarded channels' one-hot rows first in
+    `down`, the other rows the top singular directions of the error without those columns; up = error downᵀ.
+    The layer's weight error is then error (I - downᵀ down): 0 on the guarded channels."""
+    e = error
+    rest = e.clone()
+    rest[:, guard.to(e.device)] = 0.0
     parts = []
-    if keep is not None and keep.shape[0]:
-        kept = keep.to(dev, torch.float64)
-        parts.append(kept)
-        e_rest = e - (e @ kept.t()) @ kept
-    else:
-        e_rest = e
-    r_rest = min(int(rank), *e.shape) - sum(p.shape[0] for p in parts)
+    if guard.numel():
+        onehot = e.new_zeros(guard.numel(), e.shape[1])
+        onehot[torch.arange(guard.numel()), guard.to(e.device)] = 1.0
+        parts.append(onehot)
+    r_rest = min(int(rank), *e.shape) - guard.numel()
     if r_rest > 0:
-        parts.append(_top_singular(e_rest, r_rest)[2])
+        parts.append(_rows_without(_top_singular(rest, r_rest)[2], guard))
     down = torch.cat(parts) if parts else e.new_zeros(0, e.shape[1])
-    up = e @ down.t()
-    return up.float().contiguous().to(home), down.float().contiguous().to(home)
-
-
-# The branch refitted to the quantized residual (quantize_split): SVD_REFIT_ROUNDS rounds of "quantize the
-# residual, refit the branch to what it left". One round keeps nearly all of the gain (W4A4 on the massive model
-# 0.044, three rounds 0.042, six 0.043) for 1.1x the quantization time of the plain split (three: 2.3-3.2x);
-# bench/RESULTS.md, "Synthetic hard models".
-SVD_REFIT_ROUNDS = 1
+    return e @ down.t(), down
 
 
 def quantize_split(weight: torch.Tensor, rank: int, bits: int = 4, method: str = "dvdq", had_block: int = 1,
-                   rounds: int = SVD_REFIT_ROUNDS, guard: bool = True) -> QuantizedWeight:
+                   guard: bool = True) -> QuantizedWeight:
     """A weight's 4-bit residual codes (rotated by the block Hadamard `had_block`, 1: none; BGR for method
-    "dvdq", else min-max) and its 16-bit branch, the branch fitted to what the codes leave:
+    "dvdq", else min-max) and its 16-bit branch (svd_up, svd_down), the branch fitted to what the codes leave:
 
     1. split: the guarded channels' columns (guard_channels: tiny columns, the massive input channels a layer
-       that reads the residual stream nearly ignores) and the top singular directions of the rest,
-    2. quantize the residual W - up·down (rotated), and refit the branch to W - Ŵ (refit_branch: the guarded
-       rows kept, the others the top singular directions of what is left), `rounds` times,
-    3. keep the round with the smallest ||W - Ŵ - up·down||_F.
+       that reads the residual stream nearly ignores) and the top singular directions of the rest (svd_split),
+    2. quantize the residual W - up·down (rotated),
+    3. refit the branch to the weight's remaining error W - Ŵ (refit_branch).
 
-    The layer's weight error is then W - Ŵ projected out of the branch's rows: exactly 0 on the guarded
-    channels, whatever the rotation spread onto them. Same shapes and storage as svd_split's branch."""
+    The layer's weight error is then W - Ŵ projected out of the branch's rows: 0 on the guarded channels
+    (up to the 16-bit rounding of the stored factors), whatever the rotation spread onto them. Same shapes
+    and storage as svd_split's branch. (Quantizing the refitted residual again and refitting, keeping the best
+    round, gained little for 2-3x the time: docs/method.md.)"""
     _check_weight(weight)
     w = weight.float()
     quant = bgr_quantize if method == "dvdq" else minmax_quantize
-    if min(int(rank), *w.shape) <= 0:
+    r = min(int(rank), *w.shape)
+    if r <= 0:
         return quant(rotate(w, had_block), bits)
-    up, down, res = svd_split(w, rank, guard=guard)
-    r = up.shape[1]
     home = w.device
     w64 = w.to(float64_device(home), torch.float64)
-    g = guard_channels(w64, limit=min(GUARD_MAX, r)).numel() if guard else 0  # as svd_split found them
-    best, best_err = None, None
-    for _ in range(max(1, int(rounds))):
-        qw = quant(rotate(res, had_block), bits)
-        # back to the plain basis (the block Sylvester Hadamard is its own inverse); float64 as in svd_split
-        plain = rotate(qw.dequantize().to(w64.device, torch.float64), had_block)
-        up, down = refit_branch(w, plain, r, keep=down[:g])
-        branch = up.to(w64.device, torch.float64) @ down.to(w64.device, torch.float64)
-        err = (w64 - plain - branch).norm().item()
-        if best_err is None or err < best_err:
-            best, best_err = (qw, up, down), err
-        res = (w64 - branch).float().to(home)
-    qw, qw.svd_up, qw.svd_down = best[0], best[1], best[2]
+    g = guard_channels(w64, r) if guard else torch.zeros(0, dtype=torch.long)
+    res = svd_split(w, r, guard=g)[2]
+    qw = quant(rotate(res, had_block), bits)
+    del res
+    # the error in the plain basis (the block Sylvester Hadamard is its own inverse); float64 as in svd_split
+    error = w64 - rotate(qw.dequantize().to(w64.device, torch.float64), had_block)
+    del w64
+    up, down = refit_branch(error, r, g)
+    qw.svd_up, qw.svd_down = up.float().contiguous().to(home), down.float().contiguous().to(home)
     return qw
 
 

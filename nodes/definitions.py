@@ -150,8 +150,8 @@ class DVDQuantARQSettings:
                 "svd_rank": ("INT", {"default": DEFAULT_ARQ["svd_rank"], "min": 0, "max": MAX_SVD_RANK, "step": 8,
                                      "tooltip": "Method dvdq, 4-bit weights: each weight's top singular directions "
                                                 "kept as a 16-bit low-rank branch, only the rest quantized (much lower "
-                                                "error where weights have outliers; about 9-10% of a Wan 14B step on an "
-                                                "H100). 0 = none (fastest)."}),
+                                                "error where weights have outliers; about 2% of a Wan 14B step on an "
+                                                "H100, more on other cards). 0 = none (fastest)."}),
             },
         }
 

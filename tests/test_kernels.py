@@ -966,7 +966,10 @@ def test_lora_impls_and_default(monkeypatch):
     monkeypatch.setattr(ops, "LORA_IMPL", None)
     assert ops.lora_impl_for(torch.device("cpu")) == "unfused"
     monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ops, "_gluon", lambda: object())
     assert ops.lora_impl_for(torch.device("cuda", 0)) == "epilogue"
+    monkeypatch.setattr(ops, "_gluon", lambda: None)  # no Gluon GEMM (old triton, DVDQ_GEMM_IMPL=triton): measured with it
+    assert ops.lora_impl_for(torch.device("cuda", 0)) == "unfused"
     monkeypatch.setattr(ops, "_capability", lambda device: (8, 9))
     assert ops.lora_impl_for(torch.device("cuda", 0)) == "unfused"
     monkeypatch.setattr(ops, "LORA_IMPL", "fused")

@@ -182,10 +182,31 @@ def massive_reader(n=96, k=256, ch=(5, 140)):
 
 def test_guard_channels_finds_the_tiny_columns_only():
     w = massive_reader()
-    assert weights.guard_channels(w).tolist() == [5, 140]
-    assert weights.guard_channels(randn(96, 256)).numel() == 0  # an ordinary weight: none
+    assert weights.guard_channels(w, 32).tolist() == [5, 140]
+    assert weights.guard_channels(randn(96, 256), 32).numel() == 0  # an ordinary weight: none
     w[:, 10:30] /= 300
-    assert weights.guard_channels(w, limit=4).numel() == 4  # capped, the smallest kept
+    assert weights.guard_channels(w, 32).numel() == weights.GUARD_MAX  # capped, the smallest kept
+    assert weights.guard_channels(w, 16).numel() == 4  # and at a quarter of the rank
+    assert weights.guard_channels(w, 3).numel() == 0
+
+
+def test_quantize_split_same_factors_at_any_thread_count():
+    """The SVD rows are 0 in the guarded columns up to float64 noise whose sign follows the thread count:
+    they are zeroed, so the stored (16-bit) factors are the same on every machine."""
+    w = massive_reader()
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(weights.quantize_split(w, 16, 4, "dvdq", 64))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = runs
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    assert torch.equal(a.svd_up, b.svd_up) and torch.equal(a.svd_down, b.svd_down)
+    rest = a.svd_down[2:]  # the rows after the two guarded one-hot rows
+    assert torch.count_nonzero(rest[:, [5, 140]]) == 0
 
 
 @pytest.mark.parametrize("block", [1, 64])
@@ -198,10 +219,15 @@ def test_quantize_split_zero_error_on_guarded_channels_and_below_the_one_shot_sp
     err = layer - w
     # the guarded columns are exact (float32 rounding only), though the residual's grid covers them
     assert err[:, [5, 140]].abs().max() < 1e-6 * w.abs().max()
+    # stored in bf16 (branch_dtype of a bf16 model) the factors keep most of that
+    up16, down16 = qw.svd_up.bfloat16().float(), qw.svd_down.bfloat16().float()
+    err16 = rotate(qw.dequantize(), block) + up16 @ down16 - w
     # the old one-shot split: branch = top-8 SVD of W, residual quantized once
     up, down, res = weights.svd_split(w, 8)
     old = rotate(weights.bgr_quantize(rotate(res, block), 4).dequantize(), block) + up @ down - w
     assert err.norm() < old.norm()
+    if block > 1:  # (without the rotation the old split's guarded-column error is small already)
+        assert err16[:, [5, 140]].norm() < 0.05 * old[:, [5, 140]].norm()
     # on a massive input in those channels, the output error is below the old split's; far below with the
     # rotation, which spreads every row's grid error onto the guarded channels
     x = randn(32, 256)
@@ -216,8 +242,8 @@ def test_quantize_split_without_guard_or_rank():
     qw = weights.quantize_split(w, 0, 4, "dvdq", 64)
     assert qw.svd_up is None and qw.svd_down is None
     assert torch.equal(qw.codes, weights.bgr_quantize(rotate(w, 64), 4).codes)
-    qw = weights.quantize_split(w, 4, 4, "minmax", 64, rounds=1, guard=False)
-    # one round: the residual of the plain split, its branch refitted (never worse than the split's own)
+    qw = weights.quantize_split(w, 4, 4, "minmax", 64, guard=False)
+    # the residual of the plain split, its branch refitted (never worse than the split's own: exact SVD here)
     up, down, res = weights.svd_split(w, 4)
     q0 = weights.minmax_quantize(rotate(res, 64), 4)
     assert torch.equal(qw.codes, q0.codes)

@@ -437,9 +437,10 @@ def check_template_widgets(where, n, defs):
         if node_specs.widget_value_count(spec) != len(values):
             tried[version] = f"{node_specs.widget_value_count(spec)} widgets"
             continue
-        found, by_name = [], make_workflows.widget_map(spec, values)
+        found, k = [], 0
         for w in node_specs.widgets(spec):
-            found += check_widget_value(f"{where}.{w['name']}", w, by_name[w["name"]])
+            found += check_widget_value(f"{where}.{w['name']}", w, values[k])
+            k += 1 + node_specs.has_control(w) + (node_specs.upload_value(w) is not None)
         if not found:
             return []
         tried[version] = "; ".join(found)

@@ -286,12 +286,12 @@ app.registerExtension({
     api.addEventListener(S.EVENTS.quantProgress, ({ detail }) => {
       const key = keyOf(detail.node);
       quants.set(key, S.applyProgressEvent(quants.get(key) ?? S.emptyQuant(), detail));
-      redraw(key);
+      redraw();  // every panel: a Bit Switch panel's header reads its loader's summary
     });
     api.addEventListener(S.EVENTS.quantSummary, ({ detail }) => {
       const key = keyOf(detail.node);
       quants.set(key, S.applySummaryEvent(quants.get(key) ?? S.emptyQuant(), detail));
-      redraw(key);
+      redraw();  // every panel: a Bit Switch panel's header reads its loader's summary
     });
     api.addEventListener(S.EVENTS.attention, ({ detail }) => {
       const key = keyOf(detail.node);

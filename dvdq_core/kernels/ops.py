@@ -42,10 +42,12 @@ LORA_FUSED_MAX_RP = 128
 
 
 def lora_impl_for(device) -> str:
-    """How a branch runs on this device: DVDQ_LORA_IMPL, else DEFAULT_LORA_IMPL's choice for the card."""
+    """How a branch runs on this device: DVDQ_LORA_IMPL, else DEFAULT_LORA_IMPL's choice for the card, which
+    was measured with the Gluon GEMMs (without them, as with DVDQ_GEMM_IMPL=triton: "unfused")."""
     if LORA_IMPL is not None:
         return LORA_IMPL
-    return DEFAULT_LORA_IMPL.get(_capability(device), "unfused")
+    impl = DEFAULT_LORA_IMPL.get(_capability(device), "unfused")
+    return impl if impl == "unfused" or _gluon() is not None else "unfused"
 
 
 def interpreting() -> bool:

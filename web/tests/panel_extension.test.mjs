@@ -316,6 +316,11 @@ test("Nodes 2.0: an event repaints its own node's panel only", () => {
   assert.deepEqual(calls, { a: 1, b: 0 });
   host.api.emit("dvdq.bits", { node: "sub:143", step: 0, total: 2, bits: 4, indicator: null, accumulated: 0, mode: "fixed" });
   assert.deepEqual(calls, { a: 1, b: 1 });  // a node inside a subgraph: its local id
+  // a loader's quantization events repaint every panel: a Bit Switch panel's header reads the loader's summary
+  host.api.emit("dvdq.quant_summary", {
+    node: "140", layers: 4, w_bits: 4, bytes_before: 4096, bytes_after: 1024, mean_rel_error: 0.1, seconds: 1,
+  });
+  assert.deepEqual(calls, { a: 2, b: 2 });
 });
 
 test("a front end that adds its own copy of the widget: triggerDraw on that copy is what repaints", async () => {
