@@ -69,8 +69,9 @@ def _fused(name: str, what: str, reference, *args, reference_args: tuple | None 
 
 
 def norm_rope(x, weight, eps, freqs, heads: int) -> torch.Tensor:
-    """norm_rope_reference's result; eps None means the dtype's epsilon (as torch's rms_norm)."""
-    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    """norm_rope_reference's result; eps None means torch's rms_norm default: the epsilon of its compute type
+    (float32's for bf16 / fp16 inputs, not the input dtype's)."""
+    eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else float(eps)
     return _fused("norm_rope", "the q/k norm and rotary embedding", norm_rope_reference, x, weight, eps, freqs, heads)
 
 

@@ -83,7 +83,7 @@ def test_reference_is_the_textbook_rotation():
 
 def test_core_dispatch():
     """dvdq_core.wan_ops: the kernels on a GPU, the host's ops on the CPU (silently: there it is
-    the expected path); eps None means the dtype's epsilon, as torch's rms_norm."""
+    the expected path); eps None means torch's rms_norm default, float32's epsilon for bf16 inputs."""
     x, w = inputs(2, 5, 4, 16, torch.bfloat16, True)
     f = wan_freqs(1, 5, 16)
     with warnings.catch_warnings():
@@ -92,7 +92,12 @@ def test_core_dispatch():
         e = modulation(2, 64, torch.bfloat16)
         m = wan_ops.modulated_norm(x, e[0], e[1], 1e-6)
         g = wan_ops.gated_residual(x, m, e[2])
-    ref = wan_ops.norm_rope_reference(x, w, torch.finfo(torch.bfloat16).eps, f, 4)
+    ref = wan_ops.norm_rope_reference(x, w, torch.finfo(torch.float32).eps, f, 4)
+    small = x * 1e-3  # where eps matters: norm_rope's eps None is torch's own (rms_norm with eps None)
+    with torch.no_grad():
+        y_small = wan_ops.norm_rope(small, w, None, f, 4)
+    if not ON_GPU:
+        assert torch.equal(y_small, wan_ops.norm_rope_reference(small, w, None, f, 4))
     m_ref = wan_ops.modulated_norm_reference(x, e[0], e[1], 1e-6)
     if ON_GPU:
         assert_close_to_reference(y, ref, True)
