@@ -15,6 +15,7 @@ The functions here only touch their arguments, so CI tests them with fakes.
 import logging
 import threading
 import time
+from typing import NamedTuple
 
 from ..dvdq_core import attention as core
 
@@ -60,28 +61,37 @@ def _hand_back(why: str | None):
         log.warning("DVD-Quant 8-bit Attention: this call runs on ComfyUI's attention because %s.", why)
 
 
-def route(args, kwargs, mode: str = ALWAYS, bit_state=None, check=None):
-    """Where one host attention call goes: (None, q, k, v, skip_output_reshape) with q, k, v as [B, H, L, D]
-    views where the 8-bit attention takes it, else (reason, None, None, None, None). `check(q, k, v, mask)`:
-    why the 8-bit attention cannot run these tensors (default `core.why_not`, the GPU kernel's;
-    bench/quality.py passes `core.shape_reason` to run the reference on the CPU under the same rules)."""
+class Route(NamedTuple):
+    """Where one host attention call goes (route): `why` it stays on the host's attention (None: it does not),
+    else q, k, v as [B, H, L, D] views for the 8-bit attention and the host call's skip_output_reshape."""
+    why: str | None
+    q: object = None
+    k: object = None
+    v: object = None
+    skip_out: bool = False
+
+
+def route(args, kwargs, mode: str = ALWAYS, bit_state=None, check=None) -> Route:
+    """Where one host attention call goes (Route). `check(q, k, v, mask)`: why the 8-bit attention cannot run
+    these tensors (default `core.why_not`, the GPU kernel's; bench/quality.py passes `core.shape_reason` to run
+    the reference on the CPU under the same rules)."""
     if mode == NEVER or kwargs.get("low_precision_attention", True) is False:  # the model asks for 16 bits
-        return (MODE_NEVER if mode == NEVER else FULL_PRECISION), None, None, None, None
+        return Route(MODE_NEVER if mode == NEVER else FULL_PRECISION)
     if mode == LOW_BIT_STEPS and (bit_state is None or int(bit_state.bits) >= LOW_BITS_BELOW):
-        return HIGH_BIT_STEP, None, None, None, None
+        return Route(HIGH_BIT_STEP)
     a = _bind(args, kwargs)
     heads = a.get("heads")
     if not isinstance(heads, int) or heads < 1:
-        return "the call gives no head count", None, None, None, None
+        return Route("the call gives no head count")
     if kwargs.get("enable_gqa", False):
-        return "grouped-query attention is not supported", None, None, None, None
+        return Route("grouped-query attention is not supported")
     q, k, v = (_to_bhld(a.get(n), heads, a.get("skip_reshape", False)) for n in ("q", "k", "v"))
     why = (check or core.why_not)(q, k, v, a["mask"])
     if why is None and k.shape[2] < MIN_KEYS:
         why = FEW_KEYS
     if why is not None:
-        return why, None, None, None, None
-    return None, q, k, v, bool(a.get("skip_output_reshape", False))
+        return Route(why)
+    return Route(None, q, k, v, bool(a.get("skip_output_reshape", False)))
 
 
 class AttentionStats:
