@@ -86,8 +86,12 @@ def host_forward_mismatch(cls, expected) -> str | None:
 def plain_norm(norm: nn.Module) -> bool:
     """A norm whose weight the host does not patch (no LoRA or other weight function on it). A weight the
     host only casts (ComfyUI's manual_cast layers: fp8 storage, low-VRAM offload) is fine: the fused
-    forwards cast it to the input's dtype and device themselves, as the host's cast does."""
-    return not (getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None))
+    forwards cast it to the input's dtype and device themselves, as the host's cast does. Not plain: a weight
+    that ComfyUI's dynamic VRAM (0.33.0) patches or streams at cast time (`*_lowvram_function`, `_v`): today
+    it force-loads such small norms with their patches applied, but that is its choice to change."""
+    return not (getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None)
+                or getattr(norm, "weight_lowvram_function", None) or getattr(norm, "bias_lowvram_function", None)
+                or hasattr(norm, "_v"))
 
 
 def bare_layer_norm(norm: nn.Module, x) -> bool:

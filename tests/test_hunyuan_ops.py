@@ -659,3 +659,17 @@ def test_ops_rms_norm_weights_and_eps(monkeypatch):
     assert hb._qk_norm(cast, 16, x, True) is not None and hb._qk_norm(cast, 8, x, True) is None
     cast.key_norm.eps = 1e-5
     assert hb._qk_norm(cast, 16, x, True) is None  # one eps for q and k
+
+
+def test_plain_norm_refuses_patched_or_streamed_weights():
+    """A q/k norm whose weight the host patches (weight_function: a LoRA on it) or, under 0.33.0's dynamic
+    VRAM, patches or streams at cast time (`*_lowvram_function`, `_v`) is not fused: the host's forward runs it."""
+    from torch import nn
+    bf = pack.sub("block_fusion")
+    norm = nn.RMSNorm(8)
+    assert bf.plain_norm(norm)
+    for attr, value in (("weight_function", [print]), ("weight_lowvram_function", print),
+                        ("bias_lowvram_function", print), ("_v", object())):
+        patched = nn.RMSNorm(8)
+        setattr(patched, attr, value)
+        assert not bf.plain_norm(patched), attr
