@@ -151,9 +151,12 @@ def modulated_norm(x, shift, scale, eps: float, dims=None) -> torch.Tensor:
                   reference_args=args)
 
 
+_head_norm_rope_addcmul = functools.partial(head_norm_rope_reference, addcmul=True)
+
+
 def head_norm_rope(x, weight, eps: float, pe, heads: int, x2=None, weight2=None, addcmul: bool = False) -> torch.Tensor:
     """addcmul: the rotation as the reference's addcmul form (the kernel's is the same math either way)."""
-    reference = functools.partial(head_norm_rope_reference, addcmul=True) if addcmul else head_norm_rope_reference
+    reference = _head_norm_rope_addcmul if addcmul else head_norm_rope_reference
     return _fused("head_norm_rope", "HunyuanVideo's per-head q/k norm and rotary embedding", reference,
                   x, weight, float(eps), pe, heads, x2, weight2)
 

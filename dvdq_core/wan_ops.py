@@ -68,10 +68,15 @@ def _fused(name: str, what: str, reference, *args, reference_args: tuple | None 
     return reference(*(args if reference_args is None else reference_args)) if fn is None else fn(*args)
 
 
+def rms_default_eps(dtype: torch.dtype) -> float:
+    """torch's rms_norm epsilon where it is given None: its compute type's (float32's for bf16 / fp16)."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+
+
 def norm_rope(x, weight, eps, freqs, heads: int) -> torch.Tensor:
     """norm_rope_reference's result; eps None means torch's rms_norm default: the epsilon of its compute type
     (float32's for bf16 / fp16 inputs, not the input dtype's)."""
-    eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else float(eps)
+    eps = rms_default_eps(x.dtype) if eps is None else float(eps)
     return _fused("norm_rope", "the q/k norm and rotary embedding", norm_rope_reference, x, weight, eps, freqs, heads)
 
 

@@ -244,17 +244,8 @@ def svd_split(weight: torch.Tensor, rank: int, guard: torch.Tensor | None = None
     # quantized by the CLI and the same model quantized in ComfyUI get the same codes
     home = weight.device
     w = weight.to(float64_device(home), torch.float64)
-    g = guard if guard is not None else torch.zeros(0, dtype=torch.long)
-    if g.numel():
-        onehot = w.new_zeros(g.numel(), w.shape[1])
-        onehot[torch.arange(g.numel()), g.to(w.device)] = 1.0
-        rest = w.clone()
-        rest[:, g.to(w.device)] = 0.0
-        parts = [onehot]
-        if r > g.numel():
-            parts.append(_rows_without(_top_singular(rest, r - g.numel())[2], g))
-        down = torch.cat(parts)
-        up = w @ down.t()
+    if guard is not None and guard.numel():
+        up, down = refit_branch(w, r, guard)  # the same fit, to the weight itself
     else:
         u, s, vh = _top_singular(w, r)
         up, down = u * s, vh
@@ -305,7 +296,7 @@ def quantize_split(weight: torch.Tensor, rank: int, bits: int = 4, method: str =
     home = w.device
     w64 = w.to(float64_device(home), torch.float64)
     g = guard_channels(w64, r) if guard else torch.zeros(0, dtype=torch.long)
-    res = svd_split(w, r, guard=g)[2]
+    res = svd_split(w64, r, guard=g)[2].to(home)
     qw = quant(rotate(res, had_block), bits)
     del res
     # the error in the plain basis (the block Sylvester Hadamard is its own inverse); float64 as in svd_split

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..dvdq_core.hunyuan_ops import gated_add, gated_add_, head_norm_rope, kernel_dims, modulated_norm
+from ..dvdq_core.wan_ops import rms_default_eps
 from .block_fusion import (
     bare_layer_norm,
     fused_subclass,
@@ -128,8 +129,7 @@ def _qk_norm(qk_norm: nn.Module, d: int, x, ops_norm: bool):
            not (n.comfy_cast_weights or (n.weight.dtype == x.dtype and n.weight.device == x.device)) for n in norms):
         return None
     eps = norms[0].eps
-    return norms[0].weight, norms[1].weight, torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps \
-        if eps is None else eps
+    return norms[0].weight, norms[1].weight, rms_default_eps(x.dtype) if eps is None else eps
 
 
 _SAID = set()  # the reasons already logged
@@ -317,11 +317,6 @@ def host_form(layers) -> tuple[dict | None, str | None]:
         common |= {"ops_norm"}
     return {"double": frozenset(flags["DoubleStreamBlock.forward"] | common),
             "single": frozenset(flags["SingleStreamBlock.forward"] | common)}, None
-
-
-def host_mismatch(layers) -> str | None:
-    """None when the host's code is one the fused forwards follow (host_form), else what differs."""
-    return host_form(layers)[1]
 
 
 def fuse_hunyuan(diffusion_model: nn.Module) -> tuple[int, str | None]:

@@ -478,9 +478,10 @@ def w4_linear_impl(x2d, qweight, w_scale, w_zero, bias, a_bits: int, hb: int, sb
         x2d = x2d.contiguous()
     if x2d.shape[0] == 0:  # no tokens: nothing to launch (GELU(empty) is empty too)
         return x2d.new_empty((0, qweight.shape[0])) if out is None else out
-    lora_impl = lora_impl or lora_impl_for(x2d.device)
     if lora_down is not None and lora_down.shape[0] == 0:  # bias differences only
         lora_down = lora_up = None
+    if lora_down is not None or lora_bias is not None:  # (a layer without a branch needs no choice)
+        lora_impl = lora_impl or lora_impl_for(x2d.device)
     if lora_down is not None and lora_rp(lora_down.shape[0]) > LORA_FUSED_MAX_RP:
         lora_impl = "unfused"
     if lora_impl == "unfused" and (lora_down is not None or lora_bias is not None):
