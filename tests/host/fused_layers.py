@@ -45,6 +45,22 @@ def counted(module, name):
 
 
 wb, hb = pack_module("wan_blocks"), pack_module("hunyuan_blocks")
+wan_ops, hunyuan_ops, backends = (importlib.import_module(f"dvdq_core.{m}") for m in ("wan_ops", "hunyuan_ops",
+                                                                                      "backends"))
+host_fused = wan_ops._fused
+
+
+def kernel_checked(name, what, reference, *args, reference_args=None):
+    """The fused ops' dispatch, also recording where the GPU kernels' shape rule refuses a call (on a GPU
+    a fall back to the reference: correct, slower; e.g. a transposed residual the host hands over): such a
+    call puts "kernel_refused" into the calls, which the host test compares exactly."""
+    why = backends.get("triton").capabilities[name].shape_rule(*args)
+    if why:
+        CALLS.setdefault("kernel_refused", {})[name] = why
+    return host_fused(name, what, reference, *args, reference_args=reference_args)
+
+
+wan_ops._fused = hunyuan_ops._fused = kernel_checked
 for module, names in ((wb, ("norm_rope", "modulated_norm", "gated_residual")),
                       (hb, ("head_norm_rope", "modulated_norm", "gated_add", "gated_add_"))):
     for name in names:

@@ -706,7 +706,8 @@ def test_fusions_find_comfyui_models(comfy, host_dir):
     # transformer_options (which 0.33.0 runs and older hosts ignore) the blocks run the host's forward where
     # the host runs them. The pack's modulate computes what flux's apply_mod does, bit for bit (float32 / bf16
     # / fp16, with and without dims and shift). Every host here has a form the fused forwards follow: the
-    # fusion staying off (a changed fingerprint) fails this test.
+    # fusion staying off (a changed fingerprint) fails this test, and so does a call the GPU kernels' shape
+    # rules refuse ("kernel_refused" in the calls: on a GPU it would run the slower reference).
     assert fused["modulate_same"]
     assert set(fused["hunyuan"]) == {"float32/float", "bfloat16/float", "float16/float", "bfloat16/quantized",
                                      "bfloat16/manual_cast layers", "float32/attention patches"}
