@@ -168,8 +168,8 @@ def cases(cc):
                 {"x_ptr": "*bf16", "r_ptr": "*bf16", "rscale": "fp32", "cmax_ptr": "*fp32", "q_ptr": "*i8",
                  "s_ptr": "*fp32", "M": "i32", "stride_xm": "i32", "qmax": "fp32"},
                 {**base, "OCTAVES": 4, "PERSISTENT": True}, w, s, None))  # as ops.quantize_pow2 on a GPU
-    if lora:  # with its own launch (configs.ACT_LORA), at the widest padded rank the fused path takes
-        elems, warps, stages, _ = configs.ACT_LORA
+    if lora:  # with its own launch (configs.act_lora), at the widest padded rank the fused path takes
+        elems, warps, stages, _ = configs.act_lora(cap)
         out.append(("act quantize pow2 + LoRA", kt._quantize_pow2_kernel,
                     {**out[-1][2], "a_ptr": "*bf16", "t_ptr": "*bf16", "RANK": "i32"},
                     {**base, "BM": elems // c, "OCTAVES": 4, "PERSISTENT": True, "LORA": True,

@@ -129,6 +129,12 @@ def lora_cases(model, name, n, k, m, dev, args, x, layer, row):
     out["a8_base"] = bench(lambda: layer_call(branch=False, bits=8))
     for impl in ("unfused", "epilogue", "fused"):
         out[f"a8_{impl}"] = bench(lambda: layer_call(impl, bits=8))
+    shipped = configs.ACT_LORA_SM90, configs.ACT_LORA
+    out["a8_fused_cfgs"] = {}
+    for c in configs.ACT_LORA_CANDIDATES:  # the block form's pass 2 with T, each candidate launch
+        configs.ACT_LORA_SM90 = configs.ACT_LORA = c
+        out["a8_fused_cfgs"][str(c)] = bench(lambda: layer_call("fused", bits=8))
+    configs.ACT_LORA_SM90, configs.ACT_LORA = shipped
     # the fused pieces alone: the pow2 passes with T (each candidate launch of configs.ACT_LORA_CANDIDATES),
     # the GEMM with the epilogue (on the same codes)
     t = torch.empty((m, r), device=dev, dtype=torch.bfloat16)
@@ -176,7 +182,9 @@ def lora_line(r):
                  + ", ".join(f"{c} {v * 1e3:.3f}" for c, v in o["act_lora_cfgs"].items()))
     parts.append(f"W4A8 block {o['a8_base'] * 1e3:.3f}: unfused {o['a8_unfused'] * 1e3:.3f} "
                  f"({pct(o['a8_unfused'], o['a8_base'])}), epilogue {o['a8_epilogue'] * 1e3:.3f} "
-                 f"({pct(o['a8_epilogue'], o['a8_base'])}), fused {o['a8_fused'] * 1e3:.3f} ({pct(o['a8_fused'], o['a8_base'])})")
+                 f"({pct(o['a8_epilogue'], o['a8_base'])}), fused {o['a8_fused'] * 1e3:.3f} "
+                 f"({pct(o['a8_fused'], o['a8_base'])}); "
+                 "fused per launch: " + ", ".join(f"{c} {v * 1e3:.3f}" for c, v in o["a8_fused_cfgs"].items()))
     return "\n    ".join([" | ".join(parts[:len(LORA_VARIANTS) + 1])] + parts[len(LORA_VARIANTS) + 1:])
 
 

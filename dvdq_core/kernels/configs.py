@@ -145,11 +145,19 @@ ACT_POW2_PASS2_PER_SM = 2
 # With a LoRA branch's down-projection (ops.LORA_IMPL "fused"), the pass that quantizes X (pow2's pass 2,
 # the block form's pass 2, the 16-bit rotation) also multiplies each unrotated tile with the branch's
 # [rank, C] slice of A, read from L2 per block of rows: (elements per tile, warps, stages, pow2 pass 2's
-# programs per SM). 8 warps and 2 stages: the extra dot and A tile spilled registers on sm_80/120 with 4
-# warps (bench/compile_targets.py) and took 131 KB of shared memory with 3 stages on sm_90; NOT timed yet:
-# bench/kernels.py --lora times these candidates (the first one is the default).
-ACT_LORA_CANDIDATES = ((8192, 8, 2, 1), (8192, 8, 2, 2), (8192, 4, 3, 2), (16384, 8, 2, 1))
-ACT_LORA = ACT_LORA_CANDIDATES[0]
+# programs per SM), by architecture (act_lora). Off Hopper 8 warps and 2 stages: the extra dot and A tile
+# spilled registers on sm_80/120 with 4 warps (bench/compile_targets.py); not timed on such cards.
+# sm_90: bench/kernels.py --lora times ACT_LORA_CANDIDATES (H100, Wan 14B, rank 64, call 24: pow2 pass 2
+# with T 0.61-0.62 ms with 4 warps / 3 stages, 1.15-1.17 ms with 8 warps / 2 stages, 0.35 ms without T).
+ACT_LORA_CANDIDATES = ((8192, 8, 2, 1), (8192, 4, 3, 2), (8192, 4, 3, 1), (8192, 4, 4, 2), (8192, 4, 2, 2),
+                       (16384, 4, 3, 2), (4096, 4, 3, 2), (4096, 4, 4, 4))
+ACT_LORA = (8192, 8, 2, 1)
+ACT_LORA_SM90 = (8192, 4, 3, 2)
+
+
+def act_lora(capability) -> tuple:
+    """The activation pass's launch with a branch's down-projection for this architecture (see above)."""
+    return ACT_LORA_SM90 if tuple(capability) == (9, 0) else ACT_LORA
 # The Wan block's elementwise kernels (_norm_rope_kernel, _modulated_norm_kernel,
 # _gated_residual_kernel): one token's whole row per program. bench/wan_ops.py on an H100: 2.3-2.8
 # TB/s at C = 5120 with 4 warps; 8 no faster (but for the rotation without norm, by 1%), 16 slower.

@@ -168,7 +168,7 @@ def quantize_pow2(x2d, hb: int, sb: int, a_bits: int, cmax, q=None, s=None, act_
     row blocks (act_cfg's optional 4th entry overrides it; 0 = one program per block).
     down [rank, K] (x's dtype, contiguous): also writes a LoRA branch's T = X @ down^T into t [M, rank]."""
     m, k = x2d.shape
-    act_cfg = act_cfg or (configs.ACT_LORA if down is not None else None)
+    act_cfg = act_cfg or (configs.act_lora(_capability(x2d.device)) if down is not None else None)
     rmat, grid, _, kw = _act_launch(x2d, hb, sb, act_cfg[:3] if act_cfg else None)
     per_sm = act_cfg[3] if act_cfg and len(act_cfg) > 3 else configs.ACT_POW2_PASS2_PER_SM
     if per_sm and not interpreting():
@@ -198,8 +198,9 @@ def quantize_activations(x2d, hb: int, sb: int, a_bits: int, auto_scale: bool, q
     kt = _triton()
     m, k = x2d.shape
     rmat, grid, tg, kw = _act_launch(x2d, hb, sb, act_cfg)
-    # (with a branch pass 2 takes configs.ACT_LORA's launch; each pass covers all rows with its own grid)
-    rmat2, grid2, _, kw2 = (rmat, grid, tg, kw) if down is None else _act_launch(x2d, hb, sb, act_cfg or configs.ACT_LORA[:3])
+    # (with a branch pass 2 takes configs.act_lora's launch; each pass covers all rows with its own grid)
+    rmat2, grid2, _, kw2 = (rmat, grid, tg, kw) if down is None else \
+        _act_launch(x2d, hb, sb, act_cfg or configs.act_lora(_capability(x2d.device))[:3])
     q, s = _codes(x2d, q, s)
     rowmax = torch.empty((m, k // tg), dtype=torch.float32, device=x2d.device)
     l = torch.zeros((k // sb,), dtype=torch.float32, device=x2d.device)
@@ -215,7 +216,7 @@ def rotate_activations(x2d, hb: int, down=None, t=None):
     """16-bit path: Xr in the input dtype, in the layout of layout_group(K, sb, a_float=True) (down, t:
     and a LoRA branch's down-projection, as quantize_activations)."""
     m, k = x2d.shape
-    rmat, grid, _, kw = _act_launch(x2d, hb, GROUP, None if down is None else configs.ACT_LORA[:3],
+    rmat, grid, _, kw = _act_launch(x2d, hb, GROUP, None if down is None else configs.act_lora(_capability(x2d.device))[:3],
                                     g=layout_group(k, GROUP, a_float=True))
     xr = torch.empty((m, k), dtype=x2d.dtype, device=x2d.device)
     _triton()._rotate_kernel[grid](x2d, rmat, 1.0 / math.sqrt(hb), xr, m, k, x2d.stride(0), **kw, **_lora_kw(down, t))
