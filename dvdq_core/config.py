@@ -14,6 +14,13 @@ BACKENDS = ("auto", "reference", "triton")
 MAX_SVD_RANK = 256
 
 
+def check_svd_rank(rank) -> int:
+    """rank, when it is a whole number from 0 to MAX_SVD_RANK (ValueError saying so otherwise)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= MAX_SVD_RANK:
+        raise ValueError(f"svd_rank must be a whole number from 0 to {MAX_SVD_RANK}, got {rank!r}")
+    return rank
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """What an override does to the layers its glob matches."""
@@ -91,8 +98,7 @@ class QuantConfig:
         for name in ("had_block", "scale_block"):
             if getattr(self, name) not in BLOCK_SIZES:
                 raise ValueError(f"{name} must be one of {BLOCK_SIZES}, got {getattr(self, name)!r}")
-        if not isinstance(self.svd_rank, int) or isinstance(self.svd_rank, bool) or not 0 <= self.svd_rank <= MAX_SVD_RANK:
-            raise ValueError(f"svd_rank must be an integer from 0 to {MAX_SVD_RANK}, got {self.svd_rank!r}")
+        check_svd_rank(self.svd_rank)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.include, str):

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from . import backends
-from .hadamard import rotate
 from .lowrank import LowRank, branch_of
 from .spec import LayerSpec
 from .weights import QuantizedWeight, quantize_split, unpack_codes
@@ -41,10 +40,7 @@ def quantize_weight(weight: torch.Tensor, spec: LayerSpec, device=None):
     w = weight.detach().to(device=device or weight.device, dtype=torch.float32)
     block = spec.had_block if spec.rotate else 1
     qw = quantize_split(w, spec.svd_rank, spec.w_bits, spec.method, block)  # rank 0: no branch
-    approx = rotate(qw.dequantize(), block)
-    if qw.svd_up is not None:
-        approx = approx + qw.svd_up @ qw.svd_down
-    return qw, ((approx - w).norm() / w.norm().clamp_min(1e-30)).item()
+    return qw, ((qw.full_weight(block) - w).norm() / w.norm().clamp_min(1e-30)).item()
 
 
 def branch_dtype(weight_dtype) -> torch.dtype:
@@ -157,19 +153,18 @@ class QuantLinear(nn.Module):
 
 class _View:
     """A QuantLinear as the backends read it, for one call: its buffers on `device` (copied where the layer's
-    weights are offloaded elsewhere), the fused activation `act` it applies and its low-rank branch (the
-    layer's, or given: converted to the call's device and dtype)."""
+    weights are offloaded elsewhere), the fused activation `act` it applies and its low-rank branch for the call
+    (branch_of(layer) on the call's device and in its dtype; None: none)."""
 
-    def __init__(self, layer: QuantLinear, device, act, lowrank=None):
+    def __init__(self, layer: QuantLinear, device, act, lowrank):
         self.__dict__.update({k: getattr(layer, k) for k in ("in_features", "out_features", "spec", "state",
                                                               "shares_input")})
         self.act = act
-        self.lowrank = lowrank if lowrank is not None else branch_of(layer)
+        self.lowrank = lowrank
         # buffers, and any the host turned into parameters (ComfyUI's set_attr_param when it force-loads a layer);
-        # not the SVD factors when the branch is given (converted for the call: copying them too would be twice)
-        skip = ("svd_down", "svd_up") if lowrank is not None else ()
+        # not the SVD factors: the branch above holds them, for the call
         for name, t in [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]:
-            if name in skip:
+            if name in ("svd_down", "svd_up"):
                 continue
             setattr(self, name, t.detach() if t.device == device else t.detach().to(device, non_blocking=True))
         if "bias" not in self.__dict__:

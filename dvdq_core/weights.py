@@ -67,6 +67,16 @@ class QuantizedWeight:
         u = self.unpacked().float()
         return (self.scale.unsqueeze(1) * (u - self.zero.float().unsqueeze(1))).to(dtype)
 
+    def full_weight(self, block: int = 1, device=None) -> torch.Tensor:
+        """The whole weight these stand for, float32 [N, K] on device (default: the codes'): the codes rotated
+        back by the block Hadamard they were quantized in (block 1: none), plus the SVD branch."""
+        dev = device or self.codes.device
+        w = rotate(QuantizedWeight(self.codes.to(dev), self.scale.to(dev), self.zero.to(dev), self.bits,
+                                   self.shape).dequantize(), block)  # H is symmetric and orthogonal
+        if self.svd_up is not None:
+            w = w + self.svd_up.to(dev, torch.float32) @ self.svd_down.to(dev, torch.float32)
+        return w
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero, self.svd_up, self.svd_down)

@@ -1,6 +1,7 @@
 """The six DVD-Quant nodes (ComfyUI V1 API). Schemas follow docs/nodes.md; widget order is the
 `widgets_values` order of UI workflows, so keep it."""
-from .settings import BLOCKS, DEFAULT_ARQ, GRANULARITIES, MAX_SVD_RANK, METHODS, SettingsError, arq_settings, build_config
+from ..dvdq_core.config import MAX_SVD_RANK
+from .settings import BLOCKS, DEFAULT_ARQ, GRANULARITIES, METHODS, SettingsError, arq_settings, build_config
 
 CATEGORY = "DVD-Quant"
 

@@ -580,7 +580,6 @@ def _merge_patches(patcher, sd: dict, keys: list):
     import comfy.lora
     import comfy.utils
 
-    from ..dvdq_core.hadamard import rotate
     from ..dvdq_core.linear import quantize_weight
     from .lora import packed_layer
     device = quant_device() or torch.device("cpu")
@@ -594,12 +593,8 @@ def _merge_patches(patcher, sd: dict, keys: list):
         if layer is None or key.endswith(".bias"):  # a float tensor
             sd[name] = merged(key, sd[name]).to(sd[name].device, sd[name].dtype)
         else:
-            w = layer.dequantized_weight().to(device)
-            if layer.spec.rotate:
-                w = rotate(w, layer.spec.had_block)  # H is symmetric and orthogonal: rotating again undoes it
-            own = layer.svd_branch()
-            if own is not None:  # the SVD branch is part of the weight (split off again below)
-                w = w + own.up.to(device, torch.float32) @ own.down.to(device, torch.float32)
+            # the whole weight (the SVD branch included: it is split off again below)
+            w = layer.quantized_weight().full_weight(layer.spec.had_block if layer.spec.rotate else 1, device)
             qw, _ = quantize_weight(merged(key, w), layer.spec, device)
             stem = name[:-len(".weight")]
             fields = [("weight", qw.codes), ("w_scale", qw.scale), ("w_zero", qw.zero)]

@@ -1,7 +1,7 @@
 """Widget values -> dvdq_core.QuantConfig (no ComfyUI imports, tested in CI)."""
 from ..dvdq_core import QuantConfig, parse_overrides
 from ..dvdq_core.activations import ACT_BITS as A_BITS
-from ..dvdq_core.config import GRANULARITIES as _GRANULARITIES, MAX_SVD_RANK, METHODS as _METHODS
+from ..dvdq_core.config import GRANULARITIES as _GRANULARITIES, METHODS as _METHODS, check_svd_rank
 
 METHODS = list(_METHODS)  # the core's choices, as lists for ComfyUI's dropdowns
 GRANULARITIES = list(_GRANULARITIES)
@@ -28,8 +28,10 @@ def arq_settings(rotate=True, had_block="128", auto_scale=True, granularity="pow
         parse_overrides(layer_overrides or "")
     except ValueError as e:
         raise SettingsError(f"ARQ Settings, layer_overrides: {e}") from None
-    if not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or not 0 <= svd_rank <= MAX_SVD_RANK:
-        raise SettingsError(f"ARQ Settings: svd_rank must be a whole number from 0 to {MAX_SVD_RANK}, got {svd_rank!r}")
+    try:
+        check_svd_rank(svd_rank)
+    except ValueError as e:
+        raise SettingsError(f"ARQ Settings: {e}") from None
     return {"rotate": bool(rotate), "had_block": int(had_block), "auto_scale": bool(auto_scale),
             "granularity": granularity, "scale_block": int(scale_block), "layer_overrides": layer_overrides or "",
             "svd_rank": svd_rank}

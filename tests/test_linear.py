@@ -251,7 +251,7 @@ def test_offloaded_view_takes_tensors_the_host_made_parameters():
     """ComfyUI force-loads small layers with set_attr_param, which turns a layer's buffers (the packed `weight`,
     the bias) into nn.Parameters; the per-call copy to the input's device (offloaded layers) must still carry
     them (it copied buffers only: 'no attribute weight', and a bias silently dropped)."""
-    from dvdq_core.linear import _View
+    from dvdq_core.linear import _View, branch_of
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
     spec = dq.LayerSpec(4, None, "dvdq", 64, 64, True, True, "block")
@@ -262,6 +262,6 @@ def test_offloaded_view_takes_tensors_the_host_made_parameters():
         t = getattr(q, name)
         delattr(q, name)
         setattr(q, name, nn.Parameter(t, requires_grad=False))  # what ComfyUI's set_attr_param leaves
-    moved = _View(q, torch.device("cpu"), q.act)  # what an offloaded call computes with
+    moved = _View(q, torch.device("cpu"), q.act, branch_of(q))  # what an offloaded call computes with
     assert torch.equal(moved.weight, q.weight) and torch.equal(moved.bias, q.bias)
     assert torch.equal(q(x), before)  # and the layer itself still computes the same

@@ -92,7 +92,7 @@ import math  # noqa: E402
 from comfy.ldm.wan.model import WanModel  # noqa: E402
 
 import dvdq_core as dq  # noqa: E402
-from dvdq_core.linear import _View  # noqa: E402
+from dvdq_core.linear import _View, branch_of  # noqa: E402
 
 WAN = dict(patch_size=(1, 2, 2), text_len=512, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096, num_heads=2,
            num_layers=2, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
@@ -305,7 +305,7 @@ else:  # the same host call on the CPU shows the conversion and what _View then 
     sp.patch_weight_to_device("0.weight", device_to=torch.device("cpu"), force_cast=True)
     print(f"  after patch_weight_to_device(force_cast=True): weight is a "
           f"{'Parameter' if 'weight' in small._parameters else 'buffer'}")
-    moved = _View(small, torch.device("cpu"), small.act)
+    moved = _View(small, torch.device("cpu"), small.act, branch_of(small))
     check("weight" in moved.__dict__, "_View view of the force-loaded layer has its weight "
           "(what an offloaded call would use)")
     check(torch.allclose(small(xs), want), "small layer forward on its own device still right")
