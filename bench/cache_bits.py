@@ -38,24 +38,21 @@ of 2 and 3 at the same cost compared per prompt. Markdown to stdout; --json: eve
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dvdq_core  # noqa: E402
+from bench.few_steps import trained_setup  # noqa: E402
 from bench.quality import spread  # noqa: E402
 from demo import clips  # noqa: E402
 from demo.metrics import psnr, rel_error  # noqa: E402
-from demo.model import load_mini_wan  # noqa: E402
-from demo.run import WEIGHTS  # noqa: E402
 from demo.sampling import flow_sigmas, sample, shift_time  # noqa: E402
 from dvdq_core.bitswitch import BitSwitch  # noqa: E402
 
@@ -365,16 +362,7 @@ def main(argv=None):
                for k in ("ec_start", "ec_end")]
         print(report(rows, sa, *win))
         return 0
-    dev = torch.device(a.device)
-    base = load_mini_wan(WEIGHTS, device=dev).float().eval()
-    all_l = clips.all_labels()
-    labels = all_l[torch.linspace(0, len(all_l) - 1, a.prompts).round().long()]
-    ids = clips.labels_to_prompt_ids(labels).to(dev)
-    noise = torch.randn(a.prompts, base.cfg.in_dim, 16, 32, 32, generator=torch.Generator().manual_seed(a.seed)).to(dev)
-    model = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the reference backend on the CPU
-        dvdq_core.quantize_model(model, dvdq_core.QuantConfig())
+    base, model, labels, ids, noise = trained_setup(a.prompts, a.seed, torch.device(a.device))
     t0 = time.time()
     print(f"## Skip / low / high from one indicator (bench/cache_bits.py), {time.strftime('%Y-%m-%d')}\n")
     ref = sample(base, noise, ids, steps=a.steps, cfg=a.cfg, shift=a.shift, record=False).video.cpu()

@@ -32,6 +32,21 @@ from demo.run import WEIGHTS  # noqa: E402
 from demo.sampling import sample  # noqa: E402
 
 
+def trained_setup(prompts: int, seed: int, dev):
+    """The demo's trained mini-Wan in float32 and a default-quantized copy, with prompts spread evenly over the
+    labels, their prompt ids and the noise of `seed`: (base, quantized, labels, ids, noise)."""
+    base = load_mini_wan(WEIGHTS, device=dev).float().eval()
+    all_l = clips.all_labels()
+    labels = all_l[torch.linspace(0, len(all_l) - 1, prompts).round().long()]
+    ids = clips.labels_to_prompt_ids(labels).to(dev)
+    noise = torch.randn(prompts, base.cfg.in_dim, 16, 32, 32, generator=torch.Generator().manual_seed(seed)).to(dev)
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reference backend on the CPU
+        dvdq_core.quantize_model(model, dvdq_core.QuantConfig())
+    return base, model, labels, ids, noise
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[4, 8, 20])
@@ -42,16 +57,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    dev = torch.device(a.device)
-    base = load_mini_wan(WEIGHTS, device=dev).float().eval()
-    all_l = clips.all_labels()
-    labels = all_l[torch.linspace(0, len(all_l) - 1, a.prompts).round().long()]
-    ids = clips.labels_to_prompt_ids(labels).to(dev)
-    noise = torch.randn(a.prompts, base.cfg.in_dim, 16, 32, 32, generator=torch.Generator().manual_seed(a.seed)).to(dev)
-    model = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the reference backend on the CPU
-        dvdq_core.quantize_model(model, dvdq_core.QuantConfig())
+    base, model, labels, ids, noise = trained_setup(a.prompts, a.seed, torch.device(a.device))
     print(f"mini-Wan (trained), {a.prompts} prompts, CFG {a.cfg}, shift {a.shift}, {a.device}, "
           f"{time.strftime('%Y-%m-%d')}\n")
     print("| steps | run | avg A bits | rel. err | PSNR dB | task all | bits per step |")
