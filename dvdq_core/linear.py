@@ -43,9 +43,14 @@ def quantize_weight(weight: torch.Tensor, spec: LayerSpec, device=None):
     return qw, ((qw.full_weight(block) - w).norm() / w.norm().clamp_min(1e-30)).item()
 
 
-def branch_dtype(weight_dtype) -> torch.dtype:
-    """The SVD branch's dtype: the float weight's, bfloat16 for 8-bit (fp8) checkpoints."""
-    return torch.bfloat16 if weight_dtype.itemsize == 1 else weight_dtype
+def svd_buffers(spec: LayerSpec, in_features: int, out_features: int, weight_dtype) -> dict:
+    """The SVD branch's buffers of a layer: name -> (dtype, shape), empty without a branch. Their dtype is the
+    float weight's, bfloat16 for 8-bit (fp8) checkpoints (as ComfyUI's loader keeps such models)."""
+    rank = min(spec.svd_rank, in_features, out_features)
+    if not rank:
+        return {}
+    dtype = torch.bfloat16 if weight_dtype.itemsize == 1 else weight_dtype
+    return {"svd_down": (dtype, (rank, in_features)), "svd_up": (dtype, (out_features, rank))}
 
 
 class QuantLinear(nn.Module):
@@ -69,11 +74,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         if spec.method == "smoothquant":  # the baseline re-quantizes W * s every call
             self.register_buffer("float_weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
-        rank = min(spec.svd_rank, in_features, out_features)
-        if rank:  # the weight's own 16-bit SVD branch (weights.quantize_split); the codes hold the residual
-            bd = branch_dtype(weight_dtype)
-            self.register_buffer("svd_down", torch.zeros(rank, in_features, dtype=bd, device=device))
-            self.register_buffer("svd_up", torch.zeros(out_features, rank, dtype=bd, device=device))
+        # the weight's own 16-bit SVD branch (weights.quantize_split); the codes hold the residual
+        for name, (dtype, shape) in svd_buffers(spec, in_features, out_features, weight_dtype).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
 
     # attributes the backends read (design.md)
     w_bits = property(lambda self: self.spec.w_bits)

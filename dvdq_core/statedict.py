@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .config import QuantConfig
-from .linear import branch_dtype, quantize_weight
+from .linear import quantize_weight, svd_buffers
 from .serialization import SAFETENSORS_DTYPES, SafetensorsWriter, build_metadata
 from .spec import layer_spec
 
@@ -101,11 +101,8 @@ def quantize_file(src, dst, config: QuantConfig, device=None, progress=None, all
             plan[layer + ".w_zero"] = (torch.uint8, (out_f,))
             if spec.method == "smoothquant":
                 plan[layer + ".float_weight"] = (torch.float32 if _scale_key(n, scale_keys) else dtype, shape)
-            rank = min(spec.svd_rank, in_f, out_f)
-            if rank:  # the SVD branch, in the dtype QuantLinear keeps it in
-                bd = branch_dtype(dtype)  # bf16 for fp8 sources, as ComfyUI's Loader keeps it
-                plan[layer + ".svd_down"] = (bd, (rank, in_f))
-                plan[layer + ".svd_up"] = (bd, (out_f, rank))
+            for name, v in svd_buffers(spec, in_f, out_f, dtype).items():  # the SVD branch, as QuantLinear keeps it
+                plan[f"{layer}.{name}"] = v
             has_bias = any(names[b] == layer + ".bias" for b in keys)
             layers[layer] = {"in": in_f, "out": out_f, "bias": has_bias, **spec.to_dict()}
         if not layers:

@@ -219,7 +219,7 @@ def test_quantize_split_zero_error_on_guarded_channels_and_below_the_one_shot_sp
     err = layer - w
     # the guarded columns are exact (float32 rounding only), though the residual's grid covers them
     assert err[:, [5, 140]].abs().max() < 1e-6 * w.abs().max()
-    # stored in bf16 (branch_dtype of a bf16 model) the factors keep most of that
+    # stored in bf16 (svd_buffers of a bf16 model) the factors keep most of that
     up16, down16 = qw.svd_up.bfloat16().float(), qw.svd_down.bfloat16().float()
     err16 = rotate(qw.dequantize(), block) + up16 @ down16 - w
     # the old one-shot split: branch = top-8 SVD of W, residual quantized once
