@@ -147,8 +147,10 @@ ACT_POW2_PASS2_PER_SM = 2
 # [rank, C] slice of A, read from L2 per block of rows: (elements per tile, warps, stages, pow2 pass 2's
 # programs per SM), by architecture (act_lora). Off Hopper 8 warps and 2 stages: the extra dot and A tile
 # spilled registers on sm_80/120 with 4 warps (bench/compile_targets.py); not timed on such cards.
-# sm_90: bench/kernels.py --lora times ACT_LORA_CANDIDATES (H100, Wan 14B, rank 64, call 24: pow2 pass 2
-# with T 0.61-0.62 ms with 4 warps / 3 stages, 1.15-1.17 ms with 8 warps / 2 stages, 0.35 ms without T).
+# sm_90: bench/kernels.py --lora times ACT_LORA_CANDIDATES (H100, Wan 14B, rank 64, call 27: pow2 pass 2 with T
+# 0.61 ms with this launch, 1.18 ms with the 8-warp one, 0.48 ms at best with (4096, 4, 3, 2), 0.35 ms without T;
+# the GPU tests ran with this one). Even the best gains as much time as cuBLAS's x @ A^T takes, so LORA_IMPL
+# "epilogue" stays the default (bench/RESULTS.md).
 ACT_LORA_CANDIDATES = ((8192, 8, 2, 1), (8192, 4, 3, 2), (8192, 4, 3, 1), (8192, 4, 4, 2), (8192, 4, 2, 2),
                        (16384, 4, 3, 2), (4096, 4, 3, 2), (4096, 4, 4, 4))
 ACT_LORA = (8192, 8, 2, 1)

@@ -28,7 +28,7 @@ _rot_cache = {}
 #               up-projection in the epilogue as "epilogue"
 #   "triton"    "fused", but layers with a branch take the Triton GEMM on sm_90 as well (no Gluon)
 # bench/kernels.py --lora times them side by side (H100, Wan 14B, rank 64: epilogue +7-10% of the layer, unfused
-# +12-31%, fused +24-55%: bench/RESULTS.md). DVDQ_LORA_IMPL, when set, applies to every card.
+# +14-31%, fused +11-16%: bench/RESULTS.md). DVDQ_LORA_IMPL, when set, applies to every card.
 LORA_IMPLS = ("unfused", "epilogue", "fused", "triton")
 DEFAULT_LORA_IMPL = {(9, 0): "epilogue"}  # by the architecture the kernels compile for; other cards: "unfused"
 LORA_IMPL = os.environ.get("DVDQ_LORA_IMPL") or None
