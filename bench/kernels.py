@@ -131,10 +131,12 @@ def lora_cases(model, name, n, k, m, dev, args, x, layer, row):
         out[f"a8_{impl}"] = bench(lambda: layer_call(impl, bits=8))
     shipped = configs.ACT_LORA_SM90, configs.ACT_LORA
     out["a8_fused_cfgs"] = {}
-    for c in configs.ACT_LORA_CANDIDATES:  # the block form's pass 2 with T, each candidate launch
-        configs.ACT_LORA_SM90 = configs.ACT_LORA = c
-        out["a8_fused_cfgs"][str(c)] = bench(lambda: layer_call("fused", bits=8))
-    configs.ACT_LORA_SM90, configs.ACT_LORA = shipped
+    try:  # the block form's pass 2 with T, each candidate launch (it takes no programs-per-SM entry)
+        for c in dict.fromkeys(c[:3] for c in configs.ACT_LORA_CANDIDATES):
+            configs.ACT_LORA_SM90 = configs.ACT_LORA = (*c, 1)
+            out["a8_fused_cfgs"][str(c)] = bench(lambda: layer_call("fused", bits=8))
+    finally:
+        configs.ACT_LORA_SM90, configs.ACT_LORA = shipped
     # the fused pieces alone: the pow2 passes with T (each candidate launch of configs.ACT_LORA_CANDIDATES),
     # the GEMM with the epilogue (on the same codes)
     t = torch.empty((m, r), device=dev, dtype=torch.bfloat16)

@@ -84,7 +84,8 @@ def test_offloaded_layer_view_keeps_the_fused_gelu():
     """Low-VRAM offload runs a layer through a view with its buffers moved (linear._View): the view
     carries `act`, so an offloaded feed-forward still applies its GELU."""
     from dvdq_core.backends import reference_forward
-    from dvdq_core.linear import _View, branch_of
+    from dvdq_core.linear import _View
+    from dvdq_core.lowrank import branch_of
     m = _quantize(_model())
     lin = m.blocks[0].ffn[0]
     view = _View(lin, torch.device("cpu"), lin.act, branch_of(lin))

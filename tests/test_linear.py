@@ -251,7 +251,8 @@ def test_offloaded_view_takes_tensors_the_host_made_parameters():
     """ComfyUI force-loads small layers with set_attr_param, which turns a layer's buffers (the packed `weight`,
     the bias) into nn.Parameters; the per-call copy to the input's device (offloaded layers) must still carry
     them (it copied buffers only: 'no attribute weight', and a bias silently dropped)."""
-    from dvdq_core.linear import _View, branch_of
+    from dvdq_core.linear import _View
+    from dvdq_core.lowrank import branch_of
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
     spec = dq.LayerSpec(4, None, "dvdq", 64, 64, True, True, "block")

@@ -149,7 +149,8 @@ ACT_POW2_PASS2_PER_SM = 2
 # spilled registers on sm_80/120 with 4 warps (bench/compile_targets.py); not timed on such cards.
 # sm_90: bench/kernels.py --lora times ACT_LORA_CANDIDATES (H100, Wan 14B, rank 64, call 27: pow2 pass 2 with T
 # 0.61 ms with this launch, 1.18 ms with the 8-warp one, 0.48 ms at best with (4096, 4, 3, 2), 0.35 ms without T;
-# the GPU tests ran with this one). Even the best gains as much time as cuBLAS's x @ A^T takes, so LORA_IMPL
+# the GPU tests ran with this one; at the widest padded rank it spills 13 stores outside the K loop,
+# bench/compile_targets.py). Even the best gains as much time as cuBLAS's x @ A^T takes, so LORA_IMPL
 # "epilogue" stays the default (bench/RESULTS.md).
 ACT_LORA_CANDIDATES = ((8192, 8, 2, 1), (8192, 4, 3, 2), (8192, 4, 3, 1), (8192, 4, 4, 2), (8192, 4, 2, 2),
                        (16384, 4, 3, 2), (4096, 4, 3, 2), (4096, 4, 4, 4))
@@ -160,6 +161,8 @@ ACT_LORA_SM90 = (8192, 4, 3, 2)
 def act_lora(capability) -> tuple:
     """The activation pass's launch with a branch's down-projection for this architecture (see above)."""
     return ACT_LORA_SM90 if tuple(capability) == (9, 0) else ACT_LORA
+
+
 # The Wan block's elementwise kernels (_norm_rope_kernel, _modulated_norm_kernel,
 # _gated_residual_kernel): one token's whole row per program. bench/wan_ops.py on an H100: 2.3-2.8
 # TB/s at C = 5120 with 4 warps; 8 no faster (but for the rotation without norm, by 1%), 16 slower.

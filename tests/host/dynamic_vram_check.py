@@ -92,7 +92,8 @@ import math  # noqa: E402
 from comfy.ldm.wan.model import WanModel  # noqa: E402
 
 import dvdq_core as dq  # noqa: E402
-from dvdq_core.linear import _View, branch_of  # noqa: E402
+from dvdq_core.linear import _View  # noqa: E402
+from dvdq_core.lowrank import branch_of  # noqa: E402
 
 WAN = dict(patch_size=(1, 2, 2), text_len=512, dim=256, ffn_dim=512, freq_dim=256, text_dim=4096, num_heads=2,
            num_layers=2, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
