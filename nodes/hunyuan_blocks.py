@@ -206,9 +206,8 @@ def _fused_class(cls, kind: str, host, form: frozenset):
                 if why or iw is None or tw is None or iw[2] != tw[2]:
                     return self._host(why or _PATCHED_NORMS, img, txt, vec, pe, attn_mask, dims_i, dims_t,
                                       transformer_options)
-                # the host's img_in hands the first block a transposed view; the gate kernels update a
-                # contiguous residual in place (the host's caller takes img from our return value)
-                img = img.contiguous()
+                if v080:  # the host's img_in hands the first block a transposed view; the in-place gate kernel
+                    img = img.contiguous()  # updates a contiguous one (the caller takes img from our return value)
                 img_mod1, img_mod2 = self.img_mod(vec)
                 txt_mod1, txt_mod2 = self.txt_mod(vec)
                 img_qkv = self.img_attn.qkv(_modulated(self.img_norm1, img, img_mod1, dims_i))
