@@ -2,7 +2,7 @@
 
     python3 bench/attention.py            # Wan 14B and 1.3B, 480p and 720p x 81 frames (CFG batch 2)
     python3 bench/attention.py --sweep    # also time every tile candidate of kernels/configs.py
-    python3 bench/attention.py --variants --shapes "Wan 14B 480p,Wan 1.3B 480p"
+    python3 bench/attention.py --variants --shapes "Wan 14B 480p,Wan 1.3B 480p" [--match gluon=1]
                                           # FP8 form: every variant of kernels/configs.py's ATTN_SM90_FP8_VARIANTS,
                                           # with the split quantization / attention kernel
 
@@ -152,6 +152,8 @@ def sweep_variants(name, b, h, l, d, args, cap):
     t_ref = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.iters)
     print(f"{name:15} {'SDPA':44} {t_ref:8.2f}")
     variants = configs.ATTN_SM90_FP8_VARIANTS if configs.wgmma(cap) else configs.attention_candidates(cap, True)
+    if args.match:  # the default (the baseline) and the variants whose options contain the text
+        variants = [v for i, v in enumerate(variants) if i == 0 or args.match in v.to_env()]
     scale = d ** -0.5
     best = None
     for cfg in variants:
@@ -184,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true",
                     help="only the FP8 kernel variants (configs.ATTN_SM90_FP8_VARIANTS), split into quantization "
                          "and attention kernel")
+    ap.add_argument("--match", default="", help="with --variants: only the default and the variants whose "
+                    "DVDQ_ATTN_CONFIG text contains this (e.g. gluon=1)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")

@@ -98,7 +98,7 @@ def compile_gluon_gemm(kind="chain", cfg=None, gelu=False, lora_rp=0):
     return compile_gluon(fn, types, consts, cfg["num_warps"])
 
 
-def compile_gluon(fn, types, consts, warps):
+def compile_gluon(fn, types, consts, warps, maxnreg=None):
     """A Gluon kernel for sm_90a on the CPU -> (registers / shared memory / spill stores / wgmma count,
     ptxas advisories C751x, wgmma wait depths in SASS)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -106,7 +106,8 @@ def compile_gluon(fn, types, consts, warps):
     sig = {n: types.get(n, "constexpr") for n in names}
     src = GluonASTSource(fn, sig, constexprs={(names.index(c),): v for c, v in consts.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": warps, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})})
     bindir = os.path.dirname(CUOBJ)
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
@@ -117,8 +118,25 @@ def compile_gluon(fn, types, consts, warps):
         sass = subprocess.run([CUOBJ, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([CUOBJ, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     r = {"regs": int(re.search(r"REG:(\d+)", res).group(1)), "smem": ck.metadata.shared, "spills": sass.count("STL"),
-         "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA") if op == "IGMMA" or op in sass}}
+         "mma": {op: sass.count(op) for op in ("IGMMA", "HGMMA", "QGMMA") if op == "IGMMA" or op in sass}}
     return r, sorted(set(re.findall(r"\((C75\d\d)\)", adv))), sorted(set(re.findall(r"WARPGROUP.DEPBAR.LE gsb0, (0x\d)", sass)))
+
+
+def compile_gluon_attention(cfg, d=128):
+    """The sm_90 Gluon attention kernel (kernels/_gluon_attention.py) with tile cfg, as _attention._attend_gluon
+    launches it -> as compile_gluon."""
+    from triton.experimental.gluon import language as gl
+
+    from dvdq_core.kernels import _attention as ka
+    from dvdq_core.kernels import _gluon_attention as kga
+    bn = cfg.BN
+    k_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.int8)
+    v_lay = gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv)
+    types = {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_desc": f"tensordesc<i8[{bn}, {d}],{k_lay!r}>", "ks_ptr": "*fp32",
+             "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{v_lay!r}>", "vs_ptr": "*fp32", "vm_ptr": "*fp32",
+             "o_ptr": "*bf16", **{n: "i32" for n in kga._INTS}}
+    return compile_gluon(kga._attention_ws_kernel, types, dict(STAGES=cfg.num_stages, CONSUMER_REGS=240),
+                         cfg.num_warps, ka.GLUON_MAXNREG)
 
 
 def cases(cc):
@@ -271,6 +289,19 @@ def main(argv=None):
                 problems.append(f"sm_90 {label}: {r}")
             if advisories or "0x1" not in waits:
                 problems.append(f"sm_90 {label}: wgmma serialised (ptxas {advisories}, wait depths {waits})")
+        # the Gluon attention kernel (FP8 P.V, sm_90) with each tile bench/attention.py --variants times
+        for cfg in (c for c in configs.ATTN_SM90_FP8_VARIANTS if c.gluon and cc == 90):
+            label = f"attention q8 fp8 P.V (Gluon) {cfg.to_env()}"
+            try:
+                r, advisories, waits = compile_gluon_attention(cfg)
+            except Exception as e:  # noqa: BLE001 (reported, and a failure under --check)
+                problems.append(f"sm_90 {label}: compile failed: {type(e).__name__}: {str(e)[:300]}")
+                print(f"sm_90  {label} FAILED")
+                continue
+            print(f"sm_90  {label:58s} {r['regs']:4d} {r['spills']:6d} {r['smem'] / 1024:7.1f}  {r['mma']} "
+                  f"{advisories or ''}")
+            if r["spills"] or r["smem"] > SMEM_LIMIT[90] or not (r["mma"]["IGMMA"] and r["mma"].get("QGMMA")) or advisories:
+                problems.append(f"sm_90 {label}: {r} {advisories}")
     for line in problems:
         print("PROBLEM:", line)
     if args.check and problems:

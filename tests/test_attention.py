@@ -116,8 +116,9 @@ def test_kernel_variants_match_reference(options, fp8, monkeypatch):
 
 
 def test_attention_config_parses_options():
-    c = configs.AttentionConfig.parse("128,128,8,4,magic=2,acc=0,tma=1,ws=0")
-    assert (c.BM, c.BN, c.num_warps, c.num_stages, c.magic, c.acc_r, c.tma, c.ws) == (128, 128, 8, 4, 2, 0, True, False)
+    c = configs.AttentionConfig.parse("128,128,8,4,magic=2,acc=0,tma=1,ws=0,gluon=1")
+    assert (c.BM, c.BN, c.num_warps, c.num_stages, c.magic, c.acc_r, c.tma, c.ws, c.gluon) == (128, 128, 8, 4, 2, 0, True,
+                                                                                              False, True)
     assert configs.AttentionConfig.parse(c.to_env()) == c
     assert configs.AttentionConfig.parse("128,64,8,3") == configs.AttentionConfig(128, 64, 8, 3)
     for bad in ("128,64,8", "128,64,8,3,fast=1", "a,b,c,d"):
@@ -125,6 +126,80 @@ def test_attention_config_parses_options():
             configs.AttentionConfig.parse(bad)
     assert configs.attention_config((9, 0), True, env={}) == configs.ATTN_SM90_FP8[0]
     assert configs.ATTN_SM90_FP8_VARIANTS[0] == configs.ATTN_SM90_FP8[0]
+
+
+# ---------------------------------------------------------------- the sm_90 Gluon kernel (FP8 P.V)
+
+def test_v_key_order_matches_the_wgmma_fragments():
+    """The Gluon kernel hands P to the P.V wgmma without moving it: per 32 keys a thread's score registers hold
+    keys 8g + 2t + e (t = lane % 4; PTX's m64nNk32 accumulator fragment) and the FP8 A-operand fragment wants
+    positions 4t + u and 16 + 4t + u in the same register order. V's keys are stored at v_key_position, which
+    must send each thread's score keys exactly to its operand positions; and _p_operand's re-indexing (reshape
+    [.., 2, 2, 4, 2], swap the middle two) must be its inverse."""
+    from dvdq_core.kernels import _attention as ka
+    for t in range(4):
+        score_keys = [8 * g + 2 * t + e for g in range(4) for e in range(2)]
+        operand_positions = [4 * t + u for u in range(4)] + [16 + 4 * t + u for u in range(4)]
+        assert [ka.v_key_position(key) for key in score_keys] == operand_positions
+    pos = ka.v_key_position(torch.arange(256))
+    assert sorted(pos.tolist()) == list(range(256)) and torch.equal(pos // 32, torch.arange(256) // 32)
+    key_at = torch.arange(128).reshape(4, 2, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(128)  # _p_operand's view
+    assert torch.equal(ka.v_key_position(key_at), torch.arange(128))
+
+
+def test_gluon_kernel_applies_only_where_it_can():
+    from dvdq_core.kernels import _attention as ka
+    g = configs.AttentionConfig.parse("128,128,4,3,gluon=1")
+    assert ka.gluon_applies(g, True, False, 4100, 128) and ka.gluon_applies(g, True, False, 128, 64)
+    assert not ka.gluon_applies(g, False, False, 4100, 128)  # the 16-bit P.V form
+    assert not ka.gluon_applies(g, True, True, 4100, 128)  # the interpreter
+    assert not ka.gluon_applies(g, True, False, 127, 128)  # no whole key block
+    assert not ka.gluon_applies(g, True, False, 4100, 32)
+    assert not ka.gluon_applies(configs.AttentionConfig.parse("64,128,4,3,gluon=1"), True, False, 4100, 128)
+    assert not ka.gluon_applies(configs.ATTN_SM90_FP8[0], True, False, 4100, 128)
+
+
+HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+GLUON_CASES = [  # (batch, heads, query tokens, key tokens, head dim): tails, cross-attention, many blocks
+    (1, 2, 300, 300, 128), (2, 3, 256, 512, 64), (1, 1, 130, 4100, 128), (1, 2, 5, 700, 128), (2, 1, 1000, 128, 64),
+]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only; on the CPU test_compile_targets "
+                    "compiles it and the tests above check its key order")
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_gluon_kernel_matches_reference(case, stages):
+    from dvdq_core.kernels import _attention as ka
+    if stages != 3 and case != GLUON_CASES[2]:
+        pytest.skip("other ring depths: the long case only")
+    b, h, lq, lk, d = case
+    g = torch.Generator().manual_seed(lq + lk + d)
+    q = torch.randn(b, h, lq, d, generator=g).to(torch.bfloat16).cuda()
+    k = (torch.randn(b, h, lk, d, generator=g) + 3 * torch.randn(d, generator=g)).to(torch.bfloat16).cuda()
+    v = (torch.randn(b, h, lk, d, generator=g) + 1).to(torch.bfloat16).cuda()
+    cfg = configs.AttentionConfig.parse(f"128,128,4,{stages},gluon=1")
+    prep = ka.quantize(q, k, v, d ** -0.5, True, cfg)
+    assert prep["gluon"]
+    out = ka.attend(prep, False)
+    ref = att.attention_reference(q, k, v, pv="fp8", block_n=128)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    err, _ = rel_l2_cos(out, ref)
+    assert err < 1e-3, err  # the same codes and scales: float rounding apart
+    blhd = ka.attend(prep, True)
+    assert blhd.shape == (b, lq, h, d) and torch.equal(blhd.transpose(1, 2), out)
+    triton_out = ka.attention(q, k, v, d ** -0.5, True, False, configs.AttentionConfig.parse("128,128,8,4"))
+    assert rel_l2_cos(out, triton_out)[0] < 1e-3
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")
+def test_gluon_kernel_at_scale_within_the_accuracy_bound(monkeypatch):
+    monkeypatch.setenv("DVDQ_ATTN_CONFIG", "128,128,4,3,gluon=1")
+    q, k, v = BENCH.dit_like_qkv(1, 4, 4100, 128, device="cuda", seed=3)
+    out = run_kernel(q, k, v, True)
+    assert rel_l2_cos(out, att.attention_reference(q, k, v, pv="fp8", block_n=128))[0] < 2e-3
+    err, cos = rel_l2_cos(out, exact(q, k, v))
+    assert err <= MAX_REL_L2 and cos >= MIN_COSINE, (err, cos)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="Wan-sized calls run compiled on a GPU only")

@@ -77,10 +77,25 @@ def _kv_stats_kernel(k_ptr, v_ptr, part_ptr, L, H, NCH, skb, skh, skl, skd, svb,
 
 
 @triton.jit
+def _v_key_position(r):
+    """Where key r goes in the Gluon kernel's V^T (_gluon_attention._p_operand): within each 32 keys, key
+    8g + 2t + e at 16 (g // 2) + 4t + 2 (g % 2) + e (v_key_position in Python)."""
+    k = r % 32
+    g = k // 8
+    return r - k + (g // 2) * 16 + ((k % 8) // 2) * 4 + (g % 2) * 2 + k % 2
+
+
+def v_key_position(r):
+    return _v_key_position.fn(r)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, mean_ptr, r_ptr, out_ptr, scale_ptr, L, LP, H, sxb, sxh, sxl, sxd, qk_scale,
-                     D: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr, INTERPRET: tl.constexpr):
+                     D: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr, INTERPRET: tl.constexpr,
+                     V_ORDER: tl.constexpr = False):
     """One tile of BT tokens of one (batch, head). MODE 0: Q, INT8 per token, scale x qk_scale;
-    1: K - mean, INT8 per tile (BT = the attention's BN); 2: (V - mean) * r -> FP8, stored [D, LP]."""
+    1: K - mean, INT8 per tile (BT = the attention's BN); 2: (V - mean) * r -> FP8, stored [D, LP]
+    (V_ORDER: the keys in the Gluon kernel's order, _v_key_position)."""
     t, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = t * BT + tl.arange(0, BT)
@@ -103,7 +118,8 @@ def _quantize_kernel(x_ptr, mean_ptr, r_ptr, out_ptr, scale_ptr, L, LP, H, sxb, 
     else:
         x = tl.where(ok, x - tl.load(mean_ptr + bh * D + offs_d)[None, :], 0.0)
         v8 = _to_fp8(x * tl.load(r_ptr + bh * D + offs_d)[None, :], INTERPRET)
-        tl.store(out_ptr + obase + offs_d[None, :] * LP + rows[:, None], v8)
+        cols = _v_key_position(rows) if V_ORDER else rows
+        tl.store(out_ptr + obase + offs_d[None, :] * LP + cols[:, None], v8)
 
 
 MAGIC_BIAS = tl.constexpr(12582912.0)  # 1.5 * 2**23: its float32 grid step is 1
@@ -280,6 +296,7 @@ def quantize(q, k, v, scale: float, fp8: bool, cfg) -> dict:
     bsz, heads, lq, d = q.shape
     lk = k.shape[2]
     bm, bn = cfg.BM, cfg.BN
+    gluon = gluon_applies(cfg, fp8, interp, lk, d)
     lqp, lkp = triton.cdiv(lq, bm) * bm, triton.cdiv(lk, bn) * bn
     bh = bsz * heads
     dev = q.device
@@ -303,13 +320,13 @@ def quantize(q, k, v, scale: float, fp8: bool, cfg) -> dict:
         vs, vr = va / _core.V_MAX, _core.V_MAX / va
         v_in = torch.empty((bh, d, lkp), device=dev, dtype=torch.float8_e4m3fn)
         _quantize_kernel[(lkp // bn, bh)](v, vm, vr, v_in, ks, lk, lkp, heads, *v.stride(), 1.0, BT=bn, MODE=2,
-                                          **common)
+                                          V_ORDER=gluon, **common)
         v_strides = (0, 0, 0, 0)
     else:
         vs = vm = ks  # unused
         v_in, v_strides = v, v.stride()
     return dict(q8=q8, qs=qs, k8=k8, ks=ks, v_in=v_in, vs=vs, vm=vm, v_strides=v_strides, shape=(bsz, heads, lq, lk, d),
-                lqp=lqp, lkp=lkp, dtype=q.dtype, fp8=fp8, cfg=cfg, interp=interp)
+                lqp=lqp, lkp=lkp, dtype=q.dtype, fp8=fp8, cfg=cfg, interp=interp, gluon=gluon)
 
 
 def attend(t: dict, blhd: bool) -> torch.Tensor:
@@ -325,6 +342,9 @@ def attend(t: dict, blhd: bool) -> torch.Tensor:
         out = torch.empty((bsz, heads, lq, d), device=dev, dtype=t["dtype"])
         o_strides = out.stride()
     n_full = lk // bn
+    if t["gluon"]:
+        _attend_gluon(t, out, o_strides, n_full)
+        return out
     tma = bool(fp8 and cfg.tma and not interp)
     k_arg, v_arg = t["k8"], t["v_in"]
     if tma:  # descriptors of all heads' codes: K [B H LKP, D] in [BN, D] tiles, V^T [B H D, LKP] in [D, BN] tiles
@@ -338,3 +358,34 @@ def attend(t: dict, blhd: bool) -> torch.Tensor:
         MAGIC=cfg.magic, ACC_R=cfg.acc_r, TMA=tma, WS=cfg.ws,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def gluon_applies(cfg, fp8: bool, interp: bool, lk: int, d: int) -> bool:
+    """Whether a call runs the Gluon kernel (_gluon_attention.py): asked for by the tile (`gluon=1`, sm_90's
+    FP8 form; configs.attention_config), compiled (not the interpreter), 128 x 128 tiles, head dim 64 or 128,
+    and at least one whole key block (its first block is never masked). Elsewhere the Triton kernel runs,
+    with the same math."""
+    return bool(cfg.gluon and fp8 and not interp and cfg.BM == 128 and cfg.BN == 128 and d in (64, 128)
+                and lk >= cfg.BN)
+
+
+GLUON_MAXNREG = 168  # 12 warps (2 consumer warpgroups, the producer's): 65536 / 384 registers, rounded down to 8
+
+
+def _attend_gluon(t: dict, out, o_strides, n_full: int):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ._gluon_attention import _attention_ws_kernel
+    bsz, heads, lq, lk, d = t["shape"]
+    cfg, lqp, lkp, bh = t["cfg"], t["lqp"], t["lkp"], bsz * heads
+    bn = cfg.BN
+    k_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.int8)
+    v_lay = gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv)
+    k_desc = TensorDescriptor.from_tensor(t["k8"].view(bh * lkp, d), [bn, d], k_lay)
+    v_desc = TensorDescriptor.from_tensor(t["v_in"].view(bh * d, lkp), [d, bn], v_lay)
+    assert o_strides[3] == 1
+    _attention_ws_kernel[(lqp // cfg.BM, bh)](
+        t["q8"], t["qs"], k_desc, t["ks"], v_desc, t["vs"], t["vm"], out, heads, lq, lk, lqp, lkp, n_full,
+        int(lk % bn != 0), *o_strides[:3], STAGES=cfg.num_stages, CONSUMER_REGS=240, num_warps=4,
+        maxnreg=GLUON_MAXNREG)
