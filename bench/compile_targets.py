@@ -127,8 +127,7 @@ def compile_gluon_attention(cfg, d=128):
     launches it -> as compile_gluon."""
     from triton.experimental.gluon import language as gl
 
-    from dvdq_core.kernels import _attention as ka
-    from dvdq_core.kernels import _gluon_attention as kga
+    from dvdq_core.kernels import _attention as ka, _gluon_attention as kga
     bn = cfg.BN
     k_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.int8)
     v_lay = gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv)
