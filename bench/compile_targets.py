@@ -134,7 +134,7 @@ def compile_gluon_attention(cfg, d=128):
     types = {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_desc": f"tensordesc<i8[{bn}, {d}],{k_lay!r}>", "ks_ptr": "*fp32",
              "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{v_lay!r}>", "vs_ptr": "*fp32", "vm_ptr": "*fp32",
              "o_ptr": "*bf16", **{n: "i32" for n in kga._INTS}}
-    return compile_gluon(kga._attention_ws_kernel, types, dict(STAGES=cfg.num_stages, CONSUMER_REGS=240),
+    return compile_gluon(kga._attention_ws_kernel, types, dict(STAGES=cfg.num_stages, CONSUMER_REGS=240, MAGIC=cfg.magic == 1),
                          cfg.num_warps, ka.GLUON_MAXNREG)
 
 

@@ -116,13 +116,18 @@ def test_kernel_variants_match_reference(options, fp8, monkeypatch):
 
 
 def test_attention_config_parses_options():
-    c = configs.AttentionConfig.parse("128,128,8,4,magic=2,acc=0,tma=1,ws=0,gluon=1")
+    c = configs.AttentionConfig.parse("128,128,8,4,magic=2,acc=0,tma=1,ws=0")
     assert (c.BM, c.BN, c.num_warps, c.num_stages, c.magic, c.acc_r, c.tma, c.ws, c.gluon) == (128, 128, 8, 4, 2, 0, True,
-                                                                                              False, True)
+                                                                                              False, False)
+    g = configs.AttentionConfig.parse("128,128,4,3,magic=1,gluon=1,pp=1")
+    assert (g.magic, g.gluon, g.pingpong) == (1, True, True) and configs.AttentionConfig.parse(g.to_env()) == g
     assert configs.AttentionConfig.parse(c.to_env()) == c
     assert configs.AttentionConfig.parse("128,64,8,3") == configs.AttentionConfig(128, 64, 8, 3)
     for bad in ("128,64,8", "128,64,8,3,fast=1", "a,b,c,d"):
         with pytest.raises(ValueError, match="DVDQ_ATTN_CONFIG needs"):
+            configs.AttentionConfig.parse(bad)
+    for bad in ("128,128,4,3,gluon=1,magic=2", "128,128,4,3,gluon=1,tma=1", "128,128,4,3,gluon=1,acc=0", "64,128,4,3,pp=1"):
+        with pytest.raises(ValueError, match="Gluon kernel"):
             configs.AttentionConfig.parse(bad)
     assert configs.attention_config((9, 0), True, env={}) == configs.ATTN_SM90_FP8[0]
     assert configs.ATTN_SM90_FP8_VARIANTS[0] == configs.ATTN_SM90_FP8[0]
@@ -167,18 +172,19 @@ GLUON_CASES = [  # (batch, heads, query tokens, key tokens, head dim): tails, cr
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only; on the CPU test_compile_targets "
                     "compiles it and the tests above check its key order")
-@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("options", ["3,magic=1,gluon=1", "3,gluon=1", "3,magic=1,gluon=1,pp=1", "2,magic=1,gluon=1",
+                                     "4,magic=1,gluon=1"])
 @pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_gluon_kernel_matches_reference(case, stages):
+def test_gluon_kernel_matches_reference(case, options):
     from dvdq_core.kernels import _attention as ka
-    if stages != 3 and case != GLUON_CASES[2]:
-        pytest.skip("other ring depths: the long case only")
+    if options != "3,magic=1,gluon=1" and case != GLUON_CASES[2]:
+        pytest.skip("the other ring depths and the turn-taking: the long case only")
     b, h, lq, lk, d = case
     g = torch.Generator().manual_seed(lq + lk + d)
     q = torch.randn(b, h, lq, d, generator=g).to(torch.bfloat16).cuda()
     k = (torch.randn(b, h, lk, d, generator=g) + 3 * torch.randn(d, generator=g)).to(torch.bfloat16).cuda()
     v = (torch.randn(b, h, lk, d, generator=g) + 1).to(torch.bfloat16).cuda()
-    cfg = configs.AttentionConfig.parse(f"128,128,4,{stages},gluon=1")
+    cfg = configs.AttentionConfig.parse(f"128,128,4,{options}")
     prep = ka.quantize(q, k, v, d ** -0.5, True, cfg)
     assert prep["gluon"]
     out = ka.attend(prep, False)
@@ -194,7 +200,7 @@ def test_gluon_kernel_matches_reference(case, stages):
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")
 def test_gluon_kernel_at_scale_within_the_accuracy_bound(monkeypatch):
-    monkeypatch.setenv("DVDQ_ATTN_CONFIG", "128,128,4,3,gluon=1")
+    monkeypatch.setenv("DVDQ_ATTN_CONFIG", "128,128,4,3,magic=1,gluon=1")
     q, k, v = BENCH.dit_like_qkv(1, 4, 4100, 128, device="cuda", seed=3)
     out = run_kernel(q, k, v, True)
     assert rel_l2_cos(out, att.attention_reference(q, k, v, pv="fp8", block_n=128))[0] < 2e-3

@@ -387,5 +387,5 @@ def _attend_gluon(t: dict, out, o_strides, n_full: int):
     assert o_strides[3] == 1
     _attention_ws_kernel[(lqp // cfg.BM, bh)](
         t["q8"], t["qs"], k_desc, t["ks"], v_desc, t["vs"], t["vm"], out, heads, lq, lk, lqp, lkp, n_full,
-        int(lk % bn != 0), *o_strides[:3], STAGES=cfg.num_stages, CONSUMER_REGS=240, num_warps=4,
-        maxnreg=GLUON_MAXNREG)
+        int(lk % bn != 0), *o_strides[:3], int(cfg.pingpong), STAGES=cfg.num_stages, CONSUMER_REGS=240,
+        MAGIC=cfg.magic == 1, num_warps=4, maxnreg=GLUON_MAXNREG)

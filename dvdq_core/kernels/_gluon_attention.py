@@ -32,6 +32,8 @@ from .. import attention as _core
 
 P_SHIFT: gl.constexpr = gl.constexpr(_core.P_SHIFT)
 WG_ROWS: gl.constexpr = gl.constexpr(64)  # query rows per consumer warpgroup (one wgmma M)
+MAGIC_BITS: gl.constexpr = gl.constexpr(0x4B400000)  # the bits of the float32 1.5 * 2**23 (its grid step is 1)
+MAGIC_BIAS: gl.constexpr = gl.constexpr(12582912.0)
 
 
 @gluon.constexpr_function
@@ -57,12 +59,23 @@ def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, bh, LKP, 
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qs, ks, j, Lk, MASK: gl.constexpr):
-    """Online-softmax update of key block j from its int32 scores s (as _attention._softmax_step, MAGIC 0,
-    FP8): P (float32), alpha, l, m."""
+def _score_start(R: gl.constexpr, BN: gl.constexpr, MAGIC: gl.constexpr):
+    """The scores' wgmma accumulator start: MAGIC_BITS (_softmax) or zeros (not read: use_acc=False)."""
+    return gl.full([R, BN], MAGIC_BITS if MAGIC else 0, gl.int32, _acc_layout(BN))
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qs, ks, j, Lk, MASK: gl.constexpr, MAGIC: gl.constexpr):
+    """Online-softmax update of key block j from its int32 scores s (as _attention._softmax_step, FP8): P
+    (float32), alpha, l, m. MAGIC: s was accumulated from MAGIC_BITS, so its bits read as float32 are
+    exactly 1.5 * 2**23 + the score (|score| < 2**22) and one exact subtraction replaces the int -> float
+    conversion (the same numbers; the conversion runs on the pipe that also runs exp2)."""
     BN: gl.constexpr = s.shape[1]
     sl: gl.constexpr = s.type.layout
-    x = s.to(gl.float32)
+    if MAGIC:
+        x = s.to(gl.float32, bitcast=True) - MAGIC_BIAS
+    else:
+        x = s.to(gl.float32)
     if MASK:
         cols = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, sl))
         x = gl.where((cols < Lk)[None, :], x, float("-inf"))
@@ -99,10 +112,12 @@ def _p_operand(p, p_l: gl.constexpr):
 
 
 @gluon.jit
-def _step(acc, p, alpha, l_i, m_i, q, qs, k_smem, v_smem, k_ready, v_ready, empty, ks_ptr, j, Lk, MASK: gl.constexpr):
+def _step(acc, p, alpha, l_i, m_i, q, qs, k_smem, v_smem, k_ready, v_ready, empty, ks_ptr, j, Lk, turn_mine, turn_other,
+          pingpong, MASK: gl.constexpr, MAGIC: gl.constexpr):
     """Key block j for one warpgroup: the MMA batch (P.V of block j-1, then block j's scores, issued back to
     back and waited for together), then the ALU phase (acc update, block j's softmax) while the other
-    warpgroup's MMAs run."""
+    warpgroup's MMAs run. pingpong != 0: the two warpgroups take turns issuing their batches (FlashAttention-3's
+    scheduling barrier, here a pair of mbarriers): this one waits for its turn and hands it over once issued."""
     STAGES: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
     D: gl.constexpr = k_smem.shape[2]
@@ -112,24 +127,28 @@ def _step(acc, p, alpha, l_i, m_i, q, qs, k_smem, v_smem, k_ready, v_ready, empt
     slot = j % STAGES
     ks = gl.load(ks_ptr + j)
     mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+    if pingpong != 0:
+        mbarrier.wait(turn_mine, (j - 1) & 1)
     o = warpgroup_mma(_p_operand(p, p_l), v_smem.index(prev).permute((1, 0)),
                       gl.zeros([acc.shape[0], D], gl.float32, o_l), use_acc=False, is_async=True)
-    mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-    s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), gl.zeros([acc.shape[0], BN], gl.int32, _acc_layout(BN)),
-                      use_acc=False, is_async=True)
+    s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), _score_start(acc.shape[0], BN, MAGIC), use_acc=MAGIC,
+                      is_async=True)
+    if pingpong != 0:
+        mbarrier.arrive(turn_other, count=1)
     o, s = warpgroup_mma_wait(num_outstanding=0, deps=(o, s))
     mbarrier.arrive(empty.index(prev), count=1)  # this warpgroup is done with slot prev
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None] + o
-    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, qs, ks, j, Lk, MASK)
+    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, qs, ks, j, Lk, MASK, MAGIC)
     return acc, p, alpha, l_i, m_i
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr, bh, H, Lq, Lk,
-              LQP, LKP, n_full, tail, sob, soh, sol, row0):
+def _consumer(q_smem, turn_mine, turn_other, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+              o_ptr, bh, H, Lq, Lk, LQP, LKP, n_full, tail, sob, soh, sol, pingpong, row0, MAGIC: gl.constexpr):
     """One warpgroup's 64 query rows from row0, of head bh: the key loop and the epilogue. tail: 1 where a last,
     partial key block follows the n_full whole ones. (Run-time values only: a worker partition takes no
-    constexpr in Triton 3.6.)"""
+    constexpr in Triton 3.6: `_consumer_*` fix MAGIC.)"""
     STAGES: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
     D: gl.constexpr = k_smem.shape[2]
@@ -157,19 +176,19 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks
     m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, row_l)
     l_i = gl.zeros([WG_ROWS], gl.float32, row_l)
     acc = gl.zeros([WG_ROWS, D], gl.float32, o_l)
-    zs = gl.zeros([WG_ROWS, BN], gl.int32, s_l)
 
     # block 0: its scores alone (the host runs this kernel only where n_full >= 1: block 0 is never masked)
     mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zs, use_acc=False, is_async=True)
+    s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), _score_start(WG_ROWS, BN, MAGIC), use_acc=MAGIC,
+                      is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, qs, gl.load(ks_ptr), 0, Lk, False)
+    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, qs, gl.load(ks_ptr), 0, Lk, False, MAGIC)
     for j in range(1, n_full):
         acc, p, alpha, l_i, m_i = _step(acc, p, alpha, l_i, m_i, q, qs, k_smem, v_smem, k_ready, v_ready, empty,
-                                        ks_ptr, j, Lk, False)
+                                        ks_ptr, j, Lk, turn_mine, turn_other, pingpong, False, MAGIC)
     if tail != 0:  # the last, partial key block (its padded keys' codes are zeros: masked in the scores)
         acc, p, alpha, l_i, m_i = _step(acc, p, alpha, l_i, m_i, q, qs, k_smem, v_smem, k_ready, v_ready, empty,
-                                        ks_ptr, n_full, Lk, True)
+                                        ks_ptr, n_full, Lk, turn_mine, turn_other, pingpong, True, MAGIC)
     n = n_full + tail  # blocks: the last one's P.V
     last = (n - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n - 1) // STAGES) & 1)
@@ -188,12 +207,27 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks
     gl.store(optr, out.to(o_ptr.dtype.element_ty), mask=(orow < Lq)[:, None])
 
 
-_INTS = ("H", "Lq", "Lk", "LQP", "LKP", "n_full", "tail", "sob", "soh", "sol")
+@gluon.jit
+def _consumer_exact(q_smem, turn_mine, turn_other, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+              o_ptr, bh, H, Lq, Lk, LQP, LKP, n_full, tail, sob, soh, sol, pingpong, row0):
+    _consumer(q_smem, turn_mine, turn_other, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+              o_ptr, bh, H, Lq, Lk, LQP, LKP, n_full, tail, sob, soh, sol, pingpong, row0, True)
+
+
+@gluon.jit
+def _consumer_convert(q_smem, turn_mine, turn_other, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks_ptr,
+                      vs_ptr, vm_ptr, o_ptr, bh, H, Lq, Lk, LQP, LKP, n_full, tail, sob, soh, sol, pingpong, row0):
+    _consumer(q_smem, turn_mine, turn_other, k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks_ptr, vs_ptr, vm_ptr,
+              o_ptr, bh, H, Lq, Lk, LQP, LKP, n_full, tail, sob, soh, sol, pingpong, row0, False)
+
+
+_INTS = ("H", "Lq", "Lk", "LQP", "LKP", "n_full", "tail", "sob", "soh", "sol", "pingpong")
 
 
 @gluon.jit(do_not_specialize=_INTS)  # (an int equal to 1 would become a constexpr, which a worker cannot take)
 def _attention_ws_kernel(q_ptr, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, vm_ptr, o_ptr, H, Lq, Lk, LQP, LKP, n_full,
-                         tail, sob, soh, sol, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                         tail, sob, soh, sol, pingpong, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         MAGIC: gl.constexpr = True):
     """Grid (LQP / 128, B x H); num_warps 4 (the first consumer), plus 4 + 1 warps (module docstring). The
     output's last stride is 1."""
     BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -211,10 +245,21 @@ def _attention_ws_kernel(q_ptr, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, vm_ptr, 
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
     n_blocks = n_full + tail
     row0 = gl.program_id(0) * (2 * WG_ROWS)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (pingpong) whose batch is next
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    mbarrier.arrive(turn.index(0), count=1)  # the first warpgroup starts
     cargs = (k_smem, v_smem, k_ready, v_ready, empty, q_ptr, qs_ptr, ks_ptr, vs_ptr, vm_ptr, o_ptr, bh, H, Lq, Lk,
-             LQP, LKP, n_full, tail, sob, soh, sol)
-    gl.warp_specialize([
-        (_consumer, (q_smem.index(0), ) + cargs + (row0, )),
-        (_consumer, (q_smem.index(1), ) + cargs + (row0 + WG_ROWS, )),
-        (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, bh, LKP, n_blocks)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+             LQP, LKP, n_full, tail, sob, soh, sol, pingpong)
+    if MAGIC:
+        gl.warp_specialize([
+            (_consumer_exact, (q_smem.index(0), turn.index(0), turn.index(1)) + cargs + (row0, )),
+            (_consumer_exact, (q_smem.index(1), turn.index(1), turn.index(0)) + cargs + (row0 + WG_ROWS, )),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, bh, LKP, n_blocks)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer_convert, (q_smem.index(0), turn.index(0), turn.index(1)) + cargs + (row0, )),
+            (_consumer_convert, (q_smem.index(1), turn.index(1), turn.index(0)) + cargs + (row0 + WG_ROWS, )),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, bh, LKP, n_blocks)),
+        ], [4, 1], [CONSUMER_REGS, 24])

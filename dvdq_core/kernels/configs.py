@@ -204,32 +204,38 @@ class AttentionConfig:
     BN: int
     num_warps: int
     num_stages: int
-    magic: int = 0  # INT8 scores -> float32: 0 conversion, 1 and 2 through the accumulator's start (_attention._scores)
+    magic: int = 0  # INT8 scores -> float32: 0 conversion, 1 and 2 through the accumulator's start (_attention._scores;
+    # the Gluon kernel: 0 or 1)
     acc_r: int = 1  # FP8 P.V: 1 a fresh MMA accumulator per key block (added outside the MMA), 0 accumulate in the MMA
     tma: bool = False  # FP8 form: K and V tiles by TMA (tensor descriptors) instead of cp.async
     ws: bool = False  # Triton's warp specialization of the key loop
     gluon: bool = False  # FP8 form on sm_90: the Gluon kernel (_gluon_attention.py; BM 128 = two 64-row warpgroups)
+    pingpong: bool = False  # the Gluon kernel's warpgroups take turns issuing their MMAs (FlashAttention-3's order)
 
     @classmethod
     def parse(cls, text: str) -> "AttentionConfig":
-        """"BM,BN,warps,stages" and optional "magic=M", "acc=R", "tma=0|1", "ws=0|1", "gluon=0|1" fields."""
+        """"BM,BN,warps,stages" and optional "magic=M", "acc=R", "tma=0|1", "ws=0|1", "gluon=0|1", "pp=0|1" fields."""
         fields = [t.strip() for t in text.split(",") if t.strip()]
         try:
             v = [int(t) for t in fields[:4]]
             extra = dict(t.split("=", 1) for t in fields[4:])
             named = {"magic": int(extra.pop("magic", 0)), "acc_r": int(extra.pop("acc", 1)),
                      "tma": bool(int(extra.pop("tma", 0))), "ws": bool(int(extra.pop("ws", 0))),
-                     "gluon": bool(int(extra.pop("gluon", 0)))}
+                     "gluon": bool(int(extra.pop("gluon", 0))), "pingpong": bool(int(extra.pop("pp", 0)))}
         except ValueError:
             v, extra = [], {}
         if len(v) != 4 or extra:
             raise ValueError("DVDQ_ATTN_CONFIG needs BM,BN,warps,stages and optionally magic=M,acc=R,tma=0|1,"
-                             f"ws=0|1,gluon=0|1, got {text!r}")
+                             f"ws=0|1,gluon=0|1,pp=0|1, got {text!r}")
+        if named["gluon"] and (named["magic"] > 1 or named["acc_r"] != 1 or named["tma"] or named["ws"]):
+            raise ValueError(f"DVDQ_ATTN_CONFIG: the Gluon kernel (gluon=1) takes magic=0|1 and pp=0|1 only, got {text!r}")
+        if named["pingpong"] and not named["gluon"]:
+            raise ValueError(f"DVDQ_ATTN_CONFIG: pp=1 is an option of the Gluon kernel (gluon=1), got {text!r}")
         return cls(*v, **named)
 
     def to_env(self) -> str:
         return (f"{self.BM},{self.BN},{self.num_warps},{self.num_stages},magic={self.magic},acc={self.acc_r},"
-                f"tma={int(self.tma)},ws={int(self.ws)},gluon={int(self.gluon)}")
+                f"tma={int(self.tma)},ws={int(self.ws)},gluon={int(self.gluon)},pp={int(self.pingpong)}")
 
 
 _A = AttentionConfig.parse
@@ -243,7 +249,8 @@ ATTN_SM90_FP8_VARIANTS = tuple(_A(t) for t in (
     "64,128,4,3", "128,128,8,4", "128,128,8,4,magic=1", "128,128,8,4,magic=2", "128,128,8,4,acc=0", "128,128,8,4,magic=2,acc=0",
     "128,128,8,3,magic=2,acc=0", "128,128,8,3,tma=1", "128,128,8,3,tma=1,magic=2,acc=0", "128,128,8,4,ws=1",
     "64,128,4,2,magic=2,acc=0", "64,128,4,3,magic=2,acc=0", "64,64,4,3,magic=2", "128,64,8,4,magic=2,acc=0",
-    "128,128,4,2,gluon=1", "128,128,4,3,gluon=1", "128,128,4,4,gluon=1"))
+    "64,128,4,3,magic=1", "128,128,4,3,gluon=1", "128,128,4,3,magic=1,gluon=1", "128,128,4,2,magic=1,gluon=1",
+    "128,128,4,4,magic=1,gluon=1", "128,128,4,3,magic=1,gluon=1,pp=1"))
 ATTN_SM90_16 = (AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 8, 4))
 ATTN_SM8X = (AttentionConfig(128, 64, 8, 2), AttentionConfig(128, 32, 8, 2), AttentionConfig(128, 64, 8, 3))
 ATTN_INTERPRETER = AttentionConfig(32, 16, 4, 1)
