@@ -163,6 +163,8 @@ def sweep_variants(name, b, h, l, d, args, cap):
             err, cos = rel_l2_cos(run(), ref)
             t = timed(run, args.iters)
             prep = _attention.quantize(q, k, v, scale, True, cfg)
+            if cfg.gluon and not prep["gluon"]:
+                label += " (ran the Triton kernel)"
             t_q = timed(lambda cfg=cfg: _attention.quantize(q, k, v, scale, True, cfg), args.iters)
             t_k = timed(lambda prep=prep: _attention.attend(prep, False), args.iters)
             del prep
@@ -189,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--match", default="", help="with --variants: only the default and the variants whose "
                     "DVDQ_ATTN_CONFIG text contains this (e.g. gluon=1)")
     args = ap.parse_args(argv)
+    if args.match and not args.variants:
+        ap.error("--match selects among --variants")
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
     cap = torch.cuda.get_device_capability()

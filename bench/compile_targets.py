@@ -133,9 +133,9 @@ def compile_gluon_attention(cfg, d=128):
     v_lay = gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv)
     types = {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_desc": f"tensordesc<i8[{bn}, {d}],{k_lay!r}>", "ks_ptr": "*fp32",
              "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{v_lay!r}>", "vs_ptr": "*fp32", "vm_ptr": "*fp32",
-             "o_ptr": "*bf16", **{n: "i32" for n in kga._INTS}}
-    return compile_gluon(kga._attention_ws_kernel, types, dict(STAGES=cfg.num_stages, CONSUMER_REGS=240, MAGIC=cfg.magic == 1),
-                         cfg.num_warps, ka.GLUON_MAXNREG)
+             "o_ptr": "*bf16", **{n: "i32" for n in kga._INTS + kga._STRIDES}}
+    return compile_gluon(kga._attention_ws_kernel, types, dict(STAGES=cfg.num_stages, CONSUMER_REGS=ka.GLUON_CONSUMER_REGS,
+                                                              MAGIC=cfg.magic == 1), cfg.num_warps, ka.GLUON_MAXNREG)
 
 
 def cases(cc):
@@ -289,10 +289,11 @@ def main(argv=None):
             if advisories or "0x1" not in waits:
                 problems.append(f"sm_90 {label}: wgmma serialised (ptxas {advisories}, wait depths {waits})")
         # the Gluon attention kernel (FP8 P.V, sm_90) with each tile bench/attention.py --variants times
-        for cfg in (c for c in configs.ATTN_SM90_FP8_VARIANTS if c.gluon and cc == 90):
-            label = f"attention q8 fp8 P.V (Gluon) {cfg.to_env()}"
+        gluon = [c for c in configs.ATTN_SM90_FP8_VARIANTS if c.gluon and cc == 90]
+        for cfg, d in [(c, 128) for c in gluon] + [(c, 64) for c in gluon[:1]]:  # (head dim 64 too: gluon_applies takes it)
+            label = f"attention q8 fp8 P.V (Gluon) D{d} {cfg.to_env()}"
             try:
-                r, advisories, waits = compile_gluon_attention(cfg)
+                r, advisories, _ = compile_gluon_attention(cfg, d)
             except Exception as e:  # noqa: BLE001 (reported, and a failure under --check)
                 problems.append(f"sm_90 {label}: compile failed: {type(e).__name__}: {str(e)[:300]}")
                 print(f"sm_90  {label} FAILED")

@@ -126,8 +126,12 @@ def test_attention_config_parses_options():
     for bad in ("128,64,8", "128,64,8,3,fast=1", "a,b,c,d"):
         with pytest.raises(ValueError, match="DVDQ_ATTN_CONFIG needs"):
             configs.AttentionConfig.parse(bad)
-    for bad in ("128,128,4,3,gluon=1,magic=2", "128,128,4,3,gluon=1,tma=1", "128,128,4,3,gluon=1,acc=0", "64,128,4,3,pp=1"):
+    for bad in ("128,128,4,3,gluon=1,magic=2", "128,128,4,3,gluon=1,tma=1", "128,128,4,3,gluon=1,acc=0", "64,128,4,3,pp=1",
+                "128,128,4,1,gluon=1", "64,128,4,3,gluon=1", "128,128,8,3,gluon=1"):
         with pytest.raises(ValueError, match="Gluon kernel"):
+            configs.AttentionConfig.parse(bad)
+    for bad in ("128,128,4,3,gluon=2", "128,128,4,3,gluon=1,pp=7", "128,64,8,3,magic=-1", "128,64,8,3,acc=2"):
+        with pytest.raises(ValueError, match="DVDQ_ATTN_CONFIG needs"):
             configs.AttentionConfig.parse(bad)
     assert configs.attention_config((9, 0), True, env={}) == configs.ATTN_SM90_FP8[0]
     assert configs.ATTN_SM90_FP8_VARIANTS[0] == configs.ATTN_SM90_FP8[0]
@@ -160,8 +164,22 @@ def test_gluon_kernel_applies_only_where_it_can():
     assert not ka.gluon_applies(g, True, True, 4100, 128)  # the interpreter
     assert not ka.gluon_applies(g, True, False, 127, 128)  # no whole key block
     assert not ka.gluon_applies(g, True, False, 4100, 32)
-    assert not ka.gluon_applies(configs.AttentionConfig.parse("64,128,4,3,gluon=1"), True, False, 4100, 128)
+    assert not ka.gluon_applies(configs.AttentionConfig(64, 128, 4, 3, gluon=True), True, False, 4100, 128)  # (parse refuses it)
     assert not ka.gluon_applies(configs.ATTN_SM90_FP8[0], True, False, 4100, 128)
+
+
+def test_gluon_tile_where_the_kernel_does_not_apply_runs_the_default_tile_with_a_warning(monkeypatch):
+    """gluon=1 asked for calls the Gluon kernel does not take (here: the interpreter or a GPU call with 100 keys):
+    the Triton kernel with the card's default tile (its 128 x 128 x 4-warp tile would spill), one warning."""
+    from dvdq_core.kernels import _attention as ka
+    monkeypatch.setattr(att, "_WARNED", set())
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 100, 64, generator=g).to(torch.bfloat16).to(DEV) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match="gluon=1"):
+        prep = ka.quantize(q, k, v, 0.125, ON_GPU, configs.AttentionConfig.parse("128,128,4,3,gluon=1"))
+    assert not prep["gluon"] and not prep["cfg"].gluon
+    assert prep["cfg"] == (configs.attention_candidates(torch.cuda.get_device_capability(), True)[0] if ON_GPU
+                           else configs.ATTN_INTERPRETER)
 
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
@@ -170,15 +188,16 @@ GLUON_CASES = [  # (batch, heads, query tokens, key tokens, head dim): tails, cr
 ]
 
 
+# every case with the first options; the other options (ring depths, turn-taking, conversion) on the long case
+GLUON_RUNS = [(c, "3,magic=1,gluon=1") for c in GLUON_CASES] + [
+    (GLUON_CASES[2], o) for o in ("3,gluon=1", "3,magic=1,gluon=1,pp=1", "2,magic=1,gluon=1", "4,magic=1,gluon=1")]
+
+
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only; on the CPU test_compile_targets "
                     "compiles it and the tests above check its key order")
-@pytest.mark.parametrize("options", ["3,magic=1,gluon=1", "3,gluon=1", "3,magic=1,gluon=1,pp=1", "2,magic=1,gluon=1",
-                                     "4,magic=1,gluon=1"])
-@pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case,options", GLUON_RUNS, ids=["x".join(map(str, c)) + "-" + o for c, o in GLUON_RUNS])
 def test_gluon_kernel_matches_reference(case, options):
     from dvdq_core.kernels import _attention as ka
-    if options != "3,magic=1,gluon=1" and case != GLUON_CASES[2]:
-        pytest.skip("the other ring depths and the turn-taking: the long case only")
     b, h, lq, lk, d = case
     g = torch.Generator().manual_seed(lq + lk + d)
     q = torch.randn(b, h, lq, d, generator=g).to(torch.bfloat16).cuda()
@@ -200,8 +219,10 @@ def test_gluon_kernel_matches_reference(case, options):
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 only")
 def test_gluon_kernel_at_scale_within_the_accuracy_bound(monkeypatch):
+    from dvdq_core.kernels import _attention as ka
     monkeypatch.setenv("DVDQ_ATTN_CONFIG", "128,128,4,3,magic=1,gluon=1")
     q, k, v = BENCH.dit_like_qkv(1, 4, 4100, 128, device="cuda", seed=3)
+    assert ka.quantize(q, k, v, 128 ** -0.5, True, configs.attention_config((9, 0), True))["gluon"]  # the env's tile
     out = run_kernel(q, k, v, True)
     assert rel_l2_cos(out, att.attention_reference(q, k, v, pv="fp8", block_n=128))[0] < 2e-3
     err, cos = rel_l2_cos(out, exact(q, k, v))

@@ -20,3 +20,5 @@ def test_kernels_compile_for_all_targets():
         assert f"sm_{cc}" in r.stdout
         assert re.search(rf"sm_{cc}\s+attention q8 16-bit P.V", r.stdout), r.stdout[-3000:]  # the 8-bit attention
     assert re.search(r"sm_90\s+attention q8 fp8 P.V", r.stdout)
+    assert re.search(r"sm_90\s+attention q8 fp8 P.V \(Gluon\) D128", r.stdout)  # the opt-in Gluon kernel
+    assert re.search(r"sm_90\s+attention q8 fp8 P.V \(Gluon\) D64", r.stdout)

@@ -295,8 +295,10 @@ def quantize(q, k, v, scale: float, fp8: bool, cfg) -> dict:
     interp = interpreting()
     bsz, heads, lq, d = q.shape
     lk = k.shape[2]
-    bm, bn = cfg.BM, cfg.BN
     gluon = gluon_applies(cfg, fp8, interp, lk, d)
+    if cfg.gluon and not gluon:  # its 128 x 128 x 4-warp tile would spill in the Triton kernel
+        cfg = _gluon_fallback(cfg, q.device, fp8, interp, lk, d)
+    bm, bn = cfg.BM, cfg.BN
     lqp, lkp = triton.cdiv(lq, bm) * bm, triton.cdiv(lk, bn) * bn
     bh = bsz * heads
     dev = q.device
@@ -370,6 +372,19 @@ def gluon_applies(cfg, fp8: bool, interp: bool, lk: int, d: int) -> bool:
 
 
 GLUON_MAXNREG = 168  # 12 warps (2 consumer warpgroups, the producer's): 65536 / 384 registers, rounded down to 8
+GLUON_CONSUMER_REGS = 240  # per consumer thread (setmaxnreg); the producer warp's warpgroup keeps 24
+
+
+def _gluon_fallback(cfg, device, fp8: bool, interp: bool, lk: int, d: int):
+    """The tile for a call the Gluon kernel does not take (gluon_applies): the card's default, with one warning."""
+    from .. import attention as att
+    from . import configs
+    cap = (0, 0) if interp else torch.cuda.get_device_capability(device)
+    att._warn_once(f"DVD-Quant: DVDQ_ATTN_CONFIG asks for the Gluon attention kernel (gluon=1), which takes the FP8 "
+                   f"P.V form on a compiled sm_90 GPU with head dim 64 or 128 and at least {cfg.BN} keys; calls "
+                   f"without that (here: head dim {d}, {lk} keys, {'FP8' if fp8 else '16-bit'} P.V"
+                   f"{', interpreter' if interp else ''}) run the Triton kernel with its default tile.")
+    return configs.ATTN_INTERPRETER if interp else configs.attention_candidates(cap, fp8)[0]
 
 
 def _attend_gluon(t: dict, out, o_strides, n_full: int):
@@ -387,5 +402,5 @@ def _attend_gluon(t: dict, out, o_strides, n_full: int):
     assert o_strides[3] == 1
     _attention_ws_kernel[(lqp // cfg.BM, bh)](
         t["q8"], t["qs"], k_desc, t["ks"], v_desc, t["vs"], t["vm"], out, heads, lq, lk, lqp, lkp, n_full,
-        int(lk % bn != 0), *o_strides[:3], int(cfg.pingpong), STAGES=cfg.num_stages, CONSUMER_REGS=240,
+        int(lk % bn != 0), *o_strides[:3], int(cfg.pingpong), STAGES=cfg.num_stages, CONSUMER_REGS=GLUON_CONSUMER_REGS,
         MAGIC=cfg.magic == 1, num_warps=4, maxnreg=GLUON_MAXNREG)

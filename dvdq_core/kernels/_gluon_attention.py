@@ -7,14 +7,15 @@ the form FlashAttention-3 runs on Hopper, which Triton 3.6 does not compile plai
   producer warp. The producer brings each key block's K codes and V^T codes by TMA into a ring of
   STAGES slots (one mbarrier per tensor and slot says "full", one per slot says "both consumers are
   done with it"). The two warpgroups share every K / V tile (half the L2 traffic of two 64-row
-  programs) and never wait for each other: no CTA-wide barrier in the loop, so one warpgroup's
-  softmax runs while the other's MMAs hold the tensor cores.
+  programs) and never wait for each other: no CTA-wide barrier in the loop, so that one warpgroup's
+  softmax can run while the other's MMAs hold the tensor cores (intended; measured no faster than the
+  Triton kernel, where the MMAs and the softmax add up too: docs/attention.md).
 - Per warpgroup and key block j the MMAs come in one batch: P_(j-1).V_(j-1) and Q.K_j^T are issued
   back to back (async), then waited for together; then the ALU work: acc = acc * alpha + that P.V,
   and block j's online softmax. The batch keeps the tensor cores busy while the other warpgroup is
   in its ALU phase.
-- Q's codes are the first wgmma's register operand (loaded once); P goes from the score layout to
-  the FP8 operand layout in registers.
+- Q's codes sit in a shared-memory tile per warpgroup (loaded once); P goes from the score layout to
+  the FP8 operand layout without moving (_p_operand).
 Not runnable in Triton's interpreter: the CPU tests compile it for sm_90 (bench/compile_targets.py);
 on the GPU it is compared with the reference and with the Triton kernel (tests/test_attention.py).
 """
@@ -221,13 +222,16 @@ def _consumer_convert(q_smem, turn_mine, turn_other, k_smem, v_smem, k_ready, v_
               o_ptr, bh, H, Lq, Lk, LQP, LKP, n_full, tail, sob, soh, sol, pingpong, row0, False)
 
 
-_INTS = ("H", "Lq", "Lk", "LQP", "LKP", "n_full", "tail", "sob", "soh", "sol", "pingpong")
+# run-time ints that can be 1 (Triton would turn them into constexprs, which a worker partition cannot take);
+# the output strides are never 1 (head dim >= 64) and keep their divisibility hints
+_INTS = ("H", "Lq", "Lk", "LQP", "LKP", "n_full", "tail", "pingpong")
+_STRIDES = ("sob", "soh", "sol")
 
 
-@gluon.jit(do_not_specialize=_INTS)  # (an int equal to 1 would become a constexpr, which a worker cannot take)
+@gluon.jit(do_not_specialize=_INTS)
 def _attention_ws_kernel(q_ptr, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, vm_ptr, o_ptr, H, Lq, Lk, LQP, LKP, n_full,
                          tail, sob, soh, sol, pingpong, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                         MAGIC: gl.constexpr = True):
+                         MAGIC: gl.constexpr):
     """Grid (LQP / 128, B x H); num_warps 4 (the first consumer), plus 4 + 1 warps (module docstring). The
     output's last stride is 1."""
     BN: gl.constexpr = k_desc.block_type.shape[0]

@@ -220,15 +220,17 @@ class AttentionConfig:
             v = [int(t) for t in fields[:4]]
             extra = dict(t.split("=", 1) for t in fields[4:])
             named = {"magic": int(extra.pop("magic", 0)), "acc_r": int(extra.pop("acc", 1)),
-                     "tma": bool(int(extra.pop("tma", 0))), "ws": bool(int(extra.pop("ws", 0))),
-                     "gluon": bool(int(extra.pop("gluon", 0))), "pingpong": bool(int(extra.pop("pp", 0)))}
+                     "tma": _flag(extra.pop("tma", "0")), "ws": _flag(extra.pop("ws", "0")),
+                     "gluon": _flag(extra.pop("gluon", "0")), "pingpong": _flag(extra.pop("pp", "0"))}
         except ValueError:
             v, extra = [], {}
-        if len(v) != 4 or extra:
+        if len(v) != 4 or extra or named["magic"] not in (0, 1, 2) or named["acc_r"] not in (0, 1):
             raise ValueError("DVDQ_ATTN_CONFIG needs BM,BN,warps,stages and optionally magic=M,acc=R,tma=0|1,"
                              f"ws=0|1,gluon=0|1,pp=0|1, got {text!r}")
-        if named["gluon"] and (named["magic"] > 1 or named["acc_r"] != 1 or named["tma"] or named["ws"]):
-            raise ValueError(f"DVDQ_ATTN_CONFIG: the Gluon kernel (gluon=1) takes magic=0|1 and pp=0|1 only, got {text!r}")
+        if named["gluon"] and (named["magic"] > 1 or named["acc_r"] != 1 or named["tma"] or named["ws"]
+                               or v[:3] != [128, 128, 4] or v[3] < 2):
+            raise ValueError("DVDQ_ATTN_CONFIG: the Gluon kernel (gluon=1) runs the tile 128,128,4,S with S >= 2 "
+                             f"stages and takes magic=0|1 and pp=0|1 only, got {text!r}")
         if named["pingpong"] and not named["gluon"]:
             raise ValueError(f"DVDQ_ATTN_CONFIG: pp=1 is an option of the Gluon kernel (gluon=1), got {text!r}")
         return cls(*v, **named)
@@ -236,6 +238,12 @@ class AttentionConfig:
     def to_env(self) -> str:
         return (f"{self.BM},{self.BN},{self.num_warps},{self.num_stages},magic={self.magic},acc={self.acc_r},"
                 f"tma={int(self.tma)},ws={int(self.ws)},gluon={int(self.gluon)},pp={int(self.pingpong)}")
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return text == "1"
 
 
 _A = AttentionConfig.parse
