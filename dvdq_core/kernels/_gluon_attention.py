@@ -70,7 +70,7 @@ def _softmax(s, m_i, l_i, qs, ks, j, Lk, MASK: gl.constexpr, MAGIC: gl.constexpr
     """Online-softmax update of key block j from its int32 scores s (as _attention._softmax_step, FP8): P
     (float32), alpha, l, m. MAGIC: s was accumulated from MAGIC_BITS, so its bits read as float32 are
     exactly 1.5 * 2**23 + the score (|score| < 2**22) and one exact subtraction replaces the int -> float
-    conversion (the same numbers; the conversion runs on the pipe that also runs exp2)."""
+    conversion (the same numbers; measured no faster, docs/attention.md)."""
     BN: gl.constexpr = s.shape[1]
     sl: gl.constexpr = s.type.layout
     if MAGIC:
