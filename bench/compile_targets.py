@@ -125,12 +125,9 @@ def compile_gluon(fn, types, consts, warps, maxnreg=None):
 def compile_gluon_attention(cfg, d=128):
     """The sm_90 Gluon attention kernel (kernels/_gluon_attention.py) with tile cfg, as _attention._attend_gluon
     launches it -> as compile_gluon."""
-    from triton.experimental.gluon import language as gl
-
     from dvdq_core.kernels import _attention as ka, _gluon_attention as kga
     bn = cfg.BN
-    k_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.int8)
-    v_lay = gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv)
+    k_lay, v_lay = ka.gluon_tile_layouts(bn, d)
     types = {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_desc": f"tensordesc<i8[{bn}, {d}],{k_lay!r}>", "ks_ptr": "*fp32",
              "v_desc": f"tensordesc<fp8e4nv[{d}, {bn}],{v_lay!r}>", "vs_ptr": "*fp32", "vm_ptr": "*fp32",
              "o_ptr": "*bf16", **{n: "i32" for n in kga._INTS + kga._STRIDES}}

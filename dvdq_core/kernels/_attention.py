@@ -387,16 +387,22 @@ def _gluon_fallback(cfg, device, fp8: bool, interp: bool, lk: int, d: int):
     return configs.ATTN_INTERPRETER if interp else configs.attention_candidates(cap, fp8)[0]
 
 
-def _attend_gluon(t: dict, out, o_strides, n_full: int):
+def gluon_tile_layouts(bn: int, d: int):
+    """The shared-memory layouts of the Gluon kernel's K [bn, d] INT8 and V^T [d, bn] FP8 tiles (its TMA
+    descriptors'; bench/compile_targets.py compiles with the same)."""
     from triton.experimental.gluon import language as gl
+    return (gl.NVMMASharedLayout.get_default_for([bn, d], gl.int8),
+            gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv))
+
+
+def _attend_gluon(t: dict, out, o_strides, n_full: int):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from ._gluon_attention import _attention_ws_kernel
     bsz, heads, lq, lk, d = t["shape"]
     cfg, lqp, lkp, bh = t["cfg"], t["lqp"], t["lkp"], bsz * heads
     bn = cfg.BN
-    k_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.int8)
-    v_lay = gl.NVMMASharedLayout.get_default_for([d, bn], gl.float8e4nv)
+    k_lay, v_lay = gluon_tile_layouts(bn, d)
     k_desc = TensorDescriptor.from_tensor(t["k8"].view(bh * lkp, d), [bn, d], k_lay)
     v_desc = TensorDescriptor.from_tensor(t["v_in"].view(bh * d, lkp), [d, bn], v_lay)
     assert o_strides[3] == 1
